@@ -1,0 +1,130 @@
+/* kernel.h - included by op files in their kernel builds: the compute type
+ * `real`, dtype load/store, fixed-order reductions, and each call's working
+ * memory. */
+#ifndef PYNORM_KERNEL_H
+#define PYNORM_KERNEL_H
+
+#include "common.h"
+
+typedef PN_REAL real;
+#define PN_REAL_DTYPE (sizeof(real) == 8 ? PN_FLOAT64 : PN_FLOAT32)
+
+#include "dtype.h"
+#include "simd.h"
+
+/* Working memory of one call, taken with a single malloc before any output is
+ * written: weight and bias as `real` (ones and zeros when absent, so the inner
+ * loops need no branches) and `nbuf` row buffers of C reals per thread. */
+typedef struct {
+    const real *w, *b;
+    real *rows;
+    int64_t stride;     /* reals per row buffer, rounded up to 64 bytes */
+    int nbuf, nthreads;
+    void *mem;
+} pn_work;
+
+static inline pn_status pn_work_init(pn_work *wk, const pn_token_args *a, int nbuf) {
+    const int64_t C = a->C, rows = a->B * a->T;
+    const int64_t stride = (C + 15) & ~(int64_t)15;
+    int nt = pn_threads();
+    if (rows * C < PN_PARALLEL_MIN_ELEMS || nt < 1) nt = 1;
+    wk->stride = stride;
+    wk->nbuf = nbuf;
+    wk->nthreads = nt;
+    /* [w | b | nt * nbuf row buffers] */
+    size_t n = (size_t)stride * (2 + (size_t)nt * (size_t)nbuf);
+    real *mem = (real *)malloc(n * sizeof(real));
+    if (!mem) return PN_ERR_ALLOC;
+    real *w = mem, *b = mem + stride;
+    if (!a->weight) for (int64_t i = 0; i < C; i++) w[i] = 1;
+    if (!a->bias) for (int64_t i = 0; i < C; i++) b[i] = 0;
+    wk->w = a->weight ? pn_row_as_real(a->weight, a->wdtype, w, C) : w;
+    wk->b = a->bias ? pn_row_as_real(a->bias, a->wdtype, b, C) : b;
+    wk->rows = mem + 2 * stride;
+    wk->mem = mem;
+    return PN_OK;
+}
+
+/* Row buffer k of the calling thread. */
+static inline real *pn_work_row(const pn_work *wk, int k) {
+    return wk->rows + ((int64_t)pn_thread_id() * wk->nbuf + k) * wk->stride;
+}
+
+static inline void pn_work_free(pn_work *wk) { free(wk->mem); }
+
+/* h = x + residual for row r of a fused forward, rounded to the dtype and
+ * written to a->h; returns h as reals (the row of a->h itself, or `buf`). */
+static inline const real *pn_residual_row(const pn_token_args *a, int64_t r, real *buf, real *buf2) {
+    const size_t es = pn_dtype_size(a->dtype);
+    const int64_t C = a->C;
+    const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
+    const real *res = pn_row_as_real(pn_row(a->residual, a->s.residual, r, a->T, es), a->dtype, buf2, C);
+    void *hrow = pn_row(a->h, a->s.h, r, a->T, es);
+    if (a->dtype == PN_REAL_DTYPE) {
+        real *h = (real *)hrow;
+        for (int64_t i = 0; i < C; i++) h[i] = x[i] + res[i];
+        return h;
+    }
+    /* Half precision: the norm must see h as stored, so round it and read it back. */
+    for (int64_t i = 0; i < C; i++) buf[i] = x[i] + res[i];
+    pn_store_row(hrow, buf, a->dtype, C);
+    pn_load_row(buf, hrow, a->dtype, C);
+    return buf;
+}
+
+/* Scratch for backward partial sums, aligned to 64 bytes (the size query adds
+ * the slack). */
+static inline real *pn_scratch_reals(void *scratch) {
+    uintptr_t p = ((uintptr_t)scratch + 63) & ~(uintptr_t)63;
+    return (real *)p;
+}
+
+/* dparam = (accumulate ? dparam : 0) + sum over chunks of part[c * pstride + i],
+ * the chunks added in order in double precision. Parallel over columns. */
+static inline void pn_reduce_chunks(void *dparam, pn_dtype wdtype, int accumulate,
+                                    const real *part, int64_t nchunks, int64_t pstride,
+                                    int64_t C, int nthreads) {
+    enum { BLK = 256 };
+    const int64_t nblk = (C + BLK - 1) / BLK;
+    const size_t wes = pn_dtype_size(wdtype);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1)
+    for (int64_t k = 0; k < nblk; k++) {
+        const int64_t i0 = k * BLK, n = C - i0 < BLK ? C - i0 : BLK;
+        double acc[BLK];
+        real v[BLK];
+        for (int64_t i = 0; i < n; i++) acc[i] = 0;
+        for (int64_t c = 0; c < nchunks; c++) {
+            const real *p = part + c * pstride + i0;
+            for (int64_t i = 0; i < n; i++) acc[i] += (double)p[i];
+        }
+        char *dst = (char *)dparam + i0 * (int64_t)wes;
+        if (accumulate) {
+            pn_load_row(v, dst, wdtype, n);
+            for (int64_t i = 0; i < n; i++) v[i] = (real)((double)v[i] + acc[i]);
+        } else {
+            for (int64_t i = 0; i < n; i++) v[i] = (real)acc[i];
+        }
+        pn_store_row(dst, v, wdtype, n);
+    }
+}
+
+/* Where the backward computes dx of row r: straight into a->dinp when that
+ * holds `real`s and is overwritten, else into `buf`, which pn_finish_dx_row
+ * then adds to the old dx (when accumulating) and stores in the dtype. */
+static inline real *pn_dx_row(const pn_token_args *a, int64_t r, real *buf) {
+    if (a->dtype == PN_REAL_DTYPE && !a->accumulate)
+        return (real *)pn_row(a->dinp, a->s.dinp, r, a->T, sizeof(real));
+    return buf;
+}
+static inline void pn_finish_dx_row(const pn_token_args *a, int64_t r, real *dx, real *tmp) {
+    const size_t es = pn_dtype_size(a->dtype);
+    void *row = pn_row(a->dinp, a->s.dinp, r, a->T, es);
+    if (a->dtype == PN_REAL_DTYPE && !a->accumulate) return;   /* written in place */
+    if (a->accumulate) {
+        pn_load_row(tmp, row, a->dtype, a->C);
+        for (int64_t i = 0; i < a->C; i++) dx[i] += tmp[i];
+    }
+    pn_store_row(row, dx, a->dtype, a->C);
+}
+
+#endif /* PYNORM_KERNEL_H */

@@ -1,0 +1,175 @@
+/* layernorm.c - LayerNorm over the last axis C of B x T rows.
+ *
+ * forward:  mean = sum(x)/C,  var = sum((x - mean)^2)/C,  rstd = 1/sqrt(var + eps)
+ *           y = (x - mean) * rstd * w + b
+ * backward: xhat = (x - mean) * rstd,  g = dy * w
+ *           dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+ *           dw = sum over rows of dy * xhat,  db = sum over rows of dy
+ *
+ * The statistics are taken on the row shifted by its first element, x - x0.
+ * With mean 1e4 and std 1e-2 a float32 mean cannot hold the row's centre (its
+ * spacing there is 1e-3, a tenth of a std): sums of x - x0 are small numbers,
+ * and y is computed from (x - x0) - m with m = mean(x - x0), never from a
+ * rounded mean. For float64 data the same code runs in double.
+ */
+#include "common.h"
+
+#ifdef PN_KERNEL_BUILD
+#include "kernel.h"
+
+/* One row: y and the row's statistics. x and y may be the same memory. */
+static void layernorm_forward_row(real *y, real *mean_out, real *rstd_out, const real *x,
+                                  const real *w, const real *b, int64_t C, real eps) {
+    const real x0 = x[0];
+    const real m = pn_sum_shifted(x, C, x0) / (real)C;             /* mean of x - x0 */
+    const real var = pn_sumsq_centered(x, C, x0, m) / (real)C;     /* two-pass variance */
+    const real rstd = (real)1 / sqrt(var + eps);
+    for (int64_t i = 0; i < C; i++) y[i] = ((x[i] - x0) - m) * rstd * w[i] + b[i];
+    *mean_out = x0 + m;
+    *rstd_out = rstd;
+}
+
+/* The loop over rows shared by the plain and the fused forward. */
+static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
+    const int64_t rows = a->B * a->T, C = a->C;
+    const size_t es = pn_dtype_size(a->dtype);
+    const int direct = a->dtype == PN_REAL_DTYPE;   /* rows are reals already: no copies */
+    pn_work wk;
+    pn_status st = pn_work_init(&wk, a, direct && !fused ? 0 : 2);
+    if (st) return st;
+    const real eps = (real)a->eps;
+    real *mean = (real *)a->mean, *rstd = (real *)a->rstd;
+#pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        real *buf = wk.nbuf ? pn_work_row(&wk, 0) : NULL, *buf2 = wk.nbuf ? pn_work_row(&wk, 1) : NULL;
+        const real *x = fused ? pn_residual_row(a, r, buf, buf2)
+                              : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
+        void *yrow = pn_row(a->out, a->s.out, r, a->T, es);
+        real *y = direct ? (real *)yrow : buf2;
+        real m, s;
+        layernorm_forward_row(y, &m, &s, x, wk.w, wk.b, C, eps);
+        if (!direct) pn_store_row(yrow, y, a->dtype, C);   /* rounded once, after w and b */
+        if (mean) mean[r] = m;
+        if (rstd) rstd[r] = s;
+    }
+    pn_work_free(&wk);
+    return PN_OK;
+}
+
+pn_status PN_KERNEL(layernorm_forward)(const pn_token_args *a) { return layernorm_forward_rows(a, 0); }
+pn_status PN_KERNEL(add_layernorm_forward)(const pn_token_args *a) { return layernorm_forward_rows(a, 1); }
+
+pn_status PN_KERNEL(layernorm_backward)(const pn_token_args *a) {
+    const int64_t rows = a->B * a->T, C = a->C;
+    const size_t es = pn_dtype_size(a->dtype);
+    const int params = a->dweight || a->dbias;
+    const int64_t per = pn_chunk_rows(rows), nchunks = pn_num_chunks(rows);
+    const int64_t pstride = 2 * ((C + 15) & ~(int64_t)15);   /* dw partial, then db partial */
+    real *part = params ? pn_scratch_reals(a->scratch) : NULL;
+    pn_work wk;
+    pn_status st = pn_work_init(&wk, a, 3);
+    if (st) return st;
+    const real *w = wk.w;
+    const real *mean = (const real *)a->mean, *rstd = (const real *)a->rstd;
+    const real invC = (real)1 / (real)C;
+
+    /* Chunks of consecutive rows; each chunk's dw/db partial is its own. */
+#pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        real *xb = pn_work_row(&wk, 0), *dyb = pn_work_row(&wk, 1), *dxb = pn_work_row(&wk, 2);
+        real *dw = params ? part + c * pstride : NULL, *db = params ? dw + pstride / 2 : NULL;
+        if (params) for (int64_t i = 0; i < pstride; i++) dw[i] = 0;
+        const int64_t r1 = (c + 1) * per < rows ? (c + 1) * per : rows;
+        for (int64_t r = c * per; r < r1; r++) {
+            const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
+            const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
+            const real mu = mean[r], rs = rstd[r];
+            /* the two row sums: sum(g) and sum(g * xhat), in fixed-order lanes */
+            real sg[PN_LANES] = {0}, sgx[PN_LANES] = {0};
+            int64_t i = 0;
+            for (; i + PN_LANES <= C; i += PN_LANES)
+                for (int j = 0; j < PN_LANES; j++) {
+                    real g = dy[i + j] * w[i + j], xhat = (x[i + j] - mu) * rs;
+                    sg[j] += g;
+                    sgx[j] += g * xhat;
+                }
+            for (int j = 0; i + j < C; j++) {
+                real g = dy[i + j] * w[i + j], xhat = (x[i + j] - mu) * rs;
+                sg[j] += g;
+                sgx[j] += g * xhat;
+            }
+            const real mg = pn_lanes_total(sg) * invC, mgx = pn_lanes_total(sgx) * invC;
+            /* parameter gradients, before dx may overwrite x or dy */
+            if (params)
+                for (i = 0; i < C; i++) {
+                    dw[i] += dy[i] * ((x[i] - mu) * rs);
+                    db[i] += dy[i];
+                }
+            if (a->dinp) {
+                real *dx = pn_dx_row(a, r, dxb);
+                for (i = 0; i < C; i++) {
+                    real xhat = (x[i] - mu) * rs;
+                    dx[i] = rs * ((dy[i] * w[i] - mg) - xhat * mgx);
+                }
+                pn_finish_dx_row(a, r, dx, xb);
+            }
+        }
+    }
+    if (a->dweight) pn_reduce_chunks(a->dweight, a->wdtype, a->accumulate, part, nchunks, pstride, C, wk.nthreads);
+    if (a->dbias) pn_reduce_chunks(a->dbias, a->wdtype, a->accumulate, part + pstride / 2, nchunks, pstride, C, wk.nthreads);
+    pn_work_free(&wk);
+    return PN_OK;
+}
+
+#else /* ---- the public functions: check, then run the variant for this CPU ---- */
+
+PN_DECLARE_VARIANTS(layernorm_forward)
+PN_DECLARE_VARIANTS(add_layernorm_forward)
+PN_DECLARE_VARIANTS(layernorm_backward)
+static const pn_token_kernel forward_kernels[3][2] = PN_VARIANTS(layernorm_forward);
+static const pn_token_kernel add_forward_kernels[3][2] = PN_VARIANTS(add_layernorm_forward);
+static const pn_token_kernel backward_kernels[3][2] = PN_VARIANTS(layernorm_backward);
+
+pn_status pn_layernorm_forward(void *out, void *mean, void *rstd,
+                               const void *inp, const void *weight, const void *bias,
+                               int64_t B, int64_t T, int64_t C, double eps,
+                               pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+    pn_token_args a = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .weight = weight,
+                       .bias = bias, .B = B, .T = T, .C = C, .eps = eps, .dtype = dtype, .wdtype = wdtype};
+    pn_status st = pn_check_token(&a, strides, 0, 0, 0);
+    return st ? st : pn_run(forward_kernels, &a);
+}
+
+pn_status pn_add_layernorm_forward(void *out, void *h, void *mean, void *rstd,
+                                   const void *inp, const void *residual,
+                                   const void *weight, const void *bias,
+                                   int64_t B, int64_t T, int64_t C, double eps,
+                                   pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+    pn_token_args a = {.out = out, .h = h, .mean = mean, .rstd = rstd, .inp = inp, .residual = residual,
+                       .weight = weight, .bias = bias, .B = B, .T = T, .C = C, .eps = eps,
+                       .dtype = dtype, .wdtype = wdtype};
+    pn_status st = pn_check_token(&a, strides, PN_CHECK_RESIDUAL, 0, 0);
+    return st ? st : pn_run(add_forward_kernels, &a);
+}
+
+size_t pn_layernorm_backward_scratch_size(int64_t B, int64_t T, int64_t C, pn_dtype dtype) {
+    return pn_token_scratch_size(B, T, C, dtype, 2);
+}
+
+pn_status pn_layernorm_backward(void *dinp, void *dweight, void *dbias,
+                                void *scratch, size_t scratch_bytes,
+                                const void *dout, const void *inp, const void *weight,
+                                const void *mean, const void *rstd,
+                                int64_t B, int64_t T, int64_t C, int flags,
+                                pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+    pn_token_args a = {.dinp = dinp, .dweight = dweight, .dbias = dbias, .scratch = scratch,
+                       .dout = dout, .inp = inp, .weight = weight, .mean = (void *)mean,
+                       .rstd = (void *)rstd, .B = B, .T = T, .C = C,
+                       .accumulate = (flags & PN_ACCUMULATE) != 0, .dtype = dtype, .wdtype = wdtype};
+    if (flags & ~PN_ACCUMULATE) return PN_ERR_ARG;
+    pn_status st = pn_check_token(&a, strides, PN_CHECK_BACKWARD | PN_CHECK_MEAN, scratch_bytes,
+                                  pn_layernorm_backward_scratch_size(B, T, C, dtype));
+    return st ? st : pn_run_backward(backward_kernels, &a, 2);
+}
+
+#endif

@@ -1,0 +1,145 @@
+/* rmsnorm.c - RMSNorm over the last axis C of B x T rows.
+ *
+ * forward:  rstd = 1/sqrt(sum(x^2)/C + eps),  y = x * rstd * w
+ * backward: xhat = x * rstd,  g = dy * w
+ *           dx = rstd * (g - xhat * mean(g * xhat))
+ *           dw = sum over rows of dy * xhat
+ *
+ * Derivation of dx: y_i = w_i x_i r with r = (s/C + eps)^(-1/2), s = sum x^2, so
+ * dr/dx_j = -r^3 x_j / C and dL/dx_j = r g_j - (r^3 x_j / C) sum_i g_i x_i
+ *         = r (g_j - xhat_j * mean(g * xhat)).
+ */
+#include "common.h"
+
+#ifdef PN_KERNEL_BUILD
+#include "kernel.h"
+
+/* One row: y and its rstd. x and y may be the same memory. */
+static real rmsnorm_forward_row(real *y, const real *x, const real *w, int64_t C, real eps) {
+    const real rstd = (real)1 / sqrt(pn_sumsq(x, C) / (real)C + eps);
+    for (int64_t i = 0; i < C; i++) y[i] = x[i] * rstd * w[i];
+    return rstd;
+}
+
+/* The loop over rows shared by the plain and the fused forward. */
+static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
+    const int64_t rows = a->B * a->T, C = a->C;
+    const size_t es = pn_dtype_size(a->dtype);
+    const int direct = a->dtype == PN_REAL_DTYPE;   /* rows are reals already: no copies */
+    pn_work wk;
+    pn_status st = pn_work_init(&wk, a, direct && !fused ? 0 : 2);
+    if (st) return st;
+    const real eps = (real)a->eps;
+    real *rstd = (real *)a->rstd;
+#pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        real *buf = wk.nbuf ? pn_work_row(&wk, 0) : NULL, *buf2 = wk.nbuf ? pn_work_row(&wk, 1) : NULL;
+        const real *x = fused ? pn_residual_row(a, r, buf, buf2)
+                              : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
+        void *yrow = pn_row(a->out, a->s.out, r, a->T, es);
+        real *y = direct ? (real *)yrow : buf2;
+        real s = rmsnorm_forward_row(y, x, wk.w, C, eps);
+        if (!direct) pn_store_row(yrow, y, a->dtype, C);   /* rounded once, after w */
+        if (rstd) rstd[r] = s;
+    }
+    pn_work_free(&wk);
+    return PN_OK;
+}
+
+pn_status PN_KERNEL(rmsnorm_forward)(const pn_token_args *a) { return rmsnorm_forward_rows(a, 0); }
+pn_status PN_KERNEL(add_rmsnorm_forward)(const pn_token_args *a) { return rmsnorm_forward_rows(a, 1); }
+
+pn_status PN_KERNEL(rmsnorm_backward)(const pn_token_args *a) {
+    const int64_t rows = a->B * a->T, C = a->C;
+    const size_t es = pn_dtype_size(a->dtype);
+    const int params = a->dweight != NULL;
+    const int64_t per = pn_chunk_rows(rows), nchunks = pn_num_chunks(rows);
+    const int64_t pstride = (C + 15) & ~(int64_t)15;
+    real *part = params ? pn_scratch_reals(a->scratch) : NULL;
+    pn_work wk;
+    pn_status st = pn_work_init(&wk, a, 3);
+    if (st) return st;
+    const real *w = wk.w;
+    const real *rstd = (const real *)a->rstd;
+    const real invC = (real)1 / (real)C;
+
+    /* Chunks of consecutive rows; each chunk's dw partial is its own. */
+#pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        real *xb = pn_work_row(&wk, 0), *dyb = pn_work_row(&wk, 1), *dxb = pn_work_row(&wk, 2);
+        real *dw = params ? part + c * pstride : NULL;
+        if (params) for (int64_t i = 0; i < pstride; i++) dw[i] = 0;
+        const int64_t r1 = (c + 1) * per < rows ? (c + 1) * per : rows;
+        for (int64_t r = c * per; r < r1; r++) {
+            const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
+            const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
+            const real rs = rstd[r];
+            /* sum(g * xhat) in fixed-order lanes */
+            real sgx[PN_LANES] = {0};
+            int64_t i = 0;
+            for (; i + PN_LANES <= C; i += PN_LANES)
+                for (int j = 0; j < PN_LANES; j++) sgx[j] += dy[i + j] * w[i + j] * (x[i + j] * rs);
+            for (int j = 0; i + j < C; j++) sgx[j] += dy[i + j] * w[i + j] * (x[i + j] * rs);
+            const real mgx = pn_lanes_total(sgx) * invC;
+            /* the weight gradient, before dx may overwrite x or dy */
+            if (params)
+                for (i = 0; i < C; i++) dw[i] += dy[i] * (x[i] * rs);
+            if (a->dinp) {
+                real *dx = pn_dx_row(a, r, dxb);
+                for (i = 0; i < C; i++) dx[i] = rs * (dy[i] * w[i] - (x[i] * rs) * mgx);
+                pn_finish_dx_row(a, r, dx, xb);
+            }
+        }
+    }
+    if (params) pn_reduce_chunks(a->dweight, a->wdtype, a->accumulate, part, nchunks, pstride, C, wk.nthreads);
+    pn_work_free(&wk);
+    return PN_OK;
+}
+
+#else /* ---- the public functions: check, then run the variant for this CPU ---- */
+
+PN_DECLARE_VARIANTS(rmsnorm_forward)
+PN_DECLARE_VARIANTS(add_rmsnorm_forward)
+PN_DECLARE_VARIANTS(rmsnorm_backward)
+static const pn_token_kernel forward_kernels[3][2] = PN_VARIANTS(rmsnorm_forward);
+static const pn_token_kernel add_forward_kernels[3][2] = PN_VARIANTS(add_rmsnorm_forward);
+static const pn_token_kernel backward_kernels[3][2] = PN_VARIANTS(rmsnorm_backward);
+
+pn_status pn_rmsnorm_forward(void *out, void *rstd, const void *inp, const void *weight,
+                             int64_t B, int64_t T, int64_t C, double eps,
+                             pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+    pn_token_args a = {.out = out, .rstd = rstd, .inp = inp, .weight = weight,
+                       .B = B, .T = T, .C = C, .eps = eps, .dtype = dtype, .wdtype = wdtype};
+    pn_status st = pn_check_token(&a, strides, 0, 0, 0);
+    return st ? st : pn_run(forward_kernels, &a);
+}
+
+pn_status pn_add_rmsnorm_forward(void *out, void *h, void *rstd,
+                                 const void *inp, const void *residual, const void *weight,
+                                 int64_t B, int64_t T, int64_t C, double eps,
+                                 pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+    pn_token_args a = {.out = out, .h = h, .rstd = rstd, .inp = inp, .residual = residual,
+                       .weight = weight, .B = B, .T = T, .C = C, .eps = eps,
+                       .dtype = dtype, .wdtype = wdtype};
+    pn_status st = pn_check_token(&a, strides, PN_CHECK_RESIDUAL, 0, 0);
+    return st ? st : pn_run(add_forward_kernels, &a);
+}
+
+size_t pn_rmsnorm_backward_scratch_size(int64_t B, int64_t T, int64_t C, pn_dtype dtype) {
+    return pn_token_scratch_size(B, T, C, dtype, 1);
+}
+
+pn_status pn_rmsnorm_backward(void *dinp, void *dweight, void *scratch, size_t scratch_bytes,
+                              const void *dout, const void *inp, const void *weight, const void *rstd,
+                              int64_t B, int64_t T, int64_t C, int flags,
+                              pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+    pn_token_args a = {.dinp = dinp, .dweight = dweight, .scratch = scratch, .dout = dout,
+                       .inp = inp, .weight = weight, .rstd = (void *)rstd, .B = B, .T = T, .C = C,
+                       .accumulate = (flags & PN_ACCUMULATE) != 0, .dtype = dtype, .wdtype = wdtype};
+    if (flags & ~PN_ACCUMULATE) return PN_ERR_ARG;
+    pn_status st = pn_check_token(&a, strides, PN_CHECK_BACKWARD, scratch_bytes,
+                                  pn_rmsnorm_backward_scratch_size(B, T, C, dtype));
+    return st ? st : pn_run_backward(backward_kernels, &a, 1);
+}
+
+#endif

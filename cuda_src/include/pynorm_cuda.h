@@ -1,0 +1,144 @@
+/* pynorm_cuda.h - normalization kernels for deep learning, on CUDA GPUs.
+ *
+ * The one public header of libpynorm_cuda, the CUDA sibling of libpynorm.
+ * It mirrors pynorm.h op for op (prefix pn_cuda_) and reuses its types:
+ * pn_status, pn_dtype, pn_rows, pn_strides and PN_ACCUMULATE.
+ *
+ *   - Every buffer argument is a device pointer (or managed memory); the
+ *     pn_strides struct, when given, lives in host memory.
+ *   - Work is queued on `stream` and never waited for: no call synchronizes
+ *     the stream or the device, allocates memory or changes device settings.
+ *     Kernels run on the current device; the buffers and the stream must
+ *     belong to it.
+ *   - Arguments are checked on the host before anything is launched (null
+ *     pointers, sizes, dtypes, eps, flags, overlapping output rows, outputs
+ *     that overlap inputs or each other, misaligned pointers, scratch size).
+ *     Errors the kernels meet while running (a bad pointer, say) are reported
+ *     by CUDA later, as for any asynchronous launch.
+ *   - Results are deterministic: the same inputs give the same bits on every
+ *     call, whatever the alignment of the buffers and on every GPU. Reductions
+ *     across rows (dweight, dbias) go through partial sums over a fixed
+ *     partition of the rows that depends only on (B*T, C), and a fixed-order
+ *     final sum: no atomics.
+ *   - Buffers must be aligned to their element size (PN_ERR_ARG otherwise);
+ *     rows that start on 16-byte boundaries are read and written 16 bytes at a
+ *     time, other rows element by element (same results, slower).
+ *
+ * Everything between PN_CUDA_CDEF_BEGIN and PN_CUDA_CDEF_END is plain
+ * declarations (cudaStream_t is a pointer: the Python bindings declare it as
+ * void *).
+ */
+#ifndef PYNORM_CUDA_H
+#define PYNORM_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <cuda_runtime_api.h>
+
+#include "pynorm.h"
+
+#if defined(_WIN32)
+#  define PN_CUDA_API
+#elif defined(__GNUC__)
+#  define PN_CUDA_API __attribute__((visibility("default")))
+#else
+#  define PN_CUDA_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* PN_CUDA_CDEF_BEGIN */
+
+/* Status codes of this library beyond pynorm.h's pn_status values (they are
+ * returned as pn_status; compare them as integers). */
+#define PN_CUDA_ERR_LAUNCH 100  /* a kernel launch failed: no device, no usable
+                                   driver, an earlier sticky error, ... ; see
+                                   pn_cuda_last_error() */
+
+/* --- library facts ----------------------------------------------------- */
+
+PN_CUDA_API const char *pn_cuda_version(void);
+/* Explains any status this library returns (pn_status values and the
+ * PN_CUDA_ERR_ codes above). */
+PN_CUDA_API const char *pn_cuda_status_string(int status);
+/* The cudaError_t (as an int) behind the last PN_CUDA_ERR_LAUNCH returned on
+ * the calling thread, 0 if none; and CUDA's text for it. */
+PN_CUDA_API int pn_cuda_last_error(void);
+PN_CUDA_API const char *pn_cuda_last_error_string(void);
+/* Number of CUDA devices usable by this process: 0 when there is no device
+ * or no usable driver. Never fails. */
+PN_CUDA_API int pn_cuda_device_count(void);
+
+/* --- LayerNorm: y = (x - mean) * rstd * weight + bias -------------------- */
+/* As pn_layernorm_forward. mean, rstd: float32 (float64 for float64 input),
+ * B*T of them, dense; either may be NULL. */
+PN_CUDA_API pn_status pn_cuda_layernorm_forward(
+    void *out, void *mean, void *rstd,
+    const void *inp, const void *weight, const void *bias,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    cudaStream_t stream);
+
+/* h = x + residual (rounded to dtype), then y = layernorm(h). */
+PN_CUDA_API pn_status pn_cuda_add_layernorm_forward(
+    void *out, void *h, void *mean, void *rstd,
+    const void *inp, const void *residual,
+    const void *weight, const void *bias,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    cudaStream_t stream);
+
+/* Gradients from dy and the saved statistics; any of dinp, dweight, dbias may
+ * be NULL to skip it. dweight/dbias (wdtype) are reduced over the B*T rows
+ * through per-partition partial sums kept in `scratch`: a device buffer of at
+ * least pn_cuda_layernorm_backward_scratch_size() bytes, 16-byte aligned.
+ * Unlike the C library, the call never allocates it: NULL (or too small)
+ * scratch gives PN_ERR_SCRATCH when dweight or dbias is wanted; scratch is not
+ * used when both are NULL. The scratch size returned is 0 for invalid sizes.
+ * flags: 0 or PN_ACCUMULATE (add into dinp, dweight and dbias). */
+PN_CUDA_API size_t pn_cuda_layernorm_backward_scratch_size(
+    int64_t B, int64_t T, int64_t C, pn_dtype dtype);
+PN_CUDA_API pn_status pn_cuda_layernorm_backward(
+    void *dinp, void *dweight, void *dbias,
+    void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight,
+    const void *mean, const void *rstd,
+    int64_t B, int64_t T, int64_t C, int flags,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    cudaStream_t stream);
+
+/* --- RMSNorm: y = x * rstd * weight, rstd = 1/sqrt(mean(x^2) + eps) ------ */
+PN_CUDA_API pn_status pn_cuda_rmsnorm_forward(
+    void *out, void *rstd,
+    const void *inp, const void *weight,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    cudaStream_t stream);
+
+PN_CUDA_API pn_status pn_cuda_add_rmsnorm_forward(
+    void *out, void *h, void *rstd,
+    const void *inp, const void *residual, const void *weight,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    cudaStream_t stream);
+
+PN_CUDA_API size_t pn_cuda_rmsnorm_backward_scratch_size(
+    int64_t B, int64_t T, int64_t C, pn_dtype dtype);
+PN_CUDA_API pn_status pn_cuda_rmsnorm_backward(
+    void *dinp, void *dweight,
+    void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight,
+    const void *rstd,
+    int64_t B, int64_t T, int64_t C, int flags,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    cudaStream_t stream);
+
+/* PN_CUDA_CDEF_END */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PYNORM_CUDA_H */

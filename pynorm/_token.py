@@ -1,0 +1,214 @@
+"""Token norms (LayerNorm, RMSNorm) over the last axis: check, lay out, call C.
+
+NumPy arrays go to the C library; CUDA arrays (CuPy, or anything with
+__cuda_array_interface__) go to the CUDA library through pynorm._cuda.
+"""
+
+import numpy as np
+
+from . import _cuda
+from ._arrays import (check_distinct_outputs, check_eps, check_input, check_out, check_param,
+                      check_status, empty, param_dtype, PN_DTYPE, ptr, row_layout, stats_dtype)
+from ._lib import lib
+
+_F32 = np.dtype(np.float32)
+
+
+def _check_same(a, name, x):
+    a = check_input(a, name)
+    if a.shape != x.shape:
+        raise ValueError(f"{name} has shape {a.shape}; expected x's shape {x.shape}")
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {a.dtype}; expected x's dtype {x.dtype}")
+    return a
+
+
+def _forward(op, x, residual, weight, bias, eps, out, want_stats):
+    """Every forward: op is "layer" or "rms"; residual given for the fused ops.
+    Returns (y, h, mean, rstd) with None for what was not asked."""
+    fused = residual is not None
+    x = check_input(x, "x")
+    if fused:
+        residual = _check_same(residual, "residual", x)
+    weight = check_param(weight, "weight", x)
+    bias = check_param(bias, "bias", x)
+    wdtype = param_dtype(weight, bias)
+    eps = check_eps(eps, x.dtype)
+    lead, C = x.shape[:-1], x.shape[-1]
+    inputs = (("x", x), ("residual", residual), ("weight", weight), ("bias", bias))
+
+    if fused:
+        if out is None:
+            out = (None, None)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError("out must be a tuple (y_out, h_out) for the fused ops")
+        y_out, h_out = out
+    else:
+        y_out, h_out = out, None
+    if y_out is not None:
+        check_out(y_out, "out", x.shape, x.dtype, inputs)
+    if h_out is not None:
+        check_out(h_out, "h out", x.shape, x.dtype, inputs)
+        check_distinct_outputs([("out", y_out), ("h out", h_out)])
+    y = y_out if y_out is not None else empty(x.shape, x.dtype)
+    h = (h_out if h_out is not None else empty(x.shape, x.dtype)) if fused else None
+    sdt = stats_dtype(x.dtype)
+    mean = empty(lead, sdt) if want_stats and op == "layer" else None
+    rstd = empty(lead, sdt) if want_stats else None
+    if y.size == 0:
+        return y, h, mean, rstd
+
+    buffers = [("inp", "x", x, True), ("out", "out", y, False)]
+    if fused:
+        buffers += [("residual", "residual", residual, True), ("h", "h out", h, False)]
+    B, T, strides, arrays = row_layout(lead, buffers)
+    dt, wdt = PN_DTYPE[x.dtype], PN_DTYPE[wdtype]
+    xp, yp = ptr(arrays[0]), ptr(y)
+    if op == "layer":
+        if fused:
+            status = lib.pn_add_layernorm_forward(yp, ptr(h), ptr(mean), ptr(rstd), xp, ptr(arrays[2]),
+                                                  ptr(weight), ptr(bias), B, T, C, eps, dt, wdt, strides)
+        else:
+            status = lib.pn_layernorm_forward(yp, ptr(mean), ptr(rstd), xp, ptr(weight), ptr(bias),
+                                              B, T, C, eps, dt, wdt, strides)
+    else:
+        if fused:
+            status = lib.pn_add_rmsnorm_forward(yp, ptr(h), ptr(rstd), xp, ptr(arrays[2]), ptr(weight),
+                                                B, T, C, eps, dt, wdt, strides)
+        else:
+            status = lib.pn_rmsnorm_forward(yp, ptr(rstd), xp, ptr(weight), B, T, C, eps, dt, wdt, strides)
+    check_status(status, f"{'add_' if fused else ''}{op}_norm")
+    return y, h, mean, rstd
+
+
+def _stats(s, name, x):
+    if not isinstance(s, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(s).__name__}")
+    if s.shape != x.shape[:-1]:
+        raise ValueError(f"{name} has shape {s.shape}; expected x.shape[:-1] = {x.shape[:-1]}")
+    if s.dtype != stats_dtype(x.dtype):
+        raise TypeError(f"{name} has dtype {s.dtype}; expected {stats_dtype(x.dtype)} "
+                        "(as the forward saves it)")
+    return np.ascontiguousarray(s)
+
+
+def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
+    """Every backward: returns (dx, dweight, dbias) (dbias None for RMSNorm)."""
+    x = check_input(x, "x")
+    dy = _check_same(dy, "dy", x)
+    mean = _stats(mean, "mean", x) if op == "layer" else None
+    rstd = _stats(rstd, "rstd", x)
+    weight = check_param(weight, "weight", x)
+    wdtype = weight.dtype if weight is not None else _F32
+    lead, C = x.shape[:-1], x.shape[-1]
+    names = ("dx", "dweight", "dbias") if op == "layer" else ("dx", "dweight")
+    if out is None:
+        if accumulate:
+            raise ValueError(f"accumulate=True adds into existing gradients: pass out=({', '.join(names)})")
+        out = (None,) * len(names)
+    if not (isinstance(out, tuple) and len(out) == len(names)):
+        raise TypeError(f"out must be a tuple ({', '.join(names)})")
+    if accumulate and any(o is None for o in out):
+        raise ValueError(f"accumulate=True needs every gradient in out=({', '.join(names)})")
+    inputs = (("dy", dy), ("x", x), ("mean", mean), ("rstd", rstd), ("weight", weight))
+    shapes = (x.shape, (C,), (C,))
+    dtypes = (x.dtype, wdtype, wdtype)
+    grads = []
+    for name, o, shape, dtype in zip(names, out, shapes, dtypes):
+        if o is None:
+            grads.append(empty(shape, dtype))
+        else:
+            grads.append(check_out(o, f"out ({name})", shape, dtype, inputs))
+    check_distinct_outputs(list(zip(names, grads)))
+    if x.size == 0:                   # no rows: the parameter gradients are sums over nothing
+        if not accumulate:
+            for g in grads[1:]:
+                g[...] = 0
+        return tuple(grads) if op == "layer" else (*grads, None)
+
+    B, T, strides, arrays = row_layout(lead, [("dout", "dy", dy, True), ("inp", "x", x, True),
+                                              ("dinp", "out (dx)", grads[0], False)])
+    flags = lib.PN_ACCUMULATE if accumulate else 0
+    dt, wdt = PN_DTYPE[x.dtype], PN_DTYPE[wdtype]
+    if op == "layer":
+        status = lib.pn_layernorm_backward(ptr(grads[0]), ptr(grads[1]), ptr(grads[2]), ptr(None), 0,
+                                           ptr(arrays[0]), ptr(arrays[1]), ptr(weight), ptr(mean),
+                                           ptr(rstd), B, T, C, flags, dt, wdt, strides)
+    else:
+        status = lib.pn_rmsnorm_backward(ptr(grads[0]), ptr(grads[1]), ptr(None), 0,
+                                         ptr(arrays[0]), ptr(arrays[1]), ptr(weight), ptr(rstd),
+                                         B, T, C, flags, dt, wdt, strides)
+    check_status(status, f"{op}_norm_backward")
+    return tuple(grads) if op == "layer" else (*grads, None)
+
+
+# ---- the public functions ---------------------------------------------------------
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, out=None):
+    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * weight + bias."""
+    if _cuda.is_cuda_array(x):
+        return _cuda.layer_norm(x, weight, bias, eps, out=out)
+    return _forward("layer", x, None, weight, bias, eps, out, False)[0]
+
+
+def rms_norm(x, weight=None, eps=None, *, out=None):
+    """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight.
+    eps=None: the machine epsilon of float32 (of float64 for float64 x)."""
+    if _cuda.is_cuda_array(x):
+        return _cuda.rms_norm(x, weight, eps, out=out)
+    return _forward("rms", x, None, weight, None, eps, out, False)[0]
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, *, out=None):
+    """h = x + residual (in x's dtype), y = layer_norm(h) in one pass: returns (y, h).
+    out: optional (y_out, h_out)."""
+    if _cuda.is_cuda_array(x):
+        return _cuda.add_layer_norm(x, residual, weight, bias, eps, out=out)
+    if residual is None:
+        raise TypeError("residual must be an array, got None")
+    y, h, _, _ = _forward("layer", x, residual, weight, bias, eps, out, False)
+    return y, h
+
+
+def add_rms_norm(x, residual, weight=None, eps=None, *, out=None):
+    """h = x + residual (in x's dtype), y = rms_norm(h) in one pass: returns (y, h).
+    out: optional (y_out, h_out)."""
+    if _cuda.is_cuda_array(x):
+        return _cuda.add_rms_norm(x, residual, weight, eps, out=out)
+    if residual is None:
+        raise TypeError("residual must be an array, got None")
+    y, h, _, _ = _forward("rms", x, residual, weight, None, eps, out, False)
+    return y, h
+
+
+def layer_norm_forward(x, weight=None, bias=None, eps=1e-5):
+    """LayerNorm saving its statistics for the backward: returns (y, mean, rstd)."""
+    if _cuda.is_cuda_array(x):
+        return _cuda.layer_norm_forward(x, weight, bias, eps)
+    y, _, mean, rstd = _forward("layer", x, None, weight, bias, eps, None, True)
+    return y, mean, rstd
+
+
+def layer_norm_backward(dy, x, mean, rstd, weight=None, *, out=None, accumulate=False):
+    """Gradients of layer_norm: returns (dx, dweight, dbias).
+    out=(dx, dweight, dbias) writes into given arrays; accumulate=True adds to them."""
+    if _cuda.is_cuda_array(x):
+        return _cuda.layer_norm_backward(dy, x, mean, rstd, weight, out=out, accumulate=accumulate)
+    return _backward("layer", dy, x, mean, rstd, weight, out, accumulate)
+
+
+def rms_norm_forward(x, weight=None, eps=None):
+    """RMSNorm saving its statistics for the backward: returns (y, rstd)."""
+    if _cuda.is_cuda_array(x):
+        return _cuda.rms_norm_forward(x, weight, eps)
+    y, _, _, rstd = _forward("rms", x, None, weight, None, eps, None, True)
+    return y, rstd
+
+
+def rms_norm_backward(dy, x, rstd, weight=None, *, out=None, accumulate=False):
+    """Gradients of rms_norm: returns (dx, dweight).
+    out=(dx, dweight) writes into given arrays; accumulate=True adds to them."""
+    if _cuda.is_cuda_array(x):
+        return _cuda.rms_norm_backward(dy, x, rstd, weight, out=out, accumulate=accumulate)
+    dx, dweight, _ = _backward("rms", dy, x, None, rstd, weight, out, accumulate)
+    return dx, dweight

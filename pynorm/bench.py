@@ -1,0 +1,698 @@
+"""``python -m pynorm``: a self-check, then a side-by-side benchmark.
+
+1. Self-check: every op the benchmark times, in every dtype, is compared with a
+   float64 NumPy reference written below (the test suite is not installed, so
+   this module carries its own). A failure stops the run with exit status 1.
+2. Benchmark: torch (CPU) and pynorm run in one process on the same NumPy
+   buffers (torch.from_numpy shares their memory), alternating call by call so
+   that noise hits both. Each row reports the median times, the speedup
+   torch/pynorm, the bytes per second pynorm moves and the fraction of the
+   machine's copy bandwidth that is, measured by pynorm.copy_bandwidth at the
+   row's thread count. Without torch, a NumPy implementation is the baseline.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+import pynorm
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+F32 = np.dtype(np.float32)
+F64 = np.dtype(np.float64)
+ALL_DTYPES = (F32, F16, BF16, F64)
+
+COPY_PROBE_BYTES = 256 * 2**20
+COPY_PROBE_REPEATS = 5
+
+EXIT_OK, EXIT_SELFCHECK_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------
+# float64 reference (and small helpers shared with the NumPy baseline)
+# ---------------------------------------------------------------------------
+
+def f64(a):
+    return None if a is None else np.asarray(a).astype(np.float64)
+
+
+def rms_eps(dtype, eps):
+    """torch's default RMSNorm eps: the machine epsilon of the compute type."""
+    if eps is not None:
+        return eps
+    return float(np.finfo(np.float64 if dtype == F64 else np.float32).eps)
+
+
+def round_to(a, dtype):
+    """Round a float64 array to dtype and back (what a dtype-typed h holds)."""
+    return a.astype(dtype).astype(np.float64)
+
+
+def ref_layer_norm(x, w, b, eps=1e-5):
+    x = f64(x)
+    mean = x.mean(-1)
+    xc = x - mean[..., None]
+    rstd = 1.0 / np.sqrt((xc * xc).mean(-1) + eps)
+    y = xc * rstd[..., None]
+    if w is not None:
+        y = y * f64(w)
+    if b is not None:
+        y = y + f64(b)
+    return y, mean, rstd
+
+
+def ref_rms_norm(x, w, eps):
+    x = f64(x)
+    rstd = 1.0 / np.sqrt((x * x).mean(-1) + eps)
+    y = x * rstd[..., None]
+    if w is not None:
+        y = y * f64(w)
+    return y, rstd
+
+
+def ref_layer_norm_backward(dy, x, w, eps=1e-5):
+    dy, x = f64(dy), f64(x)
+    _, mean, rstd = ref_layer_norm(x, None, None, eps)
+    xhat = (x - mean[..., None]) * rstd[..., None]
+    g = dy * f64(w) if w is not None else dy
+    dx = rstd[..., None] * (g - g.mean(-1, keepdims=True)
+                            - xhat * (g * xhat).mean(-1, keepdims=True))
+    rows = tuple(range(x.ndim - 1))
+    return dx, (dy * xhat).sum(rows), dy.sum(rows)
+
+
+def ref_rms_norm_backward(dy, x, w, eps):
+    dy, x = f64(dy), f64(x)
+    _, rstd = ref_rms_norm(x, None, eps)
+    xhat = x * rstd[..., None]
+    g = dy * f64(w) if w is not None else dy
+    dx = rstd[..., None] * (g - xhat * (g * xhat).mean(-1, keepdims=True))
+    rows = tuple(range(x.ndim - 1))
+    return dx, (dy * xhat).sum(rows)
+
+
+# ---------------------------------------------------------------------------
+# 1. self-check
+# ---------------------------------------------------------------------------
+
+CHECK_SHAPES = [(7, 64), (3, 5, 769)]
+# max |got - ref| / max(1, max |ref|); half types round their outputs once.
+CHECK_TOLERANCE = {F64: 1e-10, F32: 1e-4, F16: 2e-3, BF16: 1e-2}
+
+
+def make_inputs(shape, dtype, seed=0):
+    """x, residual, dy of `shape` and weight, bias of shape (C,), all in dtype."""
+    rng = np.random.default_rng(seed)
+    C = shape[-1]
+
+    def arr(shape_, scale=1.0, offset=0.0):
+        return (rng.standard_normal(shape_) * scale + offset).astype(dtype)
+
+    return dict(x=arr(shape, 2.0, 0.5), res=arr(shape), dy=arr(shape),
+                w=arr((C,), 0.1, 1.0), b=arr((C,), 0.1))
+
+
+def check_layer_norm(d):
+    y = pynorm.layer_norm(d["x"], d["w"], d["b"])
+    return [("y", y, ref_layer_norm(d["x"], d["w"], d["b"])[0])]
+
+
+def check_layer_norm_out(d):
+    out = np.empty_like(d["x"])
+    pynorm.layer_norm(d["x"], d["w"], d["b"], out=out)
+    return [("out", out, ref_layer_norm(d["x"], d["w"], d["b"])[0])]
+
+
+def check_rms_norm(d):
+    y = pynorm.rms_norm(d["x"], d["w"])
+    return [("y", y, ref_rms_norm(d["x"], d["w"], rms_eps(d["x"].dtype, None))[0])]
+
+
+def check_rms_norm_out(d):
+    out = np.empty_like(d["x"])
+    pynorm.rms_norm(d["x"], d["w"], out=out)
+    return [("out", out, ref_rms_norm(d["x"], d["w"], rms_eps(d["x"].dtype, None))[0])]
+
+
+def check_layer_norm_fwd_bwd(d):
+    x, w, b, dy = d["x"], d["w"], d["b"], d["dy"]
+    y, mean, rstd = pynorm.layer_norm_forward(x, w, b)
+    dx, dw, db = pynorm.layer_norm_backward(dy, x, mean, rstd, w)
+    ry, rmean, rrstd = ref_layer_norm(x, w, b)
+    rdx, rdw, rdb = ref_layer_norm_backward(dy, x, w)
+    return [("y", y, ry), ("mean", mean, rmean), ("rstd", rstd, rrstd),
+            ("dx", dx, rdx), ("dweight", dw, rdw), ("dbias", db, rdb)]
+
+
+def check_rms_norm_fwd_bwd(d):
+    x, w, dy = d["x"], d["w"], d["dy"]
+    eps = rms_eps(x.dtype, None)
+    y, rstd = pynorm.rms_norm_forward(x, w)
+    dx, dw = pynorm.rms_norm_backward(dy, x, rstd, w)
+    ry, rrstd = ref_rms_norm(x, w, eps)
+    rdx, rdw = ref_rms_norm_backward(dy, x, w, eps)
+    return [("y", y, ry), ("rstd", rstd, rrstd), ("dx", dx, rdx), ("dweight", dw, rdw)]
+
+
+def check_add_layer_norm(d):
+    y, h = pynorm.add_layer_norm(d["x"], d["res"], d["w"], d["b"])
+    rh = round_to(f64(d["x"]) + f64(d["res"]), d["x"].dtype)
+    return [("y", y, ref_layer_norm(rh, d["w"], d["b"])[0]), ("h", h, rh)]
+
+
+def check_add_rms_norm(d):
+    y, h = pynorm.add_rms_norm(d["x"], d["res"], d["w"])
+    rh = round_to(f64(d["x"]) + f64(d["res"]), d["x"].dtype)
+    eps = rms_eps(d["x"].dtype, None)
+    return [("y", y, ref_rms_norm(rh, d["w"], eps)[0]), ("h", h, rh)]
+
+
+CHECKS = [
+    ("layer_norm", check_layer_norm),
+    ("layer_norm out=", check_layer_norm_out),
+    ("rms_norm", check_rms_norm),
+    ("rms_norm out=", check_rms_norm_out),
+    ("layer_norm fwd+bwd", check_layer_norm_fwd_bwd),
+    ("rms_norm fwd+bwd", check_rms_norm_fwd_bwd),
+    ("add_layer_norm", check_add_layer_norm),
+    ("add_rms_norm", check_add_rms_norm),
+]
+
+
+def relative_error(got, ref):
+    got, ref = f64(got), f64(ref)
+    if got.shape != ref.shape:
+        raise ValueError(f"shape {got.shape}, expected {ref.shape}")
+    if ref.size == 0:
+        return 0.0
+    return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
+
+
+def run_one_check(check, dtype, shape):
+    """Returns (ok, message)."""
+    tol = CHECK_TOLERANCE[dtype]
+    try:
+        pairs = check(make_inputs(shape, dtype))
+        errors = {name: relative_error(got, ref) for name, got, ref in pairs}
+    except Exception as e:  # a crash in the library is a failed check, not a crash here
+        return False, f"raised {type(e).__name__}: {e}"
+    worst = max(errors, key=errors.get)
+    ok = all(err <= tol for err in errors.values())  # NaN fails too
+    return ok, f"max err {errors[worst]:.1e} ({worst}), tol {tol:.0e}"
+
+
+def self_check(out=sys.stdout):
+    """Prints one PASS/FAIL line per op, dtype and shape; returns (all_ok, results)."""
+    results = []
+    for name, check in CHECKS:
+        for dtype in ALL_DTYPES:
+            for shape in CHECK_SHAPES:
+                ok, msg = run_one_check(check, dtype, shape)
+                results.append(dict(op=name, dtype=dtype.name, shape=list(shape),
+                                    ok=ok, message=msg))
+                print(f"{'PASS' if ok else 'FAIL'}  {name:<20} {dtype.name:<9} "
+                      f"{str(shape):<13} {msg}", file=out, flush=True)
+    return all(r["ok"] for r in results), results
+
+
+# ---------------------------------------------------------------------------
+# 2. benchmark
+# ---------------------------------------------------------------------------
+
+SHAPES = [(8192, 768), (4096, 4096), (1024, 16384)]
+HALF_SHAPE = (4096, 4096)
+QUICK_SHAPES = [(1024, 768), (256, 4096)]
+QUICK_HALF_SHAPE = (256, 4096)
+
+
+def to_torch(a):
+    """A torch tensor sharing a's memory (bfloat16 through a uint16 view)."""
+    import torch
+    if a.dtype == BF16:
+        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+class Data:
+    """The buffers of one (dtype, shape): NumPy arrays and torch views of them."""
+
+    def __init__(self, shape, dtype, with_torch):
+        d = make_inputs(shape, dtype, seed=1)
+        self.C = shape[-1]
+        self.x, self.res, self.dy, self.w, self.b = d["x"], d["res"], d["dy"], d["w"], d["b"]
+        self.y_out = np.empty_like(self.x)
+        self.t = self.F = self.torch = None
+        if with_torch:
+            import torch
+            self.torch, self.F = torch, torch.nn.functional
+            self.t = argparse.Namespace(**{k: to_torch(v) for k, v in d.items()})
+
+    def torch_leaves(self, *names):
+        """Fresh torch tensors over the same memory that require grad."""
+        return [to_torch(getattr(self, n)).requires_grad_() for n in names]
+
+
+# --- NumPy baseline (used only when torch is missing): float32 compute ------
+
+def compute_dtype(a):
+    return np.float64 if a.dtype == F64 else np.float32
+
+
+def np_layer_norm(x, w, b, eps=1e-5):
+    xf = x.astype(compute_dtype(x))
+    mean = xf.mean(-1, keepdims=True)
+    xc = xf - mean
+    rstd = 1.0 / np.sqrt((xc * xc).mean(-1, keepdims=True) + eps)
+    return (xc * rstd * w + b).astype(x.dtype), mean, rstd
+
+
+def np_rms_norm(x, w, eps=None):
+    xf = x.astype(compute_dtype(x))
+    rstd = 1.0 / np.sqrt((xf * xf).mean(-1, keepdims=True) + rms_eps(x.dtype, eps))
+    return (xf * rstd * w).astype(x.dtype), rstd
+
+
+def np_layer_norm_fwd_bwd(x, w, b, dy):
+    _, mean, rstd = np_layer_norm(x, w, b)
+    xhat = (x - mean) * rstd
+    g = dy * w
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), (dy * xhat).sum(0), dy.sum(0)
+
+
+def np_rms_norm_fwd_bwd(x, w, dy):
+    _, rstd = np_rms_norm(x, w)
+    xhat = x * rstd
+    g = dy * w
+    dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), (dy * xhat).sum(0)
+
+
+# --- the three sides of each op: {"torch": fn, "numpy": fn, "pynorm": fn} ---
+
+def fns_layer_norm(d):
+    return {
+        "torch": lambda: d.F.layer_norm(d.t.x, (d.C,), d.t.w, d.t.b),
+        "numpy": lambda: np_layer_norm(d.x, d.w, d.b),
+        "pynorm": lambda: pynorm.layer_norm(d.x, d.w, d.b),
+    }
+
+
+def fns_layer_norm_out(d):
+    fns = fns_layer_norm(d)  # torch has no out= variant: its allocating time
+    fns["pynorm"] = lambda: pynorm.layer_norm(d.x, d.w, d.b, out=d.y_out)
+    return fns
+
+
+def fns_rms_norm(d):
+    return {
+        "torch": lambda: d.F.rms_norm(d.t.x, (d.C,), d.t.w),
+        "numpy": lambda: np_rms_norm(d.x, d.w),
+        "pynorm": lambda: pynorm.rms_norm(d.x, d.w),
+    }
+
+
+def fns_rms_norm_out(d):
+    fns = fns_rms_norm(d)  # torch has no out= variant: its allocating time
+    fns["pynorm"] = lambda: pynorm.rms_norm(d.x, d.w, out=d.y_out)
+    return fns
+
+
+def fns_layer_norm_fwd_bwd(d):
+    def torch_fn():
+        y = d.F.layer_norm(x, (d.C,), w, b)
+        return d.torch.autograd.grad(y, (x, w, b), d.t.dy)
+
+    def pynorm_fn():
+        y, mean, rstd = pynorm.layer_norm_forward(d.x, d.w, d.b)
+        return pynorm.layer_norm_backward(d.dy, d.x, mean, rstd, d.w)
+
+    x, w, b = d.torch_leaves("x", "w", "b") if d.t is not None else (None,) * 3
+    return {"torch": torch_fn, "pynorm": pynorm_fn,
+            "numpy": lambda: np_layer_norm_fwd_bwd(d.x, d.w, d.b, d.dy)}
+
+
+def fns_rms_norm_fwd_bwd(d):
+    def torch_fn():
+        y = d.F.rms_norm(x, (d.C,), w)
+        return d.torch.autograd.grad(y, (x, w), d.t.dy)
+
+    def pynorm_fn():
+        y, rstd = pynorm.rms_norm_forward(d.x, d.w)
+        return pynorm.rms_norm_backward(d.dy, d.x, rstd, d.w)
+
+    x, w = d.torch_leaves("x", "w") if d.t is not None else (None,) * 2
+    return {"torch": torch_fn, "pynorm": pynorm_fn,
+            "numpy": lambda: np_rms_norm_fwd_bwd(d.x, d.w, d.dy)}
+
+
+def fns_add_layer_norm(d):
+    def torch_fn():
+        h = d.t.x + d.t.res
+        return d.F.layer_norm(h, (d.C,), d.t.w, d.t.b), h
+
+    def numpy_fn():
+        h = d.x + d.res
+        return np_layer_norm(h, d.w, d.b)[0], h
+
+    return {"torch": torch_fn, "numpy": numpy_fn,
+            "pynorm": lambda: pynorm.add_layer_norm(d.x, d.res, d.w, d.b)}
+
+
+def fns_add_rms_norm(d):
+    def torch_fn():
+        h = d.t.x + d.t.res
+        return d.F.rms_norm(h, (d.C,), d.t.w), h
+
+    def numpy_fn():
+        h = d.x + d.res
+        return np_rms_norm(h, d.w)[0], h
+
+    return {"torch": torch_fn, "numpy": numpy_fn,
+            "pynorm": lambda: pynorm.add_rms_norm(d.x, d.res, d.w)}
+
+
+@dataclass(frozen=True)
+class Op:
+    key: str          # name in the JSON
+    label: str        # name in the table
+    streams: int      # arrays of x's size that must move (the byte model)
+    fns: Callable     # Data -> {"torch": fn, "numpy": fn, "pynorm": fn}
+    no_torch_out: bool = False  # torch's column is its allocating time
+
+
+OPS = [
+    Op("layer_norm", "LayerNorm fwd", 2, fns_layer_norm),
+    Op("layer_norm_out", "LayerNorm fwd out=", 2, fns_layer_norm_out, no_torch_out=True),
+    Op("rms_norm", "RMSNorm fwd", 2, fns_rms_norm),
+    Op("rms_norm_out", "RMSNorm fwd out=", 2, fns_rms_norm_out, no_torch_out=True),
+    Op("layer_norm_fwd_bwd", "LayerNorm fwd+bwd", 5, fns_layer_norm_fwd_bwd),
+    Op("rms_norm_fwd_bwd", "RMSNorm fwd+bwd", 5, fns_rms_norm_fwd_bwd),
+    Op("add_layer_norm", "add+LayerNorm fwd", 4, fns_add_layer_norm),
+    Op("add_rms_norm", "add+RMSNorm fwd", 4, fns_add_rms_norm),
+]
+OPS_BY_KEY = {op.key: op for op in OPS}
+
+BYTE_MODEL = (
+    "GB/s counts the bytes that must move, N = rows*C elements of the input dtype: "
+    "a forward reads x and writes y (2N); add+norm reads x and the residual and writes "
+    "y and h (4N); fwd+bwd reads x and writes y, then reads dy and x and writes dx (5N). "
+    "Weights, biases, statistics and partial sums are not counted. % copy = that GB/s "
+    "over the copy bandwidth pynorm.copy_bandwidth measured at the same thread count "
+    "(STREAM Copy: bytes read + bytes written, {mib} MiB buffers, best of {rep}).")
+TORCH_OUT_NOTE = (
+    "torch has no out= form of layer_norm/rms_norm (aten's native_layer_norm.out is "
+    "autogenerated: it allocates, then copies), so this row's torch time is its "
+    "allocating call.")
+TORCH_FUSED_NOTE = "torch's add+norm rows time x + residual, then the norm (two passes)."
+
+
+def benchmark_cases(quick):
+    """[(Op, dtype, shape)]: every op in float32 at every shape, plus half types."""
+    shapes, half_shape = (QUICK_SHAPES, QUICK_HALF_SHAPE) if quick else (SHAPES, HALF_SHAPE)
+    cases = [(op, F32, shape) for shape in shapes for op in OPS]
+    cases += [(OPS_BY_KEY["layer_norm"], dtype, half_shape) for dtype in (BF16, F16)]
+    return cases
+
+
+def time_pair(baseline_fn, pynorm_fn, warmup, repeats):
+    """Median seconds of each, calls alternating so that noise hits both."""
+    for _ in range(warmup):
+        baseline_fn()
+        pynorm_fn()
+    times_base, times_pn = [], []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            baseline_fn()
+            t1 = time.perf_counter()
+            pynorm_fn()
+            t2 = time.perf_counter()
+            times_base.append(t1 - t0)
+            times_pn.append(t2 - t1)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return statistics.median(times_base), statistics.median(times_pn)
+
+
+def set_threads(n, torch_mod):
+    pynorm.set_num_threads(n)
+    if torch_mod is not None:
+        torch_mod.set_num_threads(n)
+
+
+class Progress:
+    """One line on stderr, rewritten in place with a carriage return."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.width = stream, 0
+
+    def show(self, text):
+        self.width = max(self.width, len(text))
+        self.stream.write("\r" + text.ljust(self.width))
+        self.stream.flush()
+
+    def clear(self):
+        if self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+
+
+def measure_copy_bandwidth(thread_counts, torch_mod, progress):
+    bw = {}
+    for n in thread_counts:
+        progress.show(f"copy bandwidth, {n} thread(s) ...")
+        set_threads(n, torch_mod)
+        bw[n] = pynorm.copy_bandwidth(nbytes=COPY_PROBE_BYTES, repeats=COPY_PROBE_REPEATS)
+    return bw
+
+
+def run_benchmark(cases, thread_counts, baseline, torch_mod, copy_bw, warmup, repeats,
+                  progress):
+    rows = []
+    total = len(cases) * len(thread_counts)
+    for op, dtype, shape in cases:
+        data = Data(shape, dtype, with_torch=baseline == "torch")
+        fns = op.fns(data)
+        nbytes = op.streams * data.x.nbytes
+        for threads in thread_counts:
+            progress.show(f"[{len(rows) + 1}/{total}] {op.label} {dtype.name} "
+                          f"{shape} threads={threads}")
+            set_threads(threads, torch_mod)
+            t_base, t_pn = time_pair(fns[baseline], fns["pynorm"], warmup, repeats)
+            gbps = nbytes / t_pn / 1e9
+            rows.append(dict(
+                op=op.key, label=op.label, dtype=dtype.name, shape=list(shape),
+                threads=threads, baseline=baseline,
+                baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3, speedup=t_base / t_pn,
+                bytes=nbytes, pynorm_gbps=gbps, pct_copy=100.0 * gbps / copy_bw[threads],
+                baseline_allocating_only=op.no_torch_out and baseline == "torch"))
+        del fns, data
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# output: table, JSON, plot
+# ---------------------------------------------------------------------------
+
+def format_table(rows, baseline):
+    header = ["op", "dtype", "shape (rows, C)", "thr", f"{baseline} ms", "pynorm ms",
+              "speedup", "pynorm GB/s", "% copy"]
+    lines = [header]
+    for r in rows:
+        mark = " *" if r["baseline_allocating_only"] else ""
+        lines.append([r["label"], r["dtype"], "x".join(map(str, r["shape"])),
+                      str(r["threads"]), f"{r['baseline_ms']:.3f}{mark}",
+                      f"{r['pynorm_ms']:.3f}", f"{r['speedup']:.2f}x",
+                      f"{r['pynorm_gbps']:.1f}", f"{r['pct_copy']:.0f}%"])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    left = {0, 1, 2}
+
+    def fmt(line):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(line, widths)))
+
+    out = [fmt(header), "  ".join("-" * w for w in widths)]
+    return "\n".join(out + [fmt(line) for line in lines[1:]])
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(torch_mod, copy_bw):
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    return dict(
+        cpu_model=cpu_model(), logical_cpus=os.cpu_count(), cpus_available=affinity,
+        isa=pynorm.isa(), pynorm_version=getattr(pynorm, "__version__", None),
+        python=platform.python_version(), numpy=np.__version__,
+        torch=torch_mod.__version__ if torch_mod is not None else None,
+        platform=platform.platform(),
+        copy_bandwidth_gbps={str(n): bw for n, bw in copy_bw.items()},
+        copy_probe=dict(bytes=COPY_PROBE_BYTES, repeats=COPY_PROBE_REPEATS))
+
+
+def write_plot(path, rows, baseline):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['label']} {r['dtype']} {'x'.join(map(str, r['shape']))} t={r['threads']}"
+              for r in rows]
+    speedups = [r["speedup"] for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 1.0 + 0.28 * len(rows)))
+    colors = ["tab:green" if s >= 1 else "tab:red" for s in speedups]
+    ax.barh(range(len(rows)), speedups, color=colors)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"speedup ({baseline} time / pynorm time)")
+    ax.set_title(f"pynorm vs {baseline} (CPU, {pynorm.isa()})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+
+def parse_threads(text):
+    try:
+        counts = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        counts = []
+    if not counts or any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError(f"expected N or N,N,... with N >= 1, got {text!r}")
+    return counts
+
+
+def positive_int(text):
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m pynorm",
+        description="Check pynorm against a float64 reference, then benchmark it "
+                    "side by side with torch (CPU) and against the copy bandwidth.")
+    p.add_argument("--quick", action="store_true", help="small shapes and fewer repeats")
+    p.add_argument("--threads", type=parse_threads, default=[2, 1], metavar="N[,N]",
+                   help="thread counts to run each row at (default 2,1)")
+    p.add_argument("--repeats", type=positive_int, default=None, metavar="K",
+                   help="timed calls per row, median reported (default 15, 5 with --quick)")
+    p.add_argument("--json", metavar="OUT.json", help="write all rows and machine info")
+    p.add_argument("--plot", metavar="OUT.png", help="bar chart of speedups (needs matplotlib)")
+    p.add_argument("--baseline", choices=["auto", "torch", "numpy"], default="auto",
+                   help="what pynorm is compared with (auto: torch if installed, else numpy)")
+    return p.parse_args(argv)
+
+
+def import_torch(baseline):
+    """(torch module or None, baseline name); exits if torch is asked for and missing."""
+    if baseline == "numpy":
+        return None, "numpy"
+    try:
+        import torch
+    except ImportError:
+        if baseline == "torch":
+            sys.exit("error: --baseline torch, but torch is not installed")
+        return None, "numpy"
+    return torch, "torch"
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("error: --plot needs matplotlib; install it with `pip install matplotlib`",
+                  file=sys.stderr)
+            return EXIT_USAGE
+    repeats = args.repeats or (5 if args.quick else 15)
+    warmup = 1 if args.quick else 3
+
+    print(f"pynorm {getattr(pynorm, '__version__', '')} self-check (isa {pynorm.isa()}) "
+          f"against a float64 NumPy reference")
+    ok, checks = self_check()
+    if not ok:
+        failed = sum(not c["ok"] for c in checks)
+        print(f"self-check FAILED ({failed} of {len(checks)}); not benchmarking")
+        return EXIT_SELFCHECK_FAILED
+    print(f"self-check passed ({len(checks)} checks)\n")
+
+    torch_mod, baseline = import_torch(args.baseline)
+    saved_threads = pynorm.get_num_threads()
+    saved_torch_threads = torch_mod.get_num_threads() if torch_mod is not None else None
+    progress = Progress()
+    try:
+        copy_bw = measure_copy_bandwidth(args.threads, torch_mod, progress)
+        rows = run_benchmark(benchmark_cases(args.quick), args.threads, baseline, torch_mod,
+                             copy_bw, warmup, repeats, progress)
+    finally:
+        progress.clear()
+        pynorm.set_num_threads(saved_threads)
+        if torch_mod is not None:
+            torch_mod.set_num_threads(saved_torch_threads)
+
+    info = machine_info(torch_mod, copy_bw)
+    notes = [BYTE_MODEL.format(mib=COPY_PROBE_BYTES // 2**20, rep=COPY_PROBE_REPEATS)]
+    if baseline == "torch":
+        notes += ["* " + TORCH_OUT_NOTE, TORCH_FUSED_NOTE]
+    else:
+        notes.append("torch is not installed (or --baseline numpy): the baseline is a "
+                     "NumPy implementation computing in float32.")
+    notes.append(f"Times are medians of {repeats} calls after {warmup} warm-up call(s), "
+                 f"{baseline} and pynorm alternating; speedup = {baseline} ms / pynorm ms.")
+
+    print(f"CPU: {info['cpu_model']}, {info['cpus_available']} CPUs available, "
+          f"pynorm isa {info['isa']}, baseline {baseline}"
+          + (f" {info['torch']}" if torch_mod is not None else ""))
+    print("copy bandwidth: " + ", ".join(f"{bw:.1f} GB/s at {n} thread(s)"
+                                         for n, bw in copy_bw.items()))
+    print()
+    print(format_table(rows, baseline))
+    print()
+    for note in notes:
+        print(note)
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=info, baseline=baseline, repeats=repeats, warmup=warmup,
+                           notes=notes, selfcheck=checks, rows=rows), f, indent=1)
+        print(f"wrote {args.json}")
+    if args.plot:
+        write_plot(args.plot, rows, baseline)
+        print(f"wrote {args.plot}")
+    return EXIT_OK

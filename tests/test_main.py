@@ -1,0 +1,119 @@
+"""`python -m pynorm`: the self-check passes and the benchmark writes sane rows.
+
+The command runs in a subprocess on the pynorm this test process imports
+(its parent directory goes first on PYTHONPATH), from a scratch directory.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import pynorm
+from pynorm.bench import OPS
+
+PYNORM_PARENT = str(Path(pynorm.__file__).resolve().parent.parent)
+
+
+def run_main(args, cwd, extra_path=(), timeout=300):
+    env = dict(os.environ)
+    path = list(extra_path) + [PYNORM_PARENT]
+    if env.get("PYTHONPATH"):
+        path.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    return subprocess.run([sys.executable, "-m", "pynorm", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("main")
+    out = tmp / "bench.json"
+    proc = run_main(["--quick", "--json", str(out)], cwd=tmp)
+    return proc, out
+
+
+def test_exit_code_and_self_check(quick_run):
+    proc, _ = quick_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    checks = [ln for ln in lines if ln.startswith(("PASS", "FAIL"))]
+    assert checks, proc.stdout
+    assert all(ln.startswith("PASS") for ln in checks), "\n".join(checks)
+    assert "self-check passed" in proc.stdout
+    # every checked op appears in the self-check
+    for name in ("layer_norm ", "rms_norm ", "add_layer_norm", "add_rms_norm",
+                 "layer_norm fwd+bwd", "rms_norm fwd+bwd", "layer_norm out=", "rms_norm out="):
+        assert any(name in ln for ln in checks), name
+
+
+def test_table_on_stdout(quick_run):
+    proc, _ = quick_run
+    assert "speedup" in proc.stdout and "% copy" in proc.stdout
+    for op in OPS:
+        assert op.label in proc.stdout, op.label
+
+
+def test_json_rows(quick_run):
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert {r["op"] for r in rows} == {op.key for op in OPS}
+    assert {r["threads"] for r in rows} == {1, 2}
+    assert {"float32", "bfloat16", "float16"} <= {r["dtype"] for r in rows}
+    for r in rows:
+        assert r["baseline_ms"] > 0 and r["pynorm_ms"] > 0, r
+        assert r["speedup"] > 0 and r["pynorm_gbps"] > 0 and r["pct_copy"] > 0, r
+    info = data["machine"]
+    assert info["isa"] in ("avx512", "avx2", "generic")
+    assert info["cpu_model"]
+    assert all(bw > 0 for bw in info["copy_bandwidth_gbps"].values())
+    assert set(info["copy_bandwidth_gbps"]) == {"1", "2"}
+    assert data["selfcheck"] and all(c["ok"] for c in data["selfcheck"])
+
+
+def test_numpy_baseline(tmp_path):
+    out = tmp_path / "np.json"
+    proc = run_main(["--quick", "--baseline", "numpy", "--threads", "1", "--repeats", "1",
+                     "--json", str(out)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "numpy ms" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["op"] for r in rows} == {op.key for op in OPS}
+    assert all(r["baseline"] == "numpy" and r["baseline_ms"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                    reason="matplotlib not installed")
+def test_plot(tmp_path):
+    png = tmp_path / "speedups.png"
+    proc = run_main(["--quick", "--threads", "1", "--repeats", "1", "--plot", str(png)],
+                    cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib(tmp_path):
+    fake = tmp_path / "fake"
+    (fake / "matplotlib").mkdir(parents=True)
+    (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    proc = run_main(["--quick", "--plot", str(tmp_path / "x.png")], cwd=tmp_path,
+                    extra_path=[str(fake)], timeout=60)
+    assert proc.returncode != 0
+    assert "pip install matplotlib" in proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_bad_threads_argument(tmp_path):
+    proc = run_main(["--threads", "0"], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert "--threads" in proc.stderr
+
+
+def test_copy_bandwidth_positive():
+    assert pynorm.copy_bandwidth(nbytes=1 << 22, repeats=2) > 0
