@@ -40,13 +40,13 @@ typedef pn_status (*pn_token_kernel)(const pn_token_args *);
 #define PN_CAT(a, b, c, d) PN_CAT_(a, b, c, d)
 #define PN_KERNEL(name) PN_CAT(pn_k_, name, PN_ISA, PN_REAL)
 
-#define PN_DECLARE_VARIANTS(name)                                   \
-    pn_status pn_k_##name##_generic_float(const pn_token_args *);  \
-    pn_status pn_k_##name##_generic_double(const pn_token_args *); \
-    pn_status pn_k_##name##_avx2_float(const pn_token_args *);     \
-    pn_status pn_k_##name##_avx2_double(const pn_token_args *);    \
-    pn_status pn_k_##name##_avx512_float(const pn_token_args *);   \
-    pn_status pn_k_##name##_avx512_double(const pn_token_args *);
+#define PN_DECLARE_VARIANTS(name, args_type)                  \
+    pn_status pn_k_##name##_generic_float(const args_type *);  \
+    pn_status pn_k_##name##_generic_double(const args_type *); \
+    pn_status pn_k_##name##_avx2_float(const args_type *);     \
+    pn_status pn_k_##name##_avx2_double(const args_type *);    \
+    pn_status pn_k_##name##_avx512_float(const args_type *);   \
+    pn_status pn_k_##name##_avx512_double(const args_type *);
 
 /* Table [isa][compute type] of one op's variants; off x86 only generic exists. */
 #ifdef PN_X86_VARIANTS

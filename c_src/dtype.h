@@ -6,8 +6,8 @@
 
 #include <stdint.h>
 #include <string.h>
-#if defined(__F16C__) || defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>   /* F16C conversions; SSE2 streaming stores (kernel.h) */
 #endif
 
 #include "pynorm.h"

@@ -72,6 +72,62 @@ static inline const real *pn_residual_row(const pn_token_args *a, int64_t r, rea
     return buf;
 }
 
+/* Ask for a row that comes next while this one is computed: rows are read
+ * once, and the passes that work from L1 would otherwise leave the memory
+ * idle. */
+static inline void pn_prefetch(const void *p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i, 0, 2);
+}
+
+/* Prefetch the input rows of row r: x (and the residual in the fused
+ * forward; dy in the backward). */
+static inline void pn_prefetch_next(const pn_token_args *a, int64_t r, int fused) {
+    const size_t es = pn_dtype_size(a->dtype);
+    const int64_t bytes = a->C * (int64_t)es;
+    pn_prefetch(pn_row(a->inp, a->s.inp, r, a->T, es), bytes);
+    if (fused) pn_prefetch(pn_row(a->residual, a->s.residual, r, a->T, es), bytes);
+    if (a->dout) pn_prefetch(pn_row(a->dout, a->s.dout, r, a->T, es), bytes);
+}
+
+/* Outputs of at least this many bytes are written with non-temporal stores:
+ * they go to memory without first reading the lines they overwrite, and do
+ * not push the inputs out of the cache. Smaller outputs stay cached for the
+ * caller, which will read them soon. */
+#define PN_STREAM_MIN_BYTES ((int64_t)8 << 20)
+
+static inline void pn_stream_bytes(void *dst, const void *src, int64_t n) {
+    char *d = (char *)dst;
+    const char *s = (const char *)src;
+    int64_t i = 0;
+#if defined(__x86_64__) || defined(_M_X64)
+    int64_t head = (int64_t)((16 - ((uintptr_t)d & 15)) & 15);
+    if (head > n) head = n;
+    memcpy(d, s, (size_t)head);
+    for (i = head; i + 16 <= n; i += 16)
+        _mm_stream_si128((__m128i *)(d + i), _mm_loadu_si128((const __m128i *)(s + i)));
+#endif
+    memcpy(d + i, s + i, (size_t)(n - i));
+}
+
+static inline void pn_stream_fence(void) {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_sfence();   /* non-temporal stores are visible to other threads after this */
+#endif
+}
+
+/* Write a computed row y (reals) to dst in dtype dt: rounded, and streamed
+ * when `stream`; tmp (C reals) holds the rounded row on the way. */
+static inline void pn_write_row(void *dst, const real *y, pn_dtype dt, int64_t C, int stream, real *tmp) {
+    if (!stream) {
+        pn_store_row(dst, y, dt, C);
+    } else if (dt == PN_REAL_DTYPE) {
+        pn_stream_bytes(dst, y, C * (int64_t)sizeof(real));
+    } else {
+        pn_store_row(tmp, y, dt, C);
+        pn_stream_bytes(dst, tmp, C * (int64_t)pn_dtype_size(dt));
+    }
+}
+
 /* Scratch for backward partial sums, aligned to 64 bytes (the size query adds
  * the slack). */
 static inline real *pn_scratch_reals(void *scratch) {
@@ -109,22 +165,22 @@ static inline void pn_reduce_chunks(void *dparam, pn_dtype wdtype, int accumulat
 }
 
 /* Where the backward computes dx of row r: straight into a->dinp when that
- * holds `real`s and is overwritten, else into `buf`, which pn_finish_dx_row
- * then adds to the old dx (when accumulating) and stores in the dtype. */
-static inline real *pn_dx_row(const pn_token_args *a, int64_t r, real *buf) {
-    if (a->dtype == PN_REAL_DTYPE && !a->accumulate)
+ * holds `real`s, is overwritten and not streamed, else into `buf`, which
+ * pn_finish_dx_row then adds to the old dx (when accumulating) and writes. */
+static inline real *pn_dx_row(const pn_token_args *a, int64_t r, real *buf, int stream) {
+    if (a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream)
         return (real *)pn_row(a->dinp, a->s.dinp, r, a->T, sizeof(real));
     return buf;
 }
-static inline void pn_finish_dx_row(const pn_token_args *a, int64_t r, real *dx, real *tmp) {
+static inline void pn_finish_dx_row(const pn_token_args *a, int64_t r, real *dx, real *tmp, int stream) {
     const size_t es = pn_dtype_size(a->dtype);
     void *row = pn_row(a->dinp, a->s.dinp, r, a->T, es);
-    if (a->dtype == PN_REAL_DTYPE && !a->accumulate) return;   /* written in place */
+    if (a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream) return;   /* written in place */
     if (a->accumulate) {
         pn_load_row(tmp, row, a->dtype, a->C);
         for (int64_t i = 0; i < a->C; i++) dx[i] += tmp[i];
     }
-    pn_store_row(row, dx, a->dtype, a->C);
+    pn_write_row(row, dx, a->dtype, a->C, stream, tmp);
 }
 
 #endif /* PYNORM_KERNEL_H */

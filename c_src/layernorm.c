@@ -33,9 +33,11 @@ static void layernorm_forward_row(real *y, real *mean_out, real *rstd_out, const
 static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
-    const int direct = a->dtype == PN_REAL_DTYPE;   /* rows are reals already: no copies */
+    const int stream = rows * C * (int64_t)es >= PN_STREAM_MIN_BYTES;
+    /* y computed in place in the output when it holds reals and is not streamed */
+    const int in_place = a->dtype == PN_REAL_DTYPE && !stream;
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, direct && !fused ? 0 : 2);
+    pn_status st = pn_work_init(&wk, a, in_place && !fused ? 0 : 2);
     if (st) return st;
     const real eps = (real)a->eps;
     real *mean = (real *)a->mean, *rstd = (real *)a->rstd;
@@ -45,13 +47,15 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
         const real *x = fused ? pn_residual_row(a, r, buf, buf2)
                               : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
         void *yrow = pn_row(a->out, a->s.out, r, a->T, es);
-        real *y = direct ? (real *)yrow : buf2;
+        real *y = in_place ? (real *)yrow : buf2;
+        if (r + 1 < rows) pn_prefetch_next(a, r + 1, fused);
         real m, s;
         layernorm_forward_row(y, &m, &s, x, wk.w, wk.b, C, eps);
-        if (!direct) pn_store_row(yrow, y, a->dtype, C);   /* rounded once, after w and b */
+        if (!in_place) pn_write_row(yrow, y, a->dtype, C, stream, buf);   /* rounded once, after w and b */
         if (mean) mean[r] = m;
         if (rstd) rstd[r] = s;
     }
+    if (stream) pn_stream_fence();
     pn_work_free(&wk);
     return PN_OK;
 }
@@ -64,6 +68,7 @@ pn_status PN_KERNEL(layernorm_backward)(const pn_token_args *a) {
     const size_t es = pn_dtype_size(a->dtype);
     const int params = a->dweight || a->dbias;
     const int64_t per = pn_chunk_rows(rows), nchunks = pn_num_chunks(rows);
+    const int stream = rows * C * (int64_t)es >= PN_STREAM_MIN_BYTES;
     const int64_t pstride = 2 * ((C + 15) & ~(int64_t)15);   /* dw partial, then db partial */
     real *part = params ? pn_scratch_reals(a->scratch) : NULL;
     pn_work wk;
@@ -83,6 +88,7 @@ pn_status PN_KERNEL(layernorm_backward)(const pn_token_args *a) {
         for (int64_t r = c * per; r < r1; r++) {
             const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
             const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
+            if (r + 1 < r1) pn_prefetch_next(a, r + 1, 0);
             const real mu = mean[r], rs = rstd[r];
             /* the two row sums: sum(g) and sum(g * xhat), in fixed-order lanes */
             real sg[PN_LANES] = {0}, sgx[PN_LANES] = {0};
@@ -106,15 +112,16 @@ pn_status PN_KERNEL(layernorm_backward)(const pn_token_args *a) {
                     db[i] += dy[i];
                 }
             if (a->dinp) {
-                real *dx = pn_dx_row(a, r, dxb);
+                real *dx = pn_dx_row(a, r, dxb, stream);
                 for (i = 0; i < C; i++) {
                     real xhat = (x[i] - mu) * rs;
                     dx[i] = rs * ((dy[i] * w[i] - mg) - xhat * mgx);
                 }
-                pn_finish_dx_row(a, r, dx, xb);
+                pn_finish_dx_row(a, r, dx, xb, stream);
             }
         }
     }
+    if (stream) pn_stream_fence();
     if (a->dweight) pn_reduce_chunks(a->dweight, a->wdtype, a->accumulate, part, nchunks, pstride, C, wk.nthreads);
     if (a->dbias) pn_reduce_chunks(a->dbias, a->wdtype, a->accumulate, part + pstride / 2, nchunks, pstride, C, wk.nthreads);
     pn_work_free(&wk);
@@ -123,9 +130,9 @@ pn_status PN_KERNEL(layernorm_backward)(const pn_token_args *a) {
 
 #else /* ---- the public functions: check, then run the variant for this CPU ---- */
 
-PN_DECLARE_VARIANTS(layernorm_forward)
-PN_DECLARE_VARIANTS(add_layernorm_forward)
-PN_DECLARE_VARIANTS(layernorm_backward)
+PN_DECLARE_VARIANTS(layernorm_forward, pn_token_args)
+PN_DECLARE_VARIANTS(add_layernorm_forward, pn_token_args)
+PN_DECLARE_VARIANTS(layernorm_backward, pn_token_args)
 static const pn_token_kernel forward_kernels[3][2] = PN_VARIANTS(layernorm_forward);
 static const pn_token_kernel add_forward_kernels[3][2] = PN_VARIANTS(add_layernorm_forward);
 static const pn_token_kernel backward_kernels[3][2] = PN_VARIANTS(layernorm_backward);

@@ -25,9 +25,11 @@ static real rmsnorm_forward_row(real *y, const real *x, const real *w, int64_t C
 static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
-    const int direct = a->dtype == PN_REAL_DTYPE;   /* rows are reals already: no copies */
+    const int stream = rows * C * (int64_t)es >= PN_STREAM_MIN_BYTES;
+    /* y computed in place in the output when it holds reals and is not streamed */
+    const int in_place = a->dtype == PN_REAL_DTYPE && !stream;
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, direct && !fused ? 0 : 2);
+    pn_status st = pn_work_init(&wk, a, in_place && !fused ? 0 : 2);
     if (st) return st;
     const real eps = (real)a->eps;
     real *rstd = (real *)a->rstd;
@@ -37,11 +39,13 @@ static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
         const real *x = fused ? pn_residual_row(a, r, buf, buf2)
                               : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
         void *yrow = pn_row(a->out, a->s.out, r, a->T, es);
-        real *y = direct ? (real *)yrow : buf2;
+        real *y = in_place ? (real *)yrow : buf2;
+        if (r + 1 < rows) pn_prefetch_next(a, r + 1, fused);
         real s = rmsnorm_forward_row(y, x, wk.w, C, eps);
-        if (!direct) pn_store_row(yrow, y, a->dtype, C);   /* rounded once, after w */
+        if (!in_place) pn_write_row(yrow, y, a->dtype, C, stream, buf);   /* rounded once, after w */
         if (rstd) rstd[r] = s;
     }
+    if (stream) pn_stream_fence();
     pn_work_free(&wk);
     return PN_OK;
 }
@@ -54,6 +58,7 @@ pn_status PN_KERNEL(rmsnorm_backward)(const pn_token_args *a) {
     const size_t es = pn_dtype_size(a->dtype);
     const int params = a->dweight != NULL;
     const int64_t per = pn_chunk_rows(rows), nchunks = pn_num_chunks(rows);
+    const int stream = rows * C * (int64_t)es >= PN_STREAM_MIN_BYTES;
     const int64_t pstride = (C + 15) & ~(int64_t)15;
     real *part = params ? pn_scratch_reals(a->scratch) : NULL;
     pn_work wk;
@@ -73,6 +78,7 @@ pn_status PN_KERNEL(rmsnorm_backward)(const pn_token_args *a) {
         for (int64_t r = c * per; r < r1; r++) {
             const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
             const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
+            if (r + 1 < r1) pn_prefetch_next(a, r + 1, 0);
             const real rs = rstd[r];
             /* sum(g * xhat) in fixed-order lanes */
             real sgx[PN_LANES] = {0};
@@ -85,12 +91,13 @@ pn_status PN_KERNEL(rmsnorm_backward)(const pn_token_args *a) {
             if (params)
                 for (i = 0; i < C; i++) dw[i] += dy[i] * (x[i] * rs);
             if (a->dinp) {
-                real *dx = pn_dx_row(a, r, dxb);
+                real *dx = pn_dx_row(a, r, dxb, stream);
                 for (i = 0; i < C; i++) dx[i] = rs * (dy[i] * w[i] - (x[i] * rs) * mgx);
-                pn_finish_dx_row(a, r, dx, xb);
+                pn_finish_dx_row(a, r, dx, xb, stream);
             }
         }
     }
+    if (stream) pn_stream_fence();
     if (params) pn_reduce_chunks(a->dweight, a->wdtype, a->accumulate, part, nchunks, pstride, C, wk.nthreads);
     pn_work_free(&wk);
     return PN_OK;
@@ -98,9 +105,9 @@ pn_status PN_KERNEL(rmsnorm_backward)(const pn_token_args *a) {
 
 #else /* ---- the public functions: check, then run the variant for this CPU ---- */
 
-PN_DECLARE_VARIANTS(rmsnorm_forward)
-PN_DECLARE_VARIANTS(add_rmsnorm_forward)
-PN_DECLARE_VARIANTS(rmsnorm_backward)
+PN_DECLARE_VARIANTS(rmsnorm_forward, pn_token_args)
+PN_DECLARE_VARIANTS(add_rmsnorm_forward, pn_token_args)
+PN_DECLARE_VARIANTS(rmsnorm_backward, pn_token_args)
 static const pn_token_kernel forward_kernels[3][2] = PN_VARIANTS(rmsnorm_forward);
 static const pn_token_kernel add_forward_kernels[3][2] = PN_VARIANTS(add_rmsnorm_forward);
 static const pn_token_kernel backward_kernels[3][2] = PN_VARIANTS(rmsnorm_backward);

@@ -11,7 +11,7 @@
 
 #include <stdint.h>
 
-#define PN_LANES 32
+#define PN_LANES 64
 
 static inline real pn_lanes_total(real *acc) {
     for (int w = PN_LANES / 2; w >= 1; w /= 2)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every test of pynorm, after `pip install ".[test]" torch==2.13.0`:
+#   1. the C library, the C tests and (where nvcc exists) the CUDA library, run by ctest;
+#   2. the same C tests built with AddressSanitizer + UndefinedBehaviorSanitizer;
+#   3. the pytest suite, against the installed package.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+jobs=$(nproc 2>/dev/null || echo 2)
+
+echo "== C tests (ctest)"
+cmake -S "$repo" -B "$repo/build/test" -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=ON
+cmake --build "$repo/build/test" -j "$jobs"
+ctest --test-dir "$repo/build/test" --output-on-failure -j "$jobs"
+
+echo "== C tests under ASan + UBSan (ctest)"
+cmake -S "$repo" -B "$repo/build/asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBUILD_TESTING=ON \
+      -DPYNORM_SANITIZE=ON -DPYNORM_CUDA=OFF
+cmake --build "$repo/build/asan" -j "$jobs"
+ctest --test-dir "$repo/build/asan" --output-on-failure -j "$jobs" -L cpu
+
+echo "== Python tests (pytest, installed package)"
+cd "$repo/tests"    # not the repo root: the source tree's pynorm/ has no built library
+python3 -m pytest -q
