@@ -19,11 +19,11 @@
 
 /* One row: y and the row's statistics. x and y may be the same memory. */
 static void layernorm_forward_row(real *y, real *mean_out, real *rstd_out, const real *x,
-                                  const real *w, const real *b, int64_t C, real eps) {
+                                  const real *w, const real *b, int64_t C, double eps) {
     const real x0 = x[0];
     const real m = pn_sum_shifted(x, C, x0) / (real)C;             /* mean of x - x0 */
-    const real var = pn_sumsq_centered(x, C, x0, m) / (real)C;     /* two-pass variance */
-    const real rstd = (real)1 / sqrt(var + eps);
+    const double var = pn_sumsq_centered(x, C, x0, m) / (double)C; /* two-pass variance */
+    const real rstd = (real)(1 / sqrt(var + eps));
     for (int64_t i = 0; i < C; i++) y[i] = ((x[i] - x0) - m) * rstd * w[i] + b[i];
     *mean_out = x0 + m;
     *rstd_out = rstd;
@@ -39,7 +39,7 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
     pn_work wk;
     pn_status st = pn_work_init(&wk, a, in_place && !fused ? 0 : 2);
     if (st) return st;
-    const real eps = (real)a->eps;
+    const double eps = a->eps;
     real *mean = (real *)a->mean, *rstd = (real *)a->rstd;
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t r = 0; r < rows; r++) {

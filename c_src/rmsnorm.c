@@ -15,8 +15,8 @@
 #include "kernel.h"
 
 /* One row: y and its rstd. x and y may be the same memory. */
-static real rmsnorm_forward_row(real *y, const real *x, const real *w, int64_t C, real eps) {
-    const real rstd = (real)1 / sqrt(pn_sumsq(x, C) / (real)C + eps);
+static real rmsnorm_forward_row(real *y, const real *x, const real *w, int64_t C, double eps) {
+    const real rstd = (real)(1 / sqrt(pn_sumsq(x, C) / (double)C + eps));
     for (int64_t i = 0; i < C; i++) y[i] = x[i] * rstd * w[i];
     return rstd;
 }
@@ -31,7 +31,7 @@ static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
     pn_work wk;
     pn_status st = pn_work_init(&wk, a, in_place && !fused ? 0 : 2);
     if (st) return st;
-    const real eps = (real)a->eps;
+    const double eps = a->eps;
     real *rstd = (real *)a->rstd;
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t r = 0; r < rows; r++) {

@@ -176,7 +176,9 @@ def row_layout(lead, buffers):
             s = ffi.new("pn_strides *")
             for (field, *_), (sb, st) in zip(buffers, pairs):
                 row = getattr(s, field)
-                row.b, row.t = sb, st      # {0, 0} only for a single row: dense
+                if (sb, st) == (0, 0):     # one row repeated (broadcast): {0, 0} would mean dense
+                    sb = 1                 # B == 1 here, so this stride is never used
+                row.b, row.t = sb, st
             return B, T, s, arrays
     names = ", ".join(b[1] for b in buffers if not b[3])
     raise ValueError(f"the leading axes of {names} have strides that cannot be laid out as B x T rows; "

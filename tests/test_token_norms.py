@@ -8,7 +8,6 @@ the output dtype at the largest |ref|. Every test uses fixed seeds.
 
 import numpy as np
 import pytest
-import torch
 import torch.nn.functional as F
 
 import pynorm
@@ -96,7 +95,7 @@ def make_forward_inputs(op, shape, dtype, affine="wb", wdtype=None, seed=0, loc=
     return dict(x=x, residual=residual, weight=weight, bias=bias)
 
 
-def check_forward(op, inputs, eps=None, slack_ulps=1.0):
+def check_forward(op, inputs, eps=None, slack_ulps=2.0):
     """Runs op through pynorm, torch and the reference; checks the outputs'
     shapes/dtypes/contiguity, h bitwise, y and the statistics by the accuracy
     rule, and that no input was modified. Returns pynorm's outputs."""
@@ -120,8 +119,11 @@ def check_forward(op, inputs, eps=None, slack_ulps=1.0):
     check_accuracy(f"{op} y", got["y"], th["y"], ref["y"], x.dtype, slack_ulps=slack_ulps)
     for name in STAT_NAMES:
         if name in got:
+            # a mean's rounding error scales with the data's magnitude, not the mean's
+            src = ref["h"] if "h" in ref else x
+            scale = float(np.abs(src.astype(np.float64)).max()) if name == "mean" else None
             check_accuracy(f"{op} {name}", got[name], th[name], ref[name], R.stat_dtype(x.dtype),
-                           slack_ulps=2 * slack_ulps)
+                           slack_ulps=slack_ulps, scale=scale or None)
     return got
 
 
@@ -229,11 +231,13 @@ def check_backward(op, x, dy, weight, eps=None, slack_ulps=2.0):
         odt = x.dtype if name == "dx" else gdt
         check_accuracy(f"{op} {name}", got[name], th[name], ref[name], odt, slack_ulps=slack_ulps)
         # and plainly close to torch.autograd
+        # (a coarse check with a per-dtype tolerance, allowing for torch's own
+        # error where the exact gradient is ~0, e.g. C = 1)
         g = np.asarray(got[name]).astype(np.float64)
         t = th[name].astype(np.float64)
         scale = max(float(np.abs(t).max()) if t.size else 0.0, 1e-30)
         rtol = max(GRAD_RTOL[np.dtype(odt)], GRAD_RTOL[np.dtype(x.dtype)])
-        np.testing.assert_allclose(g, t, rtol=rtol, atol=rtol * scale,
+        np.testing.assert_allclose(g, t, rtol=rtol, atol=rtol * scale + 3 * R.max_abs_err(t, ref[name]),
                                    err_msg=f"{op} {name} differs from torch.autograd's")
     return got, stats
 
@@ -564,8 +568,10 @@ def test_fused_h_is_the_rounded_sum_bitwise(op, dtype):
         np.full(C, big * 0.5),  # overflows: h = inf, y = NaN (as torch)
         -x[3].astype(np.float64),
     ]).astype(dtype)
-    y, h = pynorm_forward(op, x, residual).values()
-    assert_bitwise_equal(h, R.residual_add_ref(x, residual), f"{op} h vs x + residual rounded once")
+    with np.errstate(over="ignore", invalid="ignore"):
+        h = pynorm_forward(op, x, residual)["h"]
+        expected = R.residual_add_ref(x, residual)
+    assert_bitwise_equal(h, expected, f"{op} h vs x + residual rounded once")
     assert_bitwise_equal(h, from_torch(to_torch(x) + to_torch(residual)), f"{op} h vs torch's x + residual")
 
 
@@ -696,10 +702,33 @@ def test_extreme_magnitudes(op, dtype, kind, mag, eps):
         assert np.isfinite(g)[finite_ok].all(), f"{op} {name}: non-finite where reference and torch are finite"
         e_p, e_t = _row_rel_err(g, ref[name]), _row_rel_err(th[name], ref[name])
         torch_accurate = e_t <= 16 * eps_of(dtype)
-        bad = torch_accurate & ~(e_p <= 2 * e_t + eps_of(dtype))
+        bad = torch_accurate & ~(e_p <= 2 * e_t + 4 * eps_of(dtype))
         assert not bad.any(), (
             f"{op} {name} ({kind} {mag:g}, eps={eps}): rows {np.flatnonzero(bad).tolist()} where torch is accurate "
             f"but pynorm is not: pynorm rel errors {e_p[bad]}, torch {e_t[bad]}")
+
+
+BEYOND_TORCH = [(F32, "huge", 1e30, None), (BF16, "huge", 1e30, None), (F32, "tiny", 1e-30, 0.0),
+                (BF16, "tiny", 1e-30, 0.0)]
+
+
+# DESIGN.md section 5 asks for accurate statistics on huge and tiny magnitudes,
+# also where torch's float32 sums of squares overflow or underflow: pynorm sums
+# squares in double.
+@pytest.mark.parametrize("dtype,kind,mag,eps", BEYOND_TORCH, ids=[f"{dname(d)}-{k}" for d, k, _, _ in BEYOND_TORCH])
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_extreme_magnitudes_beyond_torch(op, dtype, kind, mag, eps):
+    """Rows of +-1e30 (float32/bfloat16, squares overflow float32) and 1e-30
+    with eps=0 (squares underflow): the exact result is representable, so
+    pynorm should give it even though torch does not."""
+    rng = np.random.default_rng(seed_for("beyond", op, dname(dtype), kind))
+    C = 129
+    x = (rng.standard_normal((4, C)) * mag).astype(dtype)
+    w = randn(rng, (C,), dtype, 1.0, 0.5)
+    got = pynorm_forward(op, x, None, w, None, eps)
+    ref = reference_forward(op, x, None, w, None, eps)
+    err = _row_rel_err(got["y"], ref["y"])
+    assert (err <= 16 * eps_of(dtype)).all(), f"{op} {kind} {mag:g}: row errors / max|y_ref| {err}"
 
 
 # --------------------------------------------------------------------------
@@ -768,8 +797,7 @@ def test_nan_inf_propagate_like_torch(op, dtype, C):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=dname)
 @pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"])
 def test_nan_in_weight_propagates_to_its_column(op, dtype):
-    rng = np.random.default_rng(seed_for("nanw", op, dname(dtype)))
-    inputs = make_forward_inputs(op, (5, 20), dtype, "wb", dtype, 1)
+    inputs = make_forward_inputs(op, (5, 20), dtype, "wb", dtype, seed_for("nanw", op, dname(dtype)))
     inputs["weight"][3] = np.nan
     got = pynorm_forward(op, **inputs)
     th = torch_forward(op, **inputs)
