@@ -1,5 +1,700 @@
-"""Placeholder until the CUDA bindings land."""
+"""The pynorm API for CUDA arrays, over libpynorm_cuda (cffi).
 
+Inputs are CuPy arrays or any object with ``__cuda_array_interface__``
+(PyTorch CUDA tensors, Numba device arrays, ...); results are CuPy arrays on
+the device of x. Work is queued on CuPy's current stream for that device and
+never waited for. pynorm._token routes here when ``is_cuda_array(x)``.
+
+Importing this module needs neither CuPy nor CUDA: the library is loaded
+(cffi ``dlopen``) and CuPy imported on the first call. The library is looked
+for in $PYNORM_CUDA_LIBRARY, next to the C library that pynorm._lib loaded
+(and in ../cuda_src of it, a build tree), then in pynorm/lib.
+
+bfloat16: arrays whose typestr is "<V2" (what PyTorch and ml_dtypes write
+for bfloat16) are read as bfloat16; bfloat16 results need a CuPy that knows
+ml_dtypes.bfloat16 (CuPy 14 or later with ml_dtypes installed).
+"""
+import math
+import numbers
+import os
+import sys
+import threading
+
+import ml_dtypes
+import numpy as np
+
+__all__ = ["is_cuda_array", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
+           "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
+           "library", "library_path"]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_LIBNAME = {"darwin": "libpynorm_cuda.dylib", "win32": "pynorm_cuda.dll"}.get(sys.platform,
+                                                                             "libpynorm_cuda.so")
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_F16, _F32, _F64 = np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
+_PN_DTYPE = {_F32: 0, _F16: 1, BFLOAT16: 2, _F64: 3}        # pn_dtype
+_DTYPE_NAMES = "float32, float16, bfloat16 or float64"
+_PN_ACCUMULATE = 1
+
+# Self-contained declarations (the typedefs of pynorm.h and the functions of
+# pynorm_cuda.h); cudaStream_t is a pointer.
+_CDEF = """
+typedef enum {
+    PN_OK = 0, PN_ERR_NULL = 1, PN_ERR_SIZE = 2, PN_ERR_DTYPE = 3, PN_ERR_EPS = 4,
+    PN_ERR_STRIDE = 5, PN_ERR_ALIAS = 6, PN_ERR_SCRATCH = 7, PN_ERR_ALLOC = 8,
+    PN_ERR_GROUPS = 9, PN_ERR_ARG = 10
+} pn_status;
+typedef enum { PN_FLOAT32 = 0, PN_FLOAT16 = 1, PN_BFLOAT16 = 2, PN_FLOAT64 = 3 } pn_dtype;
+typedef struct { int64_t b; int64_t t; } pn_rows;
+typedef struct { pn_rows inp; pn_rows out; pn_rows residual; pn_rows h; pn_rows dout; pn_rows dinp; } pn_strides;
+typedef void *cudaStream_t;
+#define PN_CUDA_ERR_LAUNCH 100
+
+const char *pn_cuda_version(void);
+const char *pn_cuda_status_string(int status);
+int pn_cuda_last_error(void);
+const char *pn_cuda_last_error_string(void);
+int pn_cuda_device_count(void);
+
+pn_status pn_cuda_layernorm_forward(void *out, void *mean, void *rstd,
+    const void *inp, const void *weight, const void *bias,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, cudaStream_t stream);
+pn_status pn_cuda_add_layernorm_forward(void *out, void *h, void *mean, void *rstd,
+    const void *inp, const void *residual, const void *weight, const void *bias,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, cudaStream_t stream);
+size_t pn_cuda_layernorm_backward_scratch_size(int64_t B, int64_t T, int64_t C, pn_dtype dtype);
+pn_status pn_cuda_layernorm_backward(void *dinp, void *dweight, void *dbias,
+    void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight, const void *mean, const void *rstd,
+    int64_t B, int64_t T, int64_t C, int flags,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, cudaStream_t stream);
+
+pn_status pn_cuda_rmsnorm_forward(void *out, void *rstd,
+    const void *inp, const void *weight,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, cudaStream_t stream);
+pn_status pn_cuda_add_rmsnorm_forward(void *out, void *h, void *rstd,
+    const void *inp, const void *residual, const void *weight,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, cudaStream_t stream);
+size_t pn_cuda_rmsnorm_backward_scratch_size(int64_t B, int64_t T, int64_t C, pn_dtype dtype);
+pn_status pn_cuda_rmsnorm_backward(void *dinp, void *dweight,
+    void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight, const void *rstd,
+    int64_t B, int64_t T, int64_t C, int flags,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, cudaStream_t stream);
+"""
+
+_lock = threading.Lock()
+_loaded = None          # (ffi, lib) once loaded
+library_path = None     # where libpynorm_cuda was loaded from
+
+
+class CudaUnavailableError(RuntimeError):
+    """A CUDA array was given but the CUDA library or CuPy is missing."""
+
+
+# ---- routing ---------------------------------------------------------------------
 
 def is_cuda_array(obj):
-    return hasattr(obj, "__cuda_array_interface__")
+    """True for CuPy arrays and anything exposing __cuda_array_interface__.
+    (A PyTorch CUDA tensor that requires grad refuses the interface with an
+    error: it still counts as a CUDA array, and the call explains the refusal.)"""
+    if obj is None or isinstance(obj, (np.ndarray, numbers.Number)):
+        return False
+    try:
+        return hasattr(obj, "__cuda_array_interface__")
+    except Exception:       # the property exists but raised (not AttributeError)
+        return True
+
+
+# ---- loading ---------------------------------------------------------------------
+
+def _candidates():
+    env = os.environ.get("PYNORM_CUDA_LIBRARY")
+    if env:
+        return [env], True
+    dirs = []
+    try:
+        from . import _lib
+        cpu = getattr(_lib, "library_path", None)
+        if cpu:
+            d = os.path.dirname(os.path.abspath(cpu))
+            dirs += [d, os.path.join(os.path.dirname(d), "cuda_src")]
+    except ImportError:
+        pass
+    dirs.append(os.path.join(_HERE, "lib"))
+    return [os.path.join(d, _LIBNAME) for d in dirs], False
+
+
+def library():
+    """(ffi, lib) of libpynorm_cuda, loaded on first use. Raises
+    CudaUnavailableError (a RuntimeError) when it cannot be found or loaded."""
+    global _loaded, library_path
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is not None:
+            return _loaded
+        from cffi import FFI
+        paths, from_env = _candidates()
+        found = [p for p in paths if os.path.exists(p)]
+        if not found:
+            where = "PYNORM_CUDA_LIBRARY=" + paths[0] if from_env else ", ".join(paths)
+            raise CudaUnavailableError(
+                f"pynorm: got a CUDA array, but the CUDA library {_LIBNAME} was not found "
+                f"(looked for {where}). Build it with CMake and -DPYNORM_CUDA=ON (needs nvcc), "
+                "or point PYNORM_CUDA_LIBRARY at it.")
+        ffi = FFI()
+        ffi.cdef(_CDEF)
+        try:
+            lib = ffi.dlopen(found[0])
+        except OSError as e:
+            raise CudaUnavailableError(f"pynorm: cannot load the CUDA library {found[0]}: {e}") from e
+        library_path = found[0]
+        _loaded = (ffi, lib)
+        return _loaded
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:
+        raise CudaUnavailableError(
+            "pynorm: CUDA arrays need CuPy (pip install cupy-cuda12x or cupy-cuda13x, matching "
+            f"your CUDA driver) to allocate the results; it could not be imported: {e}") from e
+    return cupy
+
+
+# ---- CUDA array views ----------------------------------------------------------------
+
+class _Dev:
+    """What the kernels need of a CUDA array: pointer, shape, byte strides,
+    dtype, device; `obj` keeps the memory alive."""
+    __slots__ = ("ptr", "shape", "strides", "dtype", "device", "obj", "readonly")
+
+    def __init__(self, ptr, shape, strides, dtype, device, obj, readonly=False):
+        self.ptr, self.shape, self.strides, self.dtype = ptr, tuple(shape), tuple(strides), dtype
+        self.device, self.obj, self.readonly = device, obj, readonly
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def span(self):
+        """[lo, hi) byte range the array touches (None when empty)."""
+        if self.size == 0:
+            return None
+        lo = hi = self.ptr
+        for n, s in zip(self.shape, self.strides):
+            if s < 0:
+                lo += (n - 1) * s
+            else:
+                hi += (n - 1) * s
+        return lo, hi + self.dtype.itemsize
+
+    def c_contiguous(self):
+        return self.strides == _c_strides(self.shape, self.dtype.itemsize) or self.size <= 1
+
+
+def _c_strides(shape, itemsize):
+    strides, acc = [], itemsize
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _typestr_dtype(typestr, descr):
+    if typestr in ("<V2", "|V2", "V2"):       # bfloat16 as PyTorch and ml_dtypes spell it
+        return BFLOAT16
+    try:
+        return np.dtype(typestr)
+    except TypeError:
+        return None
+
+
+def _dev(obj, name, call):
+    """A _Dev for a CuPy array or a __cuda_array_interface__ object."""
+    cp = call.cp
+    if isinstance(obj, cp.ndarray):
+        return _Dev(obj.data.ptr, obj.shape, obj.strides, obj.dtype, obj.device.id, obj)
+    if isinstance(obj, np.ndarray):
+        raise ValueError(f"{name} is a numpy.ndarray (host memory) but x is a CUDA array: "
+                         "all arrays of a call must be on the same device")
+    try:
+        cai = obj.__cuda_array_interface__
+    except AttributeError:
+        raise TypeError(f"{name} must be a CUDA array (CuPy, or an object with "
+                        f"__cuda_array_interface__) like x, got {type(obj).__name__}") from None
+    except Exception as e:     # e.g. a PyTorch tensor that requires grad
+        raise TypeError(f"{name}: its __cuda_array_interface__ refused: {e}") from e
+    if cai.get("mask") is not None:
+        raise TypeError(f"{name}: masked CUDA arrays are not supported")
+    dtype = _typestr_dtype(cai["typestr"], cai.get("descr"))
+    if dtype is None:
+        raise TypeError(f"{name} has typestr {cai['typestr']!r}; expected {_DTYPE_NAMES}")
+    shape = tuple(int(n) for n in cai["shape"])
+    strides = cai.get("strides")
+    strides = _c_strides(shape, dtype.itemsize) if strides is None else tuple(int(s) for s in strides)
+    ptr, readonly = int(cai["data"][0]), bool(cai["data"][1])
+    device = cp.cuda.Device().id
+    if ptr and math.prod(shape):
+        try:
+            device = cp.cuda.runtime.pointerGetAttributes(ptr).device
+        except Exception:       # not a device pointer CUDA knows: let the library find out
+            pass
+    d = _Dev(ptr, shape, strides, dtype, device, obj, readonly)
+    stream = cai.get("stream") if cai.get("version", 0) >= 3 else None
+    if stream:                  # v3: the producer's stream; ours will wait for it
+        call.producers.add(int(stream))
+    return d
+
+
+def _as_cupy(d, cp):
+    """A CuPy view of d's memory (bfloat16 seen as uint16 when CuPy lacks it),
+    for copies."""
+    if isinstance(d.obj, cp.ndarray):
+        return d.obj
+    carrier = d.dtype
+    if carrier == BFLOAT16 and not _cupy_has_bfloat16(cp):
+        carrier = np.dtype(np.uint16)
+    lo, hi = d.span()
+    mem = cp.cuda.UnownedMemory(lo, hi - lo, d.obj, d.device)
+    return cp.ndarray(d.shape, carrier, cp.cuda.MemoryPointer(mem, d.ptr - lo), strides=d.strides)
+
+
+_HAS_BF16 = None
+
+
+def _cupy_has_bfloat16(cp):
+    global _HAS_BF16
+    if _HAS_BF16 is None:
+        try:
+            cp.empty(0, BFLOAT16)
+            _HAS_BF16 = True
+        except Exception:
+            _HAS_BF16 = False
+    return _HAS_BF16
+
+
+def _contiguous_copy(d, cp):
+    a = cp.ascontiguousarray(_as_cupy(d, cp))
+    return _Dev(a.data.ptr, a.shape, a.strides, d.dtype, d.device, a)
+
+
+def _empty(shape, dtype, cp):
+    try:
+        return cp.empty(shape, dtype)
+    except Exception as e:
+        if dtype == BFLOAT16:
+            raise TypeError("bfloat16 results need a CuPy that supports ml_dtypes.bfloat16 "
+                            f"(CuPy 14 or later, with ml_dtypes installed): {e}") from e
+        raise
+
+
+def _wrap_new(a):
+    return _Dev(a.data.ptr, a.shape, a.strides, a.dtype, a.device.id, a)
+
+
+# ---- argument checks (as pynorm._arrays, for CUDA arrays) ------------------------------
+
+def _check_eps(eps, dtype):
+    if eps is None:
+        return float(np.finfo(np.float64 if dtype == _F64 else np.float32).eps)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return eps
+
+
+def _check_x(x, name, call):
+    d = _dev(x, name, call)
+    if d.dtype not in _PN_DTYPE:
+        raise TypeError(f"{name} has dtype {d.dtype}; expected {_DTYPE_NAMES}")
+    if d.ndim == 0:
+        raise ValueError(f"{name} must have at least one axis (the normalized axis C), got a 0-d array")
+    if d.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty last axis (C = 0): there is nothing to normalize")
+    return d
+
+
+def _same_device(d, name, x):
+    if d.device != x.device:
+        raise ValueError(f"{name} is on CUDA device {d.device} but x is on device {x.device}")
+
+
+def _check_same(a, name, x, call):
+    if a is None:
+        raise TypeError(f"{name} must be a CUDA array like x, got None")
+    d = _dev(a, name, call)
+    if d.shape != x.shape:
+        raise ValueError(f"{name} has shape {d.shape}; expected x's shape {x.shape}")
+    if d.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {d.dtype}; expected x's dtype {x.dtype}")
+    _same_device(d, name, x)
+    return d
+
+
+def _check_param(p, name, x, call):
+    if p is None:
+        return None
+    d = _dev(p, name, call)
+    if d.dtype != x.dtype and d.dtype != _F32:
+        raise TypeError(f"{name} has dtype {d.dtype}; expected x's dtype ({x.dtype}) or float32")
+    if d.shape != (x.shape[-1],):
+        raise ValueError(f"{name} has shape {d.shape}; expected ({x.shape[-1]},), the last axis of x")
+    _same_device(d, name, x)
+    return d if d.c_contiguous() else _contiguous_copy(d, call.cp)
+
+
+def _param_dtype(*params):
+    dts = {p.dtype for p in params if p is not None}
+    if len(dts) > 1:
+        raise TypeError(f"weight and bias must have the same dtype, got {' and '.join(map(str, dts))}")
+    return dts.pop() if dts else _F32
+
+
+def _stats_dtype(dtype):
+    return _F64 if dtype == _F64 else _F32
+
+
+def _check_stats(s, name, x, call):
+    if s is None:
+        raise TypeError(f"{name} must be a CUDA array (as the forward returns it), got None")
+    d = _dev(s, name, call)
+    if d.shape != x.shape[:-1]:
+        raise ValueError(f"{name} has shape {d.shape}; expected x.shape[:-1] = {x.shape[:-1]}")
+    if d.dtype != _stats_dtype(x.dtype):
+        raise TypeError(f"{name} has dtype {d.dtype}; expected {_stats_dtype(x.dtype)} "
+                        "(as the forward saves it)")
+    _same_device(d, name, x)
+    return d if d.c_contiguous() else _contiguous_copy(d, call.cp)
+
+
+def _elem_strides(d):
+    item = d.dtype.itemsize
+    if d.shape[-1] > 1 and d.strides[-1] != item:
+        return None
+    if any(s % item for s in d.strides[:-1]):
+        return None
+    return [s // item for s in d.strides[:-1]]
+
+
+def _check_out(o, name, shape, dtype, inputs, x, call):
+    d = _dev(o, name, call)
+    if d.shape != tuple(shape):
+        raise ValueError(f"{name} has shape {d.shape}; expected {tuple(shape)}")
+    if d.dtype != dtype:
+        raise TypeError(f"{name} has dtype {d.dtype}; expected {np.dtype(dtype)}")
+    if d.readonly:
+        raise ValueError(f"{name} is read-only")
+    _same_device(d, name, x)
+    if d.size and _elem_strides(d) is None:
+        raise ValueError(f"{name} must have a contiguous last axis (stride = itemsize)")
+    for arg, a in inputs:
+        if a is not None and _overlap(d, a):
+            raise ValueError(f"{name} overlaps {arg}: outputs must not share memory with inputs")
+    return d
+
+
+def _overlap(a, b):
+    sa, sb = a.span(), b.span()
+    return sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]
+
+
+def _check_distinct(outs):
+    for i, (n1, a) in enumerate(outs):
+        for n2, b in outs[:i]:
+            if a is not None and b is not None and _overlap(a, b):
+                raise ValueError(f"{n1} overlaps {n2}: outputs must not share memory")
+
+
+def _fold(sizes, strides):
+    n, step = 1, 0
+    for size, stride in zip(reversed(sizes), reversed(strides)):
+        if size == 1:
+            continue
+        if n > 1 and stride != step * n:
+            return None
+        if n == 1:
+            step = stride
+        n *= size
+    return n, step
+
+
+def _split(lead, strides_list):
+    for k in range(len(lead) + 1):
+        pairs = []
+        for st in strides_list:
+            fb, ft = _fold(lead[:k], st[:k]), _fold(lead[k:], st[k:])
+            if fb is None or ft is None:
+                break
+            pairs.append((fb[1], ft[1]))
+        else:
+            return math.prod(lead[:k]), math.prod(lead[k:]), pairs
+    return None
+
+
+def _row_layout(lead, buffers, ffi, cp):
+    """B x T x C rows over buffers sharing the leading shape: (B, T, pn_strides*
+    or NULL, devs), copying inputs the kernels cannot address in place.
+    buffers: (pn_strides field, argument name, _Dev, may_copy)."""
+    devs = [b[2] for b in buffers]
+    if all(d.c_contiguous() for d in devs):
+        return 1, math.prod(lead), ffi.NULL, devs
+    for attempt in (0, 1):
+        strides_list = []
+        for i, (field, name, _, may_copy) in enumerate(buffers):
+            st = _elem_strides(devs[i])
+            if st is None or (attempt and may_copy and not devs[i].c_contiguous()):
+                if not may_copy:
+                    raise ValueError(f"{name} must have a contiguous last axis (stride = itemsize)")
+                devs[i] = _contiguous_copy(devs[i], cp)
+                st = _elem_strides(devs[i])
+            strides_list.append(st)
+        split = _split(lead, strides_list)
+        if split is not None:
+            B, T, pairs = split
+            s = ffi.new("pn_strides *")
+            for (field, *_), (sb, st) in zip(buffers, pairs):
+                row = getattr(s, field)
+                if (sb, st) == (0, 0):      # one row repeated: {0, 0} would mean dense
+                    sb = 1                  # B == 1 here, so this stride is never used
+                row.b, row.t = sb, st
+            return B, T, s, devs
+    names = ", ".join(b[1] for b in buffers if not b[3])
+    raise ValueError(f"the leading axes of {names} have strides that cannot be laid out as B x T rows; "
+                     "pass C-contiguous output arrays")
+
+
+# ---- calling the library ---------------------------------------------------------------
+
+def _p(ffi, d):
+    return ffi.NULL if d is None else ffi.cast("void *", d.ptr)
+
+
+def _check_status(ffi, lib, status, what):
+    if status == 0:
+        return
+    message = f"{what}: {ffi.string(lib.pn_cuda_status_string(status)).decode()}"
+    if status == 100:
+        raise RuntimeError(f"{message}: {ffi.string(lib.pn_cuda_last_error_string()).decode()}")
+    if status == 3:
+        raise TypeError(message)
+    if status in (7, 8):
+        raise RuntimeError(message)
+    raise ValueError(message)
+
+
+class _Call:
+    """One call's context: library, CuPy, device and stream of x."""
+
+    def __init__(self, x):
+        self.ffi, self.lib = library()
+        self.cp = _cupy()
+        self.producers = set()      # streams named by __cuda_array_interface__ v3 inputs
+        self.x = _check_x(x, "x", self)
+        self.device = self.cp.cuda.Device(self.x.device)
+
+    def __enter__(self):
+        self.device.__enter__()
+        self.stream = self.cp.cuda.get_current_stream()
+        return self
+
+    def __exit__(self, *exc):
+        return self.device.__exit__(*exc)
+
+    def stream_ptr(self):
+        """Our stream, after making it wait for the producers' streams."""
+        for s in self.producers:
+            if s != self.stream.ptr:
+                self.stream.wait_event(self.cp.cuda.ExternalStream(s).record())
+        self.producers.clear()
+        return self.ffi.cast("cudaStream_t", self.stream.ptr)
+
+
+def _result(d):
+    return d.obj
+
+
+def _forward(op, x, residual, weight, bias, eps, out, want_stats):
+    fused = residual is not None
+    with _Call(x) as call:
+        ffi, lib, cp, x = call.ffi, call.lib, call.cp, call.x
+        if fused:
+            residual = _check_same(residual, "residual", x, call)
+        weight = _check_param(weight, "weight", x, call)
+        bias = _check_param(bias, "bias", x, call)
+        wdtype = _param_dtype(weight, bias)
+        eps = _check_eps(eps, x.dtype)
+        lead, C = x.shape[:-1], x.shape[-1]
+        inputs = (("x", x), ("residual", residual), ("weight", weight), ("bias", bias))
+        if fused:
+            if out is None:
+                out = (None, None)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError("out must be a tuple (y_out, h_out) for the fused ops")
+            y_out, h_out = out
+        else:
+            y_out, h_out = out, None
+        if y_out is not None:
+            y_out = _check_out(y_out, "out", x.shape, x.dtype, inputs, x, call)
+        if h_out is not None:
+            h_out = _check_out(h_out, "h out", x.shape, x.dtype, inputs, x, call)
+            _check_distinct([("out", y_out), ("h out", h_out)])
+        y = y_out if y_out is not None else _wrap_new(_empty(x.shape, x.dtype, cp))
+        h = (h_out if h_out is not None else _wrap_new(_empty(x.shape, x.dtype, cp))) if fused else None
+        sdt = _stats_dtype(x.dtype)
+        mean = _wrap_new(_empty(lead, sdt, cp)) if want_stats and op == "layer" else None
+        rstd = _wrap_new(_empty(lead, sdt, cp)) if want_stats else None
+        if y.size:
+            buffers = [("inp", "x", x, True), ("out", "out", y, False)]
+            if fused:
+                buffers += [("residual", "residual", residual, True), ("h", "h out", h, False)]
+            B, T, strides, devs = _row_layout(lead, buffers, ffi, cp)
+            dt, wdt = _PN_DTYPE[x.dtype], _PN_DTYPE[wdtype]
+            xp, yp, s = _p(ffi, devs[0]), _p(ffi, y), call.stream_ptr()
+            if op == "layer":
+                if fused:
+                    status = lib.pn_cuda_add_layernorm_forward(
+                        yp, _p(ffi, h), _p(ffi, mean), _p(ffi, rstd), xp, _p(ffi, devs[2]),
+                        _p(ffi, weight), _p(ffi, bias), B, T, C, eps, dt, wdt, strides, s)
+                else:
+                    status = lib.pn_cuda_layernorm_forward(
+                        yp, _p(ffi, mean), _p(ffi, rstd), xp, _p(ffi, weight), _p(ffi, bias),
+                        B, T, C, eps, dt, wdt, strides, s)
+            else:
+                if fused:
+                    status = lib.pn_cuda_add_rmsnorm_forward(
+                        yp, _p(ffi, h), _p(ffi, rstd), xp, _p(ffi, devs[2]), _p(ffi, weight),
+                        B, T, C, eps, dt, wdt, strides, s)
+                else:
+                    status = lib.pn_cuda_rmsnorm_forward(
+                        yp, _p(ffi, rstd), xp, _p(ffi, weight), B, T, C, eps, dt, wdt, strides, s)
+            _check_status(ffi, lib, status, f"{'add_' if fused else ''}{op}_norm")
+        return (_result(y), _result(h) if h is not None else None,
+                _result(mean) if mean is not None else None, _result(rstd) if rstd is not None else None)
+
+
+def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
+    with _Call(x) as call:
+        ffi, lib, cp, x = call.ffi, call.lib, call.cp, call.x
+        dy = _check_same(dy, "dy", x, call)
+        mean = _check_stats(mean, "mean", x, call) if op == "layer" else None
+        rstd = _check_stats(rstd, "rstd", x, call)
+        weight = _check_param(weight, "weight", x, call)
+        wdtype = weight.dtype if weight is not None else _F32
+        lead, C = x.shape[:-1], x.shape[-1]
+        names = ("dx", "dweight", "dbias") if op == "layer" else ("dx", "dweight")
+        if out is None:
+            if accumulate:
+                raise ValueError(f"accumulate=True adds into existing gradients: pass out=({', '.join(names)})")
+            out = (None,) * len(names)
+        if not (isinstance(out, tuple) and len(out) == len(names)):
+            raise TypeError(f"out must be a tuple ({', '.join(names)})")
+        if accumulate and any(o is None for o in out):
+            raise ValueError(f"accumulate=True needs every gradient in out=({', '.join(names)})")
+        inputs = (("dy", dy), ("x", x), ("mean", mean), ("rstd", rstd), ("weight", weight))
+        shapes = (x.shape, (C,), (C,))
+        dtypes = (x.dtype, wdtype, wdtype)
+        grads = []
+        for name, o, shape, dtype in zip(names, out, shapes, dtypes):
+            if o is None:
+                grads.append(_wrap_new(_empty(shape, dtype, cp)))
+            else:
+                g = _check_out(o, f"out ({name})", shape, dtype, inputs, x, call)
+                if name != "dx" and not g.c_contiguous():
+                    raise ValueError(f"out ({name}) must be contiguous")
+                grads.append(g)
+        _check_distinct(list(zip(names, grads)))
+        if x.size == 0:                 # no rows: the parameter gradients are sums over nothing
+            if not accumulate:
+                for g in grads[1:]:
+                    _as_cupy(g, cp)[...] = 0
+        else:
+            B, T, strides, devs = _row_layout(lead, [("dout", "dy", dy, True), ("inp", "x", x, True),
+                                                     ("dinp", "out (dx)", grads[0], False)], ffi, cp)
+            flags = _PN_ACCUMULATE if accumulate else 0
+            dt, wdt = _PN_DTYPE[x.dtype], _PN_DTYPE[wdtype]
+            if op == "layer":
+                nbytes = lib.pn_cuda_layernorm_backward_scratch_size(B, T, C, dt)
+            else:
+                nbytes = lib.pn_cuda_rmsnorm_backward_scratch_size(B, T, C, dt)
+            # from CuPy's pool, stream-ordered: freed after the launch, reused only
+            # by later work on this stream
+            scratch = cp.empty(max(int(nbytes), 16), dtype=cp.uint8)
+            sp, s = ffi.cast("void *", scratch.data.ptr), call.stream_ptr()
+            if op == "layer":
+                status = lib.pn_cuda_layernorm_backward(
+                    _p(ffi, grads[0]), _p(ffi, grads[1]), _p(ffi, grads[2]), sp, scratch.nbytes,
+                    _p(ffi, devs[0]), _p(ffi, devs[1]), _p(ffi, weight), _p(ffi, mean), _p(ffi, rstd),
+                    B, T, C, flags, dt, wdt, strides, s)
+            else:
+                status = lib.pn_cuda_rmsnorm_backward(
+                    _p(ffi, grads[0]), _p(ffi, grads[1]), sp, scratch.nbytes,
+                    _p(ffi, devs[0]), _p(ffi, devs[1]), _p(ffi, weight), _p(ffi, rstd),
+                    B, T, C, flags, dt, wdt, strides, s)
+            _check_status(ffi, lib, status, f"{op}_norm_backward")
+        res = tuple(_result(g) for g in grads)
+        return res if op == "layer" else (*res, None)
+
+
+# ---- the public functions (same signatures as pynorm's) ----------------------------------
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, out=None):
+    """LayerNorm over the last axis of a CUDA array."""
+    return _forward("layer", x, None, weight, bias, eps, out, False)[0]
+
+
+def rms_norm(x, weight=None, eps=None, *, out=None):
+    """RMSNorm over the last axis of a CUDA array."""
+    return _forward("rms", x, None, weight, None, eps, out, False)[0]
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, *, out=None):
+    """h = x + residual, y = layer_norm(h): returns (y, h)."""
+    if residual is None:
+        raise TypeError("residual must be a CUDA array like x, got None")
+    y, h, _, _ = _forward("layer", x, residual, weight, bias, eps, out, False)
+    return y, h
+
+
+def add_rms_norm(x, residual, weight=None, eps=None, *, out=None):
+    """h = x + residual, y = rms_norm(h): returns (y, h)."""
+    if residual is None:
+        raise TypeError("residual must be a CUDA array like x, got None")
+    y, h, _, _ = _forward("rms", x, residual, weight, None, eps, out, False)
+    return y, h
+
+
+def layer_norm_forward(x, weight=None, bias=None, eps=1e-5):
+    """Returns (y, mean, rstd)."""
+    y, _, mean, rstd = _forward("layer", x, None, weight, bias, eps, None, True)
+    return y, mean, rstd
+
+
+def layer_norm_backward(dy, x, mean, rstd, weight=None, *, out=None, accumulate=False):
+    """Returns (dx, dweight, dbias)."""
+    return _backward("layer", dy, x, mean, rstd, weight, out, accumulate)
+
+
+def rms_norm_forward(x, weight=None, eps=None):
+    """Returns (y, rstd)."""
+    y, _, _, rstd = _forward("rms", x, None, weight, None, eps, None, True)
+    return y, rstd
+
+
+def rms_norm_backward(dy, x, rstd, weight=None, *, out=None, accumulate=False):
+    """Returns (dx, dweight)."""
+    dx, dweight, _ = _backward("rms", dy, x, None, rstd, weight, out, accumulate)
+    return dx, dweight

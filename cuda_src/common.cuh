@@ -1,0 +1,584 @@
+/* common.cuh - pieces shared by libpynorm_cuda's kernels (internal header).
+ *
+ *   - dtype traits: storage ("raw") type, compute ("acc") type, conversions
+ *     that round once (round to nearest even);
+ *   - row fragments: each thread of a row owns E elements of it, in chunks of
+ *     V = 16 / sizeof(raw) consecutive elements; chunk j of thread `tid` starts
+ *     at column (j * tpr + tid) * V (tpr = threads per row). Chunks are read
+ *     with one 16-byte load when every row buffer is 16-byte aligned and with
+ *     V scalar loads otherwise: the element-to-thread mapping, hence every
+ *     sum's order, is the same either way, so results do not depend on the
+ *     buffers' alignment;
+ *   - warp and block sums (fixed order: the same bits on every run);
+ *   - host-side argument checks shared by the ops, the row partition used by
+ *     the backward passes, and the fixed-order final reduction of partial sums.
+ */
+#ifndef PN_CUDA_COMMON_CUH
+#define PN_CUDA_COMMON_CUH
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "pynorm_cuda.h"
+
+/* Records the CUDA error behind a PN_CUDA_ERR_LAUNCH (pynorm_cuda.cu). */
+void pn_cuda_set_last_error_(int err);
+
+namespace pn {
+namespace {
+
+/* ------------------------------------------------------------------------ */
+/* Limits of the kernel families (all in elements of a row).                 */
+
+constexpr int kWarpMaxC = 1024;    /* C <= this: one warp per row            */
+constexpr int kRegMaxC = 16384;    /* forward, C <= this: the row is kept in registers */
+constexpr int kBwdRegMaxC = 8192;  /* backward, C <= this: rows and the partition's
+                                      dweight/dbias sums kept in registers */
+constexpr int kFwdWarpsPerBlock = 4;
+constexpr int kBwdWarpsPerBlock = 8;
+constexpr int kStreamThreads = 512;
+constexpr int64_t kMaxPartitions = 256;
+constexpr int64_t kGridCap = int64_t(1) << 24; /* grid-stride loops beyond this */
+
+/* ------------------------------------------------------------------------ */
+/* dtypes                                                                    */
+
+struct F32 {
+    typedef float raw;
+    typedef float acc;
+    static __device__ __forceinline__ float to(float r) { return r; }
+    static __device__ __forceinline__ float from(float a) { return a; }
+};
+
+struct F16 {
+    typedef unsigned short raw;
+    typedef float acc;
+    static __device__ __forceinline__ float to(unsigned short r) { return __half2float(__ushort_as_half(r)); }
+    static __device__ __forceinline__ unsigned short from(float a) { return __half_as_ushort(__float2half_rn(a)); }
+};
+
+struct BF16 {
+    typedef unsigned short raw;
+    typedef float acc;
+    static __device__ __forceinline__ float to(unsigned short r) { return __bfloat162float(__ushort_as_bfloat16(r)); }
+    static __device__ __forceinline__ unsigned short from(float a) { return __bfloat16_as_ushort(__float2bfloat16_rn(a)); }
+};
+
+struct F64 {
+    typedef double raw;
+    typedef double acc;
+    static __device__ __forceinline__ double to(double r) { return r; }
+    static __device__ __forceinline__ double from(double a) { return a; }
+};
+
+/* Multiply-adds are written out as fma so that the compiler cannot contract
+ * one copy of an expression and not another (bit-identical paths). */
+__device__ __forceinline__ float fmadd(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double fmadd(double a, double b, double c) { return fma(a, b, c); }
+
+__device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }   /* IEEE sqrt and division */
+__device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
+
+/* Offset (in elements) of row `row` of a B x T x C buffer whose rows start at
+ * b*sb + t*st. The host folds the layout to T == 1 (offset row*sb) whenever
+ * every buffer of the call allows it, which avoids the 64-bit division. */
+__device__ __forceinline__ int64_t row_off(int64_t row, int64_t T, int64_t sb, int64_t st)
+{
+    if (T == 1) return row * sb;
+    const int64_t b = row / T;
+    return b * sb + (row - b * T) * st;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Row fragments (register kernels, C <= 16384, 2- and 4-byte dtypes).       */
+/* A chunk is V = 16 / sizeof(raw) consecutive elements held as four 32-bit  */
+/* words (16-bit values packed two to a word), so that a thread's share of a */
+/* row costs E * sizeof(raw) / 4 registers.                                  */
+
+template <class D>
+struct Vw { static constexpr int V = 16 / (int)sizeof(typename D::raw); };
+
+/* Column of element k (0 <= k < E) of thread tid's fragment. */
+template <class D>
+__device__ __forceinline__ int col_of(int k, int tid, int tpr)
+{
+    constexpr int V = Vw<D>::V;
+    return ((k / V) * tpr + tid) * V + (k % V);
+}
+
+/* Element i of a chunk as raw bits, and packing raw values into words. */
+template <class D>
+__device__ __forceinline__ typename D::raw chunk_raw(const uint32_t (&w)[4], int i)
+{
+    if constexpr (sizeof(typename D::raw) == 4) return __uint_as_float(w[i]);
+    else return (unsigned short)(w[i >> 1] >> (16 * (i & 1)));
+}
+
+template <class D>
+__device__ __forceinline__ void chunk_pack(uint32_t (&w)[4], const typename D::raw (&r)[Vw<D>::V])
+{
+    if constexpr (sizeof(typename D::raw) == 4) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[i] = __float_as_uint(r[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) w[i] = (uint32_t)r[2 * i] | ((uint32_t)r[2 * i + 1] << 16);
+    }
+}
+
+/* Load / store one chunk starting at column c0. vec: every row buffer is
+ * 16-byte aligned and C % V == 0, so the chunk is whole or absent. Elements
+ * beyond C read as zero and are not written. */
+template <class D>
+__device__ __forceinline__ void load_chunk(uint32_t (&w)[4], const typename D::raw *row, int c0, int C, bool vec)
+{
+    typedef typename D::raw R;
+    constexpr int V = Vw<D>::V;
+    if (vec) {
+        if (c0 < C) {
+            const uint4 u = *reinterpret_cast<const uint4 *>(row + c0);
+            w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+        } else {
+            w[0] = w[1] = w[2] = w[3] = 0u;
+        }
+    } else {
+        R r[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) r[i] = (c0 + i < C) ? row[c0 + i] : R(0);
+        chunk_pack<D>(w, r);
+    }
+}
+
+template <class D>
+__device__ __forceinline__ void store_chunk(typename D::raw *row, const uint32_t (&w)[4], int c0, int C, bool vec)
+{
+    constexpr int V = Vw<D>::V;
+    if (vec) {
+        if (c0 < C) *reinterpret_cast<uint4 *>(row + c0) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i)
+            if (c0 + i < C) row[c0 + i] = chunk_raw<D>(w, i);
+    }
+}
+
+/* V floats rounded (once) to dtype D and stored at column c0. */
+template <class D>
+__device__ __forceinline__ void store_chunk_f(typename D::raw *row, const float (&o)[Vw<D>::V], int c0, int C, bool vec)
+{
+    typename D::raw r[Vw<D>::V];
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < Vw<D>::V; ++i) r[i] = D::from(o[i]);
+    chunk_pack<D>(w, r);
+    store_chunk<D>(row, w, c0, C, vec);
+}
+
+/* Thread tid's E elements of a row: E / V chunks, chunk j at column
+ * (j * tpr + tid) * V. */
+template <class D, int E>
+struct Frag {
+    static constexpr int V = Vw<D>::V;
+    static constexpr int NV = E / V;
+    static_assert(E % V == 0, "E must be a multiple of the vector width");
+    uint32_t w[NV][4];
+
+    __device__ __forceinline__ typename D::raw raw(int k) const { return chunk_raw<D>(w[k / V], k % V); }
+    __device__ __forceinline__ float get(int k) const { return D::to(raw(k)); }
+
+    __device__ __forceinline__ void load(const typename D::raw *row, int C, int tid, int tpr, bool vec)
+    {
+#pragma unroll
+        for (int j = 0; j < NV; ++j) load_chunk<D>(w[j], row, (j * tpr + tid) * V, C, vec);
+    }
+    __device__ __forceinline__ void store(typename D::raw *row, int C, int tid, int tpr, bool vec) const
+    {
+#pragma unroll
+        for (int j = 0; j < NV; ++j) store_chunk<D>(row, w[j], (j * tpr + tid) * V, C, vec);
+    }
+};
+
+/* A chunk of weight or bias as float: p == NULL gives `dflt`; p holds float32
+ * values when f32, else values of dtype D. */
+template <class D>
+__device__ __forceinline__ void load_param_chunk(float (&o)[Vw<D>::V], const void *p, bool f32, float dflt,
+                                                 int c0, int C, bool vec)
+{
+    constexpr int V = Vw<D>::V;
+    if (p == nullptr) {
+#pragma unroll
+        for (int i = 0; i < V; ++i) o[i] = dflt;
+    } else if (f32) {
+        const float *q = static_cast<const float *>(p);
+        if (vec) {
+            if (c0 < C) {
+#pragma unroll
+                for (int i = 0; i < V; i += 4) {
+                    const float4 f = *reinterpret_cast<const float4 *>(q + c0 + i);
+                    o[i] = f.x; o[i + 1] = f.y; o[i + 2] = f.z; o[i + 3] = f.w;
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < V; ++i) o[i] = 0.0f;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < V; ++i) o[i] = (c0 + i < C) ? q[c0 + i] : 0.0f;
+        }
+    } else {
+        uint32_t w[4];
+        load_chunk<D>(w, static_cast<const typename D::raw *>(p), c0, C, vec);
+#pragma unroll
+        for (int i = 0; i < V; ++i) o[i] = D::to(chunk_raw<D>(w, i));
+    }
+}
+
+/* Weight or bias element c (streaming kernels). */
+template <class D>
+__device__ __forceinline__ typename D::acc param_at(const void *p, bool f32, typename D::acc dflt, int64_t c)
+{
+    typedef typename D::acc A;
+    if (p == nullptr) return dflt;
+    if (f32) return (A)static_cast<const float *>(p)[c];
+    return D::to(static_cast<const typename D::raw *>(p)[c]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Reductions. Butterfly (xor) shuffles leave the same bits in every lane.   */
+
+template <class A>
+__device__ __forceinline__ A warp_sum(A v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+/* Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread
+ * gets the same bits. sh: 32 elements of shared memory; the leading barrier
+ * makes back-to-back calls with the same sh safe. */
+template <class A>
+__device__ __forceinline__ A block_sum(A v, A *sh)
+{
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[wid] = v;
+    __syncthreads();
+    v = (lane < nw) ? sh[lane] : A(0);
+    return warp_sum(v);   /* every warp sums sh[0..nw) in the same order */
+}
+
+/* Two sums at once (one pair of barriers). */
+template <class A>
+__device__ __forceinline__ void block_sum2(A &a, A &b, A *sh /* 64 elements */)
+{
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    a = warp_sum(a);
+    b = warp_sum(b);
+    __syncthreads();
+    if (lane == 0) { sh[wid] = a; sh[32 + wid] = b; }
+    __syncthreads();
+    a = (lane < nw) ? sh[lane] : A(0);
+    b = (lane < nw) ? sh[32 + lane] : A(0);
+    a = warp_sum(a);
+    b = warp_sum(b);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Kernel arguments shared by the token norms (passed by value).            */
+
+struct TokArgs {
+    const void *x, *res, *dy, *w, *b;
+    void *y, *h, *dx;
+    void *mean, *rstd;         /* forward: outputs; backward: inputs */
+    void *part;                /* backward: partial sums (scratch), or NULL */
+    int64_t xsb, xst, rsb, rst, ysb, yst, hsb, hst, dysb, dyst, dxsb, dxst;
+    int64_t rows, T, C;
+    int64_t P, chunk;          /* backward: partitions, rows per partition */
+    double eps;
+    int vec, w_f32, accumulate;
+};
+
+/* Final fixed-order reduction of partial sums: out[c] = (old out[c]) +
+ * sum_p part[k][p][c] for k = blockIdx.y (0: dweight, 1: dbias). Block (32, 8):
+ * lane y adds partitions y, y+8, ... in order, then lane 0 adds the 8 lane
+ * sums in order. */
+template <class A>
+__global__ void __launch_bounds__(256)
+reduce_partials(void *out0, void *out1, pn_dtype wd, const A *part, int64_t P, int64_t C, int accumulate)
+{
+    __shared__ A sh[8][33];
+    void *out = blockIdx.y == 0 ? out0 : out1;
+    if (out == nullptr) return;                       /* uniform over the block */
+    const A *pp = part + (int64_t)blockIdx.y * P * C;
+    const int64_t c = (int64_t)blockIdx.x * 32 + threadIdx.x;
+    A s = 0;
+    if (c < C)
+        for (int64_t p = threadIdx.y; p < P; p += 8) s += pp[p * C + c];
+    sh[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y != 0 || c >= C) return;
+    s = sh[0][threadIdx.x];
+#pragma unroll
+    for (int i = 1; i < 8; ++i) s += sh[i][threadIdx.x];
+    switch (wd) {
+    case PN_FLOAT32: {
+        float *o = static_cast<float *>(out);
+        o[c] = accumulate ? (float)((A)o[c] + s) : (float)s;
+        break;
+    }
+    case PN_FLOAT64: {
+        double *o = static_cast<double *>(out);
+        o[c] = accumulate ? (double)o[c] + (double)s : (double)s;
+        break;
+    }
+    case PN_FLOAT16: {
+        unsigned short *o = static_cast<unsigned short *>(out);
+        const float v = accumulate ? F16::to(o[c]) + (float)s : (float)s;
+        o[c] = F16::from(v);
+        break;
+    }
+    case PN_BFLOAT16: {
+        unsigned short *o = static_cast<unsigned short *>(out);
+        const float v = accumulate ? BF16::to(o[c]) + (float)s : (float)s;
+        o[c] = BF16::from(v);
+        break;
+    }
+    }
+}
+
+/* Partial sums of dweight (and dbias when LN) over the rows of partition
+ * blockIdx.y, for column blockIdx.x * 256 + threadIdx.x, added row by row in
+ * order; used where the row does not fit in registers (C > 16384, float64).
+ * xhat = (x - mean) * rstd (LN) or x * rstd (RMS). */
+template <class D, bool LN>
+__global__ void __launch_bounds__(256)
+bwd_cols(const TokArgs a)
+{
+    typedef typename D::raw R;
+    typedef typename D::acc A;
+    const int64_t c = (int64_t)blockIdx.x * 256 + threadIdx.x;
+    if (c >= a.C) return;
+    const int64_t r0 = (int64_t)blockIdx.y * a.chunk;
+    const int64_t r1 = (r0 + a.chunk < a.rows) ? r0 + a.chunk : a.rows;
+    const A *meanp = static_cast<const A *>(a.mean);
+    const A *rstdp = static_cast<const A *>(a.rstd);
+    const R *x = static_cast<const R *>(a.x);
+    const R *dy = static_cast<const R *>(a.dy);
+    int64_t b = r0 / a.T, t = r0 - b * a.T;      /* (b, t) of row r0, stepped along */
+    A dw = 0, db = 0;
+    for (int64_t row = r0; row < r1; ++row) {
+        const A xv = D::to(x[b * a.xsb + t * a.xst + c]);
+        const A g = D::to(dy[b * a.dysb + t * a.dyst + c]);
+        const A xh = LN ? (xv - meanp[row]) * rstdp[row] : xv * rstdp[row];
+        dw = fmadd(g, xh, dw);
+        db += g;
+        if (++t == a.T) { t = 0; ++b; }
+    }
+    A *part = static_cast<A *>(a.part);
+    part[blockIdx.y * a.C + c] = dw;
+    if (LN) part[a.P * a.C + blockIdx.y * a.C + c] = db;
+}
+
+/* ======================================================================== */
+/* Host side                                                                 */
+
+inline int dtype_size(pn_dtype d)
+{
+    switch (d) {
+    case PN_FLOAT32: return 4;
+    case PN_FLOAT16: return 2;
+    case PN_BFLOAT16: return 2;
+    case PN_FLOAT64: return 8;
+    }
+    return 0;
+}
+
+inline bool valid_dtype(pn_dtype d) { return d == PN_FLOAT32 || d == PN_FLOAT16 || d == PN_BFLOAT16 || d == PN_FLOAT64; }
+
+inline bool mul_ovf(int64_t a, int64_t b, int64_t *r) { return __builtin_mul_overflow(a, b, r); }
+inline bool add_ovf(int64_t a, int64_t b, int64_t *r) { return __builtin_add_overflow(a, b, r); }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline unsigned round_up32(int64_t n) { return (unsigned)(((n + 31) / 32) * 32); }
+inline unsigned grid_for(int64_t n) { return (unsigned)(n < kGridCap ? n : kGridCap); }
+
+/* B, T, C > 0 and B*T*C*esize fits in int64. */
+inline pn_status check_sizes(int64_t B, int64_t T, int64_t C, int esize, int64_t *rows)
+{
+    int64_t r, n, bytes;
+    if (B <= 0 || T <= 0 || C <= 0) return PN_ERR_SIZE;
+    if (mul_ovf(B, T, &r) || mul_ovf(r, C, &n) || mul_ovf(n, esize, &bytes)) return PN_ERR_SIZE;
+    *rows = r;
+    return PN_OK;
+}
+
+inline pn_status check_dtypes(pn_dtype dtype, pn_dtype wdtype)
+{
+    if (!valid_dtype(dtype)) return PN_ERR_DTYPE;
+    if (wdtype != dtype && wdtype != PN_FLOAT32) return PN_ERR_DTYPE;
+    return PN_OK;
+}
+
+inline pn_status check_eps(double eps) { return (eps >= 0.0 && eps <= DBL_MAX) ? PN_OK : PN_ERR_EPS; }
+
+/* One buffer a call touches, with its byte range [lo, hi). */
+struct Span {
+    uintptr_t lo, hi;
+    bool out;
+};
+
+/* A B x T x C buffer with a row layout. */
+struct RowBuf {
+    const void *p;
+    pn_rows l;       /* as given ({0, 0}: dense) */
+    bool out;
+    int64_t sb, st;  /* resolved: element strides, then folded (see prepare) */
+};
+
+/* Do the rows of an output touch each other? Sufficient test: with the two
+ * strides sorted by size, the inner one must step over a whole row and the
+ * outer one over the whole inner run. */
+inline bool rows_disjoint(int64_t B, int64_t T, int64_t sb, int64_t st, int64_t C)
+{
+    /* |stride|; INT64_MIN only reaches here for an axis of size 1 (the span
+     * checks reject (n - 1) * stride overflows), where it is never used */
+    int64_t n1 = B, s1 = sb < 0 ? (sb == INT64_MIN ? 0 : -sb) : sb;
+    int64_t n2 = T, s2 = st < 0 ? (st == INT64_MIN ? 0 : -st) : st;
+    if (n1 == 1) { n1 = n2; s1 = s2; n2 = 1; }
+    if (n1 == 1) return true;                 /* a single row */
+    if (n2 == 1) return s1 >= C;
+    if (s1 > s2) { int64_t t = n1; n1 = n2; n2 = t; t = s1; s1 = s2; s2 = t; }
+    int64_t run;
+    if (s1 < C) return false;
+    if (mul_ovf(n1 - 1, s1, &run) || add_ovf(run, C, &run)) return false;
+    return s2 >= run;
+}
+
+/* Resolved layout checks for a call: sizes must already be checked.
+ * rb: row buffers (NULL pointers are skipped); sp: dense buffers already
+ * turned into spans. Fills in each row buffer's folded strides, *T_eff and
+ * *vec. Returns PN_ERR_ARG (misaligned), PN_ERR_SIZE (a stride overflows),
+ * PN_ERR_STRIDE (output rows overlap) or PN_ERR_ALIAS. */
+inline pn_status prepare(int64_t B, int64_t T, int64_t C, int esize,
+                         RowBuf *rb, int nrb, Span *sp, int nsp, int64_t *T_eff, bool *vec)
+{
+    Span spans[16];
+    int ns = 0;
+    bool v = (C * esize) % 16 == 0;
+    bool fold = true;
+    for (int i = 0; i < nrb; ++i) {
+        RowBuf &r = rb[i];
+        if (r.p == nullptr) continue;
+        const uintptr_t p = (uintptr_t)r.p;
+        if (p % (uintptr_t)esize != 0) return PN_ERR_ARG;
+        int64_t sb = r.l.b, st = r.l.t;
+        if (sb == 0 && st == 0) { sb = T * C; st = C; }   /* dense; T*C cannot overflow */
+        /* span in elements: [min offset, max offset + C) */
+        int64_t ob, ot, lo = 0, hi = 0, lo_b, hi_b;
+        if (mul_ovf(B - 1, sb, &ob) || mul_ovf(T - 1, st, &ot)) return PN_ERR_SIZE;
+        if (ob < 0) lo = ob; else hi = ob;
+        if (ot < 0) { if (add_ovf(lo, ot, &lo)) return PN_ERR_SIZE; }
+        else { if (add_ovf(hi, ot, &hi)) return PN_ERR_SIZE; }
+        if (add_ovf(hi, C, &hi) || mul_ovf(lo, esize, &lo_b) || mul_ovf(hi, esize, &hi_b)) return PN_ERR_SIZE;
+        const uintptr_t below = (uintptr_t)0 - (uintptr_t)lo_b;       /* -lo_b, lo_b <= 0 */
+        if (below > p) return PN_ERR_SIZE;                               /* would start below address 0 */
+        if ((uintptr_t)hi_b > UINTPTR_MAX - p) return PN_ERR_SIZE;
+        spans[ns].lo = p - below;
+        spans[ns].hi = p + (uintptr_t)hi_b;
+        spans[ns].out = r.out;
+        ++ns;
+        if (r.out && !rows_disjoint(B, T, sb, st, C)) return PN_ERR_STRIDE;
+        if (p % 16 != 0) v = false;
+        if (B > 1 && (sb * esize) % 16 != 0) v = false;   /* sb*esize fits: checked via ob/lo_b/hi_b */
+        if (T > 1 && (st * esize) % 16 != 0) v = false;
+        r.sb = sb;
+        r.st = st;
+        int64_t tst;
+        if (!(B == 1 || T == 1 || (!mul_ovf(T, st, &tst) && sb == tst))) fold = false;
+    }
+    for (int i = 0; i < nsp; ++i) {
+        if (sp[i].lo == 0) continue;                      /* NULL buffer */
+        spans[ns++] = sp[i];
+    }
+    for (int i = 0; i < ns; ++i)
+        for (int j = i + 1; j < ns; ++j)
+            if ((spans[i].out || spans[j].out) && spans[i].lo < spans[j].hi && spans[j].lo < spans[i].hi)
+                return PN_ERR_ALIAS;
+    if (fold) {
+        for (int i = 0; i < nrb; ++i) {
+            RowBuf &r = rb[i];
+            if (r.p == nullptr) continue;
+            r.sb = (T == 1) ? r.sb : r.st;   /* row stride */
+            r.st = 0;
+        }
+        *T_eff = 1;
+    } else {
+        *T_eff = T;
+    }
+    *vec = v;
+    return PN_OK;
+}
+
+/* A dense buffer of n elements of esize bytes (weight, bias, statistics,
+ * gradients of weight/bias, scratch): alignment and span. */
+inline pn_status dense_span(const void *p, int64_t n, int esize, int align, bool out, Span *s, bool *vec)
+{
+    if (p == nullptr) { s->lo = s->hi = 0; s->out = out; return PN_OK; }
+    const uintptr_t q = (uintptr_t)p;
+    int64_t bytes;
+    if (q % (uintptr_t)align != 0) return PN_ERR_ARG;
+    if (mul_ovf(n, esize, &bytes) || (uintptr_t)bytes > UINTPTR_MAX - q) return PN_ERR_SIZE;
+    s->lo = q;
+    s->hi = q + (uintptr_t)bytes;
+    s->out = out;
+    if (vec && q % 16 != 0) *vec = false;
+    return PN_OK;
+}
+
+/* Fixed partition of the rows for the backward passes: depends only on
+ * (rows, C). A partition is a contiguous run of `chunk` rows (the last one may
+ * be shorter); there are P <= 256 of them, none empty. */
+inline void partition(int64_t rows, int64_t C, int64_t *P, int64_t *chunk)
+{
+    const int64_t unit = (C <= kWarpMaxC) ? kBwdWarpsPerBlock : 1;   /* rows a partition works on at once */
+    int64_t p = ceil_div(rows, unit);
+    if (p > kMaxPartitions) p = kMaxPartitions;
+    const int64_t ch = ceil_div(rows, p);
+    *chunk = ch;
+    *P = ceil_div(rows, ch);
+}
+
+/* Bytes of scratch for `narrays` arrays of partial sums; 0 for invalid sizes. */
+inline size_t scratch_bytes_for(int64_t B, int64_t T, int64_t C, pn_dtype dtype, int narrays)
+{
+    int64_t rows, P, chunk, n, bytes;
+    if (!valid_dtype(dtype)) return 0;
+    if (check_sizes(B, T, C, dtype_size(dtype), &rows) != PN_OK) return 0;
+    partition(rows, C, &P, &chunk);
+    const int accsize = dtype == PN_FLOAT64 ? 8 : 4;
+    if (mul_ovf(P, C, &n) || mul_ovf(n, (int64_t)accsize * narrays, &bytes)) return 0;
+    return (size_t)bytes;
+}
+
+/* Status of the launches just queued. */
+inline pn_status launch_status(void)
+{
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) {
+        pn_cuda_set_last_error_((int)e);
+        return (pn_status)PN_CUDA_ERR_LAUNCH;
+    }
+    return PN_OK;
+}
+
+} /* namespace */
+} /* namespace pn */
+
+#endif /* PN_CUDA_COMMON_CUH */

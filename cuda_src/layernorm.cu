@@ -1,0 +1,601 @@
+/* layernorm.cu - LayerNorm on CUDA: forward, fused residual-add forward,
+ * backward. The CUDA sibling of c_src/layernorm.c.
+ *
+ * Numerics (as the C library): the statistics come from the row shifted by
+ * its first element x0: m' = sum(x - x0) / C, then var = sum((x - x0 - m')^2)
+ * / C from the row kept on chip, y = ((x - x0) - m') * rstd * w + b, rounded
+ * once; the saved mean is x0 + m'. Rows whose variance overflows or
+ * underflows float32 are redone in double. float16/bfloat16/float32 compute
+ * in float32, float64 in double.
+ *
+ * Kernels, chosen by C alone (so the reduction order, hence the bits, depend
+ * only on C and the dtype):
+ *   C <= 1024            one warp per row (4 rows per 128-thread block), the
+ *                        row in registers (8, 16, 24 or 32 elements a lane);
+ *   1024 < C <= 16384    one block per row, 16 elements a thread in
+ *                        registers (block of ceil(C/16) threads rounded to 32);
+ *   C > 16384, float64   one 512-thread block per row streaming the row from
+ *                        memory (read three times, the later reads mostly
+ *                        from cache).
+ * Backward: the rows are cut into P <= 256 partitions (common.cuh,
+ * partition()); a block takes one partition (a warp per row for C <= 1024,
+ * the whole block per row up to 16384), writes dx row by row and keeps the
+ * partition's dweight/dbias sums in registers, written once to scratch; a
+ * second kernel adds the P partial rows in a fixed order. Beyond 16384 (and
+ * for float64) dx comes from a streaming row kernel and the partial sums
+ * from a column kernel.
+ */
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace pn {
+namespace {
+
+/* ------------------------------------------------------------------------ */
+/* Forward, row in registers                                                 */
+
+template <class D, int E, bool WARP>
+__global__ void __launch_bounds__(WARP ? 32 * kFwdWarpsPerBlock : 1024, WARP ? (E <= 16 ? 8 : 5) : 1)
+ln_fwd_reg(const TokArgs a)
+{
+    typedef typename D::raw R;
+    constexpr int V = Vw<D>::V;
+    constexpr int NV = E / V;
+    __shared__ float red[32];
+    __shared__ double redd[32];
+    const int C = (int)a.C;
+    const int tpr = WARP ? 32 : (int)blockDim.x;
+    const int tid = WARP ? (int)(threadIdx.x & 31) : (int)threadIdx.x;
+    const int64_t rpb = WARP ? (int64_t)(blockDim.x >> 5) : 1;
+    const int64_t step = (int64_t)gridDim.x * rpb;
+    const bool vec = a.vec != 0, wf = a.w_f32 != 0;
+    const float eps = (float)a.eps;
+    const float fC = (float)C;
+
+    for (int64_t row = (int64_t)blockIdx.x * rpb + (WARP ? (threadIdx.x >> 5) : 0); row < a.rows; row += step) {
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
+        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
+        Frag<D, E> f;   /* x, or h = x + residual */
+        float x0;
+        f.load(xr, C, tid, tpr, vec);
+        if (a.res != nullptr) {
+            const R *rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.rsb, a.rst);
+            R *hr = static_cast<R *>(a.h) + row_off(row, a.T, a.hsb, a.hst);
+            Frag<D, E> r;
+            r.load(rr, C, tid, tpr, vec);
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                R hv[V];
+#pragma unroll
+                for (int i = 0; i < V; ++i) hv[i] = D::from(f.get(j * V + i) + r.get(j * V + i));
+                chunk_pack<D>(f.w[j], hv);
+            }
+            f.store(hr, C, tid, tpr, vec);
+            x0 = D::to(D::from(D::to(xr[0]) + D::to(rr[0])));
+        } else {
+            x0 = D::to(xr[0]);
+        }
+
+        float s = 0.0f;
+#pragma unroll
+        for (int k = 0; k < E; ++k)
+            if (col_of<D>(k, tid, tpr) < C) s += f.get(k) - x0;
+        s = WARP ? warp_sum(s) : block_sum(s, red);
+        const float m = s / fC;
+        float q = 0.0f;
+#pragma unroll
+        for (int k = 0; k < E; ++k)
+            if (col_of<D>(k, tid, tpr) < C) {
+                const float d = (f.get(k) - x0) - m;
+                q = fmadd(d, d, q);
+            }
+        q = WARP ? warp_sum(q) : block_sum(q, red);
+        const float ve = q / fC + eps;
+
+        float mean_o, rstd_o;
+        if (ve >= 1e-30f && ve <= FLT_MAX) {
+            const float rs = inv_sqrt(ve);
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                const int c0 = (j * tpr + tid) * V;
+                float wv[V], bv[V], o[V];
+                load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
+                load_param_chunk<D>(bv, a.b, wf, 0.0f, c0, C, vec);
+#pragma unroll
+                for (int i = 0; i < V; ++i) o[i] = fmadd(((f.get(j * V + i) - x0) - m) * rs, wv[i], bv[i]);
+                store_chunk_f<D>(yr, o, c0, C, vec);
+            }
+            mean_o = x0 + m;
+            rstd_o = rs;
+        } else {
+            /* The variance overflowed or underflowed float (or the row holds
+             * Inf/NaN): redo the row in double, from the registers. */
+            const double x0d = x0;
+            double sd = 0.0;
+#pragma unroll
+            for (int k = 0; k < E; ++k)
+                if (col_of<D>(k, tid, tpr) < C) sd += (double)f.get(k) - x0d;
+            sd = WARP ? warp_sum(sd) : block_sum(sd, redd);
+            const double md = sd / (double)C;
+            double qd = 0.0;
+#pragma unroll
+            for (int k = 0; k < E; ++k)
+                if (col_of<D>(k, tid, tpr) < C) {
+                    const double d = ((double)f.get(k) - x0d) - md;
+                    qd = fmadd(d, d, qd);
+                }
+            qd = WARP ? warp_sum(qd) : block_sum(qd, redd);
+            const double rsd = inv_sqrt(qd / (double)C + a.eps);
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                const int c0 = (j * tpr + tid) * V;
+                float wv[V], bv[V], o[V];
+                load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
+                load_param_chunk<D>(bv, a.b, wf, 0.0f, c0, C, vec);
+#pragma unroll
+                for (int i = 0; i < V; ++i)
+                    o[i] = (float)fmadd((((double)f.get(j * V + i) - x0d) - md) * rsd, (double)wv[i], (double)bv[i]);
+                store_chunk_f<D>(yr, o, c0, C, vec);
+            }
+            mean_o = (float)(x0d + md);
+            rstd_o = (float)rsd;
+        }
+        if (tid == 0) {
+            if (a.mean != nullptr) static_cast<float *>(a.mean)[row] = mean_o;
+            if (a.rstd != nullptr) static_cast<float *>(a.rstd)[row] = rstd_o;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Forward, streaming the row (C > 16384, and float64)                       */
+
+template <class D>
+__global__ void __launch_bounds__(kStreamThreads)
+ln_fwd_stream(const TokArgs a)
+{
+    typedef typename D::raw R;
+    typedef typename D::acc A;
+    __shared__ A red[32];
+    __shared__ double redd[32];
+    const int64_t C = a.C;
+    const int nt = blockDim.x, tid = threadIdx.x;
+    const bool wf = a.w_f32 != 0;
+    const A eps = (A)a.eps;
+    for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
+        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
+        const R *rr = nullptr;
+        R *hr = nullptr;
+        A x0;
+        if (a.res != nullptr) {
+            rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.rsb, a.rst);
+            hr = static_cast<R *>(a.h) + row_off(row, a.T, a.hsb, a.hst);
+            x0 = D::to(D::from(D::to(xr[0]) + D::to(rr[0])));
+        } else {
+            x0 = D::to(xr[0]);
+        }
+        /* pass 1: h = x + residual (written), sum of (h - x0) */
+        A s = 0;
+        for (int64_t c = tid; c < C; c += nt) {
+            A v;
+            if (rr != nullptr) {
+                const R hv = D::from(D::to(xr[c]) + D::to(rr[c]));
+                hr[c] = hv;
+                v = D::to(hv);
+            } else {
+                v = D::to(xr[c]);
+            }
+            s += v - x0;
+        }
+        s = block_sum(s, red);   /* its barriers also publish h to the block */
+        /* later passes read the (rounded) h back: plain loads, not the
+         * read-only path, since this kernel wrote it */
+        const R *src = (rr != nullptr) ? hr : xr;
+        const A m = s / (A)C;
+        A q = 0;
+        for (int64_t c = tid; c < C; c += nt) {
+            const A d = (D::to(src[c]) - x0) - m;
+            q = fmadd(d, d, q);
+        }
+        q = block_sum(q, red);
+        const A ve = q / (A)C + eps;
+        A mean_o, rstd_o;
+        bool fast = true;
+        if constexpr (sizeof(A) == 4) fast = ve >= 1e-30f && ve <= FLT_MAX;
+        if (fast) {
+            const A rs = inv_sqrt(ve);
+            for (int64_t c = tid; c < C; c += nt) {
+                const A w = param_at<D>(a.w, wf, (A)1, c), b = param_at<D>(a.b, wf, (A)0, c);
+                yr[c] = D::from(fmadd(((D::to(src[c]) - x0) - m) * rs, w, b));
+            }
+            mean_o = x0 + m;
+            rstd_o = rs;
+        } else {
+            const double x0d = x0;
+            double sd = 0.0;
+            for (int64_t c = tid; c < C; c += nt) sd += (double)D::to(src[c]) - x0d;
+            sd = block_sum(sd, redd);
+            const double md = sd / (double)C;
+            double qd = 0.0;
+            for (int64_t c = tid; c < C; c += nt) {
+                const double d = ((double)D::to(src[c]) - x0d) - md;
+                qd = fmadd(d, d, qd);
+            }
+            qd = block_sum(qd, redd);
+            const double rsd = inv_sqrt(qd / (double)C + a.eps);
+            for (int64_t c = tid; c < C; c += nt) {
+                const double w = param_at<D>(a.w, wf, (A)1, c), b = param_at<D>(a.b, wf, (A)0, c);
+                yr[c] = D::from((A)fmadd((((double)D::to(src[c]) - x0d) - md) * rsd, w, b));
+            }
+            mean_o = (A)(x0d + md);
+            rstd_o = (A)rsd;
+        }
+        if (tid == 0) {
+            if (a.mean != nullptr) static_cast<A *>(a.mean)[row] = mean_o;
+            if (a.rstd != nullptr) static_cast<A *>(a.rstd)[row] = rstd_o;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Backward, rows in registers: one block per partition of rows              */
+
+template <class D, int E, bool WARP>
+__global__ void __launch_bounds__(WARP ? 32 * kBwdWarpsPerBlock : 1024,
+                  WARP ? ((sizeof(typename D::raw) == 4 && E == 32) ? 1 : 2) : 1)
+ln_bwd_reg(const TokArgs a)
+{
+    typedef typename D::raw R;
+    constexpr int V = Vw<D>::V;
+    constexpr int NV = E / V;
+    __shared__ float red[64];
+    __shared__ float sdw[WARP ? kWarpMaxC : 1];
+    __shared__ float sdb[WARP ? kWarpMaxC : 1];
+    const int C = (int)a.C;
+    const int tpr = WARP ? 32 : (int)blockDim.x;
+    const int tid = WARP ? (int)(threadIdx.x & 31) : (int)threadIdx.x;
+    const int nw = WARP ? (int)(blockDim.x >> 5) : 1;
+    const int wid = WARP ? (int)(threadIdx.x >> 5) : 0;
+    const bool vec = a.vec != 0, wf = a.w_f32 != 0, acc = a.accumulate != 0;
+    const float fC = (float)C;
+    const float *meanp = static_cast<const float *>(a.mean);
+    const float *rstdp = static_cast<const float *>(a.rstd);
+    const int64_t r0 = (int64_t)blockIdx.x * a.chunk;
+    const int64_t r1 = (r0 + a.chunk < a.rows) ? r0 + a.chunk : a.rows;
+
+    float adw[E], adb[E];
+#pragma unroll
+    for (int k = 0; k < E; ++k) { adw[k] = 0.0f; adb[k] = 0.0f; }
+
+    for (int64_t row = r0 + wid; row < r1; row += nw) {
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
+        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.dysb, a.dyst);
+        Frag<D, E> xv, gv;
+        xv.load(xr, C, tid, tpr, vec);
+        gv.load(gr, C, tid, tpr, vec);
+        const float mu = meanp[row], rs = rstdp[row];
+        float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NV; ++j) {
+            const int c0 = (j * tpr + tid) * V;
+            float wv[V];
+            load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+                const int k = j * V + i;
+                if (c0 + i < C) {
+                    const float xh = (xv.get(k) - mu) * rs;
+                    const float dy = gv.get(k);
+                    const float g = dy * wv[i];
+                    s1 += g;
+                    s2 = fmadd(g, xh, s2);
+                    adw[k] = fmadd(dy, xh, adw[k]);
+                    adb[k] += dy;
+                }
+            }
+        }
+        if (a.dx != nullptr) {
+            if (WARP) {
+                s1 = warp_sum(s1);
+                s2 = warp_sum(s2);
+            } else {
+                block_sum2(s1, s2, red);
+            }
+            const float c1 = s1 / fC, c2 = s2 / fC;
+            R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.dxsb, a.dxst);
+#pragma unroll
+            for (int j = 0; j < NV; ++j) {
+                const int c0 = (j * tpr + tid) * V;
+                float wv[V], o[V];
+                uint32_t old[4];
+                load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
+                if (acc) load_chunk<D>(old, dxr, c0, C, vec);
+#pragma unroll
+                for (int i = 0; i < V; ++i) {
+                    const int k = j * V + i;
+                    const float xh = (xv.get(k) - mu) * rs;
+                    const float g = gv.get(k) * wv[i];
+                    float d = rs * fmadd(-xh, c2, g - c1);
+                    if (acc) d = D::to(chunk_raw<D>(old, i)) + d;
+                    o[i] = d;
+                }
+                store_chunk_f<D>(dxr, o, c0, C, vec);
+            }
+        }
+    }
+
+    if (a.part == nullptr) return;   /* uniform over the grid */
+    float *pdw = static_cast<float *>(a.part) + (int64_t)blockIdx.x * a.C;
+    float *pdb = static_cast<float *>(a.part) + a.P * a.C + (int64_t)blockIdx.x * a.C;
+    if (WARP) {
+        /* add the warps' sums in warp order, then write the partition's row */
+        for (int w = 0; w < nw; ++w) {
+            if (wid == w) {
+#pragma unroll
+                for (int k = 0; k < E; ++k) {
+                    const int c = col_of<D>(k, tid, 32);
+                    if (c < C) {
+                        sdw[c] = (w == 0) ? adw[k] : sdw[c] + adw[k];
+                        sdb[c] = (w == 0) ? adb[k] : sdb[c] + adb[k];
+                    }
+                }
+            }
+            __syncthreads();
+        }
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            pdw[c] = sdw[c];
+            pdb[c] = sdb[c];
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < E; ++k) {
+            const int c = col_of<D>(k, tid, tpr);
+            if (c < C) {
+                pdw[c] = adw[k];
+                pdb[c] = adb[k];
+            }
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Backward dx, streaming the row (C > 16384, and float64)                   */
+
+template <class D>
+__global__ void __launch_bounds__(kStreamThreads)
+ln_bwd_stream(const TokArgs a)
+{
+    typedef typename D::raw R;
+    typedef typename D::acc A;
+    __shared__ A red[64];
+    const int64_t C = a.C;
+    const int nt = blockDim.x, tid = threadIdx.x;
+    const bool wf = a.w_f32 != 0, acc = a.accumulate != 0;
+    const A *meanp = static_cast<const A *>(a.mean);
+    const A *rstdp = static_cast<const A *>(a.rstd);
+    for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
+        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.dysb, a.dyst);
+        R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.dxsb, a.dxst);
+        const A mu = meanp[row], rs = rstdp[row];
+        A s1 = 0, s2 = 0;
+        for (int64_t c = tid; c < C; c += nt) {
+            const A xh = (D::to(xr[c]) - mu) * rs;
+            const A g = D::to(gr[c]) * param_at<D>(a.w, wf, (A)1, c);
+            s1 += g;
+            s2 = fmadd(g, xh, s2);
+        }
+        block_sum2(s1, s2, red);
+        const A c1 = s1 / (A)C, c2 = s2 / (A)C;
+        for (int64_t c = tid; c < C; c += nt) {
+            const A xh = (D::to(xr[c]) - mu) * rs;
+            const A g = D::to(gr[c]) * param_at<D>(a.w, wf, (A)1, c);
+            A d = rs * fmadd(-xh, c2, g - c1);
+            if (acc) d = D::to(dxr[c]) + d;
+            dxr[c] = D::from(d);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Dispatch                                                                  */
+
+inline unsigned f64_threads(int64_t C)
+{
+    const int64_t n = round_up32(ceil_div(C, 4) < kStreamThreads ? ceil_div(C, 4) : kStreamThreads);
+    return (unsigned)(n < 32 ? 32 : n);
+}
+
+template <class D>
+void ln_fwd_dispatch(const TokArgs &a, cudaStream_t s)
+{
+    const int64_t C = a.C, rows = a.rows;
+    if constexpr (std::is_same<D, F64>::value) {
+        ln_fwd_stream<D><<<grid_for(rows), f64_threads(C), 0, s>>>(a);
+    } else if (C <= kWarpMaxC) {
+        const unsigned g = grid_for(ceil_div(rows, kFwdWarpsPerBlock)), nt = 32 * kFwdWarpsPerBlock;
+        if (C <= 256) ln_fwd_reg<D, 8, true><<<g, nt, 0, s>>>(a);
+        else if (C <= 512) ln_fwd_reg<D, 16, true><<<g, nt, 0, s>>>(a);
+        else if (C <= 768) ln_fwd_reg<D, 24, true><<<g, nt, 0, s>>>(a);
+        else ln_fwd_reg<D, 32, true><<<g, nt, 0, s>>>(a);
+    } else if (C <= kRegMaxC) {
+        ln_fwd_reg<D, 16, false><<<grid_for(rows), round_up32(ceil_div(C, 16)), 0, s>>>(a);
+    } else {
+        ln_fwd_stream<D><<<grid_for(rows), kStreamThreads, 0, s>>>(a);
+    }
+}
+
+template <class D>
+void ln_bwd_dispatch(const TokArgs &a, cudaStream_t s)
+{
+    const int64_t C = a.C, rows = a.rows;
+    const unsigned P = (unsigned)a.P;
+    if constexpr (std::is_same<D, F64>::value) {
+        if (a.dx != nullptr) ln_bwd_stream<D><<<grid_for(rows), f64_threads(C), 0, s>>>(a);
+        if (a.part != nullptr) bwd_cols<D, true><<<dim3((unsigned)ceil_div(C, 256), P), 256, 0, s>>>(a);
+    } else if (C > kBwdRegMaxC) {
+        if (a.dx != nullptr) ln_bwd_stream<D><<<grid_for(rows), kStreamThreads, 0, s>>>(a);
+        if (a.part != nullptr) bwd_cols<D, true><<<dim3((unsigned)ceil_div(C, 256), P), 256, 0, s>>>(a);
+    } else if (C <= kWarpMaxC) {
+        const unsigned nt = 32 * kBwdWarpsPerBlock;
+        if (C <= 256) ln_bwd_reg<D, 8, true><<<P, nt, 0, s>>>(a);
+        else if (C <= 512) ln_bwd_reg<D, 16, true><<<P, nt, 0, s>>>(a);
+        else if (C <= 768) ln_bwd_reg<D, 24, true><<<P, nt, 0, s>>>(a);
+        else ln_bwd_reg<D, 32, true><<<P, nt, 0, s>>>(a);
+    } else {
+        ln_bwd_reg<D, 8, false><<<P, round_up32(ceil_div(C, 8)), 0, s>>>(a);
+    }
+}
+
+pn_status ln_forward(void *out, void *h, void *mean, void *rstd,
+                     const void *inp, const void *residual, const void *weight, const void *bias,
+                     int64_t B, int64_t T, int64_t C, double eps,
+                     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                     cudaStream_t stream, bool fused)
+{
+    pn_status st;
+    int64_t rows, T_eff;
+    bool vec = true, vec_w = true;
+    if (out == nullptr || inp == nullptr) return PN_ERR_NULL;
+    if (fused && (h == nullptr || residual == nullptr)) return PN_ERR_NULL;
+    if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
+    const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
+    if ((st = check_sizes(B, T, C, es, &rows)) != PN_OK) return st;
+    if ((st = check_eps(eps)) != PN_OK) return st;
+
+    const pn_strides zero = {};
+    const pn_strides &sd = strides ? *strides : zero;
+    RowBuf rb[4] = {
+        {inp, sd.inp, false, 0, 0},
+        {fused ? residual : nullptr, sd.residual, false, 0, 0},
+        {out, sd.out, true, 0, 0},
+        {fused ? h : nullptr, sd.h, true, 0, 0},
+    };
+    Span sp[4];
+    if ((st = dense_span(weight, C, wes, wes, false, &sp[0], &vec_w)) != PN_OK) return st;
+    if ((st = dense_span(bias, C, wes, wes, false, &sp[1], &vec_w)) != PN_OK) return st;
+    if ((st = dense_span(mean, rows, ss, ss, true, &sp[2], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(rstd, rows, ss, ss, true, &sp[3], nullptr)) != PN_OK) return st;
+    if ((st = prepare(B, T, C, es, rb, 4, sp, 4, &T_eff, &vec)) != PN_OK) return st;
+
+    TokArgs a = {};
+    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st;
+    a.res = rb[1].p; a.rsb = rb[1].sb; a.rst = rb[1].st;
+    a.y = out; a.ysb = rb[2].sb; a.yst = rb[2].st;
+    a.h = const_cast<void *>(rb[3].p); a.hsb = rb[3].sb; a.hst = rb[3].st;
+    a.w = weight; a.b = bias; a.mean = mean; a.rstd = rstd;
+    a.rows = rows; a.T = T_eff; a.C = C; a.eps = eps;
+    a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
+
+    switch (dtype) {
+    case PN_FLOAT32: ln_fwd_dispatch<F32>(a, stream); break;
+    case PN_FLOAT16: ln_fwd_dispatch<F16>(a, stream); break;
+    case PN_BFLOAT16: ln_fwd_dispatch<BF16>(a, stream); break;
+    case PN_FLOAT64: ln_fwd_dispatch<F64>(a, stream); break;
+    }
+    return launch_status();
+}
+
+} /* namespace */
+} /* namespace pn */
+
+using namespace pn;
+
+extern "C" {
+
+pn_status pn_cuda_layernorm_forward(void *out, void *mean, void *rstd,
+                                    const void *inp, const void *weight, const void *bias,
+                                    int64_t B, int64_t T, int64_t C, double eps,
+                                    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                    cudaStream_t stream)
+{
+    return ln_forward(out, nullptr, mean, rstd, inp, nullptr, weight, bias, B, T, C, eps,
+                      dtype, wdtype, strides, stream, false);
+}
+
+pn_status pn_cuda_add_layernorm_forward(void *out, void *h, void *mean, void *rstd,
+                                        const void *inp, const void *residual,
+                                        const void *weight, const void *bias,
+                                        int64_t B, int64_t T, int64_t C, double eps,
+                                        pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                        cudaStream_t stream)
+{
+    return ln_forward(out, h, mean, rstd, inp, residual, weight, bias, B, T, C, eps,
+                      dtype, wdtype, strides, stream, true);
+}
+
+size_t pn_cuda_layernorm_backward_scratch_size(int64_t B, int64_t T, int64_t C, pn_dtype dtype)
+{
+    return scratch_bytes_for(B, T, C, dtype, 2);
+}
+
+pn_status pn_cuda_layernorm_backward(void *dinp, void *dweight, void *dbias,
+                                     void *scratch, size_t scratch_bytes,
+                                     const void *dout, const void *inp, const void *weight,
+                                     const void *mean, const void *rstd,
+                                     int64_t B, int64_t T, int64_t C, int flags,
+                                     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                     cudaStream_t stream)
+{
+    pn_status st;
+    int64_t rows, T_eff;
+    bool vec = true, vec_w = true;
+    if (dout == nullptr || inp == nullptr || mean == nullptr || rstd == nullptr) return PN_ERR_NULL;
+    if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
+    const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
+    if ((st = check_sizes(B, T, C, es, &rows)) != PN_OK) return st;
+    if (flags & ~PN_ACCUMULATE) return PN_ERR_ARG;
+    const bool want_w = dweight != nullptr || dbias != nullptr;
+    const size_t need = want_w ? scratch_bytes_for(B, T, C, dtype, 2) : 0;
+    if (want_w && (scratch == nullptr || scratch_bytes < need || (uintptr_t)scratch % 16 != 0))
+        return PN_ERR_SCRATCH;
+
+    const pn_strides zero = {};
+    const pn_strides &sd = strides ? *strides : zero;
+    RowBuf rb[3] = {
+        {inp, sd.inp, false, 0, 0},
+        {dout, sd.dout, false, 0, 0},
+        {dinp, sd.dinp, true, 0, 0},
+    };
+    Span sp[6];
+    if ((st = dense_span(weight, C, wes, wes, false, &sp[0], &vec_w)) != PN_OK) return st;
+    if ((st = dense_span(mean, rows, ss, ss, false, &sp[1], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(rstd, rows, ss, ss, false, &sp[2], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(dweight, C, wes, wes, true, &sp[3], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(dbias, C, wes, wes, true, &sp[4], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(want_w ? scratch : nullptr, (int64_t)need, 1, 1, true, &sp[5], nullptr)) != PN_OK) return st;
+    if ((st = prepare(B, T, C, es, rb, 3, sp, 6, &T_eff, &vec)) != PN_OK) return st;
+    if (dinp == nullptr && !want_w) return PN_OK;
+
+    TokArgs a = {};
+    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st;
+    a.dy = dout; a.dysb = rb[1].sb; a.dyst = rb[1].st;
+    a.dx = dinp; a.dxsb = rb[2].sb; a.dxst = rb[2].st;
+    a.w = weight; a.mean = const_cast<void *>(mean); a.rstd = const_cast<void *>(rstd);
+    a.part = want_w ? scratch : nullptr;
+    a.rows = rows; a.T = T_eff; a.C = C;
+    partition(rows, C, &a.P, &a.chunk);
+    a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
+    a.accumulate = (flags & PN_ACCUMULATE) != 0;
+
+    switch (dtype) {
+    case PN_FLOAT32: ln_bwd_dispatch<F32>(a, stream); break;
+    case PN_FLOAT16: ln_bwd_dispatch<F16>(a, stream); break;
+    case PN_BFLOAT16: ln_bwd_dispatch<BF16>(a, stream); break;
+    case PN_FLOAT64: ln_bwd_dispatch<F64>(a, stream); break;
+    }
+    if (want_w) {
+        const dim3 grid((unsigned)ceil_div(C, 32), 2), block(32, 8);
+        if (dtype == PN_FLOAT64)
+            reduce_partials<double><<<grid, block, 0, stream>>>(dweight, dbias, wdtype, static_cast<const double *>(scratch),
+                                                                a.P, C, a.accumulate);
+        else
+            reduce_partials<float><<<grid, block, 0, stream>>>(dweight, dbias, wdtype, static_cast<const float *>(scratch),
+                                                               a.P, C, a.accumulate);
+    }
+    return launch_status();
+}
+
+} /* extern "C" */
