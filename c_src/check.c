@@ -29,7 +29,7 @@ pn_status pn_check_dtypes(pn_dtype dtype, pn_dtype wdtype) {
 }
 
 pn_status pn_check_eps(double eps) {
-    return (eps >= 0 && eps <= 1e300) ? PN_OK : PN_ERR_EPS;   /* rejects NaN and Inf too */
+    return (eps >= 0 && isfinite(eps)) ? PN_OK : PN_ERR_EPS;   /* NaN fails eps >= 0 */
 }
 
 pn_rows pn_resolve(pn_rows s, int64_t T, int64_t C) {
@@ -65,16 +65,17 @@ static int view_extent(const pn_view *v, uintptr_t *lo, uintptr_t *hi) {
 }
 
 /* Rows of an output must not overlap each other (two threads would write the
- * same element). Sufficient test: the smaller stride clears a row, the larger
- * clears all rows along the smaller one. */
+ * same element). A sufficient test, exact for the layouts slicing produces. */
 static int rows_disjoint(const pn_view *v) {
     const int64_t B = v->nb, T = v->nt;
     int64_t sb = v->s.b < 0 ? -v->s.b : v->s.b, st = v->s.t < 0 ? -v->s.t : v->s.t;
     if (B == 1 && T == 1) return 1;
     if (B == 1) return st >= v->C;
     if (T == 1) return sb >= v->C;
-    if (st <= sb) return st >= v->C && sb / T >= st;
-    return sb >= v->C && st / B >= sb;
+    /* each row clears the next along the smaller stride, and the whole run
+     * of rows along it ends before the next step of the larger one */
+    if (st <= sb) return st >= v->C && sb - (T - 1) * st >= v->C;
+    return sb >= v->C && st - (B - 1) * sb >= v->C;
 }
 
 static int same_view(const pn_view *a, const pn_view *b) {
