@@ -23,6 +23,8 @@ import threading
 import ml_dtypes
 import numpy as np
 
+from ._arrays import check_eps
+
 __all__ = ["is_cuda_array", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
            "library", "library_path"]
@@ -306,15 +308,7 @@ def _wrap_new(a):
 
 # ---- argument checks (as pynorm._arrays, for CUDA arrays) ------------------------------
 
-def _check_eps(eps, dtype):
-    if eps is None:
-        return float(np.finfo(np.float64 if dtype == _F64 else np.float32).eps)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    return eps
+_check_eps = check_eps   # one rule for eps on every device
 
 
 def _check_x(x, name, call):
