@@ -22,7 +22,13 @@ static void layernorm_forward_row(real *y, real *mean_out, real *rstd_out, const
                                   const real *w, const real *b, int64_t C, double eps) {
     const real x0 = x[0];
     const real m = pn_sum_shifted(x, C, x0) / (real)C;             /* mean of x - x0 */
-    const double var = pn_sumsq_centered(x, C, x0, m) / (double)C; /* two-pass variance */
+    /* two-pass variance: the squares of centred values are summed in the
+     * compute type, unless they may have overflowed or underflowed float32
+     * (rows of magnitude beyond 1e19 or below 1e-10): then again in double */
+    double ss = pn_sumsq_centered(x, C, x0, m);
+    if (sizeof(real) < sizeof(double) && !(ss >= 1e-20 && ss <= 1e36))
+        ss = pn_sumsq_centered_d(x, C, x0, m);
+    const double var = ss / (double)C;
     const real rstd = (real)(1 / sqrt(var + eps));
     for (int64_t i = 0; i < C; i++) y[i] = ((x[i] - x0) - m) * rstd * w[i] + b[i];
     *mean_out = x0 + m;

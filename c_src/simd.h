@@ -29,17 +29,27 @@ static inline real pn_sum_shifted(const real *x, int64_t n, real shift) {
     return pn_lanes_total(acc);
 }
 
-/* Sums of squares accumulate in double: a float32 square overflows above
- * 1.8e19 and underflows below 1e-19, and long rows of equal values would
- * drift by several ulps. The lanes and their order stay fixed. */
+/* Sums of squares in double: a float32 square overflows above 1.8e19 and
+ * underflows below 1e-19, and a float32 sum of many equal squares drifts by
+ * several ulps. The lanes and their order stay fixed. */
 static inline double pn_lanes_total_d(double *acc) {
     for (int w = PN_LANES / 2; w >= 1; w /= 2)
         for (int j = 0; j < w; j++) acc[j] += acc[j + w];
     return acc[0];
 }
 
-/* sum of ((x[i] - shift) - m)^2 */
-static inline double pn_sumsq_centered(const real *x, int64_t n, real shift, real m) {
+/* sum of ((x[i] - shift) - m)^2, in the compute type */
+static inline real pn_sumsq_centered(const real *x, int64_t n, real shift, real m) {
+    real acc[PN_LANES] = {0};
+    int64_t i = 0;
+    for (; i + PN_LANES <= n; i += PN_LANES)
+        for (int j = 0; j < PN_LANES; j++) { real d = (x[i + j] - shift) - m; acc[j] += d * d; }
+    for (int j = 0; i + j < n; j++) { real d = (x[i + j] - shift) - m; acc[j] += d * d; }
+    return pn_lanes_total(acc);
+}
+
+/* the same in double */
+static inline double pn_sumsq_centered_d(const real *x, int64_t n, real shift, real m) {
     double acc[PN_LANES] = {0};
     int64_t i = 0;
     for (; i + PN_LANES <= n; i += PN_LANES)
