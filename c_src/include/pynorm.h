@@ -139,6 +139,73 @@ pn_status pn_rmsnorm_backward(void *dinp, void *dweight,
                               int64_t B, int64_t T, int64_t C, int flags,
                               pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides);
 
+/* --- spatial norms: GroupNorm, InstanceNorm, BatchNorm -------------------- */
+/* Activations of N samples, C channels and S = the product of the spatial
+ * sizes (S = 1 when there are none, e.g. BatchNorm1d on (N, C)), as one dense
+ * buffer in either layout. Statistics (mean, rstd) are float32 (float64 for
+ * float64 input); either may be NULL when not needed. weight and bias (C
+ * values of wdtype: dtype itself or PN_FLOAT32) may be NULL. Backward: any of
+ * dinp, dweight, dbias may be NULL to skip it; partial sums go through
+ * scratch: pass a buffer of at least *_backward_scratch_size() bytes, or NULL
+ * to let the call malloc and free it. Reductions use a partition fixed by the
+ * sizes: bit-identical results for any thread count. */
+typedef enum {
+    PN_NCHW = 0,          /* (N, C, *spatial): each channel's S values contiguous */
+    PN_NHWC = 1           /* (N, *spatial, C): the C channels contiguous (channels_last) */
+} pn_layout;
+
+/* GroupNorm: C channels in G groups of C/G (G must divide C, else
+ * PN_ERR_GROUPS); statistics per sample and group over (C/G)*S values, saved
+ * as N x G arrays; y = (x - mean) * rstd * weight[c] + bias[c]. InstanceNorm
+ * is G = C. */
+pn_status pn_groupnorm_forward(void *out, void *mean, void *rstd,
+                               const void *inp, const void *weight, const void *bias,
+                               int64_t N, int64_t C, int64_t S, int64_t G, double eps,
+                               pn_layout layout, pn_dtype dtype, pn_dtype wdtype);
+
+/* flags: 0 or PN_ACCUMULATE. mean, rstd: as the forward saved them. */
+size_t pn_groupnorm_backward_scratch_size(int64_t N, int64_t C, int64_t S, int64_t G,
+                                          pn_layout layout, pn_dtype dtype);
+pn_status pn_groupnorm_backward(void *dinp, void *dweight, void *dbias,
+                                void *scratch, size_t scratch_bytes,
+                                const void *dout, const void *inp, const void *weight,
+                                const void *mean, const void *rstd,
+                                int64_t N, int64_t C, int64_t S, int64_t G, int flags,
+                                pn_layout layout, pn_dtype dtype, pn_dtype wdtype);
+
+/* BatchNorm flags (they combine with PN_ACCUMULATE in the backward). */
+#define PN_BN_TRAINING 2      /* batch statistics; without it, the running statistics */
+#define PN_BN_CUMULATIVE 4    /* running statistics updated with weight 1/num_batches_tracked */
+
+/* BatchNorm: statistics per channel over N*S values, mean and rstd arrays of
+ * C. With PN_BN_TRAINING (N*S must be > 1, else PN_ERR_SIZE, as torch) the
+ * batch statistics normalize x, and running_mean/running_var (C values of
+ * rdtype: dtype or PN_FLOAT32; either may be NULL) are updated in place:
+ *   running = (1 - f) * running + f * batch, the variance unbiased (n/(n-1)),
+ * with f = momentum (finite, else PN_ERR_ARG), or, with PN_BN_CUMULATIVE,
+ * f = 1/num_batches_tracked (torch's momentum=None: the count of batches
+ * including this one, >= 1). Without PN_BN_TRAINING (eval) both running
+ * statistics are required inputs; mean and rstd then receive running_mean
+ * and 1/sqrt(running_var + eps). */
+pn_status pn_batchnorm_forward(void *out, void *mean, void *rstd,
+                               void *running_mean, void *running_var,
+                               const void *inp, const void *weight, const void *bias,
+                               int64_t N, int64_t C, int64_t S, double eps, double momentum,
+                               int64_t num_batches_tracked, int flags,
+                               pn_layout layout, pn_dtype dtype, pn_dtype wdtype, pn_dtype rdtype);
+
+/* flags: PN_BN_TRAINING when the forward used batch statistics (their
+ * gradient flows into dx), plus PN_ACCUMULATE. mean, rstd: as the forward
+ * returned them. */
+size_t pn_batchnorm_backward_scratch_size(int64_t N, int64_t C, int64_t S,
+                                          pn_layout layout, pn_dtype dtype);
+pn_status pn_batchnorm_backward(void *dinp, void *dweight, void *dbias,
+                                void *scratch, size_t scratch_bytes,
+                                const void *dout, const void *inp, const void *weight,
+                                const void *mean, const void *rstd,
+                                int64_t N, int64_t C, int64_t S, int flags,
+                                pn_layout layout, pn_dtype dtype, pn_dtype wdtype);
+
 /* --- memory ---------------------------------------------------------------- */
 /* 64-byte aligned buffers for outputs. Large freed buffers are kept in a small
  * bounded cache and handed out again, so that a loop allocating its outputs

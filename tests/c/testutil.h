@@ -360,13 +360,18 @@ static inline double *tu_gather(const tu_buf *b)
     return d;
 }
 
-/* Fills the rows with mu + sd * normal (then rounded to the dtype). */
+/* Fills the rows with mu + sd * z, rounded to the dtype; z is a cheap
+ * bell-shaped variate (sum of four uniforms: mean 0, variance 1, |z| < 3.5),
+ * several times faster than tu_normal for the big buffers. */
 static inline void tu_fill_normal(tu_buf *b, tu_rng *r, double mu, double sd)
 {
     int64_t N = b->B * b->T, n, k;
     for (n = 0; n < N; n++)
-        for (k = 0; k < b->C; k++)
-            tu_set(b, n, k, mu + sd * tu_normal(r));
+        for (k = 0; k < b->C; k++) {
+            double z = 1.7320508075688772 *
+                       (tu_uniform(r) + tu_uniform(r) + tu_uniform(r) + tu_uniform(r) - 2.0);
+            tu_set(b, n, k, mu + sd * z);
+        }
 }
 
 static inline void tu_buf_snapshot(tu_buf *b)

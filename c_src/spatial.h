@@ -1,0 +1,1358 @@
+/* spatial.h - what the spatial norms (GroupNorm, InstanceNorm, BatchNorm)
+ * share: their argument block, their argument checks and, in kernel builds,
+ * the two engines that walk the data in each layout. Internal to the library.
+ *
+ * A spatial norm sees N x C x S values (S = product of the spatial sizes):
+ *   NCHW: row r = n*C + c holds the S values of sample n, channel c;
+ *   NHWC: row r = n*S + s holds the C channels of sample n, position s.
+ * Statistics are taken over "sets": GroupNorm's set is (n, g), BatchNorm's is
+ * a channel. Every reduction goes through "pieces" whose bounds depend on the
+ * sizes only, never on the thread count:
+ *   - forward: each piece gets its own mean and M2 = sum((x - mean)^2) in two
+ *     passes while it sits in cache (the values shifted first by one element
+ *     of their set, as layernorm.c does, so that a mean of 1e4 with a std of
+ *     1e-2 keeps its digits), and a set's pieces are merged in order with
+ *     Chan's formula in double;
+ *   - backward: the sums of dy and dy * (x - mean) per piece, added in order.
+ * So results are bit-identical for every thread count and instruction set.
+ * A thread takes whole sets when there are enough of them ("set-local": the
+ * statistics pass leaves the set in cache for the pass that writes y or dx);
+ * otherwise the passes run one after the other, each parallel over pieces.
+ * Both schedules do the same arithmetic, so the choice (which depends on the
+ * thread count) and the dynamic hand-out of work never change a bit.
+ */
+#ifndef PYNORM_SPATIAL_H
+#define PYNORM_SPATIAL_H
+
+#include "common.h"
+
+typedef struct {
+    void *out, *mean, *rstd;           /* forward outputs (mean, rstd may be NULL) */
+    void *running_mean, *running_var;  /* BatchNorm running statistics, updated in training */
+    void *dinp, *dweight, *dbias;      /* backward outputs (any may be NULL) */
+    void *scratch;                     /* backward partial sums */
+    const void *inp, *weight, *bias, *dout;
+    const void *smean, *srstd;         /* backward: the statistics the forward saved */
+    int64_t N, C, S, G;                /* BatchNorm: G = C */
+    double eps, momentum;              /* momentum: the weight the batch statistics get */
+    int batchnorm, training, accumulate;
+    pn_layout layout;
+    pn_dtype dtype, wdtype, rdtype;
+} pn_spatial_args;
+
+typedef pn_status (*pn_spatial_kernel)(const pn_spatial_args *);
+
+static inline pn_status pn_run_spatial(const pn_spatial_kernel table[3][2], const pn_spatial_args *a) {
+    return table[pn_isa_index()][a->dtype == PN_FLOAT64](a);
+}
+
+/* ---- pieces (shared by the kernels and the scratch-size queries) ---------- */
+#define PN_SP_PIECE 4096          /* NCHW: at most this many values per piece */
+#define PN_SP_PIECE_ROWS 16384    /* NHWC: about this many values per piece of rows */
+#define PN_SP_GB 64               /* groups or channels per block of lanes in the merges */
+
+static inline int64_t pn_sp_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static inline int64_t pn_sp_pad(int64_t n) { return (n + 15) & ~(int64_t)15; }
+
+/* NCHW: a row of S values is cut into pieces of PN_SP_PIECE when it is long;
+ * short rows are taken PN_SP_PIECE / S at a time. */
+static inline int64_t pn_sp_row_pieces(int64_t S) { return pn_sp_cdiv(S, PN_SP_PIECE); }
+static inline int64_t pn_sp_rows_per_piece_nchw(int64_t S) { return S >= PN_SP_PIECE ? 1 : PN_SP_PIECE / S; }
+/* NHWC: whole rows of C, about PN_SP_PIECE_ROWS values and at most
+ * PN_SP_MAX_ROWS rows per piece (each channel's sums run down the rows). */
+#define PN_SP_MAX_ROWS 64
+static inline int64_t pn_sp_rows_per_piece(int64_t C) {
+    const int64_t r = C >= PN_SP_PIECE_ROWS ? 1 : PN_SP_PIECE_ROWS / C;
+    return r < PN_SP_MAX_ROWS ? r : PN_SP_MAX_ROWS;
+}
+
+/* The sets of one call in the NHWC engine: nsets sets of `rows` rows each
+ * (GroupNorm: a sample's S rows; BatchNorm: all N*S rows). */
+static inline int64_t pn_sp_nhwc_sets(const pn_spatial_args *a) { return a->batchnorm ? 1 : a->N; }
+static inline int64_t pn_sp_nhwc_rows(const pn_spatial_args *a) { return a->batchnorm ? a->N * a->S : a->S; }
+
+/* Reals of backward scratch: per-piece partial sums of dy and dy * (x - mean),
+ * then their totals per row (NCHW) or per set and channel (NHWC). */
+static inline int64_t pn_sp_scratch_reals(const pn_spatial_args *a) {
+    if (a->layout == PN_NCHW) {
+        const int64_t rows = a->N * a->C;
+        return 2 * rows * pn_sp_row_pieces(a->S) + 2 * rows;
+    }
+    const int64_t ns = pn_sp_nhwc_sets(a), np = pn_sp_cdiv(pn_sp_nhwc_rows(a), pn_sp_rows_per_piece(a->C));
+    return 2 * ns * (np > 1 ? np + 1 : 1) * pn_sp_pad(a->C);   /* one piece: its partials are the totals */
+}
+
+#ifndef PN_KERNEL_BUILD
+/* ---- argument checks (the public functions) -------------------------------- */
+
+static inline pn_view pn_sp_flat(const void *p, int64_t n, size_t esize) {
+    pn_view v = {p, 1, 1, {0, 0}, n, esize};
+    return v;
+}
+
+/* Scratch bytes for a backward call; 0 when the sizes are invalid. */
+static inline size_t pn_sp_scratch_size(pn_spatial_args *a) {
+    if (pn_check_sizes(a->N, a->C, a->S, a->dtype) != PN_OK) return 0;
+    if (a->layout != PN_NCHW && a->layout != PN_NHWC) return 0;
+    if (a->S == 1) a->layout = PN_NHWC;   /* (N, C): both layouts are the same memory */
+    const int64_t reals = pn_sp_scratch_reals(a);
+    const size_t rs = a->dtype == PN_FLOAT64 ? 8 : 4;
+    if ((uint64_t)reals > (uint64_t)(SIZE_MAX - 64) / rs) return 0;
+    return (size_t)reals * rs + 64;
+}
+
+/* Every check of a spatial call, before anything is written. */
+static inline pn_status pn_check_spatial(pn_spatial_args *a, int backward, size_t scratch_bytes) {
+    pn_status st;
+    if (!a->inp) return PN_ERR_NULL;
+    if (backward ? (!a->dout || !a->smean || !a->srstd) : !a->out) return PN_ERR_NULL;
+    if ((st = pn_check_dtypes(a->dtype, a->wdtype))) return st;
+    if (a->layout != PN_NCHW && a->layout != PN_NHWC) return PN_ERR_ARG;
+    if ((st = pn_check_sizes(a->N, a->C, a->S, a->dtype))) return st;
+    if (a->G <= 0 || a->C % a->G != 0) return PN_ERR_GROUPS;
+    if (!backward && (st = pn_check_eps(a->eps))) return st;
+    if (a->S == 1) a->layout = PN_NHWC;   /* (N, C): both layouts are the same memory */
+    const int64_t n = a->N * a->C * a->S, nstats = a->batchnorm ? a->C : a->N * a->G;
+    const size_t es = pn_dtype_size(a->dtype), wes = pn_dtype_size(a->wdtype);
+    const size_t ses = a->dtype == PN_FLOAT64 ? 8 : 4, res = pn_dtype_size(a->rdtype);
+    if (backward) {
+        const size_t need = pn_sp_scratch_size(a);
+        const int used = a->dinp || a->dweight || a->dbias;
+        if (used && a->scratch && scratch_bytes < need) return PN_ERR_SCRATCH;
+        pn_view outs[4] = {pn_sp_flat(a->dinp, n, es), pn_sp_flat(a->dweight, a->C, wes),
+                           pn_sp_flat(a->dbias, a->C, wes),
+                           pn_sp_flat(used ? a->scratch : NULL, (int64_t)scratch_bytes, 1)};
+        pn_view ins[5] = {pn_sp_flat(a->dout, n, es), pn_sp_flat(a->inp, n, es),
+                          pn_sp_flat(a->weight, a->C, wes), pn_sp_flat(a->smean, nstats, ses),
+                          pn_sp_flat(a->srstd, nstats, ses)};
+        /* dx may be written over dy or x: every value is read before its dx is written. */
+        static const unsigned char same_ok[4 * 5] = {1, 1, 0, 0, 0};
+        return pn_check_views(outs, 4, ins, 5, same_ok);
+    } else {
+        pn_view outs[5] = {pn_sp_flat(a->out, n, es), pn_sp_flat(a->mean, nstats, ses),
+                           pn_sp_flat(a->rstd, nstats, ses), pn_sp_flat(a->running_mean, a->C, res),
+                           pn_sp_flat(a->running_var, a->C, res)};
+        pn_view ins[3] = {pn_sp_flat(a->inp, n, es), pn_sp_flat(a->weight, a->C, wes),
+                          pn_sp_flat(a->bias, a->C, wes)};
+        /* y may be written over x (in place). */
+        static const unsigned char same_ok[5 * 3] = {1, 0, 0};
+        return pn_check_views(outs, 5, ins, 3, same_ok);
+    }
+}
+
+/* Runs a backward variant, taking (and freeing) scratch when the caller gave none. */
+static inline pn_status pn_run_spatial_backward(const pn_spatial_kernel table[3][2], pn_spatial_args *a) {
+    void *own = NULL;
+    if (!a->dinp && !a->dweight && !a->dbias) return PN_OK;   /* nothing asked for */
+    if (!a->scratch) {
+        own = malloc(pn_sp_scratch_size(a));
+        if (!own) return PN_ERR_ALLOC;
+        a->scratch = own;
+    }
+    pn_status st = pn_run_spatial(table, a);
+    free(own);
+    return st;
+}
+
+#else /* PN_KERNEL_BUILD ------------------------------------------------------ */
+#include "kernel.h"
+
+/* ---- working memory ----------------------------------------------------------
+ * One malloc per call, before any output is written, carved into arrays of
+ * reals (each 64-byte aligned): weight and bias as reals (ones and zeros when
+ * absent, so that the inner loops need no branches), the engine's arrays, and
+ * per-thread buffers. */
+typedef struct {
+    real *mem;
+    int64_t used;
+} pn_sp_mem;
+
+static inline real *pn_sp_take(pn_sp_mem *m, int64_t n) {
+    real *p = m->mem + m->used;
+    m->used += pn_sp_pad(n);
+    return p;
+}
+
+/* Threads for a call over `elems` values. */
+static inline int pn_sp_threads(int64_t elems) {
+    int nt = pn_threads();
+    return (elems < PN_PARALLEL_MIN_ELEMS || nt < 1) ? 1 : nt;
+}
+
+static inline pn_status pn_sp_alloc(pn_sp_mem *m, int64_t reals) {
+    m->mem = (real *)malloc((size_t)reals * sizeof(real));
+    m->used = 0;
+    return m->mem ? PN_OK : PN_ERR_ALLOC;
+}
+
+/* Scheduling. Which thread works on what never changes a result, so the
+ * loops hand out work dynamically: on a busy machine a thread that was
+ * preempted does not hold the others up. Set-local loops give a thread runs
+ * of consecutive sets (the next one is prefetched while this one is written);
+ * loops over sub-rows give each about 16K values at a time. */
+static inline int64_t pn_sp_local_chunk(int64_t nsets, int nt) {
+    const int64_t k = nsets / (8 * (int64_t)nt);
+    return k < 1 ? 1 : k;
+}
+static inline int64_t pn_sp_unit_chunk(int64_t S) {
+    const int64_t k = 16384 / (S < PN_SP_PIECE ? S : PN_SP_PIECE);
+    return k < 1 ? 1 : k;
+}
+
+/* w and b (C reals each) from the call's weight and bias. */
+static inline void pn_sp_params(const pn_spatial_args *a, real *w, real *b) {
+    if (a->weight) pn_load_row(w, a->weight, a->wdtype, a->C);
+    else for (int64_t c = 0; c < a->C; c++) w[c] = 1;
+    if (b) {
+        if (a->bias) pn_load_row(b, a->bias, a->wdtype, a->C);
+        else for (int64_t c = 0; c < a->C; c++) b[c] = 0;
+    }
+}
+
+/* One value of a buffer of dtype dt, as a real. */
+static inline real pn_sp_value(const void *p, pn_dtype dt, int64_t i) {
+    real v = 0;
+    pn_load_row(&v, (const char *)p + i * (int64_t)pn_dtype_size(dt), dt, 1);
+    return v;
+}
+
+/* Chan et al.: merges np pieces' (mean, M2) pairs, st[p * step] and
+ * st[p * step + 1], in order. Pieces come in runs of `per`: each holds `full`
+ * values but the last of a run, which holds `tail`. Returns the mean and the
+ * biased variance. */
+static inline void pn_sp_merge(const real *st, int64_t np, int64_t step, int64_t per, int64_t full,
+                               int64_t tail, double *mean, double *var) {
+    if (np == 1) {   /* what the loop gives for one piece, without its divisions */
+        *mean = (double)st[0];
+        *var = (double)st[1] / (double)tail;
+        return;
+    }
+    double n = 0, m = 0, M2 = 0;
+    for (int64_t p = 0; p < np; p++) {
+        const double nb = (double)(p % per == per - 1 ? tail : full);
+        const double mb = (double)st[p * step], M2b = (double)st[p * step + 1];
+        const double nn = n + nb, d = mb - m;
+        m += d * (nb / nn);
+        M2 += M2b + d * d * (n * nb / nn);
+        n = nn;
+    }
+    *mean = m;
+    *var = M2 / n;
+}
+
+/* A set's statistics are ready: shift + m is its mean, var its (biased)
+ * variance. Writes the saved statistics (slot k) and, in BatchNorm training,
+ * updates the running statistics of channel k as torch does:
+ *   running = (1 - momentum) * running + momentum * batch, var unbiased n/(n-1).
+ * Returns rstd. */
+static inline real pn_sp_finish(const pn_spatial_args *a, int64_t k, real shift, double m, double var,
+                                int64_t count) {
+    const double mean = (double)shift + m;
+    const real rstd = (real)(1.0 / sqrt(var + a->eps));
+    if (a->mean) ((real *)a->mean)[k] = (real)mean;
+    if (a->rstd) ((real *)a->rstd)[k] = rstd;
+    if (a->running_mean || a->running_var) {
+        const double f = a->momentum;
+        real v;
+        if (a->running_mean) {
+            v = (real)(f * mean + (1 - f) * (double)pn_sp_value(a->running_mean, a->rdtype, k));
+            pn_store_row((char *)a->running_mean + k * (int64_t)pn_dtype_size(a->rdtype), &v, a->rdtype, 1);
+        }
+        if (a->running_var) {
+            const double unbiased = var * (double)count / (double)(count - 1);
+            v = (real)(f * unbiased + (1 - f) * (double)pn_sp_value(a->running_var, a->rdtype, k));
+            pn_store_row((char *)a->running_var + k * (int64_t)pn_dtype_size(a->rdtype), &v, a->rdtype, 1);
+        }
+    }
+    return rstd;
+}
+
+/* Outputs are streamed (non-temporal stores, see kernel.h) when the call is
+ * large and the blocks written at a time are long: a short block would leave
+ * partial cache lines to the write-combining buffers, far slower than
+ * ordinary stores. */
+#define PN_SP_STREAM_BLOCK 4096
+static inline int pn_sp_stream(const pn_spatial_args *a, int64_t block) {
+    const int64_t es = (int64_t)pn_dtype_size(a->dtype);
+    return a->N * a->C * a->S * es >= PN_STREAM_MIN_BYTES && block * es >= PN_SP_STREAM_BLOCK;
+}
+
+/* ---- row sums (NCHW) ------------------------------------------------------------
+ * Long rows use simd.h's 64-lane sums. Rows shorter than PN_SP_SHORT_MAX
+ * values (7x7 or 8x8 feature maps) use 16 lanes: 64 would cost more in their
+ * tail and final tree than in the sum. The order of additions depends on the
+ * row length alone. */
+#define PN_SP_SHORT 16
+#define PN_SP_SHORT_MAX 256
+
+static inline real pn_sp_short_total(real *acc) {
+    for (int w = PN_SP_SHORT / 2; w >= 1; w /= 2)
+        for (int j = 0; j < w; j++) acc[j] += acc[j + w];
+    return acc[0];
+}
+
+/* sum of (x[i] - shift) */
+static inline real pn_sp_sum_shifted(const real *x, int64_t n, real shift) {
+    if (n >= PN_SP_SHORT_MAX) return pn_sum_shifted(x, n, shift);
+    real acc[PN_SP_SHORT] = {0};
+    int64_t i = 0;
+    for (; i + PN_SP_SHORT <= n; i += PN_SP_SHORT)
+        for (int j = 0; j < PN_SP_SHORT; j++) acc[j] += x[i + j] - shift;
+    for (int j = 0; i + j < n; j++) acc[j] += x[i + j] - shift;
+    return pn_sp_short_total(acc);
+}
+
+/* sum of ((x[i] - shift) - m)^2 */
+static inline real pn_sp_sumsq_centered(const real *x, int64_t n, real shift, real m) {
+    if (n >= PN_SP_SHORT_MAX) return pn_sumsq_centered(x, n, shift, m);
+    real acc[PN_SP_SHORT] = {0};
+    int64_t i = 0;
+    for (; i + PN_SP_SHORT <= n; i += PN_SP_SHORT)
+        for (int j = 0; j < PN_SP_SHORT; j++) { real d = (x[i + j] - shift) - m; acc[j] += d * d; }
+    for (int j = 0; i + j < n; j++) { real d = (x[i + j] - shift) - m; acc[j] += d * d; }
+    return pn_sp_short_total(acc);
+}
+
+/* ==== NCHW engine ================================================================
+ * Rows r = n*C + c of S values, at x + r*S. A set is `count` rows: first(set),
+ * first + step, ... (GroupNorm: the C/G consecutive rows of (n, g), step 1;
+ * BatchNorm: the N rows of channel c, step C). For the statistics a set is
+ * `nseg` segments of `seg` contiguous values: GroupNorm's set is one segment
+ * of (C/G)*S values (row boundaries do not matter to a sum), BatchNorm's set
+ * N segments of S. */
+typedef struct {
+    int64_t nsets, count, step;
+} pn_sp_sets;
+
+/* The first row of a set, and the set of row r (GroupNorm: r / (C/G); BatchNorm: r % C). */
+static inline int64_t pn_sp_first(const pn_sp_sets *ss, int64_t set) { return ss->step == 1 ? set * ss->count : set; }
+static inline int64_t pn_sp_set_of(const pn_sp_sets *ss, int64_t r) {
+    return ss->step == 1 ? r / ss->count : r % ss->step;
+}
+
+/* From row r to row r + 1: its set, channel, and index j within its set
+ * (GroupNorm), without a division. */
+static inline void pn_sp_next_row(const pn_sp_sets *ss, int64_t C, int64_t *set, int64_t *c, int64_t *j) {
+    if (++*c == C) *c = 0;
+    if (ss->step != 1) *set = *c;
+    else if (++*j == ss->count) { *j = 0; ++*set; }
+}
+
+/* Unit u of rp per row: row index j = u / rp and sub-row k = u % rp (no
+ * division for short rows, rp = 1). */
+static inline int64_t pn_sp_unit_row(int64_t u, int64_t rp) { return rp == 1 ? u : u / rp; }
+static inline int64_t pn_sp_unit_sub(int64_t u, int64_t rp) { return rp == 1 ? 0 : u % rp; }
+
+/* Pieces of a set: a piece is one part of PN_SP_PIECE values of a long
+ * segment (`rp` pieces per segment) or `rpp` whole short segments. */
+typedef struct {
+    int64_t seg, nseg, rp, rpp, np;   /* np: pieces per set */
+} pn_sp_nchw_pieces;
+
+static inline pn_sp_nchw_pieces pn_sp_nchw_layout(const pn_spatial_args *a, const pn_sp_sets *ss) {
+    pn_sp_nchw_pieces q;
+    q.nseg = ss->step == 1 ? 1 : ss->count;
+    q.seg = ss->step == 1 ? ss->count * a->S : a->S;
+    q.rp = pn_sp_row_pieces(q.seg);
+    q.rpp = pn_sp_rows_per_piece_nchw(q.seg);
+    q.np = q.rp > 1 ? q.nseg * q.rp : pn_sp_cdiv(q.nseg, q.rpp);
+    return q;
+}
+
+/* Piece p of a set: segments j0..j1-1 of the set, values i0..i1-1 of each. */
+static inline void pn_sp_nchw_piece(const pn_sp_nchw_pieces *q, int64_t p, int64_t *j0, int64_t *j1,
+                                    int64_t *i0, int64_t *i1) {
+    if (q->rp > 1) {
+        *j0 = p / q->rp;
+        *j1 = *j0 + 1;
+        *i0 = (p % q->rp) * PN_SP_PIECE;
+        *i1 = *i0 + PN_SP_PIECE < q->seg ? *i0 + PN_SP_PIECE : q->seg;
+    } else {
+        *j0 = p * q->rpp;
+        *j1 = *j0 + q->rpp < q->nseg ? *j0 + q->rpp : q->nseg;
+        *i0 = 0;
+        *i1 = q->seg;
+    }
+}
+
+/* Mean and M2 of (x - shift) over piece p of a set, st[0], st[1]: two passes
+ * while the piece is in cache. buf: PN_SP_PIECE reals (conversions). */
+static inline void pn_sp_nchw_piece_stats(const pn_spatial_args *a, const pn_sp_sets *ss,
+                                          const pn_sp_nchw_pieces *q, int64_t set, int64_t p,
+                                          real shift, real *buf, real *st) {
+    const size_t es = pn_dtype_size(a->dtype);
+    const int64_t S = a->S, first = pn_sp_first(ss, set);   /* segment j starts at row first + j * step */
+    int64_t j0, j1, i0, i1;
+    pn_sp_nchw_piece(q, p, &j0, &j1, &i0, &i1);
+    const int64_t n = i1 - i0;
+    const int native = a->dtype == PN_REAL_DTYPE;
+    real sum = 0;
+    for (int64_t j = j0; j < j1; j++) {
+        const char *row = (const char *)a->inp + ((first + j * ss->step) * S + i0) * (int64_t)es;
+        if (j + 1 < j1) pn_prefetch(row + ss->step * S * (int64_t)es, n * (int64_t)es);
+        sum += pn_sp_sum_shifted(pn_row_as_real(row, a->dtype, buf + (j - j0) * n, n), n, shift);
+    }
+    const real m = sum / (real)((j1 - j0) * n);
+    real M2 = 0;   /* second pass: the rows as reals, from cache (or from buf) */
+    for (int64_t j = j0; j < j1; j++) {
+        const char *row = (const char *)a->inp + ((first + j * ss->step) * S + i0) * (int64_t)es;
+        M2 += pn_sp_sumsq_centered(native ? (const real *)row : buf + (j - j0) * n, n, shift, m);
+    }
+    st[0] = m;
+    st[1] = M2;
+}
+
+/* y for values i0..i1-1 of row r: ((x - shift) - m) * scale + bias, rounded
+ * once. buf, tmp: PN_SP_PIECE reals each. */
+static inline void pn_sp_nchw_norm(const pn_spatial_args *a, int64_t r, int64_t i0, int64_t i1,
+                                   real shift, real m, real scale, real bias, int stream,
+                                   real *buf, real *tmp) {
+    const size_t es = pn_dtype_size(a->dtype);
+    const int64_t n = i1 - i0, off = (r * a->S + i0) * (int64_t)es;
+    const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, buf, n);
+    void *yrow = (char *)a->out + off;
+    real *y = (a->dtype == PN_REAL_DTYPE && !stream) ? (real *)yrow : buf;
+    for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - shift) - m) * scale + bias;
+    if (y == buf) pn_write_row(yrow, y, a->dtype, n, stream, tmp);
+}
+
+/* Backward partial sums over n values of a row: sum(dy) and
+ * sum(dy * (x - mu)), into out[0], out[1]. Short rows: 16 lanes, as
+ * pn_sp_sum_shifted. */
+static inline void pn_sp_row_bwd_sums_short(const real *x, const real *dy, int64_t n, real mu, real *out) {
+    real s[PN_SP_SHORT], sx[PN_SP_SHORT];
+    for (int j = 0; j < PN_SP_SHORT; j++) s[j] = sx[j] = 0;
+    int64_t i = 0;
+    for (; i + PN_SP_SHORT <= n; i += PN_SP_SHORT)
+        for (int j = 0; j < PN_SP_SHORT; j++) {
+            s[j] += dy[i + j];
+            sx[j] += dy[i + j] * (x[i + j] - mu);
+        }
+    for (int j = 0; i + j < n; j++) {
+        s[j] += dy[i + j];
+        sx[j] += dy[i + j] * (x[i + j] - mu);
+    }
+    out[0] = pn_sp_short_total(s);
+    out[1] = pn_sp_short_total(sx);
+}
+
+static inline void pn_sp_row_bwd_sums(const real *x, const real *dy, int64_t n, real mu, real *out) {
+    if (n < PN_SP_SHORT_MAX) {
+        pn_sp_row_bwd_sums_short(x, dy, n, mu, out);
+        return;
+    }
+    real s[PN_LANES] = {0}, sx[PN_LANES] = {0};
+    int64_t i = 0;
+    for (; i + PN_LANES <= n; i += PN_LANES)
+        for (int j = 0; j < PN_LANES; j++) {
+            s[j] += dy[i + j];
+            sx[j] += dy[i + j] * (x[i + j] - mu);
+        }
+    for (int j = 0; i + j < n; j++) {
+        s[j] += dy[i + j];
+        sx[j] += dy[i + j] * (x[i + j] - mu);
+    }
+    out[0] = pn_lanes_total(s);
+    out[1] = pn_lanes_total(sx);
+}
+
+/* The same over values i0..i1-1 of row r. */
+static inline void pn_sp_nchw_bwd_sums(const pn_spatial_args *a, int64_t r, int64_t i0, int64_t i1,
+                                       real mu, real *xb, real *dyb, real *out) {
+    const size_t es = pn_dtype_size(a->dtype);
+    const int64_t n = i1 - i0, off = (r * a->S + i0) * (int64_t)es;
+    const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
+    const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
+    pn_sp_row_bwd_sums(x, dy, n, mu, out);
+}
+
+/* dx for values i0..i1-1 of row r: rs * ((dy * w - k1) - (x - mu) * k2),
+ * added to the old dx when accumulating. xb, dyb, tmp: PN_SP_PIECE reals. */
+static inline void pn_sp_nchw_dx(const pn_spatial_args *a, int64_t r, int64_t i0, int64_t i1, real mu,
+                                 real rs, real w, real k1, real k2, int stream, real *xb, real *dyb,
+                                 real *tmp) {
+    const size_t es = pn_dtype_size(a->dtype);
+    const int64_t n = i1 - i0, off = (r * a->S + i0) * (int64_t)es;
+    const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
+    const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
+    void *row = (char *)a->dinp + off;
+    const int direct = a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream;
+    real *dx = direct ? (real *)row : xb;   /* xb: x is read before dx[i] is written */
+    for (int64_t i = 0; i < n; i++) dx[i] = rs * ((dy[i] * w - k1) - (x[i] - mu) * k2);
+    if (direct) return;
+    if (a->accumulate) {
+        pn_load_row(tmp, row, a->dtype, n);
+        for (int64_t i = 0; i < n; i++) dx[i] += tmp[i];
+    }
+    pn_write_row(row, dx, a->dtype, n, stream, tmp);
+}
+
+/* ---- NCHW forward ----------------------------------------------------------- */
+
+/* Statistics of one set from its pieces' (mean, M2), then its rstd. */
+static inline void pn_sp_nchw_set_stats(const pn_spatial_args *a, const pn_sp_sets *ss,
+                                        const pn_sp_nchw_pieces *q, int64_t set, const real *pst,
+                                        const real *shift, real *m_out, real *rs_out) {
+    const int64_t total = ss->count * a->S;
+    double m, var;
+    if (q->rp > 1)   /* segments of rp pieces, the last one short */
+        pn_sp_merge(pst + set * q->np * 2, q->np, 2, q->rp, PN_SP_PIECE, q->seg - (q->rp - 1) * PN_SP_PIECE, &m,
+                    &var);
+    else             /* pieces of rpp segments, the last one short */
+        pn_sp_merge(pst + set * q->np * 2, q->np, 2, q->np, q->rpp * q->seg, total - q->rpp * q->seg * (q->np - 1),
+                    &m, &var);
+    m_out[set] = (real)m;
+    rs_out[set] = pn_sp_finish(a, set, shift[set], m, var, total);
+}
+
+/* Ask for sub-row k of row r (inp, and dout when given) to come into cache:
+ * the set-local loops prefetch the next set while they write this one, so
+ * that the memory is never idle while a set is worked on in cache. */
+static inline void pn_sp_nchw_prefetch(const pn_spatial_args *a, int64_t r, int64_t k) {
+    const size_t es = pn_dtype_size(a->dtype);
+    const int64_t i0 = k * PN_SP_PIECE, n = (i0 + PN_SP_PIECE < a->S ? PN_SP_PIECE : a->S - i0);
+    const int64_t off = (r * a->S + i0) * (int64_t)es;
+    pn_prefetch((const char *)a->inp + off, n * (int64_t)es);
+    if (a->dout) pn_prefetch((const char *)a->dout + off, n * (int64_t)es);
+}
+
+/* The same for the consecutive whole rows r .. r + nrows - 1. */
+static inline void pn_sp_nchw_prefetch_rows(const pn_spatial_args *a, int64_t r, int64_t nrows) {
+    const int64_t es = (int64_t)pn_dtype_size(a->dtype), off = r * a->S * es;
+    pn_prefetch((const char *)a->inp + off, nrows * a->S * es);
+    if (a->dout) pn_prefetch((const char *)a->dout + off, nrows * a->S * es);
+}
+
+/* y of row r, sub-row k (rp sub-rows per row), with its set's statistics. */
+static inline void pn_sp_nchw_norm_unit(const pn_spatial_args *a, int64_t r, int64_t k, real shift, real m,
+                                        real rs, const real *w, const real *b, int stream, real *buf, real *tmp) {
+    const int64_t c = r % a->C;
+    const int64_t i0 = k * PN_SP_PIECE, i1 = i0 + PN_SP_PIECE < a->S ? i0 + PN_SP_PIECE : a->S;
+    pn_sp_nchw_norm(a, r, i0, i1, shift, m, rs * w[c], b[c], stream, buf, tmp);
+}
+
+/* y for the consecutive whole rows r0..r1-1 ((r1 - r0) * S <= PN_SP_PIECE),
+ * each with its set's statistics, as pn_sp_nchw_norm computes them; the rows
+ * are one contiguous block, written (or streamed) at once. */
+static inline void pn_sp_nchw_norm_rows(const pn_spatial_args *a, const pn_sp_sets *ss, int64_t r0, int64_t r1,
+                                        const real *shift, const real *m, const real *rs, const real *w,
+                                        const real *b, int stream, real *buf, real *tmp) {
+    const int64_t S = a->S, n = (r1 - r0) * S, off = r0 * S * (int64_t)pn_dtype_size(a->dtype);
+    const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, buf, n);
+    void *dst = (char *)a->out + off;
+    real *y = (a->dtype == PN_REAL_DTYPE && !stream) ? (real *)dst : buf;
+    int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
+    for (int64_t r = r0; r < r1; r++) {
+        const real sh = shift[set], mm = m[set], scale = rs[set] * w[c], bias = b[c];
+        const real *xr = x + (r - r0) * S;
+        real *yr = y + (r - r0) * S;
+        for (int64_t i = 0; i < S; i++) yr[i] = ((xr[i] - sh) - mm) * scale + bias;
+        pn_sp_next_row(ss, a->C, &set, &c, &j);
+    }
+    if (y == buf) pn_write_row(dst, y, a->dtype, n, stream, tmp);
+}
+
+/* The whole forward over NCHW rows: statistics per set (batch statistics), or
+ * the running statistics (BatchNorm eval, a->training == 0). */
+static pn_status pn_sp_nchw_forward(const pn_spatial_args *a, const pn_sp_sets *ss) {
+    const int64_t C = a->C, S = a->S, nsets = ss->nsets, rows = a->N * C;
+    const int stats = !a->batchnorm || a->training;
+    const pn_sp_nchw_pieces q = pn_sp_nchw_layout(a, ss);
+    /* y is written in sub-rows of long rows (rp per row), or in blocks of bpr
+     * consecutive short rows (bpr = 0: long rows) */
+    const int64_t rp = pn_sp_row_pieces(S), units = ss->count * rp, bpr = S < PN_SP_PIECE ? PN_SP_PIECE / S : 0;
+    const int stream = pn_sp_stream(a, S < PN_SP_PIECE ? S : PN_SP_PIECE);      /* one row (or sub-row) */
+    const int stream_blk = pn_sp_stream(a, bpr ? bpr * S : PN_SP_PIECE);         /* a block of rows */
+    const int nt = pn_sp_threads(a->N * C * S);
+    pn_sp_mem mem;
+    const int64_t per_thread = 2 * pn_sp_pad(PN_SP_PIECE);
+    pn_status st = pn_sp_alloc(&mem, 2 * pn_sp_pad(C) + 3 * pn_sp_pad(nsets) +
+                                         (stats ? pn_sp_pad(nsets * q.np * 2) : 0) + nt * per_thread);
+    if (st) return st;
+    real *w = pn_sp_take(&mem, C), *b = pn_sp_take(&mem, C);
+    real *shift = pn_sp_take(&mem, nsets), *m = pn_sp_take(&mem, nsets), *rs = pn_sp_take(&mem, nsets);
+    real *pst = stats ? pn_sp_take(&mem, nsets * q.np * 2) : NULL;
+    real *bufs = pn_sp_take(&mem, nt * per_thread);
+    pn_sp_params(a, w, b);
+    if (!stats) {   /* BatchNorm eval: the running statistics, set = channel */
+        for (int64_t c = 0; c < C; c++) {
+            shift[c] = pn_sp_value(a->running_mean, a->rdtype, c);
+            m[c] = 0;
+            rs[c] = (real)(1.0 / sqrt((double)pn_sp_value(a->running_var, a->rdtype, c) + a->eps));
+            if (a->mean) ((real *)a->mean)[c] = shift[c];
+            if (a->rstd) ((real *)a->rstd)[c] = rs[c];
+        }
+    } else {   /* each set's shift: its first value */
+        for (int64_t set = 0; set < nsets; set++) shift[set] = pn_sp_value(a->inp, a->dtype, pn_sp_first(ss, set) * S);
+    }
+    /* set-local when there are sets enough to keep every thread busy, but not
+     * for BatchNorm's short rows (its sets' rows are scattered: y is better
+     * written in memory order) */
+    const int local = stats && nsets >= 4 * (int64_t)nt && !(bpr && ss->step != 1);
+    const int64_t lchunk = pn_sp_local_chunk(nsets, nt), uchunk = pn_sp_unit_chunk(S);
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        real *buf = bufs + pn_thread_id() * per_thread, *tmp = buf + pn_sp_pad(PN_SP_PIECE);
+        if (local) {
+#pragma omp for schedule(dynamic, lchunk)
+            for (int64_t set = 0; set < nsets; set++) {
+                for (int64_t p = 0; p < q.np; p++)
+                    pn_sp_nchw_piece_stats(a, ss, &q, set, p, shift[set], buf, pst + (set * q.np + p) * 2);
+                pn_sp_nchw_set_stats(a, ss, &q, set, pst, shift, m, rs);
+                const int64_t first = pn_sp_first(ss, set), next = set + 1 < nsets ? pn_sp_first(ss, set + 1) : -1;
+                if (bpr && ss->step == 1) {   /* GroupNorm, short rows: the set's rows are consecutive */
+                    for (int64_t r = first; r < first + ss->count; r += bpr) {
+                        const int64_t r1 = r + bpr < first + ss->count ? r + bpr : first + ss->count;
+                        if (next >= 0) pn_sp_nchw_prefetch_rows(a, next + r - first, r1 - r);
+                        pn_sp_nchw_norm_rows(a, ss, r, r1, shift, m, rs, w, b, stream_blk, buf, tmp);
+                    }
+                } else {
+                    for (int64_t u = 0; u < units; u++) {
+                        const int64_t j = pn_sp_unit_row(u, rp), k = pn_sp_unit_sub(u, rp);
+                        if (next >= 0) pn_sp_nchw_prefetch(a, next + j * ss->step, k);
+                        pn_sp_nchw_norm_unit(a, first + j * ss->step, k, shift[set], m[set], rs[set], w, b, stream, buf,
+                                             tmp);
+                    }
+                }
+            }
+        } else {
+            if (stats) {
+#pragma omp for schedule(dynamic, 4)
+                for (int64_t t = 0; t < nsets * q.np; t++)
+                    pn_sp_nchw_piece_stats(a, ss, &q, t / q.np, t % q.np, shift[t / q.np], buf, pst + t * 2);
+#pragma omp for schedule(static)
+                for (int64_t set = 0; set < nsets; set++)
+                    pn_sp_nchw_set_stats(a, ss, &q, set, pst, shift, m, rs);
+            }
+            /* rows in memory order: blocks of short rows, or sub-rows of long ones */
+            if (bpr) {
+                const int64_t nblk = pn_sp_cdiv(rows, bpr);
+#pragma omp for schedule(dynamic, 4)
+                for (int64_t k = 0; k < nblk; k++)
+                    pn_sp_nchw_norm_rows(a, ss, k * bpr, (k + 1) * bpr < rows ? (k + 1) * bpr : rows, shift, m, rs,
+                                         w, b, stream_blk, buf, tmp);
+            } else {
+#pragma omp for schedule(dynamic, uchunk)
+                for (int64_t t = 0; t < rows * rp; t++) {
+                    const int64_t r = pn_sp_unit_row(t, rp), set = pn_sp_set_of(ss, r);
+                    pn_sp_nchw_norm_unit(a, r, pn_sp_unit_sub(t, rp), shift[set], m[set], rs[set], w, b, stream, buf,
+                                         tmp);
+                }
+            }
+        }
+    }
+    if (stream) pn_stream_fence();
+    free(mem.mem);
+    return PN_OK;
+}
+
+/* ---- NCHW backward -------------------------------------------------------------
+ * Per set, from the partial sums of its rows: sg = sum(dy * w), sgx = sum(dy * w * (x - mu)),
+ * then dx = rs * ((dy * w - k1) - (x - mu) * k2) with k1 = sg / M and
+ * k2 = rs^2 * sgx / M (M values per set); with running statistics (BatchNorm
+ * eval) the statistics are constants and k1 = k2 = 0. */
+
+/* The sums of row r, sub-row k, into the scratch. */
+static inline void pn_sp_nchw_bwd_unit(const pn_spatial_args *a, int64_t r, int64_t k, int64_t rp, real mu,
+                                       real *part, real *xb, real *dyb) {
+    const int64_t i0 = k * PN_SP_PIECE, i1 = i0 + PN_SP_PIECE < a->S ? i0 + PN_SP_PIECE : a->S;
+    pn_sp_nchw_bwd_sums(a, r, i0, i1, mu, xb, dyb, part + (r * rp + k) * 2);
+}
+
+/* A set's coefficients k1, k2 from its rows' partial sums (in order); also
+ * the rows' totals, tot[r] = (sum dy, rs * sum dy * (x - mu)), for dbias and
+ * dweight. */
+static inline void pn_sp_nchw_bwd_set(const pn_spatial_args *a, const pn_sp_sets *ss, int64_t set,
+                                      int64_t rp, const real *part, real *tot, const real *w,
+                                      real rs, real *k1, real *k2) {
+    double sg = 0, sgx = 0;
+    const int64_t first = pn_sp_first(ss, set), c0 = first % a->C;
+    for (int64_t j = 0; j < ss->count; j++) {
+        const int64_t r = first + j * ss->step, c = ss->step == 1 ? c0 + j : set;
+        double s = 0, sx = 0;   /* the row's pieces in order */
+        for (int64_t k = 0; k < rp; k++) {
+            s += (double)part[(r * rp + k) * 2];
+            sx += (double)part[(r * rp + k) * 2 + 1];
+        }
+        tot[r * 2] = (real)s;                          /* the row's share of dbias */
+        tot[r * 2 + 1] = (real)((double)rs * sx);      /* and of dweight: sum(dy * xhat) */
+        sg += (double)w[c] * s;
+        sgx += (double)w[c] * sx;
+    }
+    const double M = (double)(ss->count * a->S);
+    const int consts = a->batchnorm && !a->training;
+    *k1 = consts ? 0 : (real)(sg / M);
+    *k2 = consts ? 0 : (real)((double)rs * (double)rs * sgx / M);
+}
+
+static inline void pn_sp_nchw_dx_unit(const pn_spatial_args *a, int64_t r, int64_t k, real mu, real rs,
+                                      real k1, real k2, const real *w, int stream, real *xb, real *dyb,
+                                      real *tmp) {
+    const int64_t i0 = k * PN_SP_PIECE, i1 = i0 + PN_SP_PIECE < a->S ? i0 + PN_SP_PIECE : a->S;
+    pn_sp_nchw_dx(a, r, i0, i1, mu, rs, w[r % a->C], k1, k2, stream, xb, dyb, tmp);
+}
+
+/* The sums of the consecutive whole rows r0..r1-1 ((r1 - r0) * S <=
+ * PN_SP_PIECE, one sub-row each), each with its set's mean, into the scratch. */
+static inline void pn_sp_nchw_bwd_rows(const pn_spatial_args *a, const pn_sp_sets *ss, int64_t r0, int64_t r1,
+                                       const real *mu, real *part, real *xb, real *dyb) {
+    const int64_t S = a->S, n = (r1 - r0) * S, off = r0 * S * (int64_t)pn_dtype_size(a->dtype);
+    const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
+    const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
+    int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
+    for (int64_t r = r0; r < r1; r++) {
+        pn_sp_row_bwd_sums(x + (r - r0) * S, dy + (r - r0) * S, S, mu[set], part + r * 2);
+        pn_sp_next_row(ss, a->C, &set, &c, &j);
+    }
+}
+
+/* dx for the consecutive whole rows r0..r1-1 ((r1 - r0) * S <= PN_SP_PIECE),
+ * each with its set's coefficients, as pn_sp_nchw_dx computes them; written
+ * (or streamed) as one block. */
+static inline void pn_sp_nchw_dx_rows(const pn_spatial_args *a, const pn_sp_sets *ss, int64_t r0, int64_t r1,
+                                      const real *mu, const real *rsv, const real *k1, const real *k2,
+                                      const real *w, int stream, real *xb, real *dyb, real *tmp) {
+    const int64_t S = a->S, n = (r1 - r0) * S, off = r0 * S * (int64_t)pn_dtype_size(a->dtype);
+    const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
+    const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
+    void *dst = (char *)a->dinp + off;
+    const int direct = a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream;
+    real *dx = direct ? (real *)dst : xb;   /* xb: x is read before dx is written */
+    int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
+    for (int64_t r = r0; r < r1; r++) {
+        const real m = mu[set], rs = rsv[set], wc = w[c], c1 = k1[set], c2 = k2[set];
+        const real *xr = x + (r - r0) * S, *dr = dy + (r - r0) * S;
+        real *o = dx + (r - r0) * S;
+        for (int64_t i = 0; i < S; i++) o[i] = rs * ((dr[i] * wc - c1) - (xr[i] - m) * c2);
+        pn_sp_next_row(ss, a->C, &set, &c, &j);
+    }
+    if (direct) return;
+    if (a->accumulate) {
+        pn_load_row(tmp, dst, a->dtype, n);
+        for (int64_t i = 0; i < n; i++) dx[i] += tmp[i];
+    }
+    pn_write_row(dst, dx, a->dtype, n, stream, tmp);
+}
+
+/* dweight/dbias of channel c: the totals of its rows (n*C + c), with each
+ * row's rstd, added over n in order in double. */
+static inline void pn_sp_param_grads(const pn_spatial_args *a, int64_t c, double dw, double db) {
+    const size_t wes = pn_dtype_size(a->wdtype);
+    real v;
+    if (a->dweight) {
+        char *p = (char *)a->dweight + c * (int64_t)wes;
+        v = a->accumulate ? (real)((double)pn_sp_value(p, a->wdtype, 0) + dw) : (real)dw;
+        pn_store_row(p, &v, a->wdtype, 1);
+    }
+    if (a->dbias) {
+        char *p = (char *)a->dbias + c * (int64_t)wes;
+        v = a->accumulate ? (real)((double)pn_sp_value(p, a->wdtype, 0) + db) : (real)db;
+        pn_store_row(p, &v, a->wdtype, 1);
+    }
+}
+
+static pn_status pn_sp_nchw_backward(const pn_spatial_args *a, const pn_sp_sets *ss) {
+    const int64_t N = a->N, C = a->C, S = a->S, nsets = ss->nsets;
+    const int64_t rows = N * C, rp = pn_sp_row_pieces(S), units = ss->count * rp;
+    const int64_t bpr = S < PN_SP_PIECE ? PN_SP_PIECE / S : 0;   /* dx in blocks of short rows */
+    const int stream = pn_sp_stream(a, S < PN_SP_PIECE ? S : PN_SP_PIECE);
+    const int stream_blk = pn_sp_stream(a, bpr ? bpr * S : PN_SP_PIECE);
+    const int nt = pn_sp_threads(N * C * S);
+    real *part = pn_scratch_reals(a->scratch), *tot = part + 2 * N * C * rp;
+    const real *mu = (const real *)a->smean, *rsv = (const real *)a->srstd;
+    pn_sp_mem mem;
+    const int64_t per_thread = 3 * pn_sp_pad(PN_SP_PIECE);
+    pn_status st = pn_sp_alloc(&mem, pn_sp_pad(C) + 2 * pn_sp_pad(nsets) + nt * per_thread);
+    if (st) return st;
+    real *w = pn_sp_take(&mem, C), *k1 = pn_sp_take(&mem, nsets), *k2 = pn_sp_take(&mem, nsets);
+    real *bufs = pn_sp_take(&mem, nt * per_thread);
+    pn_sp_params(a, w, NULL);
+    /* set-local when there are sets enough, but not for BatchNorm's short
+     * rows (its sets' rows are scattered: memory order does better) */
+    const int local = nsets >= 4 * (int64_t)nt && !(bpr && ss->step != 1);
+    const int64_t lchunk = pn_sp_local_chunk(nsets, nt), uchunk = pn_sp_unit_chunk(S);
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        real *xb = bufs + pn_thread_id() * per_thread, *dyb = xb + pn_sp_pad(PN_SP_PIECE);
+        real *tmp = dyb + pn_sp_pad(PN_SP_PIECE);
+        if (local) {
+#pragma omp for schedule(dynamic, lchunk)
+            for (int64_t set = 0; set < nsets; set++) {
+                const int64_t first = pn_sp_first(ss, set);
+                if (bpr && ss->step == 1) {   /* GroupNorm, short rows: consecutive */
+                    for (int64_t r = first; r < first + ss->count; r += bpr)
+                        pn_sp_nchw_bwd_rows(a, ss, r, r + bpr < first + ss->count ? r + bpr : first + ss->count, mu,
+                                            part, xb, dyb);
+                } else {
+                    for (int64_t u = 0; u < units; u++)
+                        pn_sp_nchw_bwd_unit(a, first + pn_sp_unit_row(u, rp) * ss->step, pn_sp_unit_sub(u, rp), rp,
+                                            mu[set], part, xb, dyb);
+                }
+                pn_sp_nchw_bwd_set(a, ss, set, rp, part, tot, w, rsv[set], &k1[set], &k2[set]);
+                const int64_t next = set + 1 < nsets ? pn_sp_first(ss, set + 1) : -1;
+                if (a->dinp && bpr && ss->step == 1) {   /* GroupNorm, short rows: consecutive */
+                    for (int64_t r = first; r < first + ss->count; r += bpr) {
+                        const int64_t r1 = r + bpr < first + ss->count ? r + bpr : first + ss->count;
+                        if (next >= 0) pn_sp_nchw_prefetch_rows(a, next + r - first, r1 - r);
+                        pn_sp_nchw_dx_rows(a, ss, r, r1, mu, rsv, k1, k2, w, stream_blk, xb, dyb, tmp);
+                    }
+                } else if (a->dinp) {
+                    for (int64_t u = 0; u < units; u++) {
+                        const int64_t j = pn_sp_unit_row(u, rp), k = pn_sp_unit_sub(u, rp);
+                        if (next >= 0) pn_sp_nchw_prefetch(a, next + j * ss->step, k);
+                        pn_sp_nchw_dx_unit(a, first + j * ss->step, k, mu[set], rsv[set], k1[set],
+                                           k2[set], w, stream, xb, dyb, tmp);
+                    }
+                }
+            }
+        } else {
+            /* rows in memory order: blocks of short rows, or sub-rows of long ones */
+            if (bpr) {
+                const int64_t nblk = pn_sp_cdiv(rows, bpr);
+#pragma omp for schedule(dynamic, 4)
+                for (int64_t k = 0; k < nblk; k++)
+                    pn_sp_nchw_bwd_rows(a, ss, k * bpr, (k + 1) * bpr < rows ? (k + 1) * bpr : rows, mu, part, xb, dyb);
+            } else {
+#pragma omp for schedule(dynamic, uchunk)
+                for (int64_t t = 0; t < rows * rp; t++) {
+                    const int64_t r = pn_sp_unit_row(t, rp);
+                    pn_sp_nchw_bwd_unit(a, r, pn_sp_unit_sub(t, rp), rp, mu[pn_sp_set_of(ss, r)], part, xb, dyb);
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t set = 0; set < nsets; set++)
+                pn_sp_nchw_bwd_set(a, ss, set, rp, part, tot, w, rsv[set], &k1[set], &k2[set]);
+            if (a->dinp && bpr) {
+                const int64_t nblk = pn_sp_cdiv(rows, bpr);
+#pragma omp for schedule(dynamic, 4)
+                for (int64_t k = 0; k < nblk; k++)
+                    pn_sp_nchw_dx_rows(a, ss, k * bpr, (k + 1) * bpr < rows ? (k + 1) * bpr : rows, mu, rsv, k1, k2,
+                                       w, stream_blk, xb, dyb, tmp);
+            } else if (a->dinp) {
+#pragma omp for schedule(dynamic, uchunk)
+                for (int64_t t = 0; t < rows * rp; t++) {
+                    const int64_t r = pn_sp_unit_row(t, rp), set = pn_sp_set_of(ss, r);
+                    pn_sp_nchw_dx_unit(a, r, pn_sp_unit_sub(t, rp), mu[set], rsv[set], k1[set], k2[set], w, stream, xb,
+                                       dyb, tmp);
+                }
+            }
+        }
+        /* dweight, dbias: per channel, the rows' shares over the samples in
+         * order; blocks of channels, one per lane */
+        if (a->dweight || a->dbias) {
+            const int64_t ncb = pn_sp_cdiv(C, PN_SP_GB);
+#pragma omp for schedule(static)
+            for (int64_t k = 0; k < ncb; k++) {
+                const int64_t c0 = k * PN_SP_GB, nc = c0 + PN_SP_GB < C ? PN_SP_GB : C - c0;
+                double dw[PN_SP_GB], db[PN_SP_GB];
+                for (int64_t j = 0; j < nc; j++) dw[j] = db[j] = 0;
+                for (int64_t n = 0; n < N; n++)
+                    for (int64_t j = 0; j < nc; j++) {
+                        const int64_t r = n * C + c0 + j;
+                        db[j] += (double)tot[r * 2];
+                        dw[j] += (double)tot[r * 2 + 1];
+                    }
+                for (int64_t j = 0; j < nc; j++) pn_sp_param_grads(a, c0 + j, dw[j], db[j]);
+            }
+        }
+    }
+    if (stream) pn_stream_fence();
+    free(mem.mem);
+    return PN_OK;
+}
+
+/* ==== NHWC engine ================================================================
+ * Rows of C channels. nsets sets of `rows` consecutive rows (GroupNorm: a
+ * sample; BatchNorm: everything), G groups of Cg consecutive channels
+ * (BatchNorm: G = C). Per set and channel, the values are accumulated down
+ * the rows (vectors along C); pieces are runs of rpp rows. Statistics slot of
+ * (set, g): set * G + g. */
+typedef struct {
+    int64_t nsets, rows, rpp, np, G, Cg;
+} pn_sp_nhwc;
+
+static inline pn_sp_nhwc pn_sp_nhwc_layout(const pn_spatial_args *a) {
+    pn_sp_nhwc h;
+    h.nsets = pn_sp_nhwc_sets(a);
+    h.rows = pn_sp_nhwc_rows(a);
+    h.rpp = pn_sp_rows_per_piece(a->C);
+    h.np = pn_sp_cdiv(h.rows, h.rpp);
+    h.G = a->G;
+    h.Cg = a->C / a->G;
+    return h;
+}
+
+/* Rows of piece p of a set: first row (global) and count. */
+static inline int64_t pn_sp_nhwc_piece_rows(const pn_sp_nhwc *h, int64_t set, int64_t p, int64_t *r0) {
+    *r0 = set * h->rows + p * h->rpp;
+    return p * h->rpp + h->rpp < h->rows ? h->rpp : h->rows - p * h->rpp;
+}
+
+/* Column sums down nr rows of C values (NHWC pieces): for each channel c,
+ *   kind 0: sum of x[r][c] - sh[c]
+ *   kind 1: sum of ((x[r][c] - sh[c]) - mv[c])^2
+ *   kind 2: sum of dy[r][c] into out[c], sum of dy[r][c] * (x[r][c] - sh[c]) into out2[c]
+ * Blocks of PN_SP_CB channels are summed in registers, the rows split in four
+ * interleaved running sums (rows 0, 1, 2, 3 mod 4) added together at the end:
+ * short chains of additions, one load per value. The order of additions is
+ * fixed by the sizes alone. */
+#define PN_SP_CB ((int)(128 / sizeof(real)))   /* channels per block: two cache lines */
+
+static inline void pn_sp_colsum_block(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
+                                      const real *sh, const real *mv, real *out, real *out2) {
+    real a0[PN_SP_CB], a1[PN_SP_CB], a2[PN_SP_CB], a3[PN_SP_CB];
+    real b0[PN_SP_CB], b1[PN_SP_CB], b2[PN_SP_CB], b3[PN_SP_CB];
+    real s[PN_SP_CB], m[PN_SP_CB];
+    for (int j = 0; j < PN_SP_CB; j++) {
+        a0[j] = a1[j] = a2[j] = a3[j] = b0[j] = b1[j] = b2[j] = b3[j] = 0;
+        s[j] = sh[j];
+        m[j] = kind == 1 ? mv[j] : 0;
+    }
+    int64_t r = 0;
+#define PN_SP_TERM(acc, bcc, row)                                                              \
+    for (int j = 0; j < PN_SP_CB; j++) {                                                       \
+        const real d = (x[(row) * C + j] - s[j]) - m[j];                                       \
+        if (kind == 0) acc[j] += d;                                                            \
+        else if (kind == 1) acc[j] += d * d;                                                   \
+        else { acc[j] += dy[(row) * C + j]; bcc[j] += dy[(row) * C + j] * d; }                 \
+    }
+    for (; r + 4 <= nr; r += 4) {
+        PN_SP_TERM(a0, b0, r)
+        PN_SP_TERM(a1, b1, r + 1)
+        PN_SP_TERM(a2, b2, r + 2)
+        PN_SP_TERM(a3, b3, r + 3)
+    }
+    if (r < nr) { PN_SP_TERM(a0, b0, r) r++; }
+    if (r < nr) { PN_SP_TERM(a1, b1, r) r++; }
+    if (r < nr) { PN_SP_TERM(a2, b2, r) r++; }
+#undef PN_SP_TERM
+    for (int j = 0; j < PN_SP_CB; j++) {
+        out[j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);
+        if (kind == 2) out2[j] = (b0[j] + b1[j]) + (b2[j] + b3[j]);
+    }
+}
+
+/* The same for the last, partial block of n < PN_SP_CB channels, same order. */
+static inline void pn_sp_colsum_tail(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
+                                     int n, const real *sh, const real *mv, real *out, real *out2) {
+    for (int j = 0; j < n; j++) {
+        real a[4] = {0, 0, 0, 0}, b[4] = {0, 0, 0, 0};
+        for (int64_t r = 0; r < nr; r++) {
+            const real d = (x[r * C + j] - sh[j]) - (kind == 1 ? mv[j] : 0);
+            if (kind == 0) a[r & 3] += d;
+            else if (kind == 1) a[r & 3] += d * d;
+            else { a[r & 3] += dy[r * C + j]; b[r & 3] += dy[r * C + j] * d; }
+        }
+        out[j] = (a[0] + a[1]) + (a[2] + a[3]);
+        if (kind == 2) out2[j] = (b[0] + b[1]) + (b[2] + b[3]);
+    }
+}
+
+static inline void pn_sp_colsum(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
+                                const real *sh, const real *mv, real *out, real *out2) {
+    if (nr < 4) {   /* a piece of 1-3 rows (short sets): plain sums down the rows */
+        for (int64_t c = 0; c < C; c++) {
+            out[c] = 0;
+            if (kind == 2) out2[c] = 0;
+        }
+        for (int64_t r = 0; r < nr; r++)
+            for (int64_t c = 0; c < C; c++) {
+                const real d = (x[r * C + c] - sh[c]) - (kind == 1 ? mv[c] : 0);
+                if (kind == 0) out[c] += d;
+                else if (kind == 1) out[c] += d * d;
+                else { out[c] += dy[r * C + c]; out2[c] += dy[r * C + c] * d; }
+            }
+        return;
+    }
+    int64_t c = 0;
+    for (; c + PN_SP_CB <= C; c += PN_SP_CB)
+        pn_sp_colsum_block(kind, x + c, dy ? dy + c : NULL, nr, C, sh + c, mv ? mv + c : NULL, out + c,
+                           out2 ? out2 + c : NULL);
+    if (c < C)
+        pn_sp_colsum_tail(kind, x + c, dy ? dy + c : NULL, nr, C, (int)(C - c), sh + c, mv ? mv + c : NULL,
+                          out + c, out2 ? out2 + c : NULL);
+}
+
+/* Piece p of a set: per group g, the mean and M2 of x - shift into st[g] and
+ * st[Gp + g] (two passes down the piece's rows while they are in cache). sh:
+ * the set's shift per channel; acc, mv: C reals; buf: rpp*C reals
+ * (conversions). */
+static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set,
+                                          int64_t p, const real *sh, real *acc, real *mv, real *buf,
+                                          real *st) {
+    const int64_t C = a->C, Cg = h->Cg, G = h->G, Gp = pn_sp_pad(G);
+    int64_t r0;
+    const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
+    const real *x = pn_row_as_real((const char *)a->inp + r0 * C * (int64_t)pn_dtype_size(a->dtype),
+                                   a->dtype, buf, nr * C);
+    const real cnt = (real)(nr * Cg);
+    pn_sp_colsum(0, x, NULL, nr, C, sh, NULL, acc, NULL);
+    if (Cg == 1) {   /* one channel per group (BatchNorm, InstanceNorm): vectors */
+        for (int64_t c = 0; c < C; c++) st[c] = mv[c] = acc[c] / cnt;
+    } else {
+        for (int64_t g = 0; g < G; g++) {
+            real s = 0;
+            for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) s += acc[c];
+            st[g] = s / cnt;
+            for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) mv[c] = st[g];
+        }
+    }
+    pn_sp_colsum(1, x, NULL, nr, C, sh, mv, acc, NULL);
+    if (Cg == 1) {
+        for (int64_t c = 0; c < C; c++) st[Gp + c] = acc[c];
+    } else {
+        for (int64_t g = 0; g < G; g++) {
+            real s = 0;
+            for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) s += acc[c];
+            st[Gp + g] = s;
+        }
+    }
+}
+
+/* Rows per block written at once in NHWC: about PN_SP_PIECE values, so that
+ * a block computed in a buffer is still in L1 when it is stored. */
+static inline int64_t pn_sp_nhwc_block_rows(int64_t C) { return C >= PN_SP_PIECE ? 1 : PN_SP_PIECE / C; }
+
+/* y for piece p's rows: ((x - sh[c]) - mm[c]) * sc[c] + b[c], rounded once,
+ * written (or streamed) in contiguous blocks of rows. buf, tmp: rpp*C reals. */
+static inline void pn_sp_nhwc_norm(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t p,
+                                   const real *sh, const real *mm, const real *sc, const real *b,
+                                   int stream, real *buf, real *tmp) {
+    const int64_t C = a->C, es = (int64_t)pn_dtype_size(a->dtype), br = pn_sp_nhwc_block_rows(C);
+    int64_t r0;
+    const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
+    for (int64_t q0 = 0; q0 < nr; q0 += br) {
+        const int64_t q1 = q0 + br < nr ? q0 + br : nr, off = (r0 + q0) * C * es;
+        const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, buf, (q1 - q0) * C);
+        void *dst = (char *)a->out + off;
+        real *y = (a->dtype == PN_REAL_DTYPE && !stream) ? (real *)dst : buf;
+        for (int64_t r = 0; r < q1 - q0; r++) {
+            const real *xr = x + r * C;
+            real *yr = y + r * C;
+            for (int64_t c = 0; c < C; c++) yr[c] = ((xr[c] - sh[c]) - mm[c]) * sc[c] + b[c];
+        }
+        if (y == buf) pn_write_row(dst, y, a->dtype, (q1 - q0) * C, stream, tmp);
+    }
+}
+
+/* A set's shift per channel: the first value of each group in the set. */
+static inline void pn_sp_nhwc_shift(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, real *sh) {
+    const int64_t C = a->C;
+    for (int64_t g = 0; g < h->G; g++) {
+        const real v = pn_sp_value(a->inp, a->dtype, set * h->rows * C + g * h->Cg);
+        for (int64_t c = g * h->Cg; c < (g + 1) * h->Cg; c++) sh[c] = v;
+    }
+}
+
+/* Statistics of groups g0..g1-1 (at most PN_SP_GB) of a set: their pieces'
+ * (mean, M2) merged in order as pn_sp_merge does, one group per lane (the
+ * pieces' weights are the same for every group); then the saved statistics
+ * and the group's channels of mm (mean of x - shift) and sc (rstd * w). */
+static inline void pn_sp_nhwc_merge(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t g0,
+                                    int64_t g1, const real *pst, const real *sh, const real *w, real *mm,
+                                    real *sc) {
+    const int64_t Cg = h->Cg, Gp = pn_sp_pad(h->G), np = h->np, ng = g1 - g0;
+    const int64_t total = h->rows * Cg, full = h->rpp * Cg, tail = total - full * (np - 1);
+    double m[PN_SP_GB], M2[PN_SP_GB], n = 0;
+    for (int64_t j = 0; j < ng; j++) m[j] = M2[j] = 0;
+    for (int64_t p = 0; p < np; p++) {
+        const double nb = (double)(p + 1 < np ? full : tail), nn = n + nb;
+        const double w1 = nb / nn, w2 = n * nb / nn;
+        const real *st = pst + (set * np + p) * 2 * Gp + g0;
+        for (int64_t j = 0; j < ng; j++) {
+            const double d = (double)st[j] - m[j];
+            m[j] += d * w1;
+            M2[j] += (double)st[Gp + j] + d * d * w2;
+        }
+        n = nn;
+    }
+    for (int64_t j = 0; j < ng; j++) {
+        const int64_t g = g0 + j;
+        const real rs = pn_sp_finish(a, set * h->G + g, sh[g * Cg], m[j], M2[j] / n, total);
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) {
+            mm[c] = (real)m[j];
+            sc[c] = rs * w[c];
+        }
+    }
+}
+
+static pn_status pn_sp_nhwc_forward(const pn_spatial_args *a) {
+    const int64_t C = a->C;
+    const pn_sp_nhwc h = pn_sp_nhwc_layout(a);
+    const int64_t ns = h.nsets, np = h.np, G = h.G, Cp = pn_sp_pad(C);
+    const int stream = pn_sp_stream(a, (h.rpp < pn_sp_nhwc_block_rows(C) ? h.rpp : pn_sp_nhwc_block_rows(C)) * C);
+    const int stats = !a->batchnorm || a->training;
+    const int nt = pn_sp_threads(a->N * C * a->S);
+    const int local = stats && ns >= 4 * (int64_t)nt;
+    const int64_t lchunk = pn_sp_local_chunk(ns, nt);
+    const int64_t Gp = pn_sp_pad(G), nblk = pn_sp_cdiv(G, PN_SP_GB);
+    /* the vectors sh (shift), mm (mean of x - shift), sc (rstd * w): per
+     * thread (set-local), or per set */
+    const int64_t nvec = local ? nt : ns;
+    const int64_t bufn = pn_sp_pad(h.rpp * C);
+    const int64_t per_thread = 2 * Cp + 2 * bufn;
+    pn_sp_mem mem;
+    /* [w | b | sh, mm, sc per set or thread | piece stats | per thread: acc, mv, buf, tmp] */
+    pn_status st = pn_sp_alloc(&mem, 2 * Cp + 3 * nvec * Cp + (stats ? ns * np * 2 * Gp : 0) + nt * per_thread);
+    if (st) return st;
+    real *w = pn_sp_take(&mem, C), *b = pn_sp_take(&mem, C);
+    real *shv = pn_sp_take(&mem, nvec * Cp), *mmv = pn_sp_take(&mem, nvec * Cp), *scv = pn_sp_take(&mem, nvec * Cp);
+    real *pst = stats ? pn_sp_take(&mem, ns * np * 2 * Gp) : NULL;
+    real *bufs = pn_sp_take(&mem, nt * per_thread);
+    pn_sp_params(a, w, b);
+    if (!stats) {   /* BatchNorm eval: the running statistics */
+        for (int64_t c = 0; c < C; c++) {
+            const real rs = (real)(1.0 / sqrt((double)pn_sp_value(a->running_var, a->rdtype, c) + a->eps));
+            shv[c] = pn_sp_value(a->running_mean, a->rdtype, c);
+            mmv[c] = 0;
+            scv[c] = rs * w[c];
+            if (a->mean) ((real *)a->mean)[c] = shv[c];
+            if (a->rstd) ((real *)a->rstd)[c] = rs;
+        }
+    } else if (!local) {
+        for (int64_t set = 0; set < ns; set++) pn_sp_nhwc_shift(a, &h, set, shv + set * Cp);
+    }
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int tid = pn_thread_id();
+        real *acc = bufs + tid * per_thread, *mv = acc + Cp, *buf = mv + Cp, *tmp = buf + bufn;
+        if (local) {
+            real *sh = shv + tid * Cp, *mm = mmv + tid * Cp, *sc = scv + tid * Cp;
+#pragma omp for schedule(dynamic, lchunk)
+            for (int64_t set = 0; set < ns; set++) {
+                pn_sp_nhwc_shift(a, &h, set, sh);
+                for (int64_t p = 0; p < np; p++)
+                    pn_sp_nhwc_piece_stats(a, &h, set, p, sh, acc, mv, buf, pst + (set * np + p) * 2 * Gp);
+                for (int64_t g = 0; g < G; g += PN_SP_GB)
+                    pn_sp_nhwc_merge(a, &h, set, g, g + PN_SP_GB < G ? g + PN_SP_GB : G, pst, sh, w, mm, sc);
+                for (int64_t p = 0; p < np; p++) pn_sp_nhwc_norm(a, &h, set, p, sh, mm, sc, b, stream, buf, tmp);
+            }
+        } else {
+            if (stats) {
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t t = 0; t < ns * np; t++)
+                    pn_sp_nhwc_piece_stats(a, &h, t / np, t % np, shv + (t / np) * Cp, acc, mv, buf, pst + t * 2 * Gp);
+#pragma omp for schedule(static)
+                for (int64_t t = 0; t < ns * nblk; t++) {
+                    const int64_t set = t / nblk, g0 = (t % nblk) * PN_SP_GB, g1 = g0 + PN_SP_GB < G ? g0 + PN_SP_GB : G;
+                    pn_sp_nhwc_merge(a, &h, set, g0, g1, pst, shv + set * Cp, w, mmv + set * Cp, scv + set * Cp);
+                }
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < ns * np; t++) {
+                const int64_t set = t / np;
+                pn_sp_nhwc_norm(a, &h, set, t % np, shv + set * Cp, mmv + set * Cp, scv + set * Cp, b, stream,
+                                buf, tmp);
+            }
+        }
+    }
+    if (stream) pn_stream_fence();
+    free(mem.mem);
+    return PN_OK;
+}
+
+/* ---- NHWC backward ------------------------------------------------------------- */
+
+/* Piece p of a set: per channel, sum(dy) and sum(dy * (x - mu[c])) down its
+ * rows, into part[0..C) and part[Cp..Cp+C). xb, dyb: rpp*C reals. */
+static inline void pn_sp_nhwc_bwd_piece(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set,
+                                        int64_t p, const real *mu, real *part, int64_t Cp, real *xb,
+                                        real *dyb) {
+    const int64_t C = a->C;
+    const size_t es = pn_dtype_size(a->dtype);
+    int64_t r0;
+    const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
+    const real *x = pn_row_as_real((const char *)a->inp + r0 * C * (int64_t)es, a->dtype, xb, nr * C);
+    const real *dy = pn_row_as_real((const char *)a->dout + r0 * C * (int64_t)es, a->dtype, dyb, nr * C);
+    pn_sp_colsum(2, x, dy, nr, C, mu, NULL, part, part + Cp);
+}
+
+/* dx for piece p's rows: rs[c] * ((dy * w[c] - k1[c]) - (x - mu[c]) * k2[c]),
+ * added to the old dx when accumulating, in contiguous blocks of rows. xb,
+ * dyb, tmp: rpp*C reals. */
+static inline void pn_sp_nhwc_dx(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t p,
+                                 const real *mu, const real *rs, const real *w, const real *k1,
+                                 const real *k2, int stream, real *xb, real *dyb, real *tmp) {
+    const int64_t C = a->C, es = (int64_t)pn_dtype_size(a->dtype), br = pn_sp_nhwc_block_rows(C);
+    const int direct = a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream;
+    int64_t r0;
+    const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
+    for (int64_t q0 = 0; q0 < nr; q0 += br) {
+        const int64_t q1 = q0 + br < nr ? q0 + br : nr, n = (q1 - q0) * C, off = (r0 + q0) * C * es;
+        const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
+        const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
+        void *dst = (char *)a->dinp + off;
+        real *dx = direct ? (real *)dst : xb;   /* xb: x is read before dx is written */
+        for (int64_t r = 0; r < q1 - q0; r++) {
+            const real *xr = x + r * C, *dr = dy + r * C;
+            real *o = dx + r * C;
+            for (int64_t c = 0; c < C; c++) o[c] = rs[c] * ((dr[c] * w[c] - k1[c]) - (xr[c] - mu[c]) * k2[c]);
+        }
+        if (direct) continue;
+        if (a->accumulate) {
+            pn_load_row(tmp, dst, a->dtype, n);
+            for (int64_t i = 0; i < n; i++) dx[i] += tmp[i];
+        }
+        pn_write_row(dst, dx, a->dtype, n, stream, tmp);
+    }
+}
+
+/* Per set: the per-channel vectors mu, rs (from the saved statistics). */
+static inline void pn_sp_nhwc_saved(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, real *mu,
+                                    real *rs) {
+    const real *sm = (const real *)a->smean, *sr = (const real *)a->srstd;
+    for (int64_t g = 0; g < h->G; g++)
+        for (int64_t c = g * h->Cg; c < (g + 1) * h->Cg; c++) {
+            mu[c] = sm[set * h->G + g];
+            rs[c] = sr[set * h->G + g];
+        }
+}
+
+/* Channels c0..c1-1 (at most PN_SP_GB) of a set: their totals over the
+ * set's pieces, added in order in double, one channel per lane:
+ * tot[c] = sum(dy), tot[Cp + c] = sum(dy * (x - mu)). */
+static inline void pn_sp_nhwc_bwd_totals(const pn_sp_nhwc *h, int64_t set, int64_t c0, int64_t c1,
+                                         const real *part, real *tot, int64_t Cp) {
+    double s[PN_SP_GB], sx[PN_SP_GB];
+    const int64_t n = c1 - c0;
+    for (int64_t j = 0; j < n; j++) s[j] = sx[j] = 0;
+    for (int64_t p = 0; p < h->np; p++) {
+        const real *ps = part + (set * h->np + p) * 2 * Cp + c0;
+        for (int64_t j = 0; j < n; j++) {
+            s[j] += (double)ps[j];
+            sx[j] += (double)ps[Cp + j];
+        }
+    }
+    for (int64_t j = 0; j < n; j++) {
+        tot[c0 + j] = (real)s[j];
+        tot[Cp + c0 + j] = (real)sx[j];
+    }
+}
+
+/* Group g of a set: the coefficients k1, k2 of its channels (see the NCHW
+ * backward) from the channels' totals; then the totals of sum(dy * (x - mu))
+ * become shares of dweight (times rstd). */
+static inline void pn_sp_nhwc_bwd_coeffs(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t g,
+                                         real *tot, int64_t Cp, const real *w, const real *rs,
+                                         real *k1, real *k2) {
+    const int64_t Cg = h->Cg;
+    const double M = (double)(h->rows * Cg);
+    const int consts = a->batchnorm && !a->training;
+    double sg = 0, sgx = 0;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) {
+        sg += (double)w[c] * (double)tot[c];
+        sgx += (double)w[c] * (double)tot[Cp + c];
+    }
+    const double r = (double)rs[g * Cg];
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) {
+        k1[c] = consts ? 0 : (real)(sg / M);
+        k2[c] = consts ? 0 : (real)(r * r * sgx / M);
+        tot[Cp + c] = (real)(r * (double)tot[Cp + c]);   /* now the channel's share of dweight */
+    }
+}
+
+static pn_status pn_sp_nhwc_backward(const pn_spatial_args *a) {
+    const int64_t C = a->C, Cp = pn_sp_pad(C);
+    const pn_sp_nhwc h = pn_sp_nhwc_layout(a);
+    const int64_t ns = h.nsets, np = h.np;
+    const int stream = pn_sp_stream(a, (h.rpp < pn_sp_nhwc_block_rows(C) ? h.rpp : pn_sp_nhwc_block_rows(C)) * C);
+    const int nt = pn_sp_threads(a->N * C * a->S);
+    real *part = pn_scratch_reals(a->scratch);
+    real *tot = np > 1 ? part + ns * np * 2 * Cp : part;   /* one piece: its partials are the totals */
+    const int64_t bufn = pn_sp_pad(h.rpp * C);
+    const int local = ns >= 4 * (int64_t)nt;
+    const int64_t lchunk = pn_sp_local_chunk(ns, nt);
+    /* the vectors mu, rs, k1, k2: per thread (set-local), or per set */
+    const int64_t nvec = local ? nt : ns;
+    const int64_t per_thread = 3 * bufn;
+    pn_sp_mem mem;
+    /* [w | mu, rs, k1, k2 per set or thread | per thread: xb, dyb, tmp] */
+    pn_status st = pn_sp_alloc(&mem, Cp + 4 * nvec * Cp + nt * per_thread);
+    if (st) return st;
+    real *w = pn_sp_take(&mem, C);
+    real *muv = pn_sp_take(&mem, nvec * Cp), *rsv = pn_sp_take(&mem, nvec * Cp);
+    real *k1v = pn_sp_take(&mem, nvec * Cp), *k2v = pn_sp_take(&mem, nvec * Cp);
+    real *bufs = pn_sp_take(&mem, nt * per_thread);
+    pn_sp_params(a, w, NULL);
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int tid = pn_thread_id();
+        real *xb = bufs + tid * per_thread, *dyb = xb + bufn, *tmp = dyb + bufn;
+        if (local) {
+            real *mu = muv + tid * Cp, *rs = rsv + tid * Cp, *k1 = k1v + tid * Cp, *k2 = k2v + tid * Cp;
+#pragma omp for schedule(dynamic, lchunk)
+            for (int64_t set = 0; set < ns; set++) {
+                pn_sp_nhwc_saved(a, &h, set, mu, rs);
+                for (int64_t p = 0; p < np; p++)
+                    pn_sp_nhwc_bwd_piece(a, &h, set, p, mu, part + (set * np + p) * 2 * Cp, Cp, xb, dyb);
+                if (np > 1)
+                    for (int64_t c = 0; c < C; c += PN_SP_GB)
+                        pn_sp_nhwc_bwd_totals(&h, set, c, c + PN_SP_GB < C ? c + PN_SP_GB : C, part,
+                                              tot + set * 2 * Cp, Cp);
+                for (int64_t g = 0; g < h.G; g++)
+                    pn_sp_nhwc_bwd_coeffs(a, &h, g, tot + set * 2 * Cp, Cp, w, rs, k1, k2);
+                if (a->dinp)
+                    for (int64_t p = 0; p < np; p++)
+                        pn_sp_nhwc_dx(a, &h, set, p, mu, rs, w, k1, k2, stream, xb, dyb, tmp);
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t set = 0; set < ns; set++) pn_sp_nhwc_saved(a, &h, set, muv + set * Cp, rsv + set * Cp);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < ns * np; t++)
+                pn_sp_nhwc_bwd_piece(a, &h, t / np, t % np, muv + (t / np) * Cp, part + t * 2 * Cp, Cp, xb, dyb);
+            /* totals parallel over blocks of channels, then the groups' coefficients */
+            const int64_t nblk = pn_sp_cdiv(C, PN_SP_GB);
+            if (np > 1) {
+#pragma omp for schedule(static)
+                for (int64_t t = 0; t < ns * nblk; t++) {
+                    const int64_t set = t / nblk, c0 = (t % nblk) * PN_SP_GB;
+                    pn_sp_nhwc_bwd_totals(&h, set, c0, c0 + PN_SP_GB < C ? c0 + PN_SP_GB : C, part,
+                                          tot + set * 2 * Cp, Cp);
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < ns * h.G; t++) {
+                const int64_t o = (t / h.G) * Cp;
+                pn_sp_nhwc_bwd_coeffs(a, &h, t % h.G, tot + (t / h.G) * 2 * Cp, Cp, w, rsv + o, k1v + o, k2v + o);
+            }
+            if (a->dinp) {
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t t = 0; t < ns * np; t++) {
+                    const int64_t o = (t / np) * Cp;
+                    pn_sp_nhwc_dx(a, &h, t / np, t % np, muv + o, rsv + o, w, k1v + o, k2v + o, stream, xb, dyb,
+                                  tmp);
+                }
+            }
+        }
+        /* dweight, dbias: per channel, the sets' shares in order; blocks of
+         * channels, one per lane */
+        if (a->dweight || a->dbias) {
+            const int64_t ncb = pn_sp_cdiv(C, PN_SP_GB);
+#pragma omp for schedule(static)
+            for (int64_t k = 0; k < ncb; k++) {
+                const int64_t c0 = k * PN_SP_GB, n = c0 + PN_SP_GB < C ? PN_SP_GB : C - c0;
+                double dw[PN_SP_GB], db[PN_SP_GB];
+                for (int64_t j = 0; j < n; j++) dw[j] = db[j] = 0;
+                for (int64_t set = 0; set < ns; set++) {
+                    const real *t = tot + set * 2 * Cp + c0;
+                    for (int64_t j = 0; j < n; j++) {
+                        db[j] += (double)t[j];
+                        dw[j] += (double)t[Cp + j];
+                    }
+                }
+                for (int64_t j = 0; j < n; j++) pn_sp_param_grads(a, c0 + j, dw[j], db[j]);
+            }
+        }
+    }
+    if (stream) pn_stream_fence();
+    free(mem.mem);
+    return PN_OK;
+}
+
+#endif /* PN_KERNEL_BUILD */
+#endif /* PYNORM_SPATIAL_H */

@@ -1,0 +1,265 @@
+"""End-to-end benchmark: a transformer block's forward + backward on CPU with torch's
+norms and with the same block after pynorm.torch.replace_norms.
+
+    python -m pynorm.bench_torch [--quick] [--threads 2,1] [--repeats K] [--json OUT]
+
+It prints the norm modules alone (module_rows: torch.nn's vs pynorm.torch's through
+autograd, at the blocks' sizes; GB/s meaningful), then whole blocks (block_rows).
+
+Two blocks, both float32 and pre-norm:
+- "gpt": torch.nn.TransformerEncoderLayer(norm_first=True, GELU, batch_first) with
+  its two nn.LayerNorm;
+- "llama": an RMSNorm block written out below (nn.RMSNorm, causal attention through
+  scaled_dot_product_attention, SwiGLU MLP).
+
+The pynorm model is a deep copy of the torch model (same weights) with its norms
+swapped; both run on the same input and output gradient, calls alternating
+torch / pynorm so that noise hits both, medians reported. Rows have the format of
+pynorm.bench's rows (op, label, dtype, shape, threads, baseline, baseline_ms,
+pynorm_ms, speedup, bytes, pynorm_gbps, baseline_allocating_only): shape is
+(rows = batch*seq, C); bytes counts only what the norms must move (5 N per norm,
+N = rows * C * 4 bytes) and pynorm_gbps / pct_copy are NaN, since a whole block's
+time is mostly matrix products and a bandwidth figure for it would mean nothing.
+"""
+
+import argparse
+import copy
+import gc
+import json
+import math
+import statistics
+import sys
+import time
+
+# (batch, seq, C): GPT-2 small's width, and a narrow block where the norms (O(C) per
+# token, against O(C^2) for the matrix products) weigh more
+GPT_SHAPES = [(4, 256, 768), (16, 128, 256)]
+LLAMA_SHAPES = [(4, 256, 1024), (16, 128, 256)]
+QUICK_GPT_SHAPES = [(2, 64, 256)]
+QUICK_LLAMA_SHAPES = [(2, 64, 256)]
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def make_llama_block(C, n_heads, hidden, torch):
+    nn, F = torch.nn, torch.nn.functional
+
+    class LlamaBlock(nn.Module):
+        """Pre-norm block: h = x + attn(rms(x)); out = h + mlp(rms(h))."""
+
+        def __init__(self):
+            super().__init__()
+            self.attn_norm = nn.RMSNorm(C, eps=1e-6)
+            self.qkv = nn.Linear(C, 3 * C, bias=False)
+            self.proj = nn.Linear(C, C, bias=False)
+            self.mlp_norm = nn.RMSNorm(C, eps=1e-6)
+            self.gate_up = nn.Linear(C, 2 * hidden, bias=False)
+            self.down = nn.Linear(hidden, C, bias=False)
+
+        def forward(self, x):
+            Bs, T, _ = x.shape
+            q, k, v = self.qkv(self.attn_norm(x)).split(C, dim=-1)
+            q, k, v = (t.view(Bs, T, n_heads, C // n_heads).transpose(1, 2) for t in (q, k, v))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            h = x + self.proj(a.transpose(1, 2).reshape(Bs, T, C))
+            gate, up = self.gate_up(self.mlp_norm(h)).chunk(2, dim=-1)
+            return h + self.down(F.silu(gate) * up)
+
+    return LlamaBlock()
+
+
+def make_block(kind, C, torch):
+    if kind == "gpt":
+        return torch.nn.TransformerEncoderLayer(C, nhead=max(1, C // 64), dim_feedforward=4 * C,
+                                                dropout=0.0, activation="gelu", batch_first=True,
+                                                norm_first=True)
+    if kind == "llama":
+        hidden = 256 * math.ceil(8 * C / 3 / 256)
+        return make_llama_block(C, max(1, C // 64), hidden, torch)
+    raise ValueError(kind)
+
+
+BLOCKS = {
+    "gpt": ("transformer_block_layernorm_fwd_bwd", "GPT block fwd+bwd (2 LayerNorm)", 2),
+    "llama": ("transformer_block_rmsnorm_fwd_bwd", "Llama block fwd+bwd (2 RMSNorm)", 2),
+}
+
+
+def _time_pair(f_base, f_pn, warmup, repeats):
+    for _ in range(warmup):
+        f_base()
+        f_pn()
+    tb, tp = [], []
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f_base()
+            t1 = time.perf_counter()
+            f_pn()
+            t2 = time.perf_counter()
+            tb.append(t1 - t0)
+            tp.append(t2 - t1)
+    finally:
+        if was:
+            gc.enable()
+    return statistics.median(tb), statistics.median(tp)
+
+
+def _fwd_bwd(model, x, dy):
+    def step():
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        model(x).backward(dy)
+    return step
+
+
+def block_case(kind, shape, seed=0):
+    """(torch model, pynorm model, x, dy, swapped names) for one block."""
+    torch = _torch()
+    import pynorm.torch as pnt
+    Bs, T, C = shape
+    torch.manual_seed(seed)
+    base = make_block(kind, C, torch).train()
+    with torch.no_grad():               # norm parameters off their init, so they matter
+        for m in base.modules():
+            if isinstance(m, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+                m.weight.uniform_(0.5, 1.5)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.uniform_(-0.1, 0.1)
+    swapped = copy.deepcopy(base)
+    names = pnt.replace_norms(swapped)
+    x = torch.randn(shape, requires_grad=True)
+    dy = torch.randn(shape)
+    return base, swapped, x, dy, names
+
+
+def block_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None, blocks=("gpt", "llama")):
+    """Times each block's forward + backward with torch's norms and with pynorm's.
+    Returns rows in pynorm.bench's format (pynorm_gbps and pct_copy NaN)."""
+    torch = _torch()
+    import pynorm
+    warmup = (1 if quick else 3) if warmup is None else warmup
+    repeats = (5 if quick else 15) if repeats is None else repeats
+    shapes = {"gpt": QUICK_GPT_SHAPES if quick else GPT_SHAPES,
+              "llama": QUICK_LLAMA_SHAPES if quick else LLAMA_SHAPES}
+    saved = (pynorm.get_num_threads(), torch.get_num_threads())
+    rows = []
+    try:
+        for kind in blocks:
+            key, label, n_norms = BLOCKS[kind]
+            for shape in shapes[kind]:
+                base, swapped, x, dy, names = block_case(kind, shape)
+                assert len(names) == n_norms, names
+                n = shape[0] * shape[1] * shape[2] * x.element_size()
+                for threads in thread_counts:
+                    pynorm.set_num_threads(threads)
+                    torch.set_num_threads(threads)
+                    t_base, t_pn = _time_pair(_fwd_bwd(base, x, dy), _fwd_bwd(swapped, x, dy),
+                                              warmup, repeats)
+                    rows.append(dict(
+                        op=key, label=label, dtype="float32",
+                        shape=[shape[0] * shape[1], shape[2]], threads=threads,
+                        baseline="torch", baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3,
+                        speedup=t_base / t_pn, bytes=5 * n * n_norms,
+                        pynorm_gbps=float("nan"), pct_copy=float("nan"),
+                        baseline_allocating_only=False,
+                        block=dict(kind=kind, batch=shape[0], seq=shape[1], C=shape[2],
+                                   norms=[n for n, _ in names])))
+    finally:
+        pynorm.set_num_threads(saved[0])
+        torch.set_num_threads(saved[1])
+    return rows
+
+
+MODULES = {
+    "gpt": ("torch_module_layernorm_fwd_bwd", "nn.LayerNorm module fwd+bwd", "LayerNorm"),
+    "llama": ("torch_module_rmsnorm_fwd_bwd", "nn.RMSNorm module fwd+bwd", "RMSNorm"),
+}
+
+
+def module_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None, blocks=("gpt", "llama")):
+    """The blocks' norm modules alone (torch.nn's vs pynorm.torch's, through autograd,
+    parameter gradients included) at the blocks' (rows, C): where a block's difference
+    comes from. bytes = 5 N (reads x, writes y; reads dy and x, writes dx), so these
+    rows' GB/s are meaningful (pct_copy is left to pynorm.bench.add_copy_fraction)."""
+    torch = _torch()
+    import pynorm
+    import pynorm.torch as pnt
+    warmup = (1 if quick else 3) if warmup is None else warmup
+    repeats = (5 if quick else 15) if repeats is None else repeats
+    shapes = {"gpt": QUICK_GPT_SHAPES if quick else GPT_SHAPES,
+              "llama": QUICK_LLAMA_SHAPES if quick else LLAMA_SHAPES}
+    saved = (pynorm.get_num_threads(), torch.get_num_threads())
+    rows = []
+    try:
+        for kind in blocks:
+            key, label, cls = MODULES[kind]
+            for shape in shapes[kind]:
+                rows_, C = shape[0] * shape[1], shape[2]
+                torch.manual_seed(1)
+                base = getattr(torch.nn, cls)(C)
+                with torch.no_grad():
+                    base.weight.uniform_(0.5, 1.5)
+                twin = getattr(pnt, cls)(C)
+                twin.load_state_dict(base.state_dict())
+                x = torch.randn(rows_, C, requires_grad=True)
+                dy = torch.randn(rows_, C)
+                nbytes = 5 * x.numel() * x.element_size()
+                for threads in thread_counts:
+                    pynorm.set_num_threads(threads)
+                    torch.set_num_threads(threads)
+                    t_base, t_pn = _time_pair(_fwd_bwd(base, x, dy), _fwd_bwd(twin, x, dy), warmup, repeats)
+                    rows.append(dict(
+                        op=key, label=label, dtype="float32", shape=[rows_, C], threads=threads,
+                        baseline="torch", baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3,
+                        speedup=t_base / t_pn, bytes=nbytes, pynorm_gbps=nbytes / t_pn / 1e9,
+                        baseline_allocating_only=False))
+    finally:
+        pynorm.set_num_threads(saved[0])
+        torch.set_num_threads(saved[1])
+    return rows
+
+
+NOTE = ("Transformer block rows: forward + backward of a whole block (matrix products, "
+        "attention, norms), torch's norms vs the same block after pynorm.torch.replace_norms "
+        "(same weights and data, calls alternating); GB/s and % copy do not apply (nan).")
+
+
+def _copy_bandwidth(pynorm, threads):
+    saved = pynorm.get_num_threads()
+    pynorm.set_num_threads(threads)
+    try:
+        return pynorm.copy_bandwidth()
+    finally:
+        pynorm.set_num_threads(saved)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pynorm.bench_torch", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", default="2,1")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--json", metavar="OUT.json")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    import pynorm
+    from pynorm.bench import add_copy_fraction, format_table
+    rows = module_rows(threads, quick=args.quick, repeats=args.repeats)
+    add_copy_fraction(rows, {n: _copy_bandwidth(pynorm, n) for n in threads})
+    rows += block_rows(threads, quick=args.quick, repeats=args.repeats)
+    print(format_table(rows, "torch"))
+    print()
+    print(NOTE)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=rows, notes=[NOTE]), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

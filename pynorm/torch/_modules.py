@@ -1,0 +1,99 @@
+"""nn.Module drop-ins: torch.nn's norm classes with their forward on pynorm's kernels.
+
+Each class subclasses its torch.nn twin and overrides only forward, so the
+constructor arguments, parameters, buffers, state_dict keys, reset_parameters,
+extra_repr and isinstance checks are torch's own: a torch checkpoint loads
+unchanged, and code that looks for nn.LayerNorm (weight-decay filters, FSDP
+wrapping policies) still finds these.
+"""
+
+import torch
+
+from . import _functional as F
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm on pynorm's kernels (normalized_shape of any length: the
+    trailing axes are flattened into one row)."""
+
+    def forward(self, input):
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm on pynorm's kernels (eps=None: the machine epsilon of the
+    compute type, as torch)."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """torch.nn.GroupNorm on pynorm's kernels (channels_last input: NHWC kernels)."""
+
+    def forward(self, input):
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class _InstanceNormMixin:
+    # torch's _InstanceNorm.forward checks the input and handles unbatched input,
+    # then calls this.
+    def _apply_instance_norm(self, input):
+        return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+                               self.training or not self.track_running_stats,
+                               self.momentum if self.momentum is not None else 0.0, self.eps)
+
+
+class InstanceNorm1d(_InstanceNormMixin, torch.nn.InstanceNorm1d):
+    """torch.nn.InstanceNorm1d on pynorm's GroupNorm kernels (one group per channel)."""
+
+
+class InstanceNorm2d(_InstanceNormMixin, torch.nn.InstanceNorm2d):
+    """torch.nn.InstanceNorm2d on pynorm's GroupNorm kernels (one group per channel)."""
+
+
+class InstanceNorm3d(_InstanceNormMixin, torch.nn.InstanceNorm3d):
+    """torch.nn.InstanceNorm3d on pynorm's GroupNorm kernels (one group per channel)."""
+
+
+class _BatchNormMixin:
+    def forward(self, input):
+        # torch's _BatchNorm.forward, except that momentum=None passes the batch count
+        # to the kernel instead of reading it on the host (no sync, no graph break)
+        self._check_input_dim(input)
+        momentum = self.momentum
+        nbt = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:                   # cumulative moving average
+                nbt = self.num_batches_tracked
+        if momentum is None and nbt is None:
+            momentum = 0.0
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return F.batch_norm(input, self.running_mean if track else None,
+                            self.running_var if track else None, self.weight, self.bias,
+                            bn_training, momentum, self.eps, num_batches_tracked=nbt)
+
+
+class BatchNorm1d(_BatchNormMixin, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d on pynorm's kernels."""
+
+
+class BatchNorm2d(_BatchNormMixin, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on pynorm's kernels (channels_last input: NHWC kernels)."""
+
+
+class BatchNorm3d(_BatchNormMixin, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d on pynorm's kernels (channels_last_3d input: NHWC kernels)."""
+
+
+_TWINS = {torch.nn.LayerNorm: LayerNorm, torch.nn.RMSNorm: RMSNorm, torch.nn.GroupNorm: GroupNorm,
+          torch.nn.InstanceNorm1d: InstanceNorm1d, torch.nn.InstanceNorm2d: InstanceNorm2d,
+          torch.nn.InstanceNorm3d: InstanceNorm3d, torch.nn.BatchNorm1d: BatchNorm1d,
+          torch.nn.BatchNorm2d: BatchNorm2d, torch.nn.BatchNorm3d: BatchNorm3d}
+
+
+def twins():
+    """{torch.nn class: pynorm twin} for every class replace_norms converts."""
+    return dict(_TWINS)
