@@ -54,8 +54,10 @@ static inline pn_status pn_run_spatial(const pn_spatial_kernel table[3][2], cons
 static inline int64_t pn_sp_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static inline int64_t pn_sp_pad(int64_t n) { return (n + 15) & ~(int64_t)15; }
 
-/* NCHW: a row of S values is cut into pieces of PN_SP_PIECE when it is long;
- * short rows are taken PN_SP_PIECE / S at a time. */
+/* NCHW: a segment of n contiguous values (a row of S; for GroupNorm's
+ * statistics, a set's C/G rows) is cut into pieces of PN_SP_PIECE values when
+ * it is long; short ones are taken PN_SP_PIECE / n at a time. The backward
+ * cuts each row into pn_sp_row_pieces(S) sub-rows. */
 static inline int64_t pn_sp_row_pieces(int64_t S) { return pn_sp_cdiv(S, PN_SP_PIECE); }
 static inline int64_t pn_sp_rows_per_piece_nchw(int64_t S) { return S >= PN_SP_PIECE ? 1 : PN_SP_PIECE / S; }
 /* NHWC: whole rows of C, about PN_SP_PIECE_ROWS values and at most
@@ -140,17 +142,21 @@ static inline pn_status pn_check_spatial(pn_spatial_args *a, int backward, size_
     }
 }
 
-/* Runs a backward variant, taking (and freeing) scratch when the caller gave none. */
+/* Runs a backward variant, taking (and giving back) scratch when the caller
+ * gave none: from the library's buffer cache, which spares a loop of calls
+ * the page faults of fresh memory when the scratch is large. */
 static inline pn_status pn_run_spatial_backward(const pn_spatial_kernel table[3][2], pn_spatial_args *a) {
     void *own = NULL;
+    size_t bytes = 0;
     if (!a->dinp && !a->dweight && !a->dbias) return PN_OK;   /* nothing asked for */
     if (!a->scratch) {
-        own = malloc(pn_sp_scratch_size(a));
+        bytes = pn_sp_scratch_size(a);
+        own = pn_buffer_alloc(bytes);
         if (!own) return PN_ERR_ALLOC;
         a->scratch = own;
     }
     pn_status st = pn_run_spatial(table, a);
-    free(own);
+    pn_buffer_free(own, bytes);
     return st;
 }
 
@@ -165,6 +171,7 @@ static inline pn_status pn_run_spatial_backward(const pn_spatial_kernel table[3]
 typedef struct {
     real *mem;
     int64_t used;
+    size_t bytes;
 } pn_sp_mem;
 
 static inline real *pn_sp_take(pn_sp_mem *m, int64_t n) {
@@ -179,17 +186,23 @@ static inline int pn_sp_threads(int64_t elems) {
     return (elems < PN_PARALLEL_MIN_ELEMS || nt < 1) ? 1 : nt;
 }
 
+/* From the library's buffer cache (64-byte aligned; large blocks are reused
+ * from call to call instead of being faulted in afresh). */
 static inline pn_status pn_sp_alloc(pn_sp_mem *m, int64_t reals) {
-    m->mem = (real *)malloc((size_t)reals * sizeof(real));
+    m->bytes = (size_t)reals * sizeof(real);
+    m->mem = (real *)pn_buffer_alloc(m->bytes);
     m->used = 0;
     return m->mem ? PN_OK : PN_ERR_ALLOC;
 }
 
+static inline void pn_sp_release(pn_sp_mem *m) { pn_buffer_free(m->mem, m->bytes); }
+
 /* Scheduling. Which thread works on what never changes a result, so the
  * loops hand out work dynamically: on a busy machine a thread that was
  * preempted does not hold the others up. Set-local loops give a thread runs
- * of consecutive sets (the next one is prefetched while this one is written);
- * loops over sub-rows give each about 16K values at a time. */
+ * of consecutive sets (the next one is prefetched while this one is written),
+ * and loops over NHWC pieces runs of pieces (the same); loops over sub-rows
+ * give each about 16K values at a time. */
 static inline int64_t pn_sp_local_chunk(int64_t nsets, int nt) {
     const int64_t k = nsets / (8 * (int64_t)nt);
     return k < 1 ? 1 : k;
@@ -285,10 +298,14 @@ static inline int pn_sp_stream(const pn_spatial_args *a, int64_t block) {
 #define PN_SP_SHORT 16
 #define PN_SP_SHORT_MAX 256
 
+/* The 16 lanes added in a fixed tree (8 + 8, 4 + 4, 2 + 2, 1 + 1), spelled
+ * out: written as a loop over the widths, gcc keeps the tree as scalar
+ * additions through memory, which costs more than the sums of a short row. */
 static inline real pn_sp_short_total(real *acc) {
-    for (int w = PN_SP_SHORT / 2; w >= 1; w /= 2)
-        for (int j = 0; j < w; j++) acc[j] += acc[j + w];
-    return acc[0];
+    for (int j = 0; j < 8; j++) acc[j] += acc[j + 8];
+    for (int j = 0; j < 4; j++) acc[j] += acc[j + 4];
+    for (int j = 0; j < 2; j++) acc[j] += acc[j + 2];
+    return acc[0] + acc[1];
 }
 
 /* sum of (x[i] - shift) */
@@ -420,18 +437,18 @@ static inline void pn_sp_nchw_norm(const pn_spatial_args *a, int64_t r, int64_t 
  * sum(dy * (x - mu)), into out[0], out[1]. Short rows: 16 lanes, as
  * pn_sp_sum_shifted. */
 static inline void pn_sp_row_bwd_sums_short(const real *x, const real *dy, int64_t n, real mu, real *out) {
+    /* two loops: gcc turns the two sums in one 16-lane loop into shuffles */
     real s[PN_SP_SHORT], sx[PN_SP_SHORT];
-    for (int j = 0; j < PN_SP_SHORT; j++) s[j] = sx[j] = 0;
     int64_t i = 0;
+    for (int j = 0; j < PN_SP_SHORT; j++) s[j] = 0;
     for (; i + PN_SP_SHORT <= n; i += PN_SP_SHORT)
-        for (int j = 0; j < PN_SP_SHORT; j++) {
-            s[j] += dy[i + j];
-            sx[j] += dy[i + j] * (x[i + j] - mu);
-        }
-    for (int j = 0; i + j < n; j++) {
-        s[j] += dy[i + j];
-        sx[j] += dy[i + j] * (x[i + j] - mu);
-    }
+        for (int j = 0; j < PN_SP_SHORT; j++) s[j] += dy[i + j];
+    for (int j = 0; i + j < n; j++) s[j] += dy[i + j];
+    i = 0;
+    for (int j = 0; j < PN_SP_SHORT; j++) sx[j] = 0;
+    for (; i + PN_SP_SHORT <= n; i += PN_SP_SHORT)
+        for (int j = 0; j < PN_SP_SHORT; j++) sx[j] += dy[i + j] * (x[i + j] - mu);
+    for (int j = 0; i + j < n; j++) sx[j] += dy[i + j] * (x[i + j] - mu);
     out[0] = pn_sp_short_total(s);
     out[1] = pn_sp_short_total(sx);
 }
@@ -588,7 +605,7 @@ static pn_status pn_sp_nchw_forward(const pn_spatial_args *a, const pn_sp_sets *
     /* set-local when there are sets enough to keep every thread busy, but not
      * for BatchNorm's short rows (its sets' rows are scattered: y is better
      * written in memory order) */
-    const int local = stats && nsets >= 4 * (int64_t)nt && !(bpr && ss->step != 1);
+    const int local = stats && nsets >= 4 * (int64_t)nt && !(S < PN_SP_SHORT_MAX && ss->step != 1);
     const int64_t lchunk = pn_sp_local_chunk(nsets, nt), uchunk = pn_sp_unit_chunk(S);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -643,7 +660,7 @@ static pn_status pn_sp_nchw_forward(const pn_spatial_args *a, const pn_sp_sets *
         }
     }
     if (stream) pn_stream_fence();
-    free(mem.mem);
+    pn_sp_release(&mem);
     return PN_OK;
 }
 
@@ -770,7 +787,7 @@ static pn_status pn_sp_nchw_backward(const pn_spatial_args *a, const pn_sp_sets 
     pn_sp_params(a, w, NULL);
     /* set-local when there are sets enough, but not for BatchNorm's short
      * rows (its sets' rows are scattered: memory order does better) */
-    const int local = nsets >= 4 * (int64_t)nt && !(bpr && ss->step != 1);
+    const int local = nsets >= 4 * (int64_t)nt && !(S < PN_SP_SHORT_MAX && ss->step != 1);
     const int64_t lchunk = pn_sp_local_chunk(nsets, nt), uchunk = pn_sp_unit_chunk(S);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -859,7 +876,7 @@ static pn_status pn_sp_nchw_backward(const pn_spatial_args *a, const pn_sp_sets 
         }
     }
     if (stream) pn_stream_fence();
-    free(mem.mem);
+    pn_sp_release(&mem);
     return PN_OK;
 }
 
@@ -888,6 +905,18 @@ static inline pn_sp_nhwc pn_sp_nhwc_layout(const pn_spatial_args *a) {
 static inline int64_t pn_sp_nhwc_piece_rows(const pn_sp_nhwc *h, int64_t set, int64_t p, int64_t *r0) {
     *r0 = set * h->rows + p * h->rpp;
     return p * h->rpp + h->rpp < h->rows ? h->rpp : h->rows - p * h->rpp;
+}
+
+/* Ask for the rows of piece p of a set (x, and dy in the backward) to come
+ * into cache: the sums walk a piece by blocks of columns, a pattern the
+ * hardware prefetchers follow poorly, so the next piece is fetched in order
+ * while this one is summed. */
+static inline void pn_sp_nhwc_prefetch(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t p) {
+    if (p >= h->np) return;
+    const int64_t es = (int64_t)pn_dtype_size(a->dtype), r0 = set * h->rows + p * h->rpp;
+    const int64_t nr = p * h->rpp + h->rpp < h->rows ? h->rpp : h->rows - p * h->rpp;
+    pn_prefetch((const char *)a->inp + r0 * a->C * es, nr * a->C * es);
+    if (a->dout) pn_prefetch((const char *)a->dout + r0 * a->C * es, nr * a->C * es);
 }
 
 /* Column sums down nr rows of C values (NHWC pieces): for each channel c,
@@ -1086,7 +1115,7 @@ static pn_status pn_sp_nhwc_forward(const pn_spatial_args *a) {
     const int stats = !a->batchnorm || a->training;
     const int nt = pn_sp_threads(a->N * C * a->S);
     const int local = stats && ns >= 4 * (int64_t)nt;
-    const int64_t lchunk = pn_sp_local_chunk(ns, nt);
+    const int64_t lchunk = pn_sp_local_chunk(ns, nt), pchunk = pn_sp_local_chunk(ns * h.np, nt);
     const int64_t Gp = pn_sp_pad(G), nblk = pn_sp_cdiv(G, PN_SP_GB);
     /* the vectors sh (shift), mm (mean of x - shift), sc (rstd * w): per
      * thread (set-local), or per set */
@@ -1124,17 +1153,21 @@ static pn_status pn_sp_nhwc_forward(const pn_spatial_args *a) {
 #pragma omp for schedule(dynamic, lchunk)
             for (int64_t set = 0; set < ns; set++) {
                 pn_sp_nhwc_shift(a, &h, set, sh);
-                for (int64_t p = 0; p < np; p++)
+                for (int64_t p = 0; p < np; p++) {
+                    pn_sp_nhwc_prefetch(a, &h, set, p + 1);
                     pn_sp_nhwc_piece_stats(a, &h, set, p, sh, acc, mv, buf, pst + (set * np + p) * 2 * Gp);
+                }
                 for (int64_t g = 0; g < G; g += PN_SP_GB)
                     pn_sp_nhwc_merge(a, &h, set, g, g + PN_SP_GB < G ? g + PN_SP_GB : G, pst, sh, w, mm, sc);
                 for (int64_t p = 0; p < np; p++) pn_sp_nhwc_norm(a, &h, set, p, sh, mm, sc, b, stream, buf, tmp);
             }
         } else {
             if (stats) {
-#pragma omp for schedule(dynamic, 1)
-                for (int64_t t = 0; t < ns * np; t++)
+#pragma omp for schedule(dynamic, pchunk)
+                for (int64_t t = 0; t < ns * np; t++) {
+                    pn_sp_nhwc_prefetch(a, &h, t / np, t % np + 1);
                     pn_sp_nhwc_piece_stats(a, &h, t / np, t % np, shv + (t / np) * Cp, acc, mv, buf, pst + t * 2 * Gp);
+                }
 #pragma omp for schedule(static)
                 for (int64_t t = 0; t < ns * nblk; t++) {
                     const int64_t set = t / nblk, g0 = (t % nblk) * PN_SP_GB, g1 = g0 + PN_SP_GB < G ? g0 + PN_SP_GB : G;
@@ -1150,7 +1183,7 @@ static pn_status pn_sp_nhwc_forward(const pn_spatial_args *a) {
         }
     }
     if (stream) pn_stream_fence();
-    free(mem.mem);
+    pn_sp_release(&mem);
     return PN_OK;
 }
 
@@ -1264,7 +1297,7 @@ static pn_status pn_sp_nhwc_backward(const pn_spatial_args *a) {
     real *tot = np > 1 ? part + ns * np * 2 * Cp : part;   /* one piece: its partials are the totals */
     const int64_t bufn = pn_sp_pad(h.rpp * C);
     const int local = ns >= 4 * (int64_t)nt;
-    const int64_t lchunk = pn_sp_local_chunk(ns, nt);
+    const int64_t lchunk = pn_sp_local_chunk(ns, nt), pchunk = pn_sp_local_chunk(ns * np, nt);
     /* the vectors mu, rs, k1, k2: per thread (set-local), or per set */
     const int64_t nvec = local ? nt : ns;
     const int64_t per_thread = 3 * bufn;
@@ -1287,8 +1320,10 @@ static pn_status pn_sp_nhwc_backward(const pn_spatial_args *a) {
 #pragma omp for schedule(dynamic, lchunk)
             for (int64_t set = 0; set < ns; set++) {
                 pn_sp_nhwc_saved(a, &h, set, mu, rs);
-                for (int64_t p = 0; p < np; p++)
+                for (int64_t p = 0; p < np; p++) {
+                    pn_sp_nhwc_prefetch(a, &h, set, p + 1);
                     pn_sp_nhwc_bwd_piece(a, &h, set, p, mu, part + (set * np + p) * 2 * Cp, Cp, xb, dyb);
+                }
                 if (np > 1)
                     for (int64_t c = 0; c < C; c += PN_SP_GB)
                         pn_sp_nhwc_bwd_totals(&h, set, c, c + PN_SP_GB < C ? c + PN_SP_GB : C, part,
@@ -1302,9 +1337,11 @@ static pn_status pn_sp_nhwc_backward(const pn_spatial_args *a) {
         } else {
 #pragma omp for schedule(static)
             for (int64_t set = 0; set < ns; set++) pn_sp_nhwc_saved(a, &h, set, muv + set * Cp, rsv + set * Cp);
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < ns * np; t++)
+#pragma omp for schedule(dynamic, pchunk)
+            for (int64_t t = 0; t < ns * np; t++) {
+                pn_sp_nhwc_prefetch(a, &h, t / np, t % np + 1);
                 pn_sp_nhwc_bwd_piece(a, &h, t / np, t % np, muv + (t / np) * Cp, part + t * 2 * Cp, Cp, xb, dyb);
+            }
             /* totals parallel over blocks of channels, then the groups' coefficients */
             const int64_t nblk = pn_sp_cdiv(C, PN_SP_GB);
             if (np > 1) {
@@ -1350,7 +1387,7 @@ static pn_status pn_sp_nhwc_backward(const pn_spatial_args *a) {
         }
     }
     if (stream) pn_stream_fence();
-    free(mem.mem);
+    pn_sp_release(&mem);
     return PN_OK;
 }
 
