@@ -55,9 +55,10 @@ static int view_extent(const pn_view *v, uintptr_t *lo, uintptr_t *hi) {
     const int64_t B = v->nb, T = v->nt;
     int64_t eb, et, e = (int64_t)v->esize, span_lo, span_hi, bytes_lo, bytes_hi;
     if (!mul_ok(B - 1, v->s.b, &eb) || !mul_ok(T - 1, v->s.t, &et)) return 0;
-    span_lo = (eb < 0 ? eb : 0) + (et < 0 ? et : 0);
-    span_hi = (eb > 0 ? eb : 0) + (et > 0 ? et : 0);
-    if (span_hi > INT64_MAX - v->C) return 0;
+    if (__builtin_add_overflow(eb < 0 ? eb : 0, et < 0 ? et : 0, &span_lo) ||
+        __builtin_add_overflow(eb > 0 ? eb : 0, et > 0 ? et : 0, &span_hi))
+        return 0;
+    if (v->C < 0 || span_hi > INT64_MAX - v->C) return 0;
     if (!mul_ok(span_lo, e, &bytes_lo) || !mul_ok(span_hi + v->C, e, &bytes_hi)) return 0;
     *lo = (uintptr_t)v->ptr + (uintptr_t)bytes_lo;  /* wraps correctly for negative spans */
     *hi = (uintptr_t)v->ptr + (uintptr_t)bytes_hi;
@@ -66,16 +67,19 @@ static int view_extent(const pn_view *v, uintptr_t *lo, uintptr_t *hi) {
 
 /* Rows of an output must not overlap each other (two threads would write the
  * same element). A sufficient test, exact for the layouts slicing produces. */
+static uint64_t uabs(int64_t v) { return v < 0 ? 0 - (uint64_t)v : (uint64_t)v; }
+
+/* Called after view_extent() succeeded, so (B-1)*|sb| and (T-1)*|st| fit in int64. */
 static int rows_disjoint(const pn_view *v) {
-    const int64_t B = v->nb, T = v->nt;
-    int64_t sb = v->s.b < 0 ? -v->s.b : v->s.b, st = v->s.t < 0 ? -v->s.t : v->s.t;
+    const uint64_t B = (uint64_t)v->nb, T = (uint64_t)v->nt, C = (uint64_t)v->C;
+    const uint64_t sb = uabs(v->s.b), st = uabs(v->s.t);
     if (B == 1 && T == 1) return 1;
-    if (B == 1) return st >= v->C;
-    if (T == 1) return sb >= v->C;
+    if (B == 1) return st >= C;
+    if (T == 1) return sb >= C;
     /* each row clears the next along the smaller stride, and the whole run
      * of rows along it ends before the next step of the larger one */
-    if (st <= sb) return st >= v->C && sb - (T - 1) * st >= v->C;
-    return sb >= v->C && st - (B - 1) * sb >= v->C;
+    if (st <= sb) return st >= C && sb >= (T - 1) * st + C;
+    return sb >= C && st >= (B - 1) * sb + C;
 }
 
 static int same_view(const pn_view *a, const pn_view *b) {

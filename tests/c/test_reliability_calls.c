@@ -259,6 +259,90 @@ static void uninitialized_outputs(void)
     free(x); free(r); free(y); free(h); free(mean); free(rstd); free(dx); free(dw); free(db);
 }
 
+/* The spatial norms (GroupNorm, BatchNorm) on every path: both layouts,
+ * training and eval, accumulate, a threaded size and a small one, run with
+ * one thread and with three; the results must be finite and bit-identical
+ * (their accuracy is test_spatial.c's business; here memcheck and TSan
+ * watch the kernels' memory and threads). */
+static int spatial_once(int layout, pn_dtype dt, int64_t N, int64_t C, int64_t S, int threads,
+                        unsigned char **res, size_t *nres)
+{
+    const int64_t n = N * C * S, G = C % 3 == 0 ? 3 : 1;
+    const size_t es = tu_dtype_size(dt), ses = dt == PN_FLOAT64 ? 8 : 4;
+    unsigned char *x = tu_xmalloc((size_t)n * es), *dy = tu_xmalloc((size_t)n * es);
+    unsigned char *w = tu_xmalloc((size_t)C * es), *b = tu_xmalloc((size_t)C * es);
+    size_t total = 6 * (size_t)n * es + 8 * (size_t)C * es + 4 * (size_t)(N * G + C) * ses, off = 0;
+    unsigned char *out = tu_xmalloc(total);
+    int ok = 1, i;
+    tu_rng rng;
+    rng.s = 42;
+    for (i = 0; i < n; i++) {
+        tu_store(x, dt, i, 0.3 + tu_normal(&rng));
+        tu_store(dy, dt, i, tu_normal(&rng));
+    }
+    for (i = 0; i < C; i++) {
+        tu_store(w, dt, i, 1 + 0.1 * tu_normal(&rng));
+        tu_store(b, dt, i, 0.1 * tu_normal(&rng));
+    }
+    memset(out, 0, total);
+#define TAKE(bytes) (off += (bytes), out + off - (bytes))
+    {
+        unsigned char *y = TAKE((size_t)n * es), *gm = TAKE((size_t)(N * G) * ses), *gr = TAKE((size_t)(N * G) * ses);
+        unsigned char *dx = TAKE((size_t)n * es), *dw = TAKE((size_t)C * es), *db = TAKE((size_t)C * es);
+        unsigned char *by = TAKE((size_t)n * es), *bm = TAKE((size_t)C * ses), *br = TAKE((size_t)C * ses);
+        unsigned char *rm = TAKE((size_t)C * es), *rv = TAKE((size_t)C * es);
+        unsigned char *bdx = TAKE((size_t)n * es), *bdw = TAKE((size_t)C * es), *bdb = TAKE((size_t)C * es);
+        unsigned char *ey = TAKE((size_t)n * es), *edx = TAKE((size_t)n * es), *em = TAKE((size_t)C * ses);
+        unsigned char *er = TAKE((size_t)C * ses);
+        for (i = 0; i < C; i++) { tu_store(rm, dt, i, 0.1); tu_store(rv, dt, i, 0.9); }
+        pn_set_num_threads(threads);
+        ok &= pn_groupnorm_forward(y, gm, gr, x, w, b, N, C, S, G, 1e-5, (pn_layout)layout, dt, dt) == PN_OK;
+        ok &= pn_groupnorm_backward(dx, dw, db, NULL, 0, dy, x, w, gm, gr, N, C, S, G, 0, (pn_layout)layout, dt, dt) == PN_OK;
+        ok &= pn_groupnorm_backward(dx, dw, db, NULL, 0, dy, x, w, gm, gr, N, C, S, G, PN_ACCUMULATE, (pn_layout)layout, dt, dt) == PN_OK;
+        ok &= pn_batchnorm_forward(by, bm, br, rm, rv, x, w, b, N, C, S, 1e-5, 0.1, 0, PN_BN_TRAINING, (pn_layout)layout, dt, dt, dt) == PN_OK;
+        ok &= pn_batchnorm_backward(bdx, bdw, bdb, NULL, 0, dy, x, w, bm, br, N, C, S, PN_BN_TRAINING, (pn_layout)layout, dt, dt) == PN_OK;
+        ok &= pn_batchnorm_forward(ey, em, er, rm, rv, x, w, b, N, C, S, 1e-5, 0.1, 0, 0, (pn_layout)layout, dt, dt, dt) == PN_OK;
+        ok &= pn_batchnorm_backward(edx, bdw, bdb, NULL, 0, dy, x, w, em, er, N, C, S, PN_ACCUMULATE, (pn_layout)layout, dt, dt) == PN_OK;
+        pn_set_num_threads(0);
+        /* the outputs finite (the inputs are): a branch on every value, so
+         * memcheck reports any made of memory the library did not write */
+        {
+            unsigned char *data[6] = {y, dx, by, bdx, ey, edx};
+            int k;
+            for (k = 0; k < 6; k++)
+                for (i = 0; i < n; i++)
+                    if (!isfinite(tu_load(data[k], dt, i))) ok = 0;
+        }
+    }
+#undef TAKE
+    free(x); free(dy); free(w); free(b);
+    *res = out;
+    *nres = total;
+    return ok;
+}
+
+static void spatial_paths(int quick)
+{
+    static const pn_dtype dts[3] = {PN_FLOAT32, PN_BFLOAT16, PN_FLOAT64};
+    int layout, d, big;
+    for (big = 0; big < 2; big++)
+        for (layout = 0; layout < 2; layout++)
+            for (d = 0; d < 3; d++) {
+                const int64_t N = big ? 3 : 2, C = big ? 12 : 6, S = big ? 1100 : 9;   /* big: 39600 values */
+                unsigned char *r1, *r3;
+                size_t n1, n3;
+                int ok1, ok3;
+                if (quick && big && d) continue;
+                ok1 = spatial_once(layout, dts[d], N, C, S, 1, &r1, &n1);
+                ok3 = spatial_once(layout, dts[d], N, C, S, 3, &r3, &n3);
+                tu_check(ok1 && ok3 && n1 == n3 && memcmp(r1, r3, n1) == 0,
+                         "spatial %s %s N=%lld C=%lld S=%lld: statuses OK, finite, 1 thread == 3 threads bitwise",
+                         layout ? "NHWC" : "NCHW", tu_dtype_name(dts[d]), (long long)N, (long long)C, (long long)S);
+                free(r1);
+                free(r3);
+            }
+}
+
 static void misc(void)
 {
     double g = 0;
@@ -322,6 +406,7 @@ int main(int argc, char **argv)
         c.T = 1040;
         tu_check(run(&c, what, sizeof what), "streamed: %s", what);
     }
+    spatial_paths(quick);
     uninitialized_outputs();
     misc();
     (void)nfail; (void)ncalls;

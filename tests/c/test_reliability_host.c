@@ -123,6 +123,12 @@ static void record(state_t *s)
     s->env = omp_env();
 }
 
+static void forget(state_t *s)
+{
+    free(s->env);
+    s->env = NULL;
+}
+
 static int same_sigset(const sigset_t *a, const sigset_t *b)
 {
     int sig;
@@ -301,6 +307,7 @@ int main(int argc, char **argv)
     printed = exercise_silently(&bad);
     tu_check(bad == 0, "every call returned the expected status (%d did not)", bad);
     tu_check(printed == 0, "nothing printed to stdout/stderr by the calls (%ld bytes)", printed);
+    forget(&after);
     record(&after);
     compare("after the calls", &before, &after);
 
@@ -309,6 +316,8 @@ int main(int argc, char **argv)
         /* the caller's own setting: FTZ + DAZ on, round toward zero */
         unsigned saved = _mm_getcsr();
         _mm_setcsr((saved | 0x8040u | 0x6000u) & ~0x3Fu);
+        forget(&before);
+        forget(&after);
         record(&before);
         printed = exercise_silently(&bad);
         record(&after);
@@ -316,6 +325,8 @@ int main(int argc, char **argv)
         _mm_setcsr(saved);
     }
 #endif
+    forget(&before);
+    forget(&after);
     dlclose(lib);
     return tu_summary();
 }

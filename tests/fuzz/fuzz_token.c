@@ -540,9 +540,9 @@ static int decode(const uint8_t *data, size_t size)
         if (b->kind == K_STAT) { b->s.b = cl.T; b->s.t = 1; }
         int64_t nb, nt, C;
         view_dims(i, &nb, &nt, &C);
-        if (b->kind == K_BYTES) {        /* the library may use what it asked for */
+        if (b->kind == K_BYTES) {        /* the bytes the caller claims: all of them may be used */
             b->lo = 0;
-            b->hi = (int64_t)(cl.scratch_bytes < need ? cl.scratch_bytes : need);
+            b->hi = cl.scratch_bytes <= (size_t)INT64_MAX ? (int64_t)cl.scratch_bytes : (int64_t)need;
         } else if (!extent(nb, nt, b->s, C, b->es, &b->lo, &b->hi)) {
             b->extent_overflow = 1;
             b->off = GUARD;
@@ -1069,7 +1069,7 @@ static int run_one(const uint8_t *data, size_t size)
             fail("status %s but the arena changed (first byte at offset %lld)", status_name(st), (long long)k);
         }
         if (!must) {
-            int ok = (may_eps && st == PN_ERR_EPS) || (may_size && st == PN_ERR_SIZE) || (st == PN_ERR_ALIAS && conservative_alias()) ||
+            int ok = (may_eps && st == PN_ERR_EPS) || (may_size && (st == PN_ERR_SIZE || st == PN_ERR_ALIAS)) || (st == PN_ERR_ALIAS && conservative_alias()) ||
                      (st == PN_ERR_STRIDE && conservative_stride());
             if (!ok) fail("valid call refused with %s", status_name(st));
         } else {
