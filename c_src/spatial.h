@@ -73,15 +73,24 @@ static inline int64_t pn_sp_rows_per_piece(int64_t C) {
 static inline int64_t pn_sp_nhwc_sets(const pn_spatial_args *a) { return a->batchnorm ? 1 : a->N; }
 static inline int64_t pn_sp_nhwc_rows(const pn_spatial_args *a) { return a->batchnorm ? a->N * a->S : a->S; }
 
-/* Reals of backward scratch: per-piece partial sums of dy and dy * (x - mean),
- * then their totals per row (NCHW) or per set and channel (NHWC). */
-static inline int64_t pn_sp_scratch_reals(const pn_spatial_args *a) {
+/* Backward scratch: per-piece partial sums of dy and dy * (x - mean) (reals),
+ * then their totals in double per row (NCHW) or per set and channel (NHWC).
+ * Returns the reals of partials; *totals gets the doubles of totals. */
+static inline int64_t pn_sp_scratch_parts(const pn_spatial_args *a, int64_t *totals) {
     if (a->layout == PN_NCHW) {
         const int64_t rows = a->N * a->C;
-        return 2 * rows * pn_sp_row_pieces(a->S) + 2 * rows;
+        *totals = 2 * rows;
+        return 2 * rows * pn_sp_row_pieces(a->S);
     }
     const int64_t ns = pn_sp_nhwc_sets(a), np = pn_sp_cdiv(pn_sp_nhwc_rows(a), pn_sp_rows_per_piece(a->C));
-    return 2 * ns * (np > 1 ? np + 1 : 1) * pn_sp_pad(a->C);   /* one piece: its partials are the totals */
+    *totals = 2 * ns * pn_sp_pad(a->C);
+    return 2 * ns * np * pn_sp_pad(a->C);
+}
+
+/* Bytes of partials, rounded to 64: the totals start there (after the
+ * 64-byte alignment of the scratch itself). */
+static inline int64_t pn_sp_parts_bytes(int64_t parts, pn_dtype dtype) {
+    return (parts * (dtype == PN_FLOAT64 ? 8 : 4) + 63) & ~(int64_t)63;
 }
 
 #ifndef PN_KERNEL_BUILD
@@ -97,10 +106,12 @@ static inline size_t pn_sp_scratch_size(pn_spatial_args *a) {
     if (pn_check_sizes(a->N, a->C, a->S, a->dtype) != PN_OK) return 0;
     if (a->layout != PN_NCHW && a->layout != PN_NHWC) return 0;
     if (a->S == 1) a->layout = PN_NHWC;   /* (N, C): both layouts are the same memory */
-    const int64_t reals = pn_sp_scratch_reals(a);
-    const size_t rs = a->dtype == PN_FLOAT64 ? 8 : 4;
-    if ((uint64_t)reals > (uint64_t)(SIZE_MAX - 64) / rs) return 0;
-    return (size_t)reals * rs + 64;
+    int64_t totals;
+    const int64_t parts = pn_sp_scratch_parts(a, &totals);
+    /* sizes passed pn_check_sizes: parts and totals are below 8 N*C*S */
+    const uint64_t bytes = (uint64_t)pn_sp_parts_bytes(parts, a->dtype) + (uint64_t)totals * 8 + 64;
+    if (bytes > (uint64_t)SIZE_MAX) return 0;
+    return (size_t)bytes;
 }
 
 /* Every check of a spatial call, before anything is written. */
@@ -338,7 +349,7 @@ static inline real pn_sp_sumsq_centered(const real *x, int64_t n, real shift, re
  * of (C/G)*S values (row boundaries do not matter to a sum), BatchNorm's set
  * N segments of S. */
 typedef struct {
-    int64_t nsets, count, step;
+    int64_t nsets, count, step;   /* step 1: a set's rows are consecutive (GroupNorm; BatchNorm with C = 1) */
 } pn_sp_sets;
 
 /* The first row of a set, and the set of row r (GroupNorm: r / (C/G); BatchNorm: r % C). */
@@ -681,19 +692,21 @@ static inline void pn_sp_nchw_bwd_unit(const pn_spatial_args *a, int64_t r, int6
  * the rows' totals, tot[r] = (sum dy, rs * sum dy * (x - mu)), for dbias and
  * dweight. */
 static inline void pn_sp_nchw_bwd_set(const pn_spatial_args *a, const pn_sp_sets *ss, int64_t set,
-                                      int64_t rp, const real *part, real *tot, const real *w,
+                                      int64_t rp, const real *part, double *tot, const real *w,
                                       real rs, real *k1, real *k2) {
     double sg = 0, sgx = 0;
     const int64_t first = pn_sp_first(ss, set), c0 = first % a->C;
     for (int64_t j = 0; j < ss->count; j++) {
-        const int64_t r = first + j * ss->step, c = ss->step == 1 ? c0 + j : set;
+        /* the row's channel: BatchNorm's set is a channel (with C = 1 its rows
+         * are consecutive too: step 1 does not tell the ops apart) */
+        const int64_t r = first + j * ss->step, c = a->batchnorm ? set : c0 + j;
         double s = 0, sx = 0;   /* the row's pieces in order */
         for (int64_t k = 0; k < rp; k++) {
             s += (double)part[(r * rp + k) * 2];
             sx += (double)part[(r * rp + k) * 2 + 1];
         }
-        tot[r * 2] = (real)s;                          /* the row's share of dbias */
-        tot[r * 2 + 1] = (real)((double)rs * sx);      /* and of dweight: sum(dy * xhat) */
+        tot[r * 2] = s;                        /* the row's share of dbias */
+        tot[r * 2 + 1] = (double)rs * sx;      /* and of dweight: sum(dy * xhat) */
         sg += (double)w[c] * s;
         sgx += (double)w[c] * sx;
     }
@@ -776,7 +789,9 @@ static pn_status pn_sp_nchw_backward(const pn_spatial_args *a, const pn_sp_sets 
     const int stream = pn_sp_stream(a, S < PN_SP_PIECE ? S : PN_SP_PIECE);
     const int stream_blk = pn_sp_stream(a, bpr ? bpr * S : PN_SP_PIECE);
     const int nt = pn_sp_threads(N * C * S);
-    real *part = pn_scratch_reals(a->scratch), *tot = part + 2 * N * C * rp;
+    int64_t ntot;
+    real *part = pn_scratch_reals(a->scratch);
+    double *tot = (double *)((char *)part + pn_sp_parts_bytes(pn_sp_scratch_parts(a, &ntot), a->dtype));
     const real *mu = (const real *)a->smean, *rsv = (const real *)a->srstd;
     pn_sp_mem mem;
     const int64_t per_thread = 3 * pn_sp_pad(PN_SP_PIECE);
@@ -868,8 +883,8 @@ static pn_status pn_sp_nchw_backward(const pn_spatial_args *a, const pn_sp_sets 
                 for (int64_t n = 0; n < N; n++)
                     for (int64_t j = 0; j < nc; j++) {
                         const int64_t r = n * C + c0 + j;
-                        db[j] += (double)tot[r * 2];
-                        dw[j] += (double)tot[r * 2 + 1];
+                        db[j] += tot[r * 2];
+                        dw[j] += tot[r * 2 + 1];
                     }
                 for (int64_t j = 0; j < nc; j++) pn_sp_param_grads(a, c0 + j, dw[j], db[j]);
             }
@@ -1246,9 +1261,9 @@ static inline void pn_sp_nhwc_saved(const pn_spatial_args *a, const pn_sp_nhwc *
 
 /* Channels c0..c1-1 (at most PN_SP_GB) of a set: their totals over the
  * set's pieces, added in order in double, one channel per lane:
- * tot[c] = sum(dy), tot[Cp + c] = sum(dy * (x - mu)). */
+ * tot[c] = sum(dy), tot[Cp + c] = sum(dy * (x - mu)) (doubles). */
 static inline void pn_sp_nhwc_bwd_totals(const pn_sp_nhwc *h, int64_t set, int64_t c0, int64_t c1,
-                                         const real *part, real *tot, int64_t Cp) {
+                                         const real *part, double *tot, int64_t Cp) {
     double s[PN_SP_GB], sx[PN_SP_GB];
     const int64_t n = c1 - c0;
     for (int64_t j = 0; j < n; j++) s[j] = sx[j] = 0;
@@ -1260,8 +1275,8 @@ static inline void pn_sp_nhwc_bwd_totals(const pn_sp_nhwc *h, int64_t set, int64
         }
     }
     for (int64_t j = 0; j < n; j++) {
-        tot[c0 + j] = (real)s[j];
-        tot[Cp + c0 + j] = (real)sx[j];
+        tot[c0 + j] = s[j];
+        tot[Cp + c0 + j] = sx[j];
     }
 }
 
@@ -1269,21 +1284,21 @@ static inline void pn_sp_nhwc_bwd_totals(const pn_sp_nhwc *h, int64_t set, int64
  * backward) from the channels' totals; then the totals of sum(dy * (x - mu))
  * become shares of dweight (times rstd). */
 static inline void pn_sp_nhwc_bwd_coeffs(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t g,
-                                         real *tot, int64_t Cp, const real *w, const real *rs,
+                                         double *tot, int64_t Cp, const real *w, const real *rs,
                                          real *k1, real *k2) {
     const int64_t Cg = h->Cg;
     const double M = (double)(h->rows * Cg);
     const int consts = a->batchnorm && !a->training;
     double sg = 0, sgx = 0;
     for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) {
-        sg += (double)w[c] * (double)tot[c];
-        sgx += (double)w[c] * (double)tot[Cp + c];
+        sg += (double)w[c] * tot[c];
+        sgx += (double)w[c] * tot[Cp + c];
     }
     const double r = (double)rs[g * Cg];
     for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) {
         k1[c] = consts ? 0 : (real)(sg / M);
         k2[c] = consts ? 0 : (real)(r * r * sgx / M);
-        tot[Cp + c] = (real)(r * (double)tot[Cp + c]);   /* now the channel's share of dweight */
+        tot[Cp + c] = r * tot[Cp + c];   /* now the channel's share of dweight */
     }
 }
 
@@ -1293,8 +1308,9 @@ static pn_status pn_sp_nhwc_backward(const pn_spatial_args *a) {
     const int64_t ns = h.nsets, np = h.np;
     const int stream = pn_sp_stream(a, (h.rpp < pn_sp_nhwc_block_rows(C) ? h.rpp : pn_sp_nhwc_block_rows(C)) * C);
     const int nt = pn_sp_threads(a->N * C * a->S);
+    int64_t ntot;
     real *part = pn_scratch_reals(a->scratch);
-    real *tot = np > 1 ? part + ns * np * 2 * Cp : part;   /* one piece: its partials are the totals */
+    double *tot = (double *)((char *)part + pn_sp_parts_bytes(pn_sp_scratch_parts(a, &ntot), a->dtype));
     const int64_t bufn = pn_sp_pad(h.rpp * C);
     const int local = ns >= 4 * (int64_t)nt;
     const int64_t lchunk = pn_sp_local_chunk(ns, nt), pchunk = pn_sp_local_chunk(ns * np, nt);
@@ -1324,10 +1340,9 @@ static pn_status pn_sp_nhwc_backward(const pn_spatial_args *a) {
                     pn_sp_nhwc_prefetch(a, &h, set, p + 1);
                     pn_sp_nhwc_bwd_piece(a, &h, set, p, mu, part + (set * np + p) * 2 * Cp, Cp, xb, dyb);
                 }
-                if (np > 1)
-                    for (int64_t c = 0; c < C; c += PN_SP_GB)
-                        pn_sp_nhwc_bwd_totals(&h, set, c, c + PN_SP_GB < C ? c + PN_SP_GB : C, part,
-                                              tot + set * 2 * Cp, Cp);
+                for (int64_t c = 0; c < C; c += PN_SP_GB)
+                    pn_sp_nhwc_bwd_totals(&h, set, c, c + PN_SP_GB < C ? c + PN_SP_GB : C, part, tot + set * 2 * Cp,
+                                          Cp);
                 for (int64_t g = 0; g < h.G; g++)
                     pn_sp_nhwc_bwd_coeffs(a, &h, g, tot + set * 2 * Cp, Cp, w, rs, k1, k2);
                 if (a->dinp)
@@ -1344,13 +1359,11 @@ static pn_status pn_sp_nhwc_backward(const pn_spatial_args *a) {
             }
             /* totals parallel over blocks of channels, then the groups' coefficients */
             const int64_t nblk = pn_sp_cdiv(C, PN_SP_GB);
-            if (np > 1) {
 #pragma omp for schedule(static)
-                for (int64_t t = 0; t < ns * nblk; t++) {
-                    const int64_t set = t / nblk, c0 = (t % nblk) * PN_SP_GB;
-                    pn_sp_nhwc_bwd_totals(&h, set, c0, c0 + PN_SP_GB < C ? c0 + PN_SP_GB : C, part,
-                                          tot + set * 2 * Cp, Cp);
-                }
+            for (int64_t t = 0; t < ns * nblk; t++) {
+                const int64_t set = t / nblk, c0 = (t % nblk) * PN_SP_GB;
+                pn_sp_nhwc_bwd_totals(&h, set, c0, c0 + PN_SP_GB < C ? c0 + PN_SP_GB : C, part,
+                                      tot + set * 2 * Cp, Cp);
             }
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < ns * h.G; t++) {
@@ -1376,10 +1389,10 @@ static pn_status pn_sp_nhwc_backward(const pn_spatial_args *a) {
                 double dw[PN_SP_GB], db[PN_SP_GB];
                 for (int64_t j = 0; j < n; j++) dw[j] = db[j] = 0;
                 for (int64_t set = 0; set < ns; set++) {
-                    const real *t = tot + set * 2 * Cp + c0;
+                    const double *t = tot + set * 2 * Cp + c0;
                     for (int64_t j = 0; j < n; j++) {
-                        db[j] += (double)t[j];
-                        dw[j] += (double)t[Cp + j];
+                        db[j] += t[j];
+                        dw[j] += t[Cp + j];
                     }
                 }
                 for (int64_t j = 0; j < n; j++) pn_sp_param_grads(a, c0 + j, dw[j], db[j]);

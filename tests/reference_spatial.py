@@ -157,6 +157,16 @@ def batch_norm_backward_ref(dy, x, weight=None, eps=1e-5, training=True, running
     return dx, (dy * xhat).sum(axes), dy.sum(axes)
 
 
+def param_grad_scales(dy, xhat):
+    """The error scales of dweight and dbias: per channel, the sums of |terms|
+    (|dy * xhat| and |dy|), their largest over the channels. A floating-point
+    sum is accurate relative to the sum of its terms' magnitudes, not to its
+    value."""
+    dy, xhat = f64(dy), f64(xhat)
+    axes = _bn_axes(dy)
+    return float(np.abs(dy * xhat).sum(axes).max()), float(np.abs(dy).sum(axes).max())
+
+
 def max_abs_err(got, ref):
     """max |got - ref|; a NaN on one side only counts as infinite."""
     g, r = f64(got), f64(ref)

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # pynorm's reliability checks beyond the unit tests (docs/reliability.md):
 #
-#   fuzz      libFuzzer over the C API (tests/fuzz/fuzz_token.c), built by clang
-#             with AddressSanitizer + UndefinedBehaviorSanitizer, from the seed
-#             corpus tests/fuzz/corpus, for PN_FUZZ_SECONDS (default 60) in all,
-#             split over the instruction sets the library can pick
-#             (default, avx2, generic)
+#   fuzz      libFuzzer over the C API (tests/fuzz/fuzz_token.c: the token norms,
+#             tests/fuzz/fuzz_spatial.c: GroupNorm and BatchNorm), built by
+#             clang with AddressSanitizer + UndefinedBehaviorSanitizer, from the
+#             seed corpora tests/fuzz/corpus*, for PN_FUZZ_SECONDS (default 60)
+#             in all, split over the two harnesses and the instruction sets the
+#             library can pick (default, avx2, generic)
 #   valgrind  memcheck (zero errors, zero leaks) over the C test programs that
 #             are fast enough for it: test_reliability_calls (every code path
 #             on modest sizes, under avx2 - valgrind has no AVX-512 - and
 #             generic), test_reliability_sizes, test_reliability_omp,
-#             test_errors and the fuzz corpus replayed
+#             test_errors and the fuzz corpora replayed
 #   tsan      ThreadSanitizer over the threaded C tests: clang + LLVM's libomp
 #             with its archer tool (GCC's libgomp is not TSan-instrumented)
 #
@@ -101,37 +102,45 @@ step_fuzz() {
     loud_skip "fuzz" "clang with libFuzzer and libomp could not be found or installed (apt-get install clang libomp-dev)"
     return
   fi
-  local bin
-  bin=$(bash "$repo/tests/fuzz/build.sh" "$out/fuzz" | tail -1) || { failed+=("fuzz (build)"); return; }
-  say "   built $bin in $((SECONDS - t0)) s"
-  local corpus="$out/fuzz-corpus" art="$out/fuzz-artifacts"
-  rm -rf "$corpus" "$art"; mkdir -p "$corpus" "$art"
-  cp "$repo"/tests/fuzz/corpus/* "$corpus"/
+  local bins
+  bins=$(bash "$repo/tests/fuzz/build.sh" "$out/fuzz" | tail -1) || { failed+=("fuzz (build)"); return; }
+  say "   built $bins in $((SECONDS - t0)) s"
   export LSAN_OPTIONS="suppressions=$repo/tests/fuzz/lsan.supp:print_suppressions=0"
-  # the seed corpus first, on its own: every seed is a regression test
-  if ! "$bin" -runs=0 "$repo/tests/fuzz/corpus" >"$out/fuzz-seeds.log" 2>&1; then
-    say "   FAILED on the seed corpus:"; grep -v '^#\|^INFO' "$out/fuzz-seeds.log" | tail -40
-    failed+=("fuzz (seed corpus)"); return
-  fi
-  local per=$(( fuzz_seconds / 3 )) isa total_execs=0 ok=1
+  local art="$out/fuzz-artifacts" h seeds corpus total_execs=0 ok=1
+  rm -rf "$art"; mkdir -p "$art"
+  # two harnesses, each from its seed corpus, for the three instruction sets
+  local per=$(( fuzz_seconds / 6 ))
   if [ "$fuzz_seconds" -gt 0 ] && [ "$per" -lt 1 ]; then per=1; fi
-  for isa in default avx2 generic; do
-    [ "$fuzz_seconds" -le 0 ] && break
-    local log="$out/fuzz-$isa.log" envs=()
-    [ "$isa" != default ] && envs=(PYNORM_ISA=$isa)
-    env "${envs[@]}" "$bin" -max_total_time="$per" -max_len=512 -timeout=30 -rss_limit_mb=4096 -seed=1 \
-        -print_final_stats=1 -artifact_prefix="$art/$isa-" "$corpus" >"$log" 2>&1
-    local rc=$? execs
-    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-    total_execs=$(( total_execs + ${execs:-0} ))
-    say "   isa=$isa: ${execs:-?} executions in ${per} s (rc $rc)"
-    if [ $rc != 0 ]; then
-      ok=0
-      say "   FAILED (isa=$isa): the input is in $art/; the report:"
-      grep -v '^#[0-9]\|^INFO\|^    #[0-9]' "$log" | tail -40
+  for h in token spatial; do
+    local bin="$out/fuzz/fuzz_$h"
+    seeds="$repo/tests/fuzz/corpus"; [ $h = spatial ] && seeds="$repo/tests/fuzz/corpus_spatial"
+    corpus="$out/fuzz-corpus-$h"
+    rm -rf "$corpus"; mkdir -p "$corpus"; cp "$seeds"/* "$corpus"/
+    # the seeds first, on their own: every seed is a regression test
+    if ! "$bin" -runs=0 -artifact_prefix="$art/$h-seeds-" "$seeds" >"$out/fuzz-$h-seeds.log" 2>&1; then
+      say "   FAILED ($h) on the seed corpus:"; grep -v '^#\|^INFO\|^    #[0-9]' "$out/fuzz-$h-seeds.log" | tail -40
+      ok=0; continue
     fi
+    local isa
+    for isa in default avx2 generic; do
+      [ "$fuzz_seconds" -le 0 ] && break
+      local log="$out/fuzz-$h-$isa.log" envs=()
+      [ "$isa" != default ] && envs=(PYNORM_ISA=$isa)
+      env "${envs[@]}" "$bin" -max_total_time="$per" -max_len=512 -timeout=30 -rss_limit_mb=4096 -seed=1 \
+          -print_final_stats=1 -artifact_prefix="$art/$h-$isa-" "$corpus" >"$log" 2>&1
+      local rc=$? execs
+      execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
+      total_execs=$(( total_execs + ${execs:-0} ))
+      say "   $h, isa=$isa: ${execs:-?} executions in ${per} s (rc $rc)"
+      if [ $rc != 0 ]; then
+        ok=0
+        say "   FAILED ($h, isa=$isa): the input is in $art/; the report:"
+        grep -v '^#[0-9]\|^INFO\|^    #[0-9]' "$log" | tail -40
+      fi
+    done
+    say "   $h: corpus grew from $(ls "$seeds" | wc -l) to $(ls "$corpus" | wc -l) inputs"
   done
-  say "   fuzz: $total_execs executions, corpus grew from $(ls "$repo/tests/fuzz/corpus" | wc -l) to $(ls "$corpus" | wc -l) inputs"
+  say "   fuzz: $total_execs executions in all"
   [ $ok = 1 ] || failed+=("fuzz")
   say "   fuzz step: $((SECONDS - t0)) s"
 }
@@ -148,7 +157,8 @@ step_valgrind() {
     return
   fi
   local bdir="$test_build"
-  local targets=(pn_test_reliability_calls pn_test_reliability_sizes pn_test_reliability_omp pn_test_errors pn_fuzz_replay)
+  local targets=(pn_test_reliability_calls pn_test_reliability_sizes pn_test_reliability_omp pn_test_errors pn_fuzz_replay
+                 pn_fuzz_spatial_replay)
   local have=1 t
   for t in "${targets[@]}"; do [ -x "$bdir/tests/c/$t" ] || have=0; done
   if [ $have = 0 ]; then
@@ -178,10 +188,13 @@ step_valgrind() {
     say "   ${envs:+$envs }$cmd: rc $rc, $(grep -E '[0-9]+ passed, [0-9]+ failed' "$log" | tail -1) ($((SECONDS - t1)) s)"
     if [ $rc != 0 ]; then ok=0; grep -v '^ok ' "$log" | tail -40; fi
   done
-  t1=$SECONDS; log="$out/valgrind-fuzz-replay.log"
-  (cd "$bdir/tests/c" && "${vg[@]}" ./pn_fuzz_replay "$repo"/tests/fuzz/corpus/*) >"$log" 2>&1; rc=$?
-  say "   pn_fuzz_replay (the seed corpus): rc $rc, $(tail -1 "$log") ($((SECONDS - t1)) s)"
-  if [ $rc != 0 ]; then ok=0; tail -40 "$log"; fi
+  local h
+  for h in "pn_fuzz_replay:corpus" "pn_fuzz_spatial_replay:corpus_spatial"; do
+    t1=$SECONDS; log="$out/valgrind-${h%%:*}.log"
+    (cd "$bdir/tests/c" && "${vg[@]}" ./${h%%:*} "$repo"/tests/fuzz/${h#*:}/*) >"$log" 2>&1; rc=$?
+    say "   ${h%%:*} (tests/fuzz/${h#*:}): rc $rc, $(tail -1 "$log") ($((SECONDS - t1)) s)"
+    if [ $rc != 0 ]; then ok=0; tail -40 "$log"; fi
+  done
   [ $ok = 1 ] || failed+=("valgrind")
   say "   valgrind step: $((SECONDS - t0)) s"
 }

@@ -15,6 +15,7 @@ each thread of its `#pragma omp parallel`) is tests/c/test_reliability_omp.c.
 """
 
 import ctypes
+import sys
 import threading
 import time
 
@@ -125,8 +126,8 @@ def test_calls_release_the_gil():
     call. With the GIL held for the call the spinner could not execute a
     single bytecode between the call's start and end: it would record no
     progress inside the window."""
-    n = 1 << 24                                      # 64 MiB of float32: a call of ~0.05-0.5 s
-    x = np.random.default_rng(3).standard_normal((n // 1024, 1024)).astype(np.float32)
+    n = 1 << 26                                      # 256 MiB of float32: a call of ~0.05-0.5 s
+    x = (np.arange(n, dtype=np.float32) % 977).reshape(n // 1024, 1024)   # values do not matter here
     out = np.empty_like(x)
     pynorm.rms_norm(x, out=out)                      # warm up (page faults, thread pool)
     pynorm.set_num_threads(1)                        # leave a core to the spinner
@@ -166,11 +167,20 @@ def test_calls_release_the_gil():
         held.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_double, ctypes.c_int,
                                                                          ctypes.c_int, ctypes.c_void_p]
         rows = x.shape[0]
-        steps_held, dt_held = probe(lambda: held(out.ctypes.data, None, None, x.ctypes.data, None, None,
-                                                 1, rows, 1024, 1e-5, 0, 0, None))
+        status = []
+        # a long switch interval: the main thread is not made to hand the GIL
+        # over between reading the clock and entering the call
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.5)
+        try:
+            steps_held, dt_held = probe(lambda: status.append(held(out.ctypes.data, None, None, x.ctypes.data, None,
+                                                                   None, 1, rows, 1024, 1e-5, 0, 0, None)))
+        finally:
+            sys.setswitchinterval(interval)
+        assert status == [0], f"control: the direct call returned {status}"
         assert steps_held == 0, f"control: a GIL-holding call let the spinner run {steps_held} times"
         best = 0
-        for attempt in range(3):                     # a loaded machine may starve the spinner once
+        for attempt in range(5):                     # a loaded machine may starve the spinner once
             steps, dt = probe(lambda: pynorm.layer_norm(x, out=out))
             best = max(best, steps)
             if steps >= 20:

@@ -101,6 +101,7 @@ GN_CASES = [
     ((3, 64, 32, 32), (1, 32, 64)),       # odd N, 32x32
     ((2, 16, 3, 4, 5), (1, 2, 16)),       # 3-D volume
     ((2, 4, 4100), (1, 2, 4)),            # rows longer than a piece (4096)
+    ((3, 1, 9, 9), (1,)),                 # one channel
 ]
 GN_PARAMS = [(shape, G) for shape, groups in GN_CASES for G in groups]
 
@@ -161,8 +162,9 @@ def test_group_norm(shape, G, dtype, layout):
         check_accuracy(f"{what} mean", mean, t["mean"], rmean, dtype, scale=stats_scale(x))
         check_accuracy(f"{what} rstd", rstd, t["rstd"], rrstd, dtype)
         check_accuracy(f"{what} dx", from_layout(dx, layout), t["dx"], rdx, dtype)
-        check_accuracy(f"{what} dweight", dw, t["dweight"], rdw, gdt)
-        check_accuracy(f"{what} dbias", db, t["dbias"], rdb, gdt)
+        sw, sb = RS.param_grad_scales(dy, RS.group_norm_ref(x, G)[0])
+        check_accuracy(f"{what} dweight", dw, t["dweight"], rdw, gdt, scale=sw)
+        check_accuracy(f"{what} dbias", db, t["dbias"], rdb, gdt, scale=sb)
 
 
 IN_SHAPES = [(2, 5, 9), (1, 7, 7, 7), (3, 16, 32, 32), (2, 3, 3, 4, 5)]
@@ -190,7 +192,7 @@ def test_instance_norm(shape, dtype, layout):
 # BatchNorm: forward (training and eval) and backward
 
 BN_SHAPES = [(5, 8), (3, 6, 10), (1, 16, 7, 7), (3, 32, 32, 32), (2, 8, 3, 4, 5), (2, 4, 4100), (4, 3, 1, 1),
-             (9, 5, 3, 3)]
+             (9, 5, 3, 3), (2, 1, 7), (3, 1, 20, 20)]
 
 
 def torch_batch_norm(x, rm, rv, w, b, training, momentum, layout, dy=None, eps=1e-5):
@@ -261,7 +263,7 @@ def test_batch_norm(shape, dtype, layout, training):
             rrm, rrv = RS.running_update_ref(rm0, rv0, rmean, rvar, n, 0.3)
             check_accuracy(f"{what} mean", mean, t["mean"], rmean, dtype, scale=stats_scale(x))
             check_accuracy(f"{what} rstd", rstd, t["rstd"], rrstd, dtype)
-            check_accuracy(f"{what} running_mean", rm, t["running_mean"], rrm, rdt)
+            check_accuracy(f"{what} running_mean", rm, t["running_mean"], rrm, rdt, scale=stats_scale(x))
             check_accuracy(f"{what} running_var", rv, t["running_var"], rrv, rdt)
         else:
             ry, rmean, rrstd = RS.batch_norm_eval_ref(x, rm0, rv0, w, b)
@@ -272,8 +274,10 @@ def test_batch_norm(shape, dtype, layout, training):
         rdx, rdw, rdb = RS.batch_norm_backward_ref(dy, x, w, training=training, running_mean=rm0, running_var=rv0)
         check_accuracy(f"{what} y", from_layout(y, layout), t["y"], ry, dtype)
         check_accuracy(f"{what} dx", from_layout(dx, layout), t["dx"], rdx, dtype)
-        check_accuracy(f"{what} dweight", dw, t["dweight"], rdw, gdt)
-        check_accuracy(f"{what} dbias", db, t["dbias"], rdb, gdt)
+        xhat = RS.batch_norm_train_ref(x)[0] if training else RS.batch_norm_eval_ref(x, rm0, rv0)[0]
+        sw, sb = RS.param_grad_scales(dy, xhat)
+        check_accuracy(f"{what} dweight", dw, t["dweight"], rdw, gdt, scale=sw)
+        check_accuracy(f"{what} dbias", db, t["dbias"], rdb, gdt, scale=sb)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

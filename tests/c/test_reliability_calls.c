@@ -9,7 +9,10 @@
  * threshold); streamed outputs (8 MiB and more); in-place calls; accumulate;
  * caller scratch and library scratch; refused calls; outputs from plain
  * malloc (never initialized: memcheck reports any result that depends on
- * memory the library did not write); the buffer cache and the bandwidth probe.
+ * memory the library did not write); the buffer cache and the bandwidth probe;
+ * and the spatial norms (GroupNorm, BatchNorm in training and eval, forward
+ * and backward, both layouts, three dtypes, a threaded size), checked for
+ * finite results that are bit-identical on one and three threads.
  * Results are checked against testutil.h's double reference with loose
  * tolerances (the numeric tests measure accuracy; here a wrong element or
  * row is what matters), and every byte outside the rows must stay intact.

@@ -29,6 +29,8 @@ static const shape_t shapes[] = {
     {5, 6, 7, 6},      /* InstanceNorm (G = C) */
     {2, 64, 9, 32},
     {7, 3, 2, 1},
+    {2, 1, 7, 1},      /* one channel: BatchNorm's rows are consecutive */
+    {3, 1, 300, 1},
 };
 
 static const char *lname(pn_layout l) { return l == PN_NCHW ? "NCHW" : "NHWC"; }

@@ -105,6 +105,9 @@ def spatial_seeds():
     seeds["bn_scratch_size_max"] = spatial_seed("bn_bwd", F32, scratch=135)
     seeds["sizes_hostile"] = spatial_seed("bn_bwd", F32, size=("hostile", 0x80 | 7, 0x80 | 6, 3))
     seeds["out_overlaps_running"] = spatial_seed("bn_fwd", F32, flags=0, bufs={"out": (220, 6, 2)})
+    # BatchNorm backward through the batch statistics with one channel (NCHW):
+    # found by the fuzzer (the channel of a set's j-th row taken as c0 + j)
+    seeds["bn_bwd_one_channel"] = spatial_seed("bn_bwd", F32, layout=0, size=("small", 2, 1, 7), flags=2)
     return seeds
 
 
