@@ -206,6 +206,137 @@ pn_status pn_batchnorm_backward(void *dinp, void *dweight, void *dbias,
                                 int64_t N, int64_t C, int64_t S, int flags,
                                 pn_layout layout, pn_dtype dtype, pn_dtype wdtype);
 
+/* --- sharded statistics: tensor-parallel token norms, synchronized BatchNorm
+ *
+ * When C is split across P processes (each holds columns [c_p, c_p + C_p) of
+ * every row: a "shard"), a norm runs in three steps around one collective:
+ *   1. *_shard_stats: each process writes its shard's per-row (per-channel
+ *      for BatchNorm) partial statistics in float64;
+ *   2. the caller exchanges them (one all-reduce; the library never talks to
+ *      other processes) and *_shard_combine turns the P partials into the
+ *      statistics of the whole row: float64 mean and rstd;
+ *   3. *_shard_apply normalizes the shard with them.
+ * The backward is the same: *_shard_backward_sums gives a shard's two (one
+ * for RMSNorm) row sums in float64, the caller sums them over the processes,
+ * and *_shard_backward gives dx (and the shard's dweight/dbias) from the
+ * totals. Everything else - dtypes, strides, flags, scratch (the size of
+ * pn_layernorm_backward_scratch_size / pn_rmsnorm_backward_scratch_size),
+ * determinism, checks before any write - is as for the ops above.
+ *
+ * LayerNorm partials are exact per shard: (mean_p, M2_p = sum((x - mean_p)^2))
+ * of the shard's row, computed in double around a shift by the row's first
+ * element. The combine takes them in shard order,
+ *   mean = sum(C_p mean_p) / C,  M2 = sum(M2_p) + sum(C_p (mean_p - mean)^2),
+ * so no sum of squares of large values ever cancels: rows with mean 1e4 and
+ * std 1e-2 keep full accuracy. Exchange the partials exactly: each process
+ * writes its own slot of a zero-filled P x rows x 2 array and one all-reduce
+ * (sum) of that array delivers every slot bit for bit (adding zeros is exact);
+ * every process then combines the same slots in the same order and gets the
+ * same bits. The backward's row sums have no cancellation: a plain sum over
+ * the processes is accurate. */
+
+/* LayerNorm shard statistics: part[2r] = mean, part[2r + 1] = M2 of row r of
+ * the shard (B*T rows of C elements: this shard's width). */
+pn_status pn_layernorm_shard_stats(double *part, const void *inp,
+                                   int64_t B, int64_t T, int64_t C,
+                                   pn_dtype dtype, const pn_strides *strides);
+/* parts: nshards arrays of rows x 2 (each a shard's pn_layernorm_shard_stats,
+ * one after the other, in shard order); widths: the nshards shard widths
+ * C_p (each >= 1). mean and rstd = 1/sqrt(M2/C + eps) of each row of the
+ * whole C = sum(C_p) columns, float64, rows values each (either may be NULL). */
+pn_status pn_layernorm_shard_combine(double *mean, double *rstd, const double *parts,
+                                     const int64_t *widths, int64_t nshards, int64_t rows,
+                                     double eps);
+/* y = (x - mean) * rstd * weight + bias on the shard; mean and rstd as the
+ * combine gave them (B*T float64 values each); weight and bias (C values of
+ * wdtype: this shard's slice) may be NULL. */
+pn_status pn_layernorm_shard_apply(void *out, const void *inp, const void *weight, const void *bias,
+                                   const double *mean, const double *rstd,
+                                   int64_t B, int64_t T, int64_t C,
+                                   pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides);
+/* sums[2r] = sum over the shard's row of g = dy * weight, sums[2r + 1] = sum of
+ * g * xhat (xhat = (x - mean) * rstd), float64. */
+pn_status pn_layernorm_shard_backward_sums(double *sums, const void *dout, const void *inp,
+                                           const void *weight, const double *mean, const double *rstd,
+                                           int64_t B, int64_t T, int64_t C,
+                                           pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides);
+/* dx = rstd * (g - S_g / C_total - xhat * S_gx / C_total) with (S_g, S_gx) =
+ * sums: the totals of pn_layernorm_shard_backward_sums over every shard;
+ * dweight/dbias of this shard's columns (sums over its B*T rows). Any of
+ * dinp, dweight, dbias may be NULL. flags: 0 or PN_ACCUMULATE. */
+pn_status pn_layernorm_shard_backward(void *dinp, void *dweight, void *dbias,
+                                      void *scratch, size_t scratch_bytes,
+                                      const void *dout, const void *inp, const void *weight,
+                                      const double *mean, const double *rstd, const double *sums,
+                                      int64_t B, int64_t T, int64_t C, int64_t C_total, int flags,
+                                      pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides);
+
+/* RMSNorm shard statistics: part[r] = sum of x^2 over the shard's row r. */
+pn_status pn_rmsnorm_shard_stats(double *part, const void *inp,
+                                 int64_t B, int64_t T, int64_t C,
+                                 pn_dtype dtype, const pn_strides *strides);
+/* parts: nshards arrays of rows values (shard order), widths as for
+ * LayerNorm; rstd = 1/sqrt(sum(parts) / C + eps), float64. Partials already
+ * summed over the processes are nshards = 1 with widths = {C}. */
+pn_status pn_rmsnorm_shard_combine(double *rstd, const double *parts, const int64_t *widths,
+                                   int64_t nshards, int64_t rows, double eps);
+/* y = x * rstd * weight on the shard. */
+pn_status pn_rmsnorm_shard_apply(void *out, const void *inp, const void *weight, const double *rstd,
+                                 int64_t B, int64_t T, int64_t C,
+                                 pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides);
+/* sums[r] = sum over the shard's row of dy * weight * x * rstd. */
+pn_status pn_rmsnorm_shard_backward_sums(double *sums, const void *dout, const void *inp,
+                                         const void *weight, const double *rstd,
+                                         int64_t B, int64_t T, int64_t C,
+                                         pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides);
+/* dx = rstd * (g - xhat * S / C_total), S = sums totalled over the shards;
+ * dweight of this shard's columns. */
+pn_status pn_rmsnorm_shard_backward(void *dinp, void *dweight, void *scratch, size_t scratch_bytes,
+                                    const void *dout, const void *inp, const void *weight,
+                                    const double *rstd, const double *sums,
+                                    int64_t B, int64_t T, int64_t C, int64_t C_total, int flags,
+                                    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides);
+
+/* Synchronized BatchNorm: the batch is split across processes (data
+ * parallel); each holds N samples of the same C channels. part[2c] = mean and
+ * part[2c + 1] = M2 of channel c over this process's N*S values (dense, NCHW
+ * or NHWC as for pn_batchnorm_forward). */
+pn_status pn_batchnorm_shard_stats(double *part, const void *inp, int64_t N, int64_t C, int64_t S,
+                                   pn_layout layout, pn_dtype dtype);
+/* parts: nshards arrays of C x 2 (shard order); counts: each shard's N*S
+ * (>= 0: a shard with no values is skipped; the total must be > 1). Writes
+ * the batch mean and rstd (float64, C values each; either may be NULL) and,
+ * when running_mean/running_var (C values of rdtype) are given, updates them
+ * as pn_batchnorm_forward does in training (momentum, or PN_BN_CUMULATIVE
+ * with num_batches_tracked; the variance unbiased with the total count).
+ * flags: 0 or PN_BN_CUMULATIVE. */
+pn_status pn_batchnorm_shard_combine(double *mean, double *rstd, void *running_mean, void *running_var,
+                                     const double *parts, const int64_t *counts, int64_t nshards,
+                                     int64_t C, double eps, double momentum,
+                                     int64_t num_batches_tracked, int flags, pn_dtype rdtype);
+/* y = (x - mean[c]) * rstd[c] * weight[c] + bias[c]. */
+pn_status pn_batchnorm_shard_apply(void *out, const void *inp, const void *weight, const void *bias,
+                                   const double *mean, const double *rstd,
+                                   int64_t N, int64_t C, int64_t S,
+                                   pn_layout layout, pn_dtype dtype, pn_dtype wdtype);
+/* sums[2c] = sum of dy, sums[2c + 1] = sum of dy * (x - mean[c]) over this
+ * process's values of channel c. */
+pn_status pn_batchnorm_shard_backward_sums(double *sums, const void *dout, const void *inp,
+                                           const double *mean, int64_t N, int64_t C, int64_t S,
+                                           pn_layout layout, pn_dtype dtype);
+/* dx = (dy - S_dy / count - (x - mean) * rstd^2 * S_dyx / count) * rstd * w
+ * with (S_dy, S_dyx) = sums totalled over the processes and count the total
+ * number of values per channel; dweight = rstd * local_sums[2c + 1] and
+ * dbias = local_sums[2c] (this process's own sums: parameter gradients stay
+ * local, as torch's SyncBatchNorm). Any of dinp, dweight, dbias may be NULL;
+ * local_sums is needed only for dweight/dbias. flags: 0 or PN_ACCUMULATE. */
+pn_status pn_batchnorm_shard_backward(void *dinp, void *dweight, void *dbias,
+                                      const void *dout, const void *inp, const void *weight,
+                                      const double *mean, const double *rstd,
+                                      const double *local_sums, const double *sums, int64_t count,
+                                      int64_t N, int64_t C, int64_t S, int flags,
+                                      pn_layout layout, pn_dtype dtype, pn_dtype wdtype);
+
 /* --- memory ---------------------------------------------------------------- */
 /* 64-byte aligned buffers for outputs. Large freed buffers are kept in a small
  * bounded cache and handed out again, so that a loop allocating its outputs

@@ -1,0 +1,202 @@
+/* rmsnorm_shard.c - RMSNorm over a row split in column shards across
+ * processes (tensor parallel); see pynorm.h and layernorm_shard.c.
+ *
+ * stats:    sum of x^2 over the shard's row, in double
+ * combine:  rstd = 1/sqrt(sum over shards / C + eps)
+ * apply:    y = x * rstd * w
+ * backward: g = dy * w, xhat = x * rstd, S = sum of g * xhat over the whole
+ *           row (totalled over the shards by the caller);
+ *           dx = rstd * (g - xhat * S/C); dw as rmsnorm.c.
+ */
+#include "shard.h"
+
+#ifdef PN_KERNEL_BUILD
+
+pn_status PN_KERNEL(rmsnorm_shard_stats)(const pn_shard_args *s) {
+    const pn_token_args *a = &s->t;
+    const int64_t rows = a->B * a->T, C = a->C;
+    const size_t es = pn_dtype_size(a->dtype);
+    pn_work wk;
+    pn_status st = pn_work_init(&wk, a, 1);
+    if (st) return st;
+#pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, pn_work_row(&wk, 0), C);
+        if (r + 1 < rows) pn_prefetch_next(a, r + 1, 0);
+        s->part[r] = pn_sumsq(x, C);
+    }
+    pn_work_free(&wk);
+    return PN_OK;
+}
+
+pn_status PN_KERNEL(rmsnorm_shard_apply)(const pn_shard_args *s) {
+    const pn_token_args *a = &s->t;
+    const int64_t rows = a->B * a->T, C = a->C;
+    const size_t es = pn_dtype_size(a->dtype);
+    const int stream = rows * C * (int64_t)es >= PN_STREAM_MIN_BYTES;
+    const int in_place = a->dtype == PN_REAL_DTYPE && !stream;
+    pn_work wk;
+    pn_status st = pn_work_init(&wk, a, 2);
+    if (st) return st;
+    const real *w = wk.w;
+#pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        real *buf = pn_work_row(&wk, 0), *buf2 = pn_work_row(&wk, 1);
+        const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
+        void *yrow = pn_row(a->out, a->s.out, r, a->T, es);
+        real *y = in_place ? (real *)yrow : buf2;
+        if (r + 1 < rows) pn_prefetch_next(a, r + 1, 0);
+        const real rs = (real)s->rstd[r];
+        for (int64_t i = 0; i < C; i++) y[i] = x[i] * rs * w[i];
+        if (!in_place) pn_write_row(yrow, y, a->dtype, C, stream, buf);
+    }
+    if (stream) pn_stream_fence();
+    pn_work_free(&wk);
+    return PN_OK;
+}
+
+pn_status PN_KERNEL(rmsnorm_shard_backward_sums)(const pn_shard_args *s) {
+    const pn_token_args *a = &s->t;
+    const int64_t rows = a->B * a->T, C = a->C;
+    const size_t es = pn_dtype_size(a->dtype);
+    pn_work wk;
+    pn_status st = pn_work_init(&wk, a, 2);
+    if (st) return st;
+    const real *w = wk.w;
+#pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, pn_work_row(&wk, 0), C);
+        const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, pn_work_row(&wk, 1), C);
+        if (r + 1 < rows) pn_prefetch_next(a, r + 1, 0);
+        const real rs = (real)s->rstd[r];
+        double acc[PN_LANES] = {0};
+        int64_t i = 0;
+        for (; i + PN_LANES <= C; i += PN_LANES)
+            for (int j = 0; j < PN_LANES; j++) acc[j] += (double)(dy[i + j] * w[i + j] * (x[i + j] * rs));
+        for (int j = 0; i + j < C; j++) acc[j] += (double)(dy[i + j] * w[i + j] * (x[i + j] * rs));
+        s->part[r] = pn_lanes_total_d(acc);
+    }
+    pn_work_free(&wk);
+    return PN_OK;
+}
+
+pn_status PN_KERNEL(rmsnorm_shard_backward)(const pn_shard_args *s) {
+    const pn_token_args *a = &s->t;
+    const int64_t rows = a->B * a->T, C = a->C;
+    const size_t es = pn_dtype_size(a->dtype);
+    const int params = a->dweight != NULL;
+    const int64_t per = pn_chunk_rows(rows), nchunks = pn_num_chunks(rows);
+    const int stream = rows * C * (int64_t)es >= PN_STREAM_MIN_BYTES;
+    const int64_t pstride = (C + 15) & ~(int64_t)15;
+    real *part = params ? pn_scratch_reals(a->scratch) : NULL;
+    pn_work wk;
+    pn_status st = pn_work_init(&wk, a, 3);
+    if (st) return st;
+    const real *w = wk.w;
+    const double invC = 1.0 / (double)s->C_total;
+
+#pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
+    for (int64_t c = 0; c < nchunks; c++) {
+        real *xb = pn_work_row(&wk, 0), *dyb = pn_work_row(&wk, 1), *dxb = pn_work_row(&wk, 2);
+        real *dw = params ? part + c * pstride : NULL;
+        if (params) for (int64_t i = 0; i < pstride; i++) dw[i] = 0;
+        const int64_t r1 = (c + 1) * per < rows ? (c + 1) * per : rows;
+        for (int64_t r = c * per; r < r1; r++) {
+            const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
+            const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
+            if (r + 1 < r1) pn_prefetch_next(a, r + 1, 0);
+            const real rs = (real)s->rstd[r];
+            const real mgx = (real)(s->sums[r] * invC);
+            int64_t i;
+            if (params)   /* before dx may overwrite x or dy */
+                for (i = 0; i < C; i++) dw[i] += dy[i] * (x[i] * rs);
+            if (a->dinp) {
+                real *dx = pn_dx_row(a, r, dxb, stream);
+                for (i = 0; i < C; i++) dx[i] = rs * (dy[i] * w[i] - (x[i] * rs) * mgx);
+                pn_finish_dx_row(a, r, dx, xb, stream);
+            }
+        }
+    }
+    if (stream) pn_stream_fence();
+    if (params) pn_reduce_chunks(a->dweight, a->wdtype, a->accumulate, part, nchunks, pstride, C, wk.nthreads);
+    pn_work_free(&wk);
+    return PN_OK;
+}
+
+#else /* ---- the public functions: check, then run the variant for this CPU ---- */
+
+PN_DECLARE_VARIANTS(rmsnorm_shard_stats, pn_shard_args)
+PN_DECLARE_VARIANTS(rmsnorm_shard_apply, pn_shard_args)
+PN_DECLARE_VARIANTS(rmsnorm_shard_backward_sums, pn_shard_args)
+PN_DECLARE_VARIANTS(rmsnorm_shard_backward, pn_shard_args)
+static const pn_shard_kernel stats_kernels[3][2] = PN_VARIANTS(rmsnorm_shard_stats);
+static const pn_shard_kernel apply_kernels[3][2] = PN_VARIANTS(rmsnorm_shard_apply);
+static const pn_shard_kernel bsums_kernels[3][2] = PN_VARIANTS(rmsnorm_shard_backward_sums);
+static const pn_shard_kernel backward_kernels[3][2] = PN_VARIANTS(rmsnorm_shard_backward);
+
+pn_status pn_rmsnorm_shard_stats(double *part, const void *inp, int64_t B, int64_t T, int64_t C,
+                                 pn_dtype dtype, const pn_strides *strides) {
+    pn_shard_args s = {.t = {.inp = inp, .B = B, .T = T, .C = C, .dtype = dtype, .wdtype = dtype},
+                       .part = part};
+    pn_status st = pn_shard_check_stats(&s, strides, 1);
+    return st ? st : pn_run_shard(stats_kernels, &s);
+}
+
+pn_status pn_rmsnorm_shard_combine(double *rstd, const double *parts, const int64_t *widths,
+                                   int64_t nshards, int64_t rows, double eps) {
+    pn_status st;
+    int64_t C, n;
+    if (!parts || !rstd) return PN_ERR_NULL;
+    if ((st = pn_shard_check_widths(widths, nshards, &C))) return st;
+    if (rows <= 0 || __builtin_mul_overflow(rows, nshards, &n) || n > INT64_MAX / 8) return PN_ERR_SIZE;
+    if ((st = pn_check_eps(eps))) return st;
+    pn_view outs[1] = {{rstd, 1, 1, {0, 0}, rows, 8}};
+    pn_view ins[2] = {{parts, 1, 1, {0, 0}, n, 8}, {widths, 1, 1, {0, 0}, nshards, 8}};
+    if ((st = pn_check_views(outs, 1, ins, 2, NULL))) return st;
+    const double invC = 1.0 / (double)C;
+    const int nt = rows * nshards >= PN_PARALLEL_MIN_ELEMS ? pn_threads() : 1;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        double ss = 0;
+        for (int64_t p = 0; p < nshards; p++) ss += parts[p * rows + r];
+        rstd[r] = 1 / sqrt(ss * invC + eps);
+    }
+    return PN_OK;
+}
+
+pn_status pn_rmsnorm_shard_apply(void *out, const void *inp, const void *weight, const double *rstd,
+                                 int64_t B, int64_t T, int64_t C,
+                                 pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+    pn_shard_args s = {.t = {.out = out, .inp = inp, .weight = weight, .B = B, .T = T, .C = C,
+                             .dtype = dtype, .wdtype = wdtype},
+                       .rstd = rstd};
+    pn_status st = pn_shard_check_apply(&s, strides, 0);
+    return st ? st : pn_run_shard(apply_kernels, &s);
+}
+
+pn_status pn_rmsnorm_shard_backward_sums(double *sums, const void *dout, const void *inp,
+                                         const void *weight, const double *rstd,
+                                         int64_t B, int64_t T, int64_t C,
+                                         pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+    pn_shard_args s = {.t = {.dout = dout, .inp = inp, .weight = weight, .B = B, .T = T, .C = C,
+                             .dtype = dtype, .wdtype = wdtype},
+                       .part = sums, .rstd = rstd};
+    pn_status st = pn_shard_check_bsums(&s, strides, 1, 0);
+    return st ? st : pn_run_shard(bsums_kernels, &s);
+}
+
+pn_status pn_rmsnorm_shard_backward(void *dinp, void *dweight, void *scratch, size_t scratch_bytes,
+                                    const void *dout, const void *inp, const void *weight,
+                                    const double *rstd, const double *sums,
+                                    int64_t B, int64_t T, int64_t C, int64_t C_total, int flags,
+                                    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+    pn_shard_args s = {.t = {.dinp = dinp, .dweight = dweight, .scratch = scratch, .dout = dout,
+                             .inp = inp, .weight = weight, .B = B, .T = T, .C = C,
+                             .accumulate = (flags & PN_ACCUMULATE) != 0, .dtype = dtype, .wdtype = wdtype},
+                       .rstd = rstd, .sums = sums, .C_total = C_total};
+    pn_status st = pn_shard_check_backward(&s, strides, 1, 0, flags, scratch_bytes,
+                                           pn_rmsnorm_backward_scratch_size(B, T, C, dtype));
+    return st ? st : pn_run_shard_backward(backward_kernels, &s, 1);
+}
+
+#endif
