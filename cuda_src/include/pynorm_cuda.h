@@ -135,6 +135,53 @@ PN_CUDA_API pn_status pn_cuda_rmsnorm_backward(
     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
     cudaStream_t stream);
 
+/* --- sharded statistics (tensor-parallel LayerNorm/RMSNorm, synchronized
+ * BatchNorm): pynorm.h's pn_*_shard_* on device buffers. The widths/counts
+ * arrays of the combine functions (at most 64 shards) are in host memory; the
+ * backward's scratch is not used (NULL is fine). */
+PN_CUDA_API pn_status pn_cuda_layernorm_shard_stats(double *part, const void *inp, int64_t B, int64_t T, int64_t C,
+    pn_dtype dtype, const pn_strides *strides, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_layernorm_shard_combine(double *mean, double *rstd, const double *parts,
+    const int64_t *widths, int64_t nshards, int64_t rows, double eps, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_layernorm_shard_apply(void *out, const void *inp, const void *weight, const void *bias,
+    const double *mean, const double *rstd, int64_t B, int64_t T, int64_t C, pn_dtype dtype, pn_dtype wdtype,
+    const pn_strides *strides, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_layernorm_shard_backward_sums(double *sums, const void *dout, const void *inp,
+    const void *weight, const double *mean, const double *rstd, int64_t B, int64_t T, int64_t C,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_layernorm_shard_backward(void *dinp, void *dweight, void *dbias, void *scratch,
+    size_t scratch_bytes, const void *dout, const void *inp, const void *weight, const double *mean,
+    const double *rstd, const double *sums, int64_t B, int64_t T, int64_t C, int64_t C_total, int flags,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_rmsnorm_shard_stats(double *part, const void *inp, int64_t B, int64_t T, int64_t C,
+    pn_dtype dtype, const pn_strides *strides, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_rmsnorm_shard_combine(double *rstd, const double *parts, const int64_t *widths,
+    int64_t nshards, int64_t rows, double eps, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_rmsnorm_shard_apply(void *out, const void *inp, const void *weight, const double *rstd,
+    int64_t B, int64_t T, int64_t C, pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_rmsnorm_shard_backward_sums(double *sums, const void *dout, const void *inp,
+    const void *weight, const double *rstd, int64_t B, int64_t T, int64_t C, pn_dtype dtype, pn_dtype wdtype,
+    const pn_strides *strides, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_rmsnorm_shard_backward(void *dinp, void *dweight, void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight, const double *rstd, const double *sums,
+    int64_t B, int64_t T, int64_t C, int64_t C_total, int flags, pn_dtype dtype, pn_dtype wdtype,
+    const pn_strides *strides, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_batchnorm_shard_stats(double *part, const void *inp, int64_t N, int64_t C, int64_t S,
+    pn_layout layout, pn_dtype dtype, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_batchnorm_shard_combine(double *mean, double *rstd, void *running_mean,
+    void *running_var, const double *parts, const int64_t *counts, int64_t nshards, int64_t C, double eps,
+    double momentum, int64_t num_batches_tracked, int flags, pn_dtype rdtype, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_batchnorm_shard_apply(void *out, const void *inp, const void *weight, const void *bias,
+    const double *mean, const double *rstd, int64_t N, int64_t C, int64_t S, pn_layout layout, pn_dtype dtype,
+    pn_dtype wdtype, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_batchnorm_shard_backward_sums(double *sums, const void *dout, const void *inp,
+    const double *mean, int64_t N, int64_t C, int64_t S, pn_layout layout, pn_dtype dtype, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_batchnorm_shard_backward(void *dinp, void *dweight, void *dbias, const void *dout,
+    const void *inp, const void *weight, const double *mean, const double *rstd, const double *local_sums,
+    const double *sums, int64_t count, int64_t N, int64_t C, int64_t S, int flags, pn_layout layout,
+    pn_dtype dtype, pn_dtype wdtype, cudaStream_t stream);
+
 /* PN_CUDA_CDEF_END */
 
 #ifdef __cplusplus
