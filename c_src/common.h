@@ -71,6 +71,7 @@ static inline pn_status pn_run(const pn_token_kernel table[3][2], const pn_token
 
 /* ---- threading ----------------------------------------------------------- */
 int pn_threads(void);                      /* runtime.c: threads one call may use */
+int64_t pn_stream_min_bytes(void);         /* runtime.c: outputs this large are streamed */
 
 /* Below this many elements a call runs on one thread: waking the team costs
  * more than the work. */
