@@ -136,6 +136,7 @@ int64_t pn_stream_min_bytes(void) {
             v = last_level_cache_bytes();
             if (v < ((int64_t)8 << 20)) v = (int64_t)8 << 20;
             if (v > ((int64_t)64 << 20)) v = (int64_t)64 << 20;
+            v += 1;   /* larger than the cache: an output of exactly its size is not streamed */
         }
         __atomic_store_n(&stream_min_cached, v, __ATOMIC_RELAXED);
     }

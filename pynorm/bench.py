@@ -523,7 +523,7 @@ def add_copy_fraction(rows, copy_bw):
 # ---------------------------------------------------------------------------
 
 def format_table(rows, baseline):
-    header = ["op", "dtype", "shape (rows, C)", "thr", f"{baseline} ms", "pynorm ms",
+    header = ["op", "dtype", "shape", "thr", f"{baseline} ms", "pynorm ms",
               "speedup", "pynorm GB/s", "% copy"]
     lines = [header]
     for r in rows:
@@ -671,7 +671,23 @@ def parse_args(argv):
     p.add_argument("--plot", metavar="OUT.png", help="bar chart of speedups (needs matplotlib)")
     p.add_argument("--baseline", choices=["auto", "torch", "numpy"], default="auto",
                    help="what pynorm is compared with (auto: torch if installed, else numpy)")
+    p.add_argument("--suites", type=parse_suites, default=list(SUITES), metavar="S[,S]",
+                   help="which rows to run: token (LayerNorm, RMSNorm), spatial (GroupNorm, "
+                        "BatchNorm), torch (pynorm.torch modules and transformer blocks; "
+                        "needs torch) (default: all)")
     return p.parse_args(argv)
+
+
+SUITES = ("token", "spatial", "torch")
+
+
+def parse_suites(text):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in SUITES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(SUITES)}, "
+                                         f"got {text!r}")
+    return names
 
 
 def import_torch(baseline):
@@ -701,7 +717,11 @@ def main(argv=None):
 
     print(f"pynorm {getattr(pynorm, '__version__', '')} self-check (isa {pynorm.isa()}) "
           f"against a float64 NumPy reference")
+    from . import bench_spatial
     ok, checks = self_check()
+    if "spatial" in args.suites:
+        ok_spatial, checks_spatial = bench_spatial.self_check()
+        ok, checks = ok and ok_spatial, checks + checks_spatial
     if not ok:
         failed = sum(not c["ok"] for c in checks)
         print(f"self-check FAILED ({failed} of {len(checks)}); not benchmarking")
@@ -716,8 +736,18 @@ def main(argv=None):
     cpu_share.start()
     try:
         copy_start = measure_copy_bandwidth(args.threads, torch_mod, progress)
-        rows = run_benchmark(benchmark_cases(args.quick), args.threads, baseline, torch_mod,
-                             warmup, repeats, progress)
+        rows = []
+        if "token" in args.suites:
+            rows += run_benchmark(benchmark_cases(args.quick), args.threads, baseline, torch_mod,
+                                  warmup, repeats, progress)
+        if "spatial" in args.suites:
+            rows += bench_spatial.run_spatial_benchmark(args.threads, baseline, torch_mod, warmup,
+                                                        repeats, progress, args.quick)
+        if "torch" in args.suites and torch_mod is not None:
+            from . import bench_torch
+            progress.show("pynorm.torch modules and transformer blocks, forward + backward ...")
+            rows += bench_torch.module_rows(args.threads, args.quick, warmup, repeats)
+            rows += bench_torch.block_rows(args.threads, args.quick, warmup, repeats)
         copy_end = measure_copy_bandwidth(args.threads, torch_mod, progress)
         other_share = cpu_share.stop()
     finally:
@@ -738,6 +768,13 @@ def main(argv=None):
     else:
         notes.append("torch is not installed (or --baseline numpy): the baseline is a "
                      "NumPy implementation computing in float32.")
+    if "spatial" in args.suites:
+        notes.append(bench_spatial.NOTE)
+    if "torch" in args.suites and torch_mod is not None:
+        from . import bench_torch
+        notes.append(bench_torch.NOTE)
+    elif "torch" in args.suites:
+        notes.append("The torch suite (pynorm.torch modules, transformer blocks) needs torch: skipped.")
     notes.append(f"Times are medians of {repeats} calls after {warmup} warm-up call(s), "
                  f"{baseline} and pynorm alternating; speedup = {baseline} ms / pynorm ms.")
     warning = busy_warning(other_share)

@@ -2,7 +2,10 @@
 # Every test of pynorm, after `pip install ".[test]" torch==2.13.0`:
 #   1. the C library, the C tests and (where nvcc exists) the CUDA library, run by ctest;
 #   2. the same C tests built with AddressSanitizer + UndefinedBehaviorSanitizer;
-#   3. the pytest suite, against the installed package.
+#   3. the pytest suite, against the installed package;
+#   4. the reliability checks (tests/run_reliability.sh): bounded libFuzzer runs,
+#      valgrind memcheck and ThreadSanitizer (their tools are installed with
+#      apt-get where missing; PN_FUZZ_SECONDS sets the fuzzing time, default 60).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 jobs=$(nproc 2>/dev/null || echo 2)
@@ -19,5 +22,7 @@ cmake --build "$repo/build/asan" -j "$jobs"
 ctest --test-dir "$repo/build/asan" --output-on-failure -j "$jobs" -L cpu
 
 echo "== Python tests (pytest, installed package)"
-cd "$repo/tests"    # not the repo root: the source tree's pynorm/ has no built library
-python3 -m pytest -q
+(cd "$repo/tests" && python3 -m pytest -q)   # not the repo root: its pynorm/ has no built library
+
+echo "== Reliability: fuzzing, valgrind, ThreadSanitizer"
+PN_TEST_BUILD="$repo/build/test" bash "$repo/tests/run_reliability.sh"
