@@ -101,26 +101,11 @@ static inline void pn_stream_bytes(void *dst, const void *src, int64_t n) {
     const char *s = (const char *)src;
     int64_t i = 0;
 #if defined(__x86_64__) || defined(_M_X64)
-    /* the widest store of the build's ISA: a 64-byte store fills a whole line */
-#if defined(__AVX512F__)
-    enum { W = 64 };
-#elif defined(__AVX__)
-    enum { W = 32 };
-#else
-    enum { W = 16 };
-#endif
-    int64_t head = (int64_t)((W - ((uintptr_t)d & (W - 1))) & (W - 1));
+    int64_t head = (int64_t)((16 - ((uintptr_t)d & 15)) & 15);
     if (head > n) head = n;
     memcpy(d, s, (size_t)head);
-    for (i = head; i + W <= n; i += W) {
-#if defined(__AVX512F__)
-        _mm512_stream_si512((void *)(d + i), _mm512_loadu_si512((const void *)(s + i)));
-#elif defined(__AVX__)
-        _mm256_stream_si256((__m256i *)(d + i), _mm256_loadu_si256((const __m256i *)(s + i)));
-#else
+    for (i = head; i + 16 <= n; i += 16)
         _mm_stream_si128((__m128i *)(d + i), _mm_loadu_si128((const __m128i *)(s + i)));
-#endif
-    }
 #endif
     memcpy(d + i, s + i, (size_t)(n - i));
 }

@@ -17,21 +17,56 @@
 #ifdef PN_KERNEL_BUILD
 #include "kernel.h"
 
+/* The row's mean and sum of squared deviations, as (shift, m, ss): mean =
+ * shift + m, ss = sum((x - shift - m)^2). Two passes on x - x0: the mean, then
+ * the squares of the centred values, summed in the compute type unless they may
+ * have overflowed or underflowed float32 (rows of magnitude beyond 1e19 or
+ * below 1e-10): then again in double. */
+static void layernorm_stats_two_pass(const real *x, int64_t C, real *shift, real *m, double *ss) {
+    const real x0 = x[0];
+    *shift = x0;
+    *m = pn_sum_shifted(x, C, x0) / (real)C;
+    *ss = pn_sumsq_centered(x, C, x0, *m);
+    if (sizeof(real) < sizeof(double) && !(*ss >= 1e-20 && *ss <= 1e36))
+        *ss = pn_sumsq_centered_d(x, C, x0, *m);
+}
+
+/* The same in one pass, for rows already in L1 (converted from half
+ * precision, where the passes, not the memory, bound the time): shifted by the
+ * mean of the row's first 16 values, near the row's centre, the variance is
+ * sum(d^2) - sum(d)^2 / C with d = x - shift and little cancellation. Taken
+ * only when the mean of d is within a std of zero (at most a bit lost) and the
+ * float squares neither overflowed nor underflowed; other rows (outliers
+ * first, NaN, Inf, extreme magnitudes) go the two-pass way. */
+static void layernorm_stats(const real *x, int64_t C, real *shift, real *m, double *ss) {
+    const real x0 = x[0];
+    const int64_t k = C < 16 ? C : 16;
+    real s0 = 0;
+    for (int64_t i = 0; i < k; i++) s0 += x[i] - x0;
+    const real sh = x0 + s0 / (real)k;
+    double sd, ssd;
+    pn_moments_shifted(x, C, sh, &sd, &ssd);
+    const double md = sd / (double)C, q = ssd - sd * md;
+    if (md * md <= q / (double)C && (sizeof(real) == sizeof(double) || (q >= 1e-20 && q <= 1e36))) {
+        *shift = sh;
+        *m = (real)md;
+        *ss = q;
+    } else {
+        layernorm_stats_two_pass(x, C, shift, m, ss);
+    }
+}
+
 /* One row: y and the row's statistics. x and y may be the same memory. */
 static void layernorm_forward_row(real *y, real *mean_out, real *rstd_out, const real *x,
-                                  const real *w, const real *b, int64_t C, double eps) {
-    const real x0 = x[0];
-    const real m = pn_sum_shifted(x, C, x0) / (real)C;             /* mean of x - x0 */
-    /* two-pass variance: the squares of centred values are summed in the
-     * compute type, unless they may have overflowed or underflowed float32
-     * (rows of magnitude beyond 1e19 or below 1e-10): then again in double */
-    double ss = pn_sumsq_centered(x, C, x0, m);
-    if (sizeof(real) < sizeof(double) && !(ss >= 1e-20 && ss <= 1e36))
-        ss = pn_sumsq_centered_d(x, C, x0, m);
+                                  const real *w, const real *b, int64_t C, double eps, int in_l1) {
+    real shift, m;
+    double ss;
+    if (in_l1) layernorm_stats(x, C, &shift, &m, &ss);
+    else layernorm_stats_two_pass(x, C, &shift, &m, &ss);
     const double var = ss / (double)C;
     const real rstd = (real)(1 / sqrt(var + eps));
-    for (int64_t i = 0; i < C; i++) y[i] = ((x[i] - x0) - m) * rstd * w[i] + b[i];
-    *mean_out = x0 + m;
+    for (int64_t i = 0; i < C; i++) y[i] = ((x[i] - shift) - m) * rstd * w[i] + b[i];
+    *mean_out = shift + m;
     *rstd_out = rstd;
 }
 
@@ -56,7 +91,7 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
         real *y = in_place ? (real *)yrow : buf2;
         if (r + 1 < rows) pn_prefetch_next(a, r + 1, fused);
         real m, s;
-        layernorm_forward_row(y, &m, &s, x, wk.w, wk.b, C, eps);
+        layernorm_forward_row(y, &m, &s, x, wk.w, wk.b, C, eps, a->dtype != PN_REAL_DTYPE);
         if (!in_place) pn_write_row(yrow, y, a->dtype, C, stream, buf);   /* rounded once, after w and b */
         if (mean) mean[r] = m;
         if (rstd) rstd[r] = s;

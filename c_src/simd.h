@@ -68,4 +68,43 @@ static inline double pn_sumsq(const real *x, int64_t n) {
     return pn_lanes_total_d(acc);
 }
 
+/* One-pass moments of a row: sum of d and of d^2, d = x[i] - shift. The
+ * lanes add in the compute type over blocks of PN_BLOCK_VECS * PN_LANES
+ * values (chains of 16 additions), then fold into PN_DLANES double lanes
+ * (lane j takes float lanes j, j + 16, j + 32, j + 48, in that order), which
+ * keeps the sums close to double accuracy. */
+#define PN_BLOCK_VECS 16
+#define PN_DLANES 16
+
+static inline void pn_flush_lanes(double *total, real *acc) {
+    for (int q = 0; q < PN_LANES; q += PN_DLANES)
+        for (int j = 0; j < PN_DLANES; j++) total[j] += (double)acc[q + j];
+    for (int j = 0; j < PN_LANES; j++) acc[j] = 0;
+}
+
+static inline double pn_dlanes_total(double *t) {
+    for (int w = PN_DLANES / 2; w >= 1; w /= 2)
+        for (int j = 0; j < w; j++) t[j] += t[j + w];
+    return t[0];
+}
+
+static inline void pn_moments_shifted(const real *x, int64_t n, real shift, double *sum, double *sumsq) {
+    real a1[PN_LANES] = {0}, a2[PN_LANES] = {0};
+    double t1[PN_DLANES] = {0}, t2[PN_DLANES] = {0};
+    int64_t i = 0;
+    for (; i + PN_BLOCK_VECS * PN_LANES <= n; i += PN_BLOCK_VECS * PN_LANES) {
+        for (int v = 0; v < PN_BLOCK_VECS; v++)
+            for (int j = 0; j < PN_LANES; j++) { real d = x[i + v * PN_LANES + j] - shift; a1[j] += d; a2[j] += d * d; }
+        pn_flush_lanes(t1, a1);
+        pn_flush_lanes(t2, a2);
+    }
+    for (; i + PN_LANES <= n; i += PN_LANES)
+        for (int j = 0; j < PN_LANES; j++) { real d = x[i + j] - shift; a1[j] += d; a2[j] += d * d; }
+    for (int j = 0; i + j < n; j++) { real d = x[i + j] - shift; a1[j] += d; a2[j] += d * d; }
+    pn_flush_lanes(t1, a1);
+    pn_flush_lanes(t2, a2);
+    *sum = pn_dlanes_total(t1);
+    *sumsq = pn_dlanes_total(t2);
+}
+
 #endif /* PYNORM_SIMD_H */
