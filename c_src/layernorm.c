@@ -15,7 +15,7 @@
 #include "common.h"
 
 #ifdef PN_KERNEL_BUILD
-#include "kernel.h"
+#include "shard.h"   /* kernel.h, and the sharded backward's arguments */
 
 /* The row's mean and sum of squared deviations, as (shift, m, ss): mean =
  * shift + m, ss = sum((x - shift - m)^2). Two passes on x - x0: the mean, then
@@ -104,7 +104,13 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
 pn_status PN_KERNEL(layernorm_forward)(const pn_token_args *a) { return layernorm_forward_rows(a, 0); }
 pn_status PN_KERNEL(add_layernorm_forward)(const pn_token_args *a) { return layernorm_forward_rows(a, 1); }
 
-pn_status PN_KERNEL(layernorm_backward)(const pn_token_args *a) {
+/* The backward over all rows. Plain (sh NULL): each row's mean and rstd are
+ * a->mean, a->rstd and its sums S_g = sum(g), S_gx = sum(g * xhat) are taken
+ * here. Sharded (layernorm_shard.c, sh given): the row is one shard of a
+ * wider row, its mean the combined double mean (split as hi + lo, see
+ * shard.h) and its sums the totals over all shards (sh->sums, width
+ * sh->C_total). */
+pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_shard_args *sh) {
     const int64_t rows = a->B * a->T, C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
     const int params = a->dweight || a->dbias;
@@ -118,6 +124,7 @@ pn_status PN_KERNEL(layernorm_backward)(const pn_token_args *a) {
     const real *w = wk.w;
     const real *mean = (const real *)a->mean, *rstd = (const real *)a->rstd;
     const real invC = (real)1 / (real)C;
+    const double inv_total = sh ? 1.0 / (double)sh->C_total : 0;
 
     /* Chunks of consecutive rows; each chunk's dw/db partial is its own. */
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
@@ -130,32 +137,42 @@ pn_status PN_KERNEL(layernorm_backward)(const pn_token_args *a) {
             const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
             const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
             if (r + 1 < r1) pn_prefetch_next(a, r + 1, 0);
-            const real mu = mean[r], rs = rstd[r];
-            /* the two row sums: sum(g) and sum(g * xhat), in fixed-order lanes */
-            real sg[PN_LANES] = {0}, sgx[PN_LANES] = {0};
+            real hi, lo, rs, mg, mgx;
             int64_t i = 0;
-            for (; i + PN_LANES <= C; i += PN_LANES)
-                for (int j = 0; j < PN_LANES; j++) {
-                    real g = dy[i + j] * w[i + j], xhat = (x[i + j] - mu) * rs;
+            if (sh) {
+                pn_shard_split(sh->mean[r], &hi, &lo);
+                rs = (real)sh->rstd[r];
+                mg = (real)(sh->sums[2 * r] * inv_total);
+                mgx = (real)(sh->sums[2 * r + 1] * inv_total);
+            } else {
+                hi = mean[r], lo = 0, rs = rstd[r];
+                /* the two row sums: sum(g) and sum(g * xhat), in fixed-order lanes */
+                real sg[PN_LANES] = {0}, sgx[PN_LANES] = {0};
+                for (; i + PN_LANES <= C; i += PN_LANES)
+                    for (int j = 0; j < PN_LANES; j++) {
+                        real g = dy[i + j] * w[i + j], xhat = (x[i + j] - hi) * rs;
+                        sg[j] += g;
+                        sgx[j] += g * xhat;
+                    }
+                for (int j = 0; i + j < C; j++) {
+                    real g = dy[i + j] * w[i + j], xhat = (x[i + j] - hi) * rs;
                     sg[j] += g;
                     sgx[j] += g * xhat;
                 }
-            for (int j = 0; i + j < C; j++) {
-                real g = dy[i + j] * w[i + j], xhat = (x[i + j] - mu) * rs;
-                sg[j] += g;
-                sgx[j] += g * xhat;
+                mg = pn_lanes_total(sg) * invC;
+                mgx = pn_lanes_total(sgx) * invC;
             }
-            const real mg = pn_lanes_total(sg) * invC, mgx = pn_lanes_total(sgx) * invC;
-            /* parameter gradients, before dx may overwrite x or dy */
+            /* parameter gradients, before dx may overwrite x or dy
+             * (lo = 0 in the plain backward: the same bits as x - mean) */
             if (params)
                 for (i = 0; i < C; i++) {
-                    dw[i] += dy[i] * ((x[i] - mu) * rs);
+                    dw[i] += dy[i] * (((x[i] - hi) - lo) * rs);
                     db[i] += dy[i];
                 }
             if (a->dinp) {
                 real *dx = pn_dx_row(a, r, dxb, stream);
                 for (i = 0; i < C; i++) {
-                    real xhat = (x[i] - mu) * rs;
+                    real xhat = ((x[i] - hi) - lo) * rs;
                     dx[i] = rs * ((dy[i] * w[i] - mg) - xhat * mgx);
                 }
                 pn_finish_dx_row(a, r, dx, xb, stream);
@@ -168,6 +185,8 @@ pn_status PN_KERNEL(layernorm_backward)(const pn_token_args *a) {
     pn_work_free(&wk);
     return PN_OK;
 }
+
+pn_status PN_KERNEL(layernorm_backward)(const pn_token_args *a) { return PN_KERNEL(layernorm_backward_rows)(a, NULL); }
 
 #else /* ---- the public functions: check, then run the variant for this CPU ---- */
 

@@ -12,7 +12,7 @@
 #include "common.h"
 
 #ifdef PN_KERNEL_BUILD
-#include "kernel.h"
+#include "shard.h"   /* kernel.h, and the sharded backward's arguments */
 
 /* One row: y and its rstd. x and y may be the same memory. */
 static real rmsnorm_forward_row(real *y, const real *x, const real *w, int64_t C, double eps) {
@@ -53,7 +53,11 @@ static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
 pn_status PN_KERNEL(rmsnorm_forward)(const pn_token_args *a) { return rmsnorm_forward_rows(a, 0); }
 pn_status PN_KERNEL(add_rmsnorm_forward)(const pn_token_args *a) { return rmsnorm_forward_rows(a, 1); }
 
-pn_status PN_KERNEL(rmsnorm_backward)(const pn_token_args *a) {
+/* The backward over all rows. Plain (sh NULL): each row's rstd is a->rstd and
+ * its sum S_gx = sum(g * xhat) is taken here. Sharded (rmsnorm_shard.c, sh
+ * given): the row is one shard of a wider row; rstd and the sum over all
+ * shards come from sh (width sh->C_total). */
+pn_status PN_KERNEL(rmsnorm_backward_rows)(const pn_token_args *a, const pn_shard_args *sh) {
     const int64_t rows = a->B * a->T, C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
     const int params = a->dweight != NULL;
@@ -67,6 +71,7 @@ pn_status PN_KERNEL(rmsnorm_backward)(const pn_token_args *a) {
     const real *w = wk.w;
     const real *rstd = (const real *)a->rstd;
     const real invC = (real)1 / (real)C;
+    const double inv_total = sh ? 1.0 / (double)sh->C_total : 0;
 
     /* Chunks of consecutive rows; each chunk's dw partial is its own. */
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
@@ -79,14 +84,20 @@ pn_status PN_KERNEL(rmsnorm_backward)(const pn_token_args *a) {
             const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
             const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
             if (r + 1 < r1) pn_prefetch_next(a, r + 1, 0);
-            const real rs = rstd[r];
-            /* sum(g * xhat) in fixed-order lanes */
-            real sgx[PN_LANES] = {0};
+            real rs, mgx;
             int64_t i = 0;
-            for (; i + PN_LANES <= C; i += PN_LANES)
-                for (int j = 0; j < PN_LANES; j++) sgx[j] += dy[i + j] * w[i + j] * (x[i + j] * rs);
-            for (int j = 0; i + j < C; j++) sgx[j] += dy[i + j] * w[i + j] * (x[i + j] * rs);
-            const real mgx = pn_lanes_total(sgx) * invC;
+            if (sh) {
+                rs = (real)sh->rstd[r];
+                mgx = (real)(sh->sums[r] * inv_total);
+            } else {
+                rs = rstd[r];
+                /* sum(g * xhat) in fixed-order lanes */
+                real sgx[PN_LANES] = {0};
+                for (; i + PN_LANES <= C; i += PN_LANES)
+                    for (int j = 0; j < PN_LANES; j++) sgx[j] += dy[i + j] * w[i + j] * (x[i + j] * rs);
+                for (int j = 0; i + j < C; j++) sgx[j] += dy[i + j] * w[i + j] * (x[i + j] * rs);
+                mgx = pn_lanes_total(sgx) * invC;
+            }
             /* the weight gradient, before dx may overwrite x or dy */
             if (params)
                 for (i = 0; i < C; i++) dw[i] += dy[i] * (x[i] * rs);
@@ -102,6 +113,8 @@ pn_status PN_KERNEL(rmsnorm_backward)(const pn_token_args *a) {
     pn_work_free(&wk);
     return PN_OK;
 }
+
+pn_status PN_KERNEL(rmsnorm_backward)(const pn_token_args *a) { return PN_KERNEL(rmsnorm_backward_rows)(a, NULL); }
 
 #else /* ---- the public functions: check, then run the variant for this CPU ---- */
 

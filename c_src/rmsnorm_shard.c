@@ -80,47 +80,10 @@ pn_status PN_KERNEL(rmsnorm_shard_backward_sums)(const pn_shard_args *s) {
     return PN_OK;
 }
 
+/* dx, dweight of the shard: rmsnorm.c's backward with the whole row's rstd
+ * and totalled row sum. */
 pn_status PN_KERNEL(rmsnorm_shard_backward)(const pn_shard_args *s) {
-    const pn_token_args *a = &s->t;
-    const int64_t rows = a->B * a->T, C = a->C;
-    const size_t es = pn_dtype_size(a->dtype);
-    const int params = a->dweight != NULL;
-    const int64_t per = pn_chunk_rows(rows), nchunks = pn_num_chunks(rows);
-    const int stream = rows * C * (int64_t)es >= PN_STREAM_MIN_BYTES;
-    const int64_t pstride = (C + 15) & ~(int64_t)15;
-    real *part = params ? pn_scratch_reals(a->scratch) : NULL;
-    pn_work wk;
-    pn_status st = pn_work_init(&wk, a, 3);
-    if (st) return st;
-    const real *w = wk.w;
-    const double invC = 1.0 / (double)s->C_total;
-
-#pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
-    for (int64_t c = 0; c < nchunks; c++) {
-        real *xb = pn_work_row(&wk, 0), *dyb = pn_work_row(&wk, 1), *dxb = pn_work_row(&wk, 2);
-        real *dw = params ? part + c * pstride : NULL;
-        if (params) for (int64_t i = 0; i < pstride; i++) dw[i] = 0;
-        const int64_t r1 = (c + 1) * per < rows ? (c + 1) * per : rows;
-        for (int64_t r = c * per; r < r1; r++) {
-            const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
-            const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
-            if (r + 1 < r1) pn_prefetch_next(a, r + 1, 0);
-            const real rs = (real)s->rstd[r];
-            const real mgx = (real)(s->sums[r] * invC);
-            int64_t i;
-            if (params)   /* before dx may overwrite x or dy */
-                for (i = 0; i < C; i++) dw[i] += dy[i] * (x[i] * rs);
-            if (a->dinp) {
-                real *dx = pn_dx_row(a, r, dxb, stream);
-                for (i = 0; i < C; i++) dx[i] = rs * (dy[i] * w[i] - (x[i] * rs) * mgx);
-                pn_finish_dx_row(a, r, dx, xb, stream);
-            }
-        }
-    }
-    if (stream) pn_stream_fence();
-    if (params) pn_reduce_chunks(a->dweight, a->wdtype, a->accumulate, part, nchunks, pstride, C, wk.nthreads);
-    pn_work_free(&wk);
-    return PN_OK;
+    return PN_KERNEL(rmsnorm_backward_rows)(&s->t, s);
 }
 
 #else /* ---- the public functions: check, then run the variant for this CPU ---- */

@@ -161,6 +161,11 @@ static inline double pn_shard_m2_d(const real *x, int64_t n, double shift, doubl
     return pn_lanes_total_d(acc);
 }
 
+/* The token norms' backward over all rows (layernorm.c, rmsnorm.c), which the
+ * sharded backwards run with the combined statistics and row sums. */
+pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_shard_args *sh);
+pn_status PN_KERNEL(rmsnorm_backward_rows)(const pn_token_args *a, const pn_shard_args *sh);
+
 /* A double mean as a pair of reals (hi + lo): (x - hi) - lo centres a row in
  * the compute type without the rounding error of a real mean (x - hi is
  * exact for x near hi). */
