@@ -89,12 +89,11 @@ static inline void pn_prefetch_next(const pn_token_args *a, int64_t r, int fused
     if (a->dout) pn_prefetch(pn_row(a->dout, a->s.dout, r, a->T, es), bytes);
 }
 
-/* Outputs of at least this many bytes (larger than the last-level cache, see
- * runtime.c) are written with non-temporal stores: they go to memory without
- * first reading the lines they overwrite, and do not push the inputs out of
- * the cache. Smaller outputs stay cached for the caller, which will read them
- * soon. */
-#define PN_STREAM_MIN_BYTES pn_stream_min_bytes()
+/* Outputs of at least pn_stream_min_bytes() (larger than the last-level
+ * cache, see runtime.c) are written with non-temporal stores: they go to
+ * memory without first reading the lines they overwrite, and do not push the
+ * inputs out of the cache. Smaller outputs stay cached for the caller, which
+ * will read them soon. */
 
 static inline void pn_stream_bytes(void *dst, const void *src, int64_t n) {
     char *d = (char *)dst;

@@ -74,7 +74,7 @@ static void layernorm_forward_row(real *y, real *mean_out, real *rstd_out, const
 static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
-    const int stream = rows * C * (int64_t)es >= PN_STREAM_MIN_BYTES;
+    const int stream = rows * C * (int64_t)es >= pn_stream_min_bytes();
     /* y computed in place in the output when it holds reals and is not streamed */
     const int in_place = a->dtype == PN_REAL_DTYPE && !stream;
     pn_work wk;
@@ -115,7 +115,7 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
     const size_t es = pn_dtype_size(a->dtype);
     const int params = a->dweight || a->dbias;
     const int64_t per = pn_chunk_rows(rows), nchunks = pn_num_chunks(rows);
-    const int stream = rows * C * (int64_t)es >= PN_STREAM_MIN_BYTES;
+    const int stream = rows * C * (int64_t)es >= pn_stream_min_bytes();
     const int64_t pstride = 2 * ((C + 15) & ~(int64_t)15);   /* dw partial, then db partial */
     real *part = params ? pn_scratch_reals(a->scratch) : NULL;
     pn_work wk;

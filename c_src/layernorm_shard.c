@@ -42,7 +42,7 @@ pn_status PN_KERNEL(layernorm_shard_apply)(const pn_shard_args *s) {
     const pn_token_args *a = &s->t;
     const int64_t rows = a->B * a->T, C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
-    const int stream = rows * C * (int64_t)es >= PN_STREAM_MIN_BYTES;
+    const int stream = rows * C * (int64_t)es >= pn_stream_min_bytes();
     const int in_place = a->dtype == PN_REAL_DTYPE && !stream;
     pn_work wk;
     pn_status st = pn_work_init(&wk, a, 2);

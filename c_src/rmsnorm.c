@@ -25,7 +25,7 @@ static real rmsnorm_forward_row(real *y, const real *x, const real *w, int64_t C
 static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
-    const int stream = rows * C * (int64_t)es >= PN_STREAM_MIN_BYTES;
+    const int stream = rows * C * (int64_t)es >= pn_stream_min_bytes();
     /* y computed in place in the output when it holds reals and is not streamed */
     const int in_place = a->dtype == PN_REAL_DTYPE && !stream;
     pn_work wk;
@@ -62,7 +62,7 @@ pn_status PN_KERNEL(rmsnorm_backward_rows)(const pn_token_args *a, const pn_shar
     const size_t es = pn_dtype_size(a->dtype);
     const int params = a->dweight != NULL;
     const int64_t per = pn_chunk_rows(rows), nchunks = pn_num_chunks(rows);
-    const int stream = rows * C * (int64_t)es >= PN_STREAM_MIN_BYTES;
+    const int stream = rows * C * (int64_t)es >= pn_stream_min_bytes();
     const int64_t pstride = (C + 15) & ~(int64_t)15;
     real *part = params ? pn_scratch_reals(a->scratch) : NULL;
     pn_work wk;

@@ -302,7 +302,7 @@ static inline int pn_sp_stream(const pn_spatial_args *a, int64_t block) {
      * buffer that streaming needs costs it more than the stores save
      * (measured at 64 MiB: 45 against 35 GB/s on one thread, 70 against 65 on two) */
     if (a->batchnorm && !a->training && !a->dout) return 0;
-    return a->N * a->C * a->S * es >= PN_STREAM_MIN_BYTES && block * es >= PN_SP_STREAM_BLOCK;
+    return a->N * a->C * a->S * es >= pn_stream_min_bytes() && block * es >= PN_SP_STREAM_BLOCK;
 }
 
 /* ---- row sums (NCHW) ------------------------------------------------------------

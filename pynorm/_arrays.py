@@ -133,7 +133,7 @@ def _elem_strides(a):
     return [s // item for s in a.strides[:-1]]
 
 
-def _split(lead, strides_list):
+def split_rows(lead, strides_list):
     """The first split of the leading axes into B x T that every buffer can be
     addressed with: (B, T, [(sb, st) per buffer]) or None."""
     for k in range(len(lead) + 1):
@@ -170,7 +170,7 @@ def row_layout(lead, buffers):
                 arrays[i] = np.ascontiguousarray(arrays[i])
                 st = _elem_strides(arrays[i])
             strides_list.append(st)
-        split = _split(lead, strides_list)
+        split = split_rows(lead, strides_list)
         if split is not None:
             B, T, pairs = split
             s = ffi.new("pn_strides *")

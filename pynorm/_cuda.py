@@ -23,7 +23,7 @@ import threading
 import ml_dtypes
 import numpy as np
 
-from ._arrays import check_eps
+from ._arrays import check_eps, split_rows
 
 __all__ = ["is_cuda_array", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
@@ -413,32 +413,6 @@ def _check_distinct(outs):
                 raise ValueError(f"{n1} overlaps {n2}: outputs must not share memory")
 
 
-def _fold(sizes, strides):
-    n, step = 1, 0
-    for size, stride in zip(reversed(sizes), reversed(strides)):
-        if size == 1:
-            continue
-        if n > 1 and stride != step * n:
-            return None
-        if n == 1:
-            step = stride
-        n *= size
-    return n, step
-
-
-def _split(lead, strides_list):
-    for k in range(len(lead) + 1):
-        pairs = []
-        for st in strides_list:
-            fb, ft = _fold(lead[:k], st[:k]), _fold(lead[k:], st[k:])
-            if fb is None or ft is None:
-                break
-            pairs.append((fb[1], ft[1]))
-        else:
-            return math.prod(lead[:k]), math.prod(lead[k:]), pairs
-    return None
-
-
 def _row_layout(lead, buffers, ffi, cp):
     """B x T x C rows over buffers sharing the leading shape: (B, T, pn_strides*
     or NULL, devs), copying inputs the kernels cannot address in place.
@@ -456,7 +430,7 @@ def _row_layout(lead, buffers, ffi, cp):
                 devs[i] = _contiguous_copy(devs[i], cp)
                 st = _elem_strides(devs[i])
             strides_list.append(st)
-        split = _split(lead, strides_list)
+        split = split_rows(lead, strides_list)
         if split is not None:
             B, T, pairs = split
             s = ffi.new("pn_strides *")

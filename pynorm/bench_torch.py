@@ -24,12 +24,11 @@ time is mostly matrix products and a bandwidth figure for it would mean nothing.
 
 import argparse
 import copy
-import gc
 import json
 import math
-import statistics
 import sys
-import time
+
+from .bench import time_pair
 
 # (batch, seq, C): GPT-2 small's width, and a narrow block where the norms (O(C) per
 # token, against O(C^2) for the matrix products) weigh more
@@ -88,28 +87,6 @@ BLOCKS = {
 }
 
 
-def _time_pair(f_base, f_pn, warmup, repeats):
-    for _ in range(warmup):
-        f_base()
-        f_pn()
-    tb, tp = [], []
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            f_base()
-            t1 = time.perf_counter()
-            f_pn()
-            t2 = time.perf_counter()
-            tb.append(t1 - t0)
-            tp.append(t2 - t1)
-    finally:
-        if was:
-            gc.enable()
-    return statistics.median(tb), statistics.median(tp)
-
-
 def _fwd_bwd(model, x, dy):
     def step():
         model.zero_grad(set_to_none=True)
@@ -159,7 +136,7 @@ def block_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None, blo
                 for threads in thread_counts:
                     pynorm.set_num_threads(threads)
                     torch.set_num_threads(threads)
-                    t_base, t_pn = _time_pair(_fwd_bwd(base, x, dy), _fwd_bwd(swapped, x, dy),
+                    t_base, t_pn = time_pair(_fwd_bwd(base, x, dy), _fwd_bwd(swapped, x, dy),
                                               warmup, repeats)
                     rows.append(dict(
                         op=key, label=label, dtype="float32",
@@ -213,7 +190,7 @@ def module_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None, bl
                 for threads in thread_counts:
                     pynorm.set_num_threads(threads)
                     torch.set_num_threads(threads)
-                    t_base, t_pn = _time_pair(_fwd_bwd(base, x, dy), _fwd_bwd(twin, x, dy), warmup, repeats)
+                    t_base, t_pn = time_pair(_fwd_bwd(base, x, dy), _fwd_bwd(twin, x, dy), warmup, repeats)
                     rows.append(dict(
                         op=key, label=label, dtype="float32", shape=[rows_, C], threads=threads,
                         baseline="torch", baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3,
@@ -230,15 +207,6 @@ NOTE = ("Transformer block rows: forward + backward of a whole block (matrix pro
         "(same weights and data, calls alternating); GB/s and % copy do not apply (nan).")
 
 
-def _copy_bandwidth(pynorm, threads):
-    saved = pynorm.get_num_threads()
-    pynorm.set_num_threads(threads)
-    try:
-        return pynorm.copy_bandwidth()
-    finally:
-        pynorm.set_num_threads(saved)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m pynorm.bench_torch", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -248,9 +216,15 @@ def main(argv=None):
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     import pynorm
-    from pynorm.bench import add_copy_fraction, format_table
+    from pynorm.bench import Progress, add_copy_fraction, format_table, measure_copy_bandwidth
     rows = module_rows(threads, quick=args.quick, repeats=args.repeats)
-    add_copy_fraction(rows, {n: _copy_bandwidth(pynorm, n) for n in threads})
+    saved = pynorm.get_num_threads()
+    progress = Progress()
+    try:
+        add_copy_fraction(rows, measure_copy_bandwidth(threads, None, progress))
+    finally:
+        progress.clear()
+        pynorm.set_num_threads(saved)
     rows += block_rows(threads, quick=args.quick, repeats=args.repeats)
     print(format_table(rows, "torch"))
     print()

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from .._arrays import split_rows
 from .._lib import ffi as _cffi, lib as _clib
 
 _TORCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -186,41 +187,11 @@ def check_same_device(what, x, **others):
 
 # ---- row layouts ------------------------------------------------------------------------
 
-def _fold(sizes, strides):
-    """(n, step) when axes of these sizes and element strides walk one arithmetic
-    sequence (outermost first), else None."""
-    n, step = 1, 0
-    for size, stride in zip(reversed(sizes), reversed(strides)):
-        if size == 1:
-            continue
-        if n > 1 and stride != step * n:
-            return None
-        if n == 1:
-            step = stride
-        n *= size
-    return n, step
-
-
 def _row_strides(t):
     """Element strides of t's leading axes when its rows are contiguous, else None."""
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         return None
     return t.stride()[:-1]
-
-
-def _split(lead, strides_list):
-    """The first split of the leading axes into B x T that addresses every buffer:
-    (B, T, [(sb, st) per buffer]) or None."""
-    for k in range(len(lead) + 1):
-        pairs = []
-        for st in strides_list:
-            fb, ft = _fold(lead[:k], st[:k]), _fold(lead[k:], st[k:])
-            if fb is None or ft is None:
-                break
-            pairs.append((fb[1], ft[1]))
-        else:
-            return math.prod(lead[:k]), math.prod(lead[k:]), pairs
-    return None
 
 
 def token_layout(be, lead, inputs):
@@ -243,7 +214,7 @@ def token_layout(be, lead, inputs):
             tensors[i] = t.contiguous()
             st = tensors[i].stride()[:-1]
         strides.append(st)
-    split = _split(tuple(lead), strides)
+    split = split_rows(tuple(lead), strides)
     if split is None:
         tensors = [t.contiguous() for t in tensors]
         return 1, rows, be.ffi.NULL, tensors
