@@ -386,6 +386,193 @@ bwd_cols(const TokArgs a)
     if (LN) part[a.P * a.C + blockIdx.y * a.C + c] = db;
 }
 
+/* ------------------------------------------------------------------------ */
+/* Spatial norms (groupnorm.cu, batchnorm.cu): N x C x S values, dense.      */
+/*   NCHW: value (n, c, s) at (n*C + c)*S + s;  NHWC: at (n*S + s)*C + c.     */
+/* S == 1 is run as NHWC (the same memory either way). The N*S positions     */
+/* m = n*S + s of every channel are cut into P chunks of `chunk` positions   */
+/* (GroupNorm's backward: one chunk per sample) for partial sums in double.  */
+
+struct SpArgs {
+    const void *x, *dy, *w, *b;
+    void *y, *dx, *dw, *db;
+    void *mean, *rstd;         /* forward: outputs (may be NULL); backward: saved statistics */
+    void *rm, *rv;             /* BatchNorm running statistics */
+    double *part;              /* partial sums: P x C x 2 */
+    void *coef;                /* BatchNorm: per-channel values for the elementwise pass */
+    int64_t N, C, S, G, Cg;
+    int64_t P, chunk;
+    double eps, momentum;      /* momentum: the weight the batch statistics get */
+    pn_dtype wdt, rdt;
+    int nhwc, w_f32, accumulate, training, per_sample;
+};
+
+/* A value of any dtype as a double, and a value stored (rounded once from A). */
+__device__ __forceinline__ double ld_any(const void *p, pn_dtype dt, int64_t i)
+{
+    switch (dt) {
+    case PN_FLOAT32: return (double)static_cast<const float *>(p)[i];
+    case PN_FLOAT64: return static_cast<const double *>(p)[i];
+    case PN_FLOAT16: return (double)F16::to(static_cast<const unsigned short *>(p)[i]);
+    default: return (double)BF16::to(static_cast<const unsigned short *>(p)[i]);
+    }
+}
+
+template <class A>
+__device__ __forceinline__ void st_any(void *p, pn_dtype dt, int64_t i, A v)
+{
+    switch (dt) {
+    case PN_FLOAT32: static_cast<float *>(p)[i] = (float)v; break;
+    case PN_FLOAT64: static_cast<double *>(p)[i] = (double)v; break;
+    case PN_FLOAT16: static_cast<unsigned short *>(p)[i] = F16::from((float)v); break;
+    default: static_cast<unsigned short *>(p)[i] = BF16::from((float)v); break;
+    }
+}
+
+/* dweight/dbias element c from its double sum, as the C library stores it:
+ * rounded to the compute type, then to dt (added to the old value first when
+ * accumulating). */
+template <class A>
+__device__ __forceinline__ void sp_store_grad(void *p, pn_dtype dt, int64_t c, double v, int accumulate)
+{
+    const A r = accumulate ? (A)(ld_any(p, dt, c) + v) : (A)v;
+    st_any<A>(p, dt, c, r);
+}
+
+/* Index i = o * inner + in stepped by a fixed stride without divisions
+ * (after the two in init). */
+struct Walk2 {
+    int64_t o, in, inner, d_o, d_in;
+    __device__ __forceinline__ void init(int64_t i, int64_t stride, int64_t inner_)
+    {
+        inner = inner_;
+        o = i / inner;
+        in = i - o * inner;
+        d_o = stride / inner;
+        d_in = stride - d_o * inner;
+    }
+    __device__ __forceinline__ void next()
+    {
+        o += d_o;
+        in += d_in;
+        if (in >= inner) { in -= inner; ++o; }
+    }
+};
+
+/* The channel of element i of the whole N x C x S buffer, stepped by a fixed
+ * stride: c = (i / inner) % C with inner = S (NCHW) or 1 (NHWC). */
+struct ChanWalk {
+    int64_t s, c, inner, C, d_s, d_c;
+    __device__ __forceinline__ void init(int64_t i, int64_t stride, int64_t inner_, int64_t C_)
+    {
+        inner = inner_;
+        C = C_;
+        const int64_t r = i / inner;
+        s = i - r * inner;
+        c = r % C;
+        const int64_t dr = stride / inner;
+        d_s = stride - dr * inner;
+        d_c = dr % C;
+    }
+    __device__ __forceinline__ void next()
+    {
+        s += d_s;
+        int64_t carry = 0;
+        if (s >= inner) { s -= inner; carry = 1; }
+        c += d_c + carry;          /* d_c + carry <= C and c < C: one wrap at most */
+        if (c >= C) c -= C;
+    }
+};
+
+/* The reference value of channel c in chunk p: the backward's saved mean of
+ * the channel's set (GroupNorm: sample p's group; BatchNorm: the channel), or
+ * the statistics' shift, the channel's first value (BatchNorm forward). */
+template <class D, bool BWD>
+__device__ __forceinline__ typename D::acc sp_ref(const SpArgs &a, int64_t p, int64_t c)
+{
+    typedef typename D::acc A;
+    if (BWD) return static_cast<const A *>(a.mean)[a.per_sample ? p * a.G + c / a.Cg : c];
+    return D::to(static_cast<const typename D::raw *>(a.x)[a.nhwc ? c : c * a.S]);
+}
+
+/* One value's terms: backward: dy and dy * (x - ref), computed in A;
+ * forward: d and d*d with d = x - ref in double. */
+template <class D, bool BWD>
+__device__ __forceinline__ void sp_term(const SpArgs &a, int64_t off, typename D::acc ref, double &s0, double &s1)
+{
+    typedef typename D::acc A;
+    const A xv = D::to(static_cast<const typename D::raw *>(a.x)[off]);
+    if (BWD) {
+        const A g = D::to(static_cast<const typename D::raw *>(a.dy)[off]);
+        s0 += (double)g;
+        s1 += (double)(g * (xv - ref));
+    } else {
+        const double d = (double)xv - (double)ref;
+        s0 += d;
+        s1 = fma(d, d, s1);
+    }
+}
+
+/* Partial sums of channel c over chunk p, into part[(p*C + c)*2 + {0, 1}].
+ * NHWC: block (32, 8), 32 consecutive channels (coalesced rows), the chunk's
+ * rows dealt to the 8 y-lanes in turn, whose sums are added in lane order. */
+template <class D, bool BWD>
+__global__ void __launch_bounds__(256)
+sp_part_nhwc(const SpArgs a)
+{
+    __shared__ double sh[2][8][33];
+    const int64_t M = a.N * a.S, ncb = (a.C + 31) / 32;
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    for (int64_t p = blockIdx.y; p < a.P; p += gridDim.y) {
+        const int64_t m0 = p * a.chunk, m1 = (m0 + a.chunk < M) ? m0 + a.chunk : M;
+        for (int64_t cb = blockIdx.x; cb < ncb; cb += gridDim.x) {
+            const int64_t c = cb * 32 + tx;
+            double s0 = 0, s1 = 0;
+            if (c < a.C) {
+                const typename D::acc ref = sp_ref<D, BWD>(a, p, c);
+                for (int64_t m = m0 + ty; m < m1; m += 8) sp_term<D, BWD>(a, m * a.C + c, ref, s0, s1);
+            }
+            sh[0][ty][tx] = s0;
+            sh[1][ty][tx] = s1;
+            __syncthreads();
+            if (ty == 0 && c < a.C) {
+                double t0 = sh[0][0][tx], t1 = sh[1][0][tx];
+#pragma unroll
+                for (int k = 1; k < 8; ++k) { t0 += sh[0][k][tx]; t1 += sh[1][k][tx]; }
+                a.part[(p * a.C + c) * 2] = t0;
+                a.part[(p * a.C + c) * 2 + 1] = t1;
+            }
+            __syncthreads();
+        }
+    }
+}
+
+/* NCHW: one block per (channel, chunk); the chunk's positions (n, s) walk
+ * rows of S contiguous values (coalesced), block sum in a fixed order. */
+template <class D, bool BWD>
+__global__ void __launch_bounds__(256)
+sp_part_nchw(const SpArgs a)
+{
+    __shared__ double sh[64];
+    const int64_t M = a.N * a.S;
+    for (int64_t p = blockIdx.y; p < a.P; p += gridDim.y) {
+        const int64_t m0 = p * a.chunk, m1 = (m0 + a.chunk < M) ? m0 + a.chunk : M;
+        for (int64_t c = blockIdx.x; c < a.C; c += gridDim.x) {
+            const typename D::acc ref = sp_ref<D, BWD>(a, p, c);
+            double s0 = 0, s1 = 0;
+            Walk2 w;   /* position m = n*S + s: w.o = n, w.in = s */
+            w.init(m0 + threadIdx.x, blockDim.x, a.S);
+            for (int64_t m = m0 + threadIdx.x; m < m1; m += blockDim.x, w.next())
+                sp_term<D, BWD>(a, (w.o * a.C + c) * a.S + w.in, ref, s0, s1);
+            block_sum2(s0, s1, sh);
+            if (threadIdx.x == 0) {
+                a.part[(p * a.C + c) * 2] = s0;
+                a.part[(p * a.C + c) * 2 + 1] = s1;
+            }
+        }
+    }
+}
+
 /* ======================================================================== */
 /* Host side                                                                 */
 
@@ -408,6 +595,8 @@ inline bool add_ovf(int64_t a, int64_t b, int64_t *r) { return __builtin_add_ove
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline unsigned round_up32(int64_t n) { return (unsigned)(((n + 31) / 32) * 32); }
 inline unsigned grid_for(int64_t n) { return (unsigned)(n < kGridCap ? n : kGridCap); }
+/* Elementwise grid-stride passes over n values with 256-thread blocks. */
+inline unsigned elem_grid(int64_t n) { return grid_for(ceil_div(n, 256) < 65535 ? ceil_div(n, 256) : 65535); }
 
 /* B, T, C > 0 and B*T*C*esize fits in int64. */
 inline pn_status check_sizes(int64_t B, int64_t T, int64_t C, int esize, int64_t *rows)
@@ -565,6 +754,72 @@ inline size_t scratch_bytes_for(int64_t B, int64_t T, int64_t C, pn_dtype dtype,
     const int accsize = dtype == PN_FLOAT64 ? 8 : 4;
     if (mul_ovf(P, C, &n) || mul_ovf(n, (int64_t)accsize * narrays, &bytes)) return 0;
     return (size_t)bytes;
+}
+
+/* ---- spatial norms: host side ---- */
+
+/* The checks every spatial call shares, in the C library's order
+ * (c_src/spatial.h, pn_check_spatial): pointers, dtypes, layout, sizes,
+ * groups, eps (forward only: eps != NULL). *nhwc: the layout the kernels
+ * use (S == 1 runs as NHWC). */
+inline pn_status sp_check(bool ptrs_ok, pn_dtype dtype, pn_dtype wdtype, pn_layout layout,
+                          int64_t N, int64_t C, int64_t S, int64_t G, const double *eps, bool *nhwc)
+{
+    pn_status st;
+    int64_t rows;
+    if (!ptrs_ok) return PN_ERR_NULL;
+    if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
+    if (layout != PN_NCHW && layout != PN_NHWC) return PN_ERR_ARG;
+    if ((st = check_sizes(N, C, S, dtype_size(dtype), &rows)) != PN_OK) return st;
+    if (G <= 0 || C % G != 0) return PN_ERR_GROUPS;
+    if (eps && (st = check_eps(*eps)) != PN_OK) return st;
+    *nhwc = layout == PN_NHWC || S == 1;
+    return PN_OK;
+}
+
+/* The C library's overlap rule on dense buffers: outputs pairwise disjoint;
+ * an output may overlap an input only where same_ok[o * nin + i] allows that
+ * exact pair and both are the same buffer (in place). NULL buffers (lo == 0)
+ * are skipped. */
+inline pn_status sp_overlaps(const Span *outs, int nout, const Span *ins, int nin, const unsigned char *same_ok)
+{
+    for (int o = 0; o < nout; ++o) {
+        if (outs[o].lo == 0) continue;
+        for (int q = 0; q < o; ++q)
+            if (outs[q].lo != 0 && outs[o].lo < outs[q].hi && outs[q].lo < outs[o].hi) return PN_ERR_ALIAS;
+        for (int i = 0; i < nin; ++i) {
+            if (ins[i].lo == 0 || !(outs[o].lo < ins[i].hi && ins[i].lo < outs[o].hi)) continue;
+            if (same_ok && same_ok[o * nin + i] && outs[o].lo == ins[i].lo && outs[o].hi == ins[i].hi) continue;
+            return PN_ERR_ALIAS;
+        }
+    }
+    return PN_OK;
+}
+
+/* BatchNorm's fixed cut of the M = N*S positions of a channel: chunks of at
+ * least kSpChunkMin positions, at most kSpMaxChunks of them. */
+constexpr int64_t kSpChunkMin = 1024;
+constexpr int64_t kSpMaxChunks = 256;
+
+inline void sp_partition(int64_t M, int64_t *P, int64_t *chunk)
+{
+    int64_t p = ceil_div(M, kSpChunkMin);
+    if (p > kSpMaxChunks) p = kSpMaxChunks;
+    *chunk = ceil_div(M, p);
+    *P = ceil_div(M, *chunk);
+}
+
+/* Launches the partial sums of args.part (chunks args.P x args.chunk). */
+template <class D, bool BWD>
+void sp_launch_partials(const SpArgs &a, cudaStream_t s)
+{
+    const unsigned gy = (unsigned)(a.P < 65535 ? a.P : 65535);
+    if (a.nhwc) {
+        const int64_t ncb = ceil_div(a.C, 32);
+        sp_part_nhwc<D, BWD><<<dim3(grid_for(ncb), gy), dim3(32, 8), 0, s>>>(a);
+    } else {
+        sp_part_nchw<D, BWD><<<dim3(grid_for(a.C), gy), 256, 0, s>>>(a);
+    }
 }
 
 /* Status of the launches just queued. */

@@ -389,7 +389,6 @@ inline pn_status token_prep(ShardArgs *a, int64_t B, int64_t T, int64_t C, pn_dt
 }
 
 inline unsigned row_grid(int64_t rows) { return grid_for(rows < 65535 ? rows : 65535); }
-inline unsigned elem_grid(int64_t n) { return grid_for(ceil_div(n, 256) < 65535 ? ceil_div(n, 256) : 65535); }
 
 pn_status token_stats(int ln, double *part, const void *inp, int64_t B, int64_t T, int64_t C, pn_dtype dt,
                       const pn_strides *s, cudaStream_t stream)

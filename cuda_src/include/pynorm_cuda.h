@@ -7,7 +7,9 @@
  *   - Every buffer argument is a device pointer (or managed memory); the
  *     pn_strides struct, when given, lives in host memory.
  *   - Work is queued on `stream` and never waited for: no call synchronizes
- *     the stream or the device, allocates memory or changes device settings.
+ *     the stream or the device or changes device settings, and none
+ *     allocates memory except where its comment says so (stream-ordered,
+ *     cudaMallocAsync: pn_cuda_batchnorm_forward and the shard combines).
  *     Kernels run on the current device; the buffers and the stream must
  *     belong to it.
  *   - Arguments are checked on the host before anything is launched (null
@@ -133,6 +135,68 @@ PN_CUDA_API pn_status pn_cuda_rmsnorm_backward(
     const void *rstd,
     int64_t B, int64_t T, int64_t C, int flags,
     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    cudaStream_t stream);
+
+/* --- spatial norms: GroupNorm, InstanceNorm (G = C), BatchNorm ------------ */
+/* As pynorm.h's pn_groupnorm_* and pn_batchnorm_*: N samples, C channels,
+ * S = the product of the spatial sizes (S = 1: BatchNorm1d on (N, C)), one
+ * dense buffer in PN_NCHW or PN_NHWC; mean/rstd float32 (float64 for float64
+ * input), either may be NULL; weight/bias (wdtype: dtype or PN_FLOAT32) may be
+ * NULL. y may be written over x (out == inp exactly), dx over dy or x; any
+ * other overlap is PN_ERR_ALIAS. Statistics are summed in double over values
+ * shifted by one value of their set, so a mean of 1e4 with a std of 1e-2
+ * keeps its digits. Reductions use partitions fixed by the sizes and a fixed
+ * order: the same bits on every run.
+ *
+ * Backward scratch: a device buffer of at least *_backward_scratch_size()
+ * bytes, 16-byte aligned, needed whenever any of dinp, dweight, dbias is
+ * asked for (the per-channel partial sums that dx needs too); NULL, too small
+ * or misaligned scratch gives PN_ERR_SCRATCH. The size is 0 for invalid
+ * sizes. flags: 0 or PN_ACCUMULATE (BatchNorm: plus PN_BN_TRAINING). */
+PN_CUDA_API pn_status pn_cuda_groupnorm_forward(
+    void *out, void *mean, void *rstd,
+    const void *inp, const void *weight, const void *bias,
+    int64_t N, int64_t C, int64_t S, int64_t G, double eps,
+    pn_layout layout, pn_dtype dtype, pn_dtype wdtype,
+    cudaStream_t stream);
+
+PN_CUDA_API size_t pn_cuda_groupnorm_backward_scratch_size(
+    int64_t N, int64_t C, int64_t S, int64_t G, pn_layout layout, pn_dtype dtype);
+PN_CUDA_API pn_status pn_cuda_groupnorm_backward(
+    void *dinp, void *dweight, void *dbias,
+    void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight,
+    const void *mean, const void *rstd,
+    int64_t N, int64_t C, int64_t S, int64_t G, int flags,
+    pn_layout layout, pn_dtype dtype, pn_dtype wdtype,
+    cudaStream_t stream);
+
+/* BatchNorm forward: as pn_batchnorm_forward (PN_BN_TRAINING: batch
+ * statistics, running_mean/running_var of rdtype updated in place, with
+ * momentum or PN_BN_CUMULATIVE and num_batches_tracked; eval: the running
+ * statistics, both required). The one call of this library that allocates:
+ * its per-channel working values (and in training the partial sums, at most
+ * 256 x C x 16 bytes) come from the stream-ordered pool of the current
+ * device (cudaMallocAsync / cudaFreeAsync on `stream`); PN_ERR_ALLOC if that
+ * fails, before anything is launched. */
+PN_CUDA_API pn_status pn_cuda_batchnorm_forward(
+    void *out, void *mean, void *rstd,
+    void *running_mean, void *running_var,
+    const void *inp, const void *weight, const void *bias,
+    int64_t N, int64_t C, int64_t S, double eps, double momentum,
+    int64_t num_batches_tracked, int flags,
+    pn_layout layout, pn_dtype dtype, pn_dtype wdtype, pn_dtype rdtype,
+    cudaStream_t stream);
+
+PN_CUDA_API size_t pn_cuda_batchnorm_backward_scratch_size(
+    int64_t N, int64_t C, int64_t S, pn_layout layout, pn_dtype dtype);
+PN_CUDA_API pn_status pn_cuda_batchnorm_backward(
+    void *dinp, void *dweight, void *dbias,
+    void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight,
+    const void *mean, const void *rstd,
+    int64_t N, int64_t C, int64_t S, int flags,
+    pn_layout layout, pn_dtype dtype, pn_dtype wdtype,
     cudaStream_t stream);
 
 /* --- sharded statistics (tensor-parallel LayerNorm/RMSNorm, synchronized
