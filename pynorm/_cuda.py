@@ -3,7 +3,8 @@
 Inputs are CuPy arrays or any object with ``__cuda_array_interface__``
 (PyTorch CUDA tensors, Numba device arrays, ...); results are CuPy arrays on
 the device of x. Work is queued on CuPy's current stream for that device and
-never waited for. pynorm._token routes here when ``is_cuda_array(x)``.
+never waited for. pynorm._token routes here when ``is_cuda_array(x)``
+(pynorm._spatial routes to pynorm._cuda_spatial, built on this module).
 
 Importing this module needs neither CuPy nor CUDA: the library is loaded
 (cffi ``dlopen``) and CuPy imported on the first call. The library is looked
@@ -88,6 +89,33 @@ pn_status pn_cuda_rmsnorm_backward(void *dinp, void *dweight,
     const void *dout, const void *inp, const void *weight, const void *rstd,
     int64_t B, int64_t T, int64_t C, int flags,
     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, cudaStream_t stream);
+typedef enum { PN_NCHW = 0, PN_NHWC = 1 } pn_layout;
+#define PN_BN_TRAINING 2
+#define PN_BN_CUMULATIVE 4
+pn_status pn_cuda_groupnorm_forward(void *out, void *mean, void *rstd,
+    const void *inp, const void *weight, const void *bias,
+    int64_t N, int64_t C, int64_t S, int64_t G, double eps,
+    pn_layout layout, pn_dtype dtype, pn_dtype wdtype, cudaStream_t stream);
+size_t pn_cuda_groupnorm_backward_scratch_size(int64_t N, int64_t C, int64_t S, int64_t G,
+    pn_layout layout, pn_dtype dtype);
+pn_status pn_cuda_groupnorm_backward(void *dinp, void *dweight, void *dbias,
+    void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight, const void *mean, const void *rstd,
+    int64_t N, int64_t C, int64_t S, int64_t G, int flags,
+    pn_layout layout, pn_dtype dtype, pn_dtype wdtype, cudaStream_t stream);
+pn_status pn_cuda_batchnorm_forward(void *out, void *mean, void *rstd,
+    void *running_mean, void *running_var,
+    const void *inp, const void *weight, const void *bias,
+    int64_t N, int64_t C, int64_t S, double eps, double momentum,
+    int64_t num_batches_tracked, int flags,
+    pn_layout layout, pn_dtype dtype, pn_dtype wdtype, pn_dtype rdtype, cudaStream_t stream);
+size_t pn_cuda_batchnorm_backward_scratch_size(int64_t N, int64_t C, int64_t S,
+    pn_layout layout, pn_dtype dtype);
+pn_status pn_cuda_batchnorm_backward(void *dinp, void *dweight, void *dbias,
+    void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight, const void *mean, const void *rstd,
+    int64_t N, int64_t C, int64_t S, int flags,
+    pn_layout layout, pn_dtype dtype, pn_dtype wdtype, cudaStream_t stream);
 """
 
 _lock = threading.Lock()
@@ -465,13 +493,14 @@ def _check_status(ffi, lib, status, what):
 
 
 class _Call:
-    """One call's context: library, CuPy, device and stream of x."""
+    """One call's context: library, CuPy, device and stream of x (check_x: how
+    x is checked; the token norms' rule by default)."""
 
-    def __init__(self, x):
+    def __init__(self, x, check_x=None):
         self.ffi, self.lib = library()
         self.cp = _cupy()
         self.producers = set()      # streams named by __cuda_array_interface__ v3 inputs
-        self.x = _check_x(x, "x", self)
+        self.x = (check_x or _check_x)(x, "x", self)
         self.device = self.cp.cuda.Device(self.x.device)
 
     def __enter__(self):

@@ -3,10 +3,12 @@
 x has shape (N, C, *spatial) with layout="NCHW" (the default) or
 (N, *spatial, C) with layout="NHWC" (torch's channels_last, permuted to put
 C last). The C library sees N, C and S = the product of the spatial sizes, as
-one dense buffer: an input with other strides is copied first.
+one dense buffer: an input with other strides is copied first. CUDA arrays go
+to pynorm._cuda_spatial, which runs the same checks over libpynorm_cuda.
 """
 import math
 import numbers
+import sys
 
 import numpy as np
 
@@ -23,9 +25,13 @@ _INSTANCE = object()   # num_groups of instance_norm: one channel per group
 
 # ---- argument checks -----------------------------------------------------------
 
-def _no_cuda(x, op):
+def _impl(x):
+    """The module that runs x: this one for NumPy arrays, pynorm._cuda_spatial
+    (the same functions over libpynorm_cuda) for CUDA arrays."""
     if _cuda.is_cuda_array(x):
-        raise NotImplementedError(f"{op}: CUDA spatial norms not available yet (pass a NumPy array)")
+        from . import _cuda_spatial
+        return _cuda_spatial
+    return sys.modules[__name__]
 
 
 def _check_layout(layout):
@@ -300,20 +306,17 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW"
     """GroupNorm: statistics per sample over each group of C/num_groups channels
     and all spatial positions; y = (x - mean) / sqrt(var + eps) * weight[c] + bias[c].
     x: (N, C, *spatial), or (N, *spatial, C) with layout="NHWC"."""
-    _no_cuda(x, "group_norm")
-    return _group_norm_forward(x, num_groups, weight, bias, eps, layout, out, "group_norm")[0]
+    return _impl(x)._group_norm_forward(x, num_groups, weight, bias, eps, layout, out, "group_norm")[0]
 
 
 def instance_norm(x, weight=None, bias=None, eps=1e-5, *, layout="NCHW", out=None):
     """InstanceNorm: GroupNorm with one channel per group (statistics per sample and channel)."""
-    _no_cuda(x, "instance_norm")
-    return _group_norm_forward(x, _INSTANCE, weight, bias, eps, layout, out, "instance_norm")[0]
+    return _impl(x)._group_norm_forward(x, _INSTANCE, weight, bias, eps, layout, out, "instance_norm")[0]
 
 
 def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, layout="NCHW"):
     """GroupNorm saving its statistics for the backward: returns (y, mean, rstd), mean/rstd of shape (N, G)."""
-    _no_cuda(x, "group_norm_forward")
-    return _group_norm_forward(x, num_groups, weight, bias, eps, layout, None, "group_norm_forward")
+    return _impl(x)._group_norm_forward(x, num_groups, weight, bias, eps, layout, None, "group_norm_forward")
 
 
 def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, layout="NCHW", out=None,
@@ -321,8 +324,7 @@ def group_norm_backward(dy, x, mean, rstd, num_groups, weight=None, *, layout="N
     """Gradients of group_norm: returns (dx, dweight, dbias); dweight/dbias have weight's dtype
     (float32 when weight is None). out=(dx, dweight, dbias) writes into given arrays;
     accumulate=True adds to them."""
-    _no_cuda(x, "group_norm_backward")
-    return _backward("group", dy, x, mean, rstd, num_groups, weight, layout, True, out, accumulate)
+    return _impl(x)._backward("group", dy, x, mean, rstd, num_groups, weight, layout, True, out, accumulate)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
@@ -333,18 +335,16 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     variance unbiased); momentum=None is torch's cumulative average, weight
     1/num_batches_tracked (the count of batches including this one). training=False
     normalizes with the running statistics."""
-    _no_cuda(x, "batch_norm")
-    return _batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, layout,
-                               num_batches_tracked, out, "batch_norm")[0]
+    return _impl(x)._batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                        layout, num_batches_tracked, out, "batch_norm")[0]
 
 
 def batch_norm_forward(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                        eps=1e-5, *, layout="NCHW", num_batches_tracked=None):
     """batch_norm saving its statistics for the backward: returns (y, mean, rstd) of shape (C,);
     in eval mode they are running_mean and 1/sqrt(running_var + eps)."""
-    _no_cuda(x, "batch_norm_forward")
-    return _batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum, eps, layout,
-                               num_batches_tracked, None, "batch_norm_forward")
+    return _impl(x)._batch_norm_forward(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                                        layout, num_batches_tracked, None, "batch_norm_forward")
 
 
 def batch_norm_backward(dy, x, mean, rstd, weight=None, *, layout="NCHW", training=True, out=None,
@@ -352,5 +352,4 @@ def batch_norm_backward(dy, x, mean, rstd, weight=None, *, layout="NCHW", traini
     """Gradients of batch_norm: returns (dx, dweight, dbias). training must say which
     statistics the forward used: True (batch statistics, the default) or False (running
     statistics, constants for the gradient)."""
-    _no_cuda(x, "batch_norm_backward")
-    return _backward("batch", dy, x, mean, rstd, None, weight, layout, bool(training), out, accumulate)
+    return _impl(x)._backward("batch", dy, x, mean, rstd, None, weight, layout, bool(training), out, accumulate)
