@@ -123,8 +123,9 @@ _loaded = None          # (ffi, lib) once loaded
 library_path = None     # where libpynorm_cuda was loaded from
 
 
-class CudaUnavailableError(RuntimeError):
-    """A CUDA array was given but the CUDA library or CuPy is missing."""
+class CudaUnavailableError(NotImplementedError):
+    """A CUDA array was given but the CUDA library or CuPy is missing (a
+    NotImplementedError, hence a RuntimeError: the CUDA path is not available here)."""
 
 
 # ---- routing ---------------------------------------------------------------------
@@ -266,6 +267,8 @@ def _dev(obj, name, call):
                         f"__cuda_array_interface__) like x, got {type(obj).__name__}") from None
     except Exception as e:     # e.g. a PyTorch tensor that requires grad
         raise TypeError(f"{name}: its __cuda_array_interface__ refused: {e}") from e
+    if not isinstance(cai, dict) or any(k not in cai for k in ("typestr", "shape", "data")):
+        raise TypeError(f"{name}: its __cuda_array_interface__ lacks typestr, shape or data")
     if cai.get("mask") is not None:
         raise TypeError(f"{name}: masked CUDA arrays are not supported")
     dtype = _typestr_dtype(cai["typestr"], cai.get("descr"))

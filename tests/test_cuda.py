@@ -589,3 +589,514 @@ def test_library_facts():
     # a scratch size that depends only on (rows, C): the same for any split of the rows
     assert lib.pn_cuda_layernorm_backward_scratch_size(6, 5, 768, 0) == \
         lib.pn_cuda_layernorm_backward_scratch_size(30, 1, 768, 0)
+
+
+# =================================================================================================
+# Spatial norms (GroupNorm, InstanceNorm, BatchNorm) on CUDA: pynorm._cuda_spatial over
+# libpynorm_cuda, checked against torch CUDA, the CPU library and the float64 reference
+# (tests/reference_spatial.py), NCHW and NHWC (torch on channels_last tensors).
+
+import reference_spatial as RS  # noqa: E402
+
+LAYOUTS = ["NCHW", "NHWC"]
+
+GN_CASES = [
+    # (shape NCHW, groups)
+    ((3, 8), (1, 2, 8)),                  # no spatial axes (S = 1)
+    ((5, 6, 1, 1), (1, 3, 6)),            # spatial size 1
+    ((1, 32, 7, 7), (1, 2, 32)),          # N = 1, 7x7 (instance: 49 values a set)
+    ((3, 64, 32, 32), (1, 32, 64)),       # odd N, 32x32
+    ((2, 16, 3, 4, 5), (1, 2, 16)),       # 3-D volume
+    ((2, 4, 4100), (1, 2, 4)),            # odd long rows
+    ((3, 1, 9, 9), (1,)),                 # one channel
+    ((2, 8, 150, 150), (2,)),             # large sets (90000 values): the widest blocks
+]
+GN_PARAMS = [(shape, G) for shape, groups in GN_CASES for G in groups]
+
+BN_SHAPES = [(5, 8), (3, 6, 10), (1, 16, 7, 7), (3, 32, 32, 32), (2, 8, 3, 4, 5), (2, 4, 4100), (4, 3, 1, 1),
+             (1024, 96), (300, 5, 37), (4, 2, 129, 131), (64, 3, 40, 40)]   # the last ones: many chunks
+
+
+def _sname(shape):
+    return "x".join(map(str, shape))
+
+
+def _sp_affine_modes(dtype):
+    return ["none", "w", "wb"] + (["wb32"] if dtype != F32 else [])
+
+
+def _sp_params(C, dtype, affine, seed):
+    rng = np.random.default_rng(seed)
+    pdt = F32 if affine == "wb32" else dtype
+    w = (1 + 0.5 * rng.standard_normal(C)).astype(pdt) if affine != "none" else None
+    b = rng.standard_normal(C).astype(pdt) if affine in ("wb", "wb32") else None
+    return w, b
+
+
+def _to_layout(a, layout):
+    """An NCHW NumPy array as pynorm gets it in `layout`."""
+    return np.ascontiguousarray(a) if layout == "NCHW" else RS.to_nhwc(a)
+
+
+def _from_layout(a, layout):
+    return np.asarray(a) if layout == "NCHW" else RS.from_nhwc(a)
+
+
+def _torch_cuda_in(a, layout, cdt=None):
+    """torch CUDA tensor (NCHW indexing) of an NCHW NumPy array; channels_last
+    memory for NHWC where torch has it; upcast to cdt when given."""
+    t = c2t(n2c(a)).clone()
+    if cdt is not None:
+        t = t.to(cdt)
+    if layout == "NHWC" and t.dim() in (4, 5):
+        t = t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+    return t
+
+
+def _sp_compute_dtype(x_dtype, *params):
+    """torch natively on equal dtypes; mixed ones (float32 params with half x) upcast."""
+    if all(p is None or np.dtype(p.dtype) == np.dtype(x_dtype) for p in params):
+        return None
+    return torch.float64 if np.dtype(x_dtype) == F64 else torch.float32
+
+
+def _stats_scale(x):
+    v = np.abs(np.asarray(x).astype(np.float64))
+    v = v[np.isfinite(v)]
+    return float(v.max()) if v.size and v.max() > 0 else 1.0
+
+
+def check_sp(what, got, base, ref, dtype, base_name, scale=None):
+    """max|got - ref| <= 2 * max|base - ref| + 4 ulps of dtype at `scale` (default max|ref|):
+    parameter gradients pass the sums of |terms| as the scale."""
+    ref = np.asarray(ref, np.float64)
+    if ref.size == 0:
+        return
+    e_got, e_base = R.max_abs_err(got, ref), R.max_abs_err(base, ref)
+    if scale is None:
+        fin = np.abs(ref[np.isfinite(ref)])
+        scale = float(fin.max()) if fin.size and fin.max() > 0 else 1.0
+    slack = 4 * eps_of(dtype) * scale
+    assert e_got <= 2 * e_base + slack, (
+        f"{what}: max abs error {e_got:.4g} vs the float64 reference exceeds 2 x {base_name}'s {e_base:.4g} "
+        f"+ {slack:.3g} (scale {scale:.4g})")
+
+
+def _torch_group_norm(x, G, w, b, layout, dy, eps=1e-5):
+    cdt = _sp_compute_dtype(x.dtype, w, b)
+    C = x.shape[1]
+    xt = _torch_cuda_in(x, layout, cdt).requires_grad_(True)
+    tdt = xt.dtype
+    gdt = F32 if w is None else w.dtype
+    wt = (c2t(n2c(w)).to(tdt) if w is not None else torch.ones(C, dtype=tdt, device="cuda")).requires_grad_(True)
+    bt = (c2t(n2c(b)).to(tdt) if b is not None else torch.zeros(C, dtype=tdt, device="cuda")).requires_grad_(True)
+    y = F.group_norm(xt, G, wt, bt, eps)
+    y.backward(_torch_cuda_in(dy, layout, tdt))
+    out = {"y": t2n(y, x.dtype), "dx": t2n(xt.grad, x.dtype), "dweight": t2n(wt.grad, gdt),
+           "dbias": t2n(bt.grad, gdt)}
+    torch.cuda.synchronize()
+    return out
+
+
+def _gn_run_cuda(x, G, w, b, dy, layout):
+    X, W, B, DY = n2c(_to_layout(x, layout)), n2c(w), n2c(b), n2c(_to_layout(dy, layout))
+    y, m, s = pynorm.group_norm_forward(X, G, W, B, layout=layout)
+    dx, dw, db = pynorm.group_norm_backward(DY, X, m, s, G, W, layout=layout)
+    for a in (y, m, s, dx, dw, db):
+        assert isinstance(a, cp.ndarray) and a.flags.c_contiguous
+    return {"y": c2n(y), "mean": c2n(m), "rstd": c2n(s), "dx": c2n(dx), "dweight": c2n(dw), "dbias": c2n(db)}
+
+
+def _gn_run_cpu(x, G, w, b, dy, layout):
+    xin, dyin = _to_layout(x, layout), _to_layout(dy, layout)
+    y, m, s = pynorm.group_norm_forward(xin, G, w, b, layout=layout)
+    dx, dw, db = pynorm.group_norm_backward(dyin, xin, m, s, G, w, layout=layout)
+    return {"y": y, "mean": m, "rstd": s, "dx": dx, "dweight": dw, "dbias": db}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DNAME.get)
+@pytest.mark.parametrize("shape,G", GN_PARAMS, ids=[f"{_sname(s)}-G{g}" for s, g in GN_PARAMS])
+def test_spatial_group_norm(shape, G, dtype, layout):
+    """GroupNorm (InstanceNorm at G = C) forward and backward on CUDA, every affine mode."""
+    _need(dtype)
+    C = shape[1]
+    sdt = R.stat_dtype(dtype)
+    for affine in _sp_affine_modes(dtype):
+        seed = seed_for("gn", shape, G, DNAME[dtype], layout, affine)
+        rng = np.random.default_rng(seed)
+        x = randn(rng, shape, dtype, loc=0.5, scale=2.0)
+        dy = randn(rng, shape, dtype)
+        w, b = _sp_params(C, dtype, affine, seed + 1)
+        what = f"group_norm {_sname(shape)} G={G} {DNAME[dtype]} {layout} {affine}"
+        got = _gn_run_cuda(x, G, w, b, dy, layout)
+        cpu = _gn_run_cpu(x, G, w, b, dy, layout)
+        for k in got:
+            assert got[k].shape == cpu[k].shape and got[k].dtype == cpu[k].dtype, f"{what}: {k} meta"
+        tch = _torch_group_norm(x, G, w, b, layout, dy)
+        ry, rmean, rrstd = RS.group_norm_ref(x, G, w, b)
+        rdx, rdw, rdb = RS.group_norm_backward_ref(dy, x, G, w)
+        sw, sb = RS.param_grad_scales(dy, RS.group_norm_ref(x, G)[0])
+        gdt = F32 if w is None else w.dtype
+        for k, ref, kd, scale in (("y", ry, dtype, None), ("dx", rdx, dtype, None), ("dweight", rdw, gdt, sw),
+                                  ("dbias", rdb, gdt, sb)):
+            g = _from_layout(got[k], layout) if k in ("y", "dx") else got[k]
+            c = _from_layout(cpu[k], layout) if k in ("y", "dx") else cpu[k]
+            check_sp(f"{what}: {k}", g, c, ref, kd, "the CPU library's", scale)
+            check_sp(f"{what}: {k}", g, tch[k], ref, kd, "torch CUDA's", scale)
+        check_sp(f"{what}: mean", got["mean"], cpu["mean"], rmean, sdt, "the CPU library's", _stats_scale(x))
+        check_sp(f"{what}: rstd", got["rstd"], cpu["rstd"], rrstd, sdt, "the CPU library's")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DNAME.get)
+def test_spatial_instance_norm_is_group_norm_with_g_equal_c(dtype, layout):
+    _need(dtype)
+    x = randn(np.random.default_rng(3), (3, 12, 9, 10), dtype)
+    w, b = _sp_params(12, dtype, "wb", 4)
+    X = n2c(_to_layout(x, layout))
+    y1 = pynorm.instance_norm(X, n2c(w), n2c(b), layout=layout)
+    y2 = pynorm.group_norm(X, 12, n2c(w), n2c(b), layout=layout)
+    assert_same_bits(c2n(y1), c2n(y2), "instance_norm vs group_norm(G = C)")
+
+
+def _torch_batch_norm(x, rm, rv, w, b, training, momentum, layout, dy, eps=1e-5):
+    cdt = _sp_compute_dtype(x.dtype, w, b, rm, rv)
+    C = x.shape[1]
+    xt = _torch_cuda_in(x, layout, cdt).requires_grad_(True)
+    tdt = xt.dtype
+    gdt = F32 if w is None else w.dtype
+    wt = (c2t(n2c(w)).to(tdt) if w is not None else torch.ones(C, dtype=tdt, device="cuda")).requires_grad_(True)
+    bt = (c2t(n2c(b)).to(tdt) if b is not None else torch.zeros(C, dtype=tdt, device="cuda")).requires_grad_(True)
+    half = x.dtype in (F16, BF16)
+    rdt = torch.float32 if cdt is None and half else tdt      # torch keeps half statistics in float32
+    rmt = c2t(n2c(rm)).to(rdt if rm.dtype == F32 or cdt else TORCH_DT[rm.dtype]).clone()
+    rvt = c2t(n2c(rv)).to(rdt if rv.dtype == F32 or cdt else TORCH_DT[rv.dtype]).clone()
+    y = F.batch_norm(xt, rmt, rvt, wt, bt, training, momentum, eps)
+    y.backward(_torch_cuda_in(dy, layout, tdt))
+    out = {"y": t2n(y, x.dtype), "dx": t2n(xt.grad, x.dtype), "dweight": t2n(wt.grad, gdt),
+           "dbias": t2n(bt.grad, gdt), "running_mean": t2n(rmt, rm.dtype), "running_var": t2n(rvt, rv.dtype)}
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DNAME.get)
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=_sname)
+def test_spatial_batch_norm(shape, dtype, layout, training):
+    """BatchNorm forward (with the running-statistics update) and backward on CUDA."""
+    _need(dtype)
+    C = shape[1]
+    sdt = R.stat_dtype(dtype)
+    for affine in _sp_affine_modes(dtype):
+        seed = seed_for("bn", shape, DNAME[dtype], layout, affine, training)
+        rng = np.random.default_rng(seed)
+        x = randn(rng, shape, dtype, loc=0.5, scale=2.0)
+        dy = randn(rng, shape, dtype)
+        w, b = _sp_params(C, dtype, affine, seed + 1)
+        rdt = F32 if affine == "wb32" else dtype
+        rm0 = (0.3 * rng.standard_normal(C)).astype(rdt)
+        rv0 = (0.5 + rng.random(C)).astype(rdt)
+        what = f"batch_norm {_sname(shape)} {DNAME[dtype]} {layout} {affine} training={training}"
+        xin, dyin = _to_layout(x, layout), _to_layout(dy, layout)
+
+        X, DY, W, B, RM, RV = n2c(xin), n2c(dyin), n2c(w), n2c(b), n2c(rm0), n2c(rv0)
+        y, m, s = pynorm.batch_norm_forward(X, RM, RV, W, B, training=training, momentum=0.3, layout=layout)
+        dx, dw, db = pynorm.batch_norm_backward(DY, X, m, s, W, layout=layout, training=training)
+        got = {"y": c2n(y), "mean": c2n(m), "rstd": c2n(s), "dx": c2n(dx), "dweight": c2n(dw), "dbias": c2n(db),
+               "running_mean": c2n(RM), "running_var": c2n(RV)}
+        RM2, RV2 = n2c(rm0), n2c(rv0)
+        y2 = pynorm.batch_norm(X, RM2, RV2, W, B, training, 0.3, layout=layout)
+        assert_same_bits(c2n(y2), got["y"], f"{what}: batch_norm vs batch_norm_forward")
+        assert_same_bits(c2n(RM2), got["running_mean"], f"{what}: running_mean, batch_norm vs _forward")
+
+        rm, rv = rm0.copy(), rv0.copy()
+        cy, cm, cs = pynorm.batch_norm_forward(xin, rm, rv, w, b, training=training, momentum=0.3, layout=layout)
+        cdx, cdw, cdb = pynorm.batch_norm_backward(dyin, xin, cm, cs, w, layout=layout, training=training)
+        cpu = {"y": cy, "mean": cm, "rstd": cs, "dx": cdx, "dweight": cdw, "dbias": cdb,
+               "running_mean": rm, "running_var": rv}
+        for k in got:
+            assert got[k].shape == cpu[k].shape and got[k].dtype == cpu[k].dtype, f"{what}: {k} meta"
+        tch = _torch_batch_norm(x, rm0, rv0, w, b, training, 0.3, layout, dy)
+
+        if training:
+            ry, rmean, rrstd, rvar = RS.batch_norm_train_ref(x, w, b)
+            rrm, rrv = RS.running_update_ref(rm0, rv0, rmean, rvar, x.size // C, 0.3)
+            check_sp(f"{what}: mean", got["mean"], cpu["mean"], rmean, sdt, "the CPU library's", _stats_scale(x))
+            check_sp(f"{what}: rstd", got["rstd"], cpu["rstd"], rrstd, sdt, "the CPU library's")
+            for k, ref, sc in (("running_mean", rrm, _stats_scale(x)), ("running_var", rrv, None)):
+                check_sp(f"{what}: {k}", got[k], cpu[k], ref, rdt, "the CPU library's", sc)
+                check_sp(f"{what}: {k}", got[k], tch[k], ref, rdt, "torch CUDA's", sc)
+        else:
+            ry, rmean, rrstd = RS.batch_norm_eval_ref(x, rm0, rv0, w, b)
+            assert_same_bits(got["running_mean"], rm0, f"{what}: eval must not touch running_mean")
+            assert_same_bits(got["running_var"], rv0, f"{what}: eval must not touch running_var")
+            assert_same_bits(got["mean"], rm0.astype(sdt), f"{what}: eval mean must be running_mean")
+            assert_same_bits(got["rstd"], cpu["rstd"], f"{what}: eval rstd vs the CPU library's")
+        rdx, rdw, rdb = RS.batch_norm_backward_ref(dy, x, w, training=training, running_mean=rm0, running_var=rv0)
+        xhat = RS.batch_norm_train_ref(x)[0] if training else RS.batch_norm_eval_ref(x, rm0, rv0)[0]
+        sw, sb = RS.param_grad_scales(dy, xhat)
+        gdt = F32 if w is None else w.dtype
+        for k, ref, kd, scale in (("y", ry, dtype, None), ("dx", rdx, dtype, None), ("dweight", rdw, gdt, sw),
+                                  ("dbias", rdb, gdt, sb)):
+            g = _from_layout(got[k], layout) if k in ("y", "dx") else got[k]
+            c = _from_layout(cpu[k], layout) if k in ("y", "dx") else cpu[k]
+            check_sp(f"{what}: {k}", g, c, ref, kd, "the CPU library's", scale)
+            check_sp(f"{what}: {k}", g, tch[k], ref, kd, "torch CUDA's", scale)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [F32, F64], ids=DNAME.get)
+@pytest.mark.parametrize("momentum", [0.1, 0.5, 1.0, 0.0, None])
+def test_spatial_running_stats_sequence(momentum, dtype, layout):
+    """Training steps then eval, against torch.nn.BatchNorm2d on CUDA (momentum None:
+    the cumulative average over num_batches_tracked)."""
+    C = 6
+    tdt = TORCH_DT[dtype]
+    mod = torch.nn.BatchNorm2d(C, momentum=momentum).to(device="cuda", dtype=tdt)
+    RM, RV = cp.zeros(C, dtype), cp.ones(C, dtype)
+    tol = 1e-10 if dtype == F64 else 2e-5
+    for step in range(1, 6):
+        x = randn(np.random.default_rng(seed_for("seq", momentum, layout, step)), (3 + step, C, 5, 4), dtype,
+                  loc=step, scale=step)
+        mod.train()
+        yt = mod(_torch_cuda_in(x, layout))
+        y = pynorm.batch_norm(n2c(_to_layout(x, layout)), RM, RV, training=True, momentum=momentum, layout=layout,
+                              num_batches_tracked=step if momentum is None else None)
+        np.testing.assert_allclose(_from_layout(c2n(y), layout), t2n(yt, dtype), rtol=tol, atol=tol)
+        np.testing.assert_allclose(c2n(RM), t2n(mod.running_mean, dtype), rtol=tol, atol=tol, err_msg=f"step {step}")
+        np.testing.assert_allclose(c2n(RV), t2n(mod.running_var, dtype), rtol=tol, atol=tol, err_msg=f"step {step}")
+    mod.eval()
+    x = randn(np.random.default_rng(seed_for("seq-eval", momentum, layout)), (2, C, 3, 3), dtype)
+    y = pynorm.batch_norm(n2c(_to_layout(x, layout)), RM, RV, training=False, layout=layout)
+    np.testing.assert_allclose(_from_layout(c2n(y), layout), t2n(mod(_torch_cuda_in(x, layout)), dtype),
+                               rtol=tol, atol=tol)
+
+
+def _sp_all(X, DY, W, B, layout, G):
+    """Every spatial op once on CUDA arrays; NumPy copies of every result."""
+    out = []
+    y, m, s = pynorm.group_norm_forward(X, G, W, B, layout=layout)
+    out += [y, m, s] + list(pynorm.group_norm_backward(DY, X, m, s, G, W, layout=layout))
+    C = W.shape[0]
+    RM, RV = cp.zeros(C, cp.float32), cp.ones(C, cp.float32)
+    for training in (True, False):
+        y, m, s = pynorm.batch_norm_forward(X, RM, RV, W, B, training=training, layout=layout)
+        out += [y, m, s, RM.copy(), RV.copy()]
+        out += list(pynorm.batch_norm_backward(DY, X, m, s, W, layout=layout, training=training))
+    return [c2n(a) for a in out]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DNAME.get)
+@pytest.mark.parametrize("shape", [(8, 32, 28, 28), (300, 48), (2, 64, 3000), (4, 3, 65, 67)], ids=_sname)
+def test_spatial_deterministic(shape, dtype, layout):
+    """The same bits on every run and on another stream."""
+    _need(dtype)
+    rng = np.random.default_rng(seed_for("sp-det", shape, DNAME[dtype], layout))
+    C = shape[1]
+    x = randn(rng, shape, dtype, loc=1.0)
+    dy = randn(rng, shape, dtype)
+    w, b = _sp_params(C, dtype, "wb32" if dtype != F32 else "wb", 5)
+    X, DY, W, B = n2c(_to_layout(x, layout)), n2c(_to_layout(dy, layout)), n2c(w), n2c(b)
+    G = 16 if C % 16 == 0 else 1
+    first = _sp_all(X, DY, W, B, layout, G)
+    for i, (a, b_) in enumerate(zip(_sp_all(X, DY, W, B, layout, G), first)):
+        assert_same_bits(a, b_, f"repeat, result {i}")
+    with cp.cuda.Stream(non_blocking=True) as st:
+        again = _sp_all(X, DY, W, B, layout, G)
+        st.synchronize()
+    for i, (a, b_) in enumerate(zip(again, first)):
+        assert_same_bits(a, b_, f"other stream, result {i}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", ["group", "instance", "batch"])
+def test_spatial_hostile_values(op, layout):
+    """Mean 1e4, std 1e-2 in float32: statistics summed around a shift keep the digits
+    (torch's float32 loses a few percent here)."""
+    x = (1e4 + 1e-2 * np.random.default_rng(11).standard_normal((4, 8, 16, 16))).astype(F32)
+    X = n2c(_to_layout(x, layout))
+    if op == "group":
+        y, ref = pynorm.group_norm(X, 2, layout=layout), RS.group_norm_ref(x, 2)[0]
+    elif op == "instance":
+        y, ref = pynorm.instance_norm(X, layout=layout), RS.instance_norm_ref(x)[0]
+    else:
+        y = pynorm.batch_norm(X, None, None, training=True, layout=layout)
+        ref = RS.batch_norm_train_ref(x)[0]
+    err = R.max_abs_err(_from_layout(c2n(y), layout), ref)
+    assert err < 3e-3, f"{op} {layout}: max abs error {err:.3g} on hostile values"
+
+
+def test_spatial_accumulate_and_out():
+    rng = np.random.default_rng(21)
+    for layout in LAYOUTS:
+        x = randn(rng, (3, 8, 5, 6), F32)
+        dy = randn(rng, (3, 8, 5, 6), F32)
+        w = randn(rng, (8,), F32, loc=1.0)
+        xin, dyin = _to_layout(x, layout), _to_layout(dy, layout)
+        X, DY, W = n2c(xin), n2c(dyin), n2c(w)
+        base = [randn(rng, s, F32) for s in (xin.shape, (8,), (8,))]
+        for kind in ("group", "batch"):
+            if kind == "group":
+                _, m, s = pynorm.group_norm_forward(X, 4, W, layout=layout)
+                _, cm, cs = pynorm.group_norm_forward(xin, 4, w, layout=layout)
+                run = lambda *a, **k: pynorm.group_norm_backward(*a[:4], 4, a[4], layout=layout, **k)  # noqa: E731
+            else:
+                _, m, s = pynorm.batch_norm_forward(X, None, None, W, training=True, layout=layout)
+                _, cm, cs = pynorm.batch_norm_forward(xin, None, None, w, training=True, layout=layout)
+                run = lambda *a, **k: pynorm.batch_norm_backward(*a, layout=layout, **k)  # noqa: E731
+            outs = tuple(n2c(a) for a in base)
+            res = run(DY, X, m, s, W, out=outs, accumulate=True)
+            assert all(r is o for r, o in zip(res, outs)), f"{kind}: out= arrays are returned"
+            couts = tuple(a.copy() for a in base)
+            run(dyin, xin, cm, cs, w, out=couts, accumulate=True)
+            for i, (g, c) in enumerate(zip(res, couts)):
+                np.testing.assert_allclose(c2n(g), c, rtol=1e-5, atol=1e-5, err_msg=f"{kind} {layout} grad {i}")
+
+
+def test_spatial_strided_and_torch_tensors():
+    """Non-contiguous CuPy inputs are copied; torch CUDA tensors work as inputs."""
+    rng = np.random.default_rng(31)
+    x = randn(rng, (4, 6, 10, 12), F32)
+    X = n2c(x)[:, :, :, ::2]                        # strided view
+    y = pynorm.group_norm(X, 3)
+    np.testing.assert_allclose(c2n(y), pynorm.group_norm(np.ascontiguousarray(x[:, :, :, ::2]), 3),
+                               rtol=1e-5, atol=1e-5)
+    xt = torch.from_numpy(x).cuda()
+    rm, rv = torch.zeros(6, device="cuda"), torch.ones(6, device="cuda")
+    y = pynorm.batch_norm(xt, rm, rv, training=True)
+    assert isinstance(y, cp.ndarray)
+    rmc, rvc = np.zeros(6, F32), np.ones(6, F32)
+    np.testing.assert_allclose(c2n(y), pynorm.batch_norm(x, rmc, rvc, training=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rm.cpu().numpy(), rmc, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=DNAME.get)
+def test_spatial_torch_modules_on_cuda(dtype):
+    """pynorm.torch's GroupNorm/BatchNorm2d on CUDA tensors (the CUDA library) against
+    torch.nn's, forward, backward and running statistics, NCHW and channels_last."""
+    import pynorm.torch as pt
+    tdt = TORCH_DT[dtype]
+    tol = 2e-5 if dtype == F32 else 2e-2
+    for channels_last in (False, True):
+        for make_ref, make_pn in ((lambda: torch.nn.GroupNorm(4, 16), lambda: pt.GroupNorm(4, 16)),
+                                  (lambda: torch.nn.BatchNorm2d(16), lambda: pt.BatchNorm2d(16))):
+            torch.manual_seed(0)
+            ref, mod = make_ref().cuda(), make_pn().cuda()
+            mod.load_state_dict(ref.state_dict())
+            x = torch.randn(5, 16, 9, 11, device="cuda").to(tdt)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            xr, xp = x.float().clone().requires_grad_(True), x.clone().requires_grad_(True)
+            yr, yp = ref(xr), mod(xp)
+            dy = torch.randn_like(yr)
+            yr.backward(dy)
+            yp.backward(dy.to(tdt))
+            torch.testing.assert_close(yp.float(), yr, rtol=tol, atol=tol)
+            torch.testing.assert_close(xp.grad.float(), xr.grad, rtol=tol, atol=tol)
+            torch.testing.assert_close(mod.weight.grad.float(), ref.weight.grad, rtol=tol, atol=tol * 50)
+            if isinstance(ref, torch.nn.BatchNorm2d):
+                torch.testing.assert_close(mod.running_mean, ref.running_mean, rtol=tol, atol=tol)
+                torch.testing.assert_close(mod.running_var, ref.running_var, rtol=tol, atol=tol)
+
+
+def _same_error(fn_cpu, fn_cuda):
+    """Both calls raise, with the same exception type and message."""
+    errs = []
+    for fn in (fn_cpu, fn_cuda):
+        with pytest.raises((TypeError, ValueError)) as ei:
+            fn()
+        errs.append(ei.value)
+    assert type(errs[0]) is type(errs[1]) and str(errs[0]) == str(errs[1]), f"CPU: {errs[0]!r}, CUDA: {errs[1]!r}"
+
+
+def test_spatial_bad_input_same_errors_as_cpu():
+    """Every refused call raises on CUDA what it raises on the CPU, and writes nothing."""
+    x = np.ones((2, 8, 3, 3), F32)
+    w, rm, rv = np.ones(8, F32), np.zeros(8, F32), np.ones(8, F32)
+    X, W, RM, RV = n2c(x), n2c(w), n2c(rm), n2c(rv)
+    _, m, s = pynorm.group_norm_forward(x, 2)
+    M, S_ = n2c(m), n2c(s)
+    cases = [
+        (lambda a: pynorm.group_norm(a["x"], 3)),                                  # groups do not divide C
+        (lambda a: pynorm.group_norm(a["x"], 0)),
+        (lambda a: pynorm.group_norm(a["x"], 2.0)),
+        (lambda a: pynorm.group_norm(a["x"], 2, layout="NWHC")),
+        (lambda a: pynorm.group_norm(a["x"], 2, layout=1)),
+        (lambda a: pynorm.group_norm(a["x"], 2, a["w7"])),
+        (lambda a: pynorm.group_norm(a["x"], 2, a["w16"])),
+        (lambda a: pynorm.group_norm(a["x"], 2, eps=-1.0)),
+        (lambda a: pynorm.group_norm(a["x"], 2, eps=None)),
+        (lambda a: pynorm.group_norm(a["x1"], 1)),                                 # one value a group
+        (lambda a: pynorm.instance_norm(a["x2"])),                                 # one spatial element
+        (lambda a: pynorm.batch_norm(a["x"], None, None)),                         # eval without running stats
+        (lambda a: pynorm.batch_norm(a["x"], a["rm"], None, training=True)),
+        (lambda a: pynorm.batch_norm(a["x"], a["rm"], a["rv64"], training=True)),
+        (lambda a: pynorm.batch_norm(a["x"], a["rm"], a["rv"], training=True, momentum=float("nan"))),
+        (lambda a: pynorm.batch_norm(a["x"], a["rm"], a["rv"], training=True, momentum="0.1")),
+        (lambda a: pynorm.batch_norm(a["x"], a["rm"], a["rv"], training=True, momentum=None)),
+        (lambda a: pynorm.batch_norm(a["x"], a["rm"], a["rv"], training=True, eps=0.0)),
+        (lambda a: pynorm.batch_norm(a["x3"], a["rm"], a["rv"], training=True)),   # N*S == 1
+        (lambda a: pynorm.group_norm_backward(a["x"], a["x"], a["m"], a["s"], 4)),
+        (lambda a: pynorm.group_norm_backward(a["x"], a["x"], a["s"].astype(np.float64), a["s"], 2)),
+        (lambda a: pynorm.group_norm_backward(a["x"], a["x"], a["m"], a["s"], 2, accumulate=True)),
+        (lambda a: pynorm.group_norm_backward(a["x"], a["x"], a["m"], a["s"], 2, out=[None] * 3)),
+        (lambda a: pynorm.group_norm_backward(a["xh"], a["x"], a["m"], a["s"], 2)),
+        (lambda a: pynorm.batch_norm_backward(a["x"], a["x"], a["m"], a["s"])),
+    ]
+
+    def args(xp, dev):
+        cv = (lambda v: n2c(v)) if dev else (lambda v: v)
+        return {"x": xp, "w7": cv(np.ones(7, F32)), "w16": cv(np.ones(8, F16)), "x1": cv(np.ones((1, 1, 1), F32)),
+                "x2": cv(np.ones((2, 3, 1), F32)), "x3": cv(np.ones((1, 8), F32)), "rm": cv(rm.copy()),
+                "rv": cv(rv.copy()), "rv64": cv(rv.astype(F64)), "m": cv(m), "s": cv(s),
+                "xh": cv(x.astype(F16))}
+
+    for i, case in enumerate(cases):
+        _same_error(lambda: case(args(x, False)), lambda: case(args(X, True)))
+    # mixed devices, aliased outputs
+    with pytest.raises(ValueError, match="weight"):
+        pynorm.group_norm(X, 2, w)                                  # host weight, device x
+    with pytest.raises(ValueError, match="out"):
+        pynorm.group_norm(X, 2, out=X)
+    with pytest.raises(ValueError, match="overlaps x"):
+        pynorm.batch_norm(X, X.reshape(-1)[:8], RV, training=True)
+    with pytest.raises(TypeError, match="mean"):
+        pynorm.group_norm_backward(X, X, M.astype(cp.float64), S_, 2)
+    assert bool(cp.all(X == 1)) and bool(cp.all(W == 1)) and bool(cp.all(RM == 0)) and bool(cp.all(RV == 1))
+
+
+def test_spatial_empty():
+    y, m, s = pynorm.group_norm_forward(cp.ones((0, 4, 3), cp.float32), 2)
+    assert y.shape == (0, 4, 3) and m.shape == (0, 2)
+    y, m, s = pynorm.batch_norm_forward(cp.ones((0, 4, 3), cp.float32), cp.zeros(4, cp.float32),
+                                        cp.ones(4, cp.float32), training=False)
+    assert y.shape == (0, 4, 3) and bool(cp.all(m == 0)) and bool(cp.all(cp.abs(s - 1 / np.sqrt(1 + 1e-5)) < 1e-6))
+    dx, dw, db = pynorm.batch_norm_backward(cp.ones((0, 4), cp.float32), cp.ones((0, 4), cp.float32),
+                                            cp.zeros(4, cp.float32), cp.ones(4, cp.float32))
+    assert dx.shape == (0, 4) and bool(cp.all(dw == 0)) and bool(cp.all(db == 0))
+
+
+def test_spatial_library_checks():
+    """The C entry points refuse bad arguments before launching anything."""
+    ffi, lib = _cuda.library()
+    X, Y = cp.ones(2 * 8 * 9, cp.float32), cp.empty(2 * 8 * 9, cp.float32)
+    M, S_ = cp.empty(16, cp.float32), cp.empty(16, cp.float32)
+    p = lambda a: ffi.cast("void *", a.data.ptr)  # noqa: E731
+    NULL, st = ffi.NULL, ffi.cast("cudaStream_t", cp.cuda.get_current_stream().ptr)
+    assert lib.pn_cuda_groupnorm_forward(p(Y), NULL, NULL, p(X), NULL, NULL, 2, 8, 9, 3, 1e-5, 0, 0, 0, st) == 9
+    assert lib.pn_cuda_groupnorm_forward(p(Y), NULL, NULL, p(X), NULL, NULL, 2, 8, 9, 2, -1.0, 0, 0, 0, st) == 4
+    assert lib.pn_cuda_groupnorm_forward(p(Y), p(X), NULL, p(X), NULL, NULL, 2, 8, 9, 2, 1e-5, 0, 0, 0, st) == 6
+    assert lib.pn_cuda_groupnorm_backward(p(Y), NULL, NULL, NULL, 0, p(X), p(X), NULL, p(M), p(S_),
+                                          2, 8, 9, 2, 0, 0, 0, 0, st) == 7
+    assert lib.pn_cuda_batchnorm_forward(p(Y), NULL, NULL, NULL, NULL, p(X), NULL, NULL, 2, 8, 9, 1e-5, 0.1, 0,
+                                         0, 0, 0, 0, 0, st) == 1
+    assert lib.pn_cuda_batchnorm_forward(p(Y), NULL, NULL, p(M), p(S_), p(X), NULL, NULL, 2, 8, 9, 1e-5,
+                                         float("inf"), 0, 2, 0, 0, 0, 0, st) == 10
+    assert lib.pn_cuda_batchnorm_backward_scratch_size(0, 8, 9, 0, 0) == 0
+    assert lib.pn_cuda_groupnorm_backward_scratch_size(2, 8, 9, 3, 0, 0) == 0
+    # in place is allowed, as in the C library
+    assert lib.pn_cuda_groupnorm_forward(p(X), NULL, NULL, p(X), NULL, NULL, 2, 8, 9, 2, 1e-5, 0, 0, 0, st) == 0
+    cp.cuda.get_current_stream().synchronize()
