@@ -9,6 +9,8 @@
  *    double-precision reference computed here; 16-byte-aligned against
  *    misaligned/strided buffers (must give the same bits); repeated runs
  *    (same bits); accumulate; hostile rows (mean 1e4, std 1e-2).
+ * 4. On a GPU: GroupNorm and BatchNorm (training, running statistics) forward
+ *    and backward, NCHW and NHWC, every dtype, against a double reference.
  */
 #include <math.h>
 #include <stdint.h>
@@ -222,6 +224,62 @@ static void test_args(void)
         CHECK(s == PN_ERR_ALIAS, "dx == dy: %d", s);
         s = pn_cuda_rmsnorm_backward(NULL, NULL, NULL, 0, X, R, NULL, S, 2, 3, 4, 0, PN_FLOAT32, PN_FLOAT32, NULL, 0);
         CHECK(s == PN_OK, "nothing to do: %d", s);
+    }
+    /* spatial norms: N = 2, C = 4, S = 9 */
+    {
+        void *RM = (void *)(uintptr_t)0x7f7000000000ull, *RV = (void *)(uintptr_t)0x7f8000000000ull;
+        void *SC = (void *)(uintptr_t)0x7f6000000000ull;
+        size_t gneed = pn_cuda_groupnorm_backward_scratch_size(2, 4, 9, 2, PN_NCHW, PN_FLOAT32);
+        size_t bneed = pn_cuda_batchnorm_backward_scratch_size(2, 4, 9, PN_NHWC, PN_FLOAT32);
+        CHECK(gneed > 0 && bneed > 0, "spatial scratch sizes %zu %zu", gneed, bneed);
+        CHECK(pn_cuda_groupnorm_backward_scratch_size(2, 4, 9, 3, PN_NCHW, PN_FLOAT32) == 0, "gn scratch, bad G");
+        CHECK(pn_cuda_batchnorm_backward_scratch_size(2, 0, 9, PN_NCHW, PN_FLOAT32) == 0, "bn scratch, C = 0");
+        s = pn_cuda_groupnorm_forward(NULL, M, R, X, NULL, NULL, 2, 4, 9, 2, 1e-5, PN_NCHW, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_NULL, "gn null out: %d", s);
+        s = pn_cuda_groupnorm_forward(Y, M, R, X, NULL, NULL, 2, 4, 9, 3, 1e-5, PN_NCHW, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_GROUPS, "gn groups: %d", s);
+        s = pn_cuda_groupnorm_forward(Y, M, R, X, NULL, NULL, 2, 4, 9, 2, 1e-5, (pn_layout)2, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_ARG, "gn layout: %d", s);
+        s = pn_cuda_groupnorm_forward(Y, M, R, X, NULL, NULL, 2, 4, 9, 2, NAN, PN_NCHW, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_EPS, "gn eps: %d", s);
+        s = pn_cuda_groupnorm_forward(Y, M, R, X, NULL, NULL, 2, 4, 0, 2, 1e-5, PN_NCHW, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_SIZE, "gn S = 0: %d", s);
+        s = pn_cuda_groupnorm_forward(Y, M, R, X, NULL, NULL, 2, 4, 9, 2, 1e-5, PN_NCHW, PN_FLOAT16, PN_BFLOAT16, 0);
+        CHECK(s == PN_ERR_DTYPE, "gn wdtype: %d", s);
+        s = pn_cuda_groupnorm_forward(Y, (char *)X + 8, R, X, NULL, NULL, 2, 4, 9, 2, 1e-5, PN_NHWC, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_ALIAS, "gn mean inside inp: %d", s);
+        s = pn_cuda_groupnorm_forward(Y, M, R, (char *)X + 2, NULL, NULL, 2, 4, 9, 2, 1e-5, PN_NCHW, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_ARG, "gn misaligned inp: %d", s);
+        s = pn_cuda_groupnorm_backward(Y, NULL, NULL, NULL, 0, X, W, NULL, M, R, 2, 4, 9, 2, 0, PN_NCHW, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_SCRATCH, "gn backward, null scratch: %d", s);
+        s = pn_cuda_groupnorm_backward(Y, NULL, NULL, SC, gneed - 1, X, W, NULL, M, R, 2, 4, 9, 2, 0, PN_NCHW, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_SCRATCH, "gn backward, small scratch: %d", s);
+        s = pn_cuda_groupnorm_backward(Y, NULL, NULL, SC, gneed, X, W, NULL, M, R, 2, 4, 9, 2, 4, PN_NCHW, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_ARG, "gn backward, flags: %d", s);
+        s = pn_cuda_groupnorm_backward(Y, NULL, NULL, SC, gneed, X, W, NULL, NULL, R, 2, 4, 9, 2, 0, PN_NCHW, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_NULL, "gn backward, null mean: %d", s);
+        s = pn_cuda_groupnorm_backward(Y, NULL, NULL, X, gneed, X, W, NULL, M, R, 2, 4, 9, 2, 0, PN_NCHW, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_ALIAS, "gn backward, scratch == dy: %d", s);
+        s = pn_cuda_groupnorm_backward(NULL, NULL, NULL, NULL, 0, X, W, NULL, M, R, 2, 4, 9, 2, 0, PN_NCHW, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_OK, "gn backward, nothing to do: %d", s);
+        s = pn_cuda_batchnorm_forward(Y, M, R, NULL, RV, X, NULL, NULL, 2, 4, 9, 1e-5, 0.1, 0, 0, PN_NCHW, PN_FLOAT32, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_NULL, "bn eval without running_mean: %d", s);
+        s = pn_cuda_batchnorm_forward(Y, M, R, RM, RV, X, NULL, NULL, 2, 4, 9, 1e-5, 0.1, 0, 8, PN_NCHW, PN_FLOAT32, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_ARG, "bn flags: %d", s);
+        s = pn_cuda_batchnorm_forward(Y, M, R, RM, RV, X, NULL, NULL, 2, 4, 9, 1e-5, 0.1, 0, PN_BN_TRAINING, PN_NCHW, PN_FLOAT16, PN_FLOAT16, PN_BFLOAT16, 0);
+        CHECK(s == PN_ERR_DTYPE, "bn rdtype: %d", s);
+        s = pn_cuda_batchnorm_forward(Y, M, R, RM, RV, X, NULL, NULL, 1, 4, 1, 1e-5, 0.1, 0, PN_BN_TRAINING, PN_NCHW, PN_FLOAT32, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_SIZE, "bn one value per channel: %d", s);
+        s = pn_cuda_batchnorm_forward(Y, M, R, RM, RV, X, NULL, NULL, 2, 4, 9, 1e-5, NAN, 0, PN_BN_TRAINING, PN_NCHW, PN_FLOAT32, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_ARG, "bn momentum NaN: %d", s);
+        s = pn_cuda_batchnorm_forward(Y, M, R, RM, RV, X, NULL, NULL, 2, 4, 9, 1e-5, 0.1, 0, PN_BN_TRAINING | PN_BN_CUMULATIVE, PN_NCHW, PN_FLOAT32, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_ARG, "bn cumulative without a count: %d", s);
+        s = pn_cuda_batchnorm_forward(Y, RM, R, RM, RV, X, NULL, NULL, 2, 4, 9, 1e-5, 0.1, 0, 0, PN_NCHW, PN_FLOAT32, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_ALIAS, "bn eval, mean == running_mean: %d", s);
+        s = pn_cuda_batchnorm_backward(Y, W, NULL, SC, bneed, X, R, NULL, M, S, 2, 4, 9, 8, PN_NHWC, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_ARG, "bn backward flags: %d", s);
+        s = pn_cuda_batchnorm_backward(Y, W, NULL, (char *)SC + 8, bneed, X, R, NULL, M, S, 2, 4, 9, 0, PN_NHWC, PN_FLOAT32, PN_FLOAT32, 0);
+        CHECK(s == PN_ERR_SCRATCH, "bn backward misaligned scratch: %d", s);
     }
     CHECK(pn_cuda_layernorm_backward_scratch_size(0, 1, 1, PN_FLOAT32) == 0, "scratch size of invalid sizes");
     CHECK(strcmp(pn_cuda_status_string(PN_CUDA_ERR_LAUNCH), "unknown status") != 0, "status string");
@@ -582,6 +640,144 @@ static void test_hostile(cudaStream_t stream)
     free(hx); free(hy);
 }
 
+/* ------------------------------------------------------------------------ */
+/* 4. spatial norms against a double reference (GroupNorm and BatchNorm in   */
+/*    training, forward and backward), both layouts, repeated runs bit-equal. */
+
+/* offset of (n, c, s) in the layout */
+static size_t sp_off(int nhwc, int64_t N, int64_t C, int64_t S, int64_t n, int64_t c, int64_t s)
+{
+    (void)N;
+    return (size_t)(nhwc ? (n * S + s) * C + c : (n * C + c) * S + s);
+}
+
+/* op 0: GroupNorm with G groups; op 1: BatchNorm (training, running stats updated) */
+static void run_spatial(int op, int64_t N, int64_t C, int64_t S, int64_t G, pn_dtype dt, int nhwc, cudaStream_t stream)
+{
+    const int64_t n = N * C * S, sets = op == 0 ? N * G : C, per = op == 0 ? (C / G) * S : N * S;
+    const size_t es = esize(dt), ss = dt == PN_FLOAT64 ? 8 : 4;
+    const pn_layout lay = nhwc ? PN_NHWC : PN_NCHW;
+    unsigned char *hx = malloc((size_t)n * es), *hdy = malloc((size_t)n * es), *hw = malloc((size_t)C * es);
+    unsigned char *hb = malloc((size_t)C * es), *hy = malloc((size_t)n * es), *hdx = malloc((size_t)n * es);
+    unsigned char *hy2 = malloc((size_t)n * es), *hdw = malloc((size_t)C * es), *hdb = malloc((size_t)C * es);
+    unsigned char *hrm = malloc((size_t)C * 4), *hrv = malloc((size_t)C * 4);
+    double *ry = malloc(sizeof(double) * (size_t)n), *rdx = malloc(sizeof(double) * (size_t)n);
+    double *rdw = calloc((size_t)C, sizeof(double)), *rdb = calloc((size_t)C, sizeof(double));
+    double *rdwa = calloc((size_t)C, sizeof(double)), *rdba = calloc((size_t)C, sizeof(double));
+    double *rrm = malloc(sizeof(double) * (size_t)C), *rrv = malloc(sizeof(double) * (size_t)C);
+    void *dx_ = dmalloc((size_t)n * es), *ddy = dmalloc((size_t)n * es), *dw = dmalloc((size_t)C * es);
+    void *db = dmalloc((size_t)C * es), *dy_ = dmalloc((size_t)n * es), *ddx = dmalloc((size_t)n * es);
+    void *dmean = dmalloc((size_t)sets * ss), *drstd = dmalloc((size_t)sets * ss);
+    void *ddw = dmalloc((size_t)C * es), *ddb = dmalloc((size_t)C * es), *drm = dmalloc((size_t)C * 4), *drv = dmalloc((size_t)C * 4);
+    size_t need = op == 0 ? pn_cuda_groupnorm_backward_scratch_size(N, C, S, G, lay, dt)
+                          : pn_cuda_batchnorm_backward_scratch_size(N, C, S, lay, dt);
+    void *scr = dmalloc(need);
+    int64_t i, k, c, s2, nn;
+    int st;
+    double e;
+    const double eps = 1e-5, mom = 0.25;
+    char what[160];
+    snprintf(what, sizeof what, "%s N=%lld C=%lld S=%lld G=%lld %s %s", op == 0 ? "groupnorm" : "batchnorm",
+             (long long)N, (long long)C, (long long)S, (long long)G, dname(dt), nhwc ? "NHWC" : "NCHW");
+    for (i = 0; i < n; ++i) { put(hx, dt, (size_t)i, 3.0 + 2.0 * urand()); put(hdy, dt, (size_t)i, urand()); }
+    for (c = 0; c < C; ++c) {
+        put(hw, dt, (size_t)c, 1.0 + 0.5 * urand()); put(hb, dt, (size_t)c, urand());
+        put(hrm, PN_FLOAT32, (size_t)c, 0.1 * urand()); put(hrv, PN_FLOAT32, (size_t)c, 1.0 + 0.5 * urand());
+    }
+    /* reference: per set, mean and variance in double; then y, dx, dweight, dbias */
+    for (k = 0; k < sets; ++k) {
+        double m = 0, v = 0, sg = 0, sgx = 0, rs;
+        int64_t cnt = 0;
+        for (nn = 0; nn < N; ++nn)
+            for (c = 0; c < C; ++c)
+                for (s2 = 0; s2 < S; ++s2) {
+                    if (op == 0 ? (nn * G + c / (C / G)) != k : c != k) continue;
+                    m += get(hx, dt, sp_off(nhwc, N, C, S, nn, c, s2));
+                    ++cnt;
+                }
+        m /= (double)cnt;
+        for (nn = 0; nn < N; ++nn)
+            for (c = 0; c < C; ++c)
+                for (s2 = 0; s2 < S; ++s2) {
+                    size_t o = sp_off(nhwc, N, C, S, nn, c, s2);
+                    double d, g;
+                    if (op == 0 ? (nn * G + c / (C / G)) != k : c != k) continue;
+                    d = get(hx, dt, o) - m;
+                    v += d * d;
+                    g = get(hdy, dt, o) * get(hw, dt, (size_t)c);
+                    sg += g;
+                    sgx += g * d;
+                }
+        v /= (double)per;
+        rs = 1.0 / sqrt(v + eps);
+        if (op == 1) {
+            rrm[k] = (1 - mom) * get(hrm, PN_FLOAT32, (size_t)k) + mom * m;
+            rrv[k] = (1 - mom) * get(hrv, PN_FLOAT32, (size_t)k) + mom * v * (double)per / (double)(per - 1);
+        }
+        for (nn = 0; nn < N; ++nn)
+            for (c = 0; c < C; ++c)
+                for (s2 = 0; s2 < S; ++s2) {
+                    size_t o = sp_off(nhwc, N, C, S, nn, c, s2);
+                    double xh, g, dyv;
+                    if (op == 0 ? (nn * G + c / (C / G)) != k : c != k) continue;
+                    xh = (get(hx, dt, o) - m) * rs;
+                    dyv = get(hdy, dt, o);
+                    g = dyv * get(hw, dt, (size_t)c);
+                    ry[o] = xh * get(hw, dt, (size_t)c) + get(hb, dt, (size_t)c);
+                    rdx[o] = rs * (g - sg / (double)per - xh * sgx * rs / (double)per);
+                    rdw[c] += dyv * xh; rdb[c] += dyv;
+                    rdwa[c] += fabs(dyv * xh); rdba[c] += fabs(dyv);
+                }
+    }
+    to_dev(dx_, hx, (size_t)n * es); to_dev(ddy, hdy, (size_t)n * es);
+    to_dev(dw, hw, (size_t)C * es); to_dev(db, hb, (size_t)C * es);
+    to_dev(drm, hrm, (size_t)C * 4); to_dev(drv, hrv, (size_t)C * 4);
+    if (op == 0)
+        st = pn_cuda_groupnorm_forward(dy_, dmean, drstd, dx_, dw, db, N, C, S, G, eps, lay, dt, dt, stream);
+    else
+        st = pn_cuda_batchnorm_forward(dy_, dmean, drstd, drm, drv, dx_, dw, db, N, C, S, eps, mom, 0, PN_BN_TRAINING,
+                                       lay, dt, dt, PN_FLOAT32, stream);
+    CHECK(st == PN_OK, "%s forward: status %d", what, st);
+    if (op == 0)
+        st = pn_cuda_groupnorm_backward(ddx, ddw, ddb, scr, need, ddy, dx_, dw, dmean, drstd, N, C, S, G, 0, lay, dt, dt, stream);
+    else
+        st = pn_cuda_batchnorm_backward(ddx, ddw, ddb, scr, need, ddy, dx_, dw, dmean, drstd, N, C, S, PN_BN_TRAINING,
+                                        lay, dt, dt, stream);
+    CHECK(st == PN_OK, "%s backward: status %d", what, st);
+    CUDA_OK(cudaStreamSynchronize(stream));
+    to_host(hy, dy_, (size_t)n * es); to_host(hdx, ddx, (size_t)n * es);
+    to_host(hdw, ddw, (size_t)C * es); to_host(hdb, ddb, (size_t)C * es);
+    e = worst(hy, dt, ry, (size_t)n, 4 * tol(dt));
+    CHECK(e <= 1.0, "%s: y error %.3g tolerances", what, e);
+    e = worst(hdx, dt, rdx, (size_t)n, 4 * tol(dt));
+    CHECK(e <= 1.0, "%s: dx error %.3g tolerances", what, e);
+    for (c = 0; c < C; ++c) {   /* parameter gradients: relative to the sums of |terms| */
+        double ew = fabs(get(hdw, dt, (size_t)c) - rdw[c]) / (4 * tol(dt) * (1 + rdwa[c]));
+        double eb = fabs(get(hdb, dt, (size_t)c) - rdb[c]) / (4 * tol(dt) * (1 + rdba[c]));
+        CHECK(ew <= 1.0 && eb <= 1.0, "%s: dweight/dbias[%lld] errors %.3g %.3g tolerances", what, (long long)c, ew, eb);
+        if (failures > 20) break;
+    }
+    if (op == 1) {
+        to_host(hrm, drm, (size_t)C * 4); to_host(hrv, drv, (size_t)C * 4);
+        e = worst(hrm, PN_FLOAT32, rrm, (size_t)C, 4 * tol(PN_FLOAT32) + 4 * tol(dt));
+        CHECK(e <= 1.0, "%s: running_mean error %.3g tolerances", what, e);
+        e = worst(hrv, PN_FLOAT32, rrv, (size_t)C, 4 * tol(PN_FLOAT32) + 4 * tol(dt));
+        CHECK(e <= 1.0, "%s: running_var error %.3g tolerances", what, e);
+    }
+    /* a second forward (GroupNorm; BatchNorm in eval, which leaves the running stats): same bits */
+    if (op == 0) {
+        st = pn_cuda_groupnorm_forward(dy_, dmean, drstd, dx_, dw, db, N, C, S, G, eps, lay, dt, dt, stream);
+        CUDA_OK(cudaStreamSynchronize(stream));
+        to_host(hy2, dy_, (size_t)n * es);
+        CHECK(st == PN_OK && memcmp(hy, hy2, (size_t)n * es) == 0, "%s: repeated forward differs", what);
+    }
+    CUDA_OK(cudaFree(dx_)); CUDA_OK(cudaFree(ddy)); CUDA_OK(cudaFree(dw)); CUDA_OK(cudaFree(db));
+    CUDA_OK(cudaFree(dy_)); CUDA_OK(cudaFree(ddx)); CUDA_OK(cudaFree(dmean)); CUDA_OK(cudaFree(drstd));
+    CUDA_OK(cudaFree(ddw)); CUDA_OK(cudaFree(ddb)); CUDA_OK(cudaFree(drm)); CUDA_OK(cudaFree(drv)); CUDA_OK(cudaFree(scr));
+    free(hx); free(hdy); free(hw); free(hb); free(hy); free(hdx); free(hy2); free(hdw); free(hdb); free(hrm); free(hrv);
+    free(ry); free(rdx); free(rdw); free(rdb); free(rdwa); free(rdba); free(rrm); free(rrv);
+}
+
 int main(void)
 {
     static const int64_t Cs[] = {1, 3, 7, 64, 255, 256, 257, 768, 1000, 1024, 1025, 2048, 4097, 8192, 8193, 16384, 16385, 65536};
@@ -624,6 +820,17 @@ int main(void)
         run_case(&cs, stream, 0.0, 1.0);
     }
     test_hostile(stream);
+    {   /* spatial norms: (N, C, S, G), both layouts, every dtype */
+        static const int64_t sp[][4] = {{3, 8, 1, 2}, {2, 6, 49, 6}, {3, 32, 100, 8}, {2, 4, 4100, 1}, {5, 3, 700, 3}};
+        int t, lay2;
+        for (t = 0; t < (int)(sizeof sp / sizeof sp[0]); ++t)
+            for (di = 0; di < 4; ++di)
+                for (lay2 = 0; lay2 < 2; ++lay2) {
+                    run_spatial(0, sp[t][0], sp[t][1], sp[t][2], sp[t][3], dts[di], lay2, stream);
+                    run_spatial(1, sp[t][0], sp[t][1], sp[t][2], 1, dts[di], lay2, stream);
+                    if (failures > 20) goto done;
+                }
+    }
 done:
     CUDA_OK(cudaStreamDestroy(stream));
     if (failures) {
