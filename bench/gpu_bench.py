@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """GPU benchmark: pynorm's CUDA kernels side by side with torch CUDA and
-Liger-Kernel (when importable), LayerNorm and RMSNorm, forward and backward.
+Liger-Kernel (when importable), LayerNorm and RMSNorm, forward and backward;
+then the spatial norms (GroupNorm, InstanceNorm, BatchNorm training and eval,
+NCHW and NHWC: torch on channels_last tensors) against torch CUDA.
 
     python3 bench/gpu_bench.py [--repeats 30] [--quick] [--out FILE] [--no-write]
 
@@ -39,6 +41,10 @@ import torch.nn.functional as F  # noqa: E402
 
 SHAPES = [(16384, 4096), (8192, 8192), (65536, 768)]
 QUICK_SHAPES = [(4096, 4096), (16384, 768)]
+# spatial: (name, N, C, H, W, groups); groups None: BatchNorm
+SPATIAL_CASES = [("GroupNorm G=32", 32, 256, 64, 64, 32), ("InstanceNorm", 32, 128, 64, 64, 128),
+                 ("BatchNorm", 64, 128, 56, 56, None), ("BatchNorm", 256, 64, 28, 28, None)]
+QUICK_SPATIAL_CASES = [("GroupNorm G=32", 16, 256, 32, 32, 32), ("BatchNorm", 32, 64, 56, 56, None)]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PN_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 EPS = 1e-5
@@ -276,6 +282,122 @@ def bench_one(ffi, lib, liger, rows, C, dname, dtype, repeats, copy_gbps):
     return rows_out
 
 
+# ---- spatial norms --------------------------------------------------------------------------------
+
+def bench_spatial(ffi, lib, name, N, C, H, W, groups, dname, dtype, layout, repeats, copy_gbps):
+    """Rows for one spatial case: forward (BatchNorm: training and eval) and backward,
+    pynorm (the CUDA library called on torch's buffers) against torch CUDA."""
+    es = torch.empty((), dtype=dtype).element_size()
+    n = N * C * H * W
+    nsets = max(2, math.ceil(ROTATE_BYTES / (n * es)))
+    cl = layout == "NHWC"
+    g = torch.Generator(device="cuda").manual_seed(N * 7 + C)
+    mf = torch.channels_last if cl else torch.contiguous_format
+
+    def t(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.float32, generator=g).to(dtype)
+
+    sets = [{"x": t(N, C, H, W).contiguous(memory_format=mf), "dy": t(N, C, H, W).contiguous(memory_format=mf)}
+            for _ in range(nsets)]
+    for s in sets:
+        s["y"] = torch.empty_like(s["x"])
+        s["dx"] = torch.empty_like(s["x"])
+    w, b = (1 + 0.1 * t(C)), 0.1 * t(C)
+    dw, db = torch.empty_like(w), torch.empty_like(b)
+    G = groups if groups is not None else C
+    nst = N * G if groups is not None else C
+    mean = torch.empty(nst, device="cuda", dtype=torch.float32)
+    rstd = torch.empty(nst, device="cuda", dtype=torch.float32)
+    rm, rv = torch.zeros(C, device="cuda"), torch.ones(C, device="cuda")
+    P = lambda a: ffi.cast("void *", a.data_ptr())  # noqa: E731
+    stream = lambda: ffi.cast("cudaStream_t", torch.cuda.current_stream().cuda_stream)  # noqa: E731
+    dt, lay, S = PN_DTYPE[dtype], 1 if cl else 0, H * W
+    if groups is not None:
+        nbytes = lib.pn_cuda_groupnorm_backward_scratch_size(N, C, S, G, lay, dt)
+    else:
+        nbytes = lib.pn_cuda_batchnorm_backward_scratch_size(N, C, S, lay, dt)
+    scratch = torch.empty(max(int(nbytes), 16), dtype=torch.uint8, device="cuda")
+
+    def check(st, what):
+        if st != 0:
+            raise RuntimeError(f"{what}: {ffi.string(lib.pn_cuda_status_string(st)).decode()} "
+                               f"({ffi.string(lib.pn_cuda_last_error_string()).decode()})")
+
+    def pn_fwd(s, training=True):
+        if groups is not None:
+            check(lib.pn_cuda_groupnorm_forward(P(s["y"]), P(mean), P(rstd), P(s["x"]), P(w), P(b), N, C, S, G,
+                                                EPS, lay, dt, dt, stream()), "groupnorm_forward")
+        else:
+            check(lib.pn_cuda_batchnorm_forward(P(s["y"]), P(mean), P(rstd), P(rm), P(rv), P(s["x"]), P(w), P(b),
+                                                N, C, S, EPS, 0.1, 0, 2 if training else 0, lay, dt, dt, 0,
+                                                stream()), "batchnorm_forward")
+
+    def pn_bwd(s):
+        if groups is not None:
+            check(lib.pn_cuda_groupnorm_backward(P(s["dx"]), P(dw), P(db), P(scratch), scratch.numel(), P(s["dy"]),
+                                                 P(s["x"]), P(w), P(mean), P(rstd), N, C, S, G, 0, lay, dt, dt,
+                                                 stream()), "groupnorm_backward")
+        else:
+            check(lib.pn_cuda_batchnorm_backward(P(s["dx"]), P(dw), P(db), P(scratch), scratch.numel(), P(s["dy"]),
+                                                 P(s["x"]), P(w), P(mean), P(rstd), N, C, S, 2, lay, dt, dt,
+                                                 stream()), "batchnorm_backward")
+
+    def t_fwd(x, training=True):
+        if groups is not None:
+            return F.group_norm(x, G, w, b, EPS)
+        return F.batch_norm(x, rm, rv, w, b, training, 0.1, EPS)   # eval leaves rm, rv as they are
+
+    # accuracy on set 0: y and dx against float64 autograd
+    s0 = sets[0]
+    x64 = s0["x"].double().requires_grad_(True)
+    w64, b64 = w.double(), b.double()
+    y64 = F.group_norm(x64, G, w64, b64, EPS) if groups is not None else \
+        F.batch_norm(x64, None, None, w64, b64, True, 0.1, EPS)
+    dx64 = torch.autograd.grad(y64, x64, s0["dy"].double())[0]
+    pn_fwd(s0)
+    pn_bwd(s0)
+    torch.cuda.synchronize()
+    xr = s0["x"].detach().clone().requires_grad_(True)
+    yt = t_fwd(xr)
+    dxt = torch.autograd.grad(yt, xr, s0["dy"])[0]
+    err_f = {"pynorm": rel_err(s0["y"], y64.detach()), "torch": rel_err(yt, y64.detach())}
+    err_b = {"pynorm": rel_err(s0["dx"], dx64), "torch": rel_err(dxt, dx64)}
+    del x64, y64, dx64, xr, yt, dxt
+
+    rows = []
+    inner = 2 * len(sets)
+    kinds = [("forward", True)] + ([("eval forward", False)] if groups is None else []) + [("backward", None)]
+    graphs = None
+    for kind, training in kinds:
+        fwd = training is not None
+        if fwd:
+            with torch.no_grad():
+                tp = time_batches([lambda s=s: pn_fwd(s, training) for s in sets], repeats, inner)
+                tt = time_batches([lambda s=s: t_fwd(s["x"], training) for s in sets], repeats, inner)
+        else:
+            tp = time_batches([lambda s=s: pn_bwd(s) for s in sets], repeats, inner)
+            if graphs is None:   # torch's backward: autograd on recorded graphs
+                graphs = []
+                for s in sets:
+                    xr = s["x"].detach().clone().requires_grad_(True)
+                    graphs.append((xr, t_fwd(xr), s["dy"]))
+            tt = time_batches([lambda gr=gr: torch.autograd.grad(gr[1], [gr[0]], gr[2], retain_graph=True)
+                               for gr in graphs], repeats, inner)
+        nbytes = (2 if fwd else 3) * n * es
+        gbps = nbytes / (tp * 1e-3) / 1e9
+        rows.append({
+            "op": f"{name} {kind} {layout}", "dtype": dname, "shape": f"{N}x{C}x{H}x{W}",
+            "torch_ms": tt, "liger_ms": None, "pynorm_ms": tp,
+            "pynorm_gbps": gbps, "pct_copy": 100 * gbps / copy_gbps,
+            "torch_gbps": nbytes / (tt * 1e-3) / 1e9, "speedup": tt / tp,
+            "err": err_f if fwd and training else (err_b if not fwd else {}),
+            "notes": ["torch spatial backward: autograd on a recorded graph"] if not fwd else [],
+        })
+    del graphs, sets
+    torch.cuda.empty_cache()
+    return rows
+
+
 # ---- report -------------------------------------------------------------------------------------
 
 def fmt(v, spec):
@@ -283,7 +405,7 @@ def fmt(v, spec):
 
 
 def table(rows):
-    head = ("| op | dtype | rows x C | torch ms | Liger ms | pynorm ms | pynorm GB/s | % of copy | "
+    head = ("| op | dtype | shape | torch ms | Liger ms | pynorm ms | pynorm GB/s | % of copy | "
             "torch GB/s | speedup vs torch | max err pynorm / torch / Liger |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
@@ -320,6 +442,11 @@ def main(argv=None):
         for dname, dtype in DTYPES.items():
             rows += bench_one(ffi, lib, liger, rc[0], rc[1], dname, dtype, repeats, copy_gbps)
             print(table(rows[-4:]).split("\n", 2)[-1], flush=True)
+    for case in (QUICK_SPATIAL_CASES if args.quick else SPATIAL_CASES):
+        for dname, dtype in DTYPES.items():
+            for layout in ("NCHW", "NHWC"):
+                rows += bench_spatial(ffi, lib, *case, dname, dtype, layout, repeats, copy_gbps)
+                print(table(rows[-3:]).split("\n", 2)[-1], flush=True)
     copy_again = copy_bandwidth()
     notes = sorted({n for r in rows for n in r["notes"]})
     text = table(rows)
@@ -342,7 +469,8 @@ def main(argv=None):
                     f"{copy_again:.0f} GB/s after the rows\n")
             f.write("- times: median over batches of CUDA-event-timed calls on rotating buffers (each rotation "
                     f"over {ROTATE_BYTES >> 20} MiB); GB/s counts 2N elements for a forward, 3N for a backward\n")
-            f.write("- max err: max |out - ref| / max |ref| against float64 (y for forward rows, dx for backward)\n\n")
+            f.write("- max err: max |out - ref| / max |ref| against float64 (y for forward rows, dx for backward; "
+                    "spatial shapes are N x C x H x W, BatchNorm's eval rows unchecked)\n\n")
             f.write(text + "\n")
             for n in notes:
                 f.write(f"\nNote: {n}\n")

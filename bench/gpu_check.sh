@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: build the C and CUDA libraries, run the
-# CUDA tests (ctest -L cuda, pytest tests/test_cuda.py), then the GPU benchmark
-# (bench/gpu_bench.py), which prints its table and writes
-# bench/results/<date>-<device>.md.
+# CUDA tests (ctest -L cuda, pytest tests/test_cuda.py: token and spatial
+# norms), then the GPU benchmark (bench/gpu_bench.py: LayerNorm, RMSNorm and
+# the spatial norms GroupNorm/InstanceNorm/BatchNorm in NCHW and NHWC, against
+# torch CUDA), which prints its table and writes bench/results/<date>-<device>.md.
 #
 #   bash bench/gpu_check.sh            # everything
 #   QUICK=1 bash bench/gpu_check.sh    # small benchmark shapes
