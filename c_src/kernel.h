@@ -128,6 +128,47 @@ static inline void pn_write_row(void *dst, const real *y, pn_dtype dt, int64_t C
     }
 }
 
+/* Outputs that are streamed or rounded to half precision are written in
+ * pieces of PN_PIECE values: each piece is computed into a small buffer,
+ * written out, and the same share of the next row's input is prefetched. The
+ * memory then reads the next row while this one is written, instead of idling
+ * through the passes that run from L1, and no whole-row buffer competes with
+ * x, w and b for L1 (for long rows they would not all fit). Prefetching the
+ * whole next row at once instead stalls the core on its own prefetches.
+ * Outputs computed in place (float rows that stay in the cache) need neither:
+ * the hardware prefetcher follows the rows. */
+#define PN_PIECE 256
+
+typedef struct {
+    char *dst;              /* the output row */
+    pn_dtype dt;
+    size_t es;
+    int stream;
+    const char *next[2];    /* the next row's inputs (x; the residual too when fused), or NULL */
+} pn_row_out;
+
+static inline pn_row_out pn_row_out_init(const pn_token_args *a, int64_t r, int fused, int stream) {
+    const size_t es = pn_dtype_size(a->dtype);
+    pn_row_out o = {(char *)pn_row(a->out, a->s.out, r, a->T, es), a->dtype, es, stream, {NULL, NULL}};
+    if (r + 1 < a->B * a->T) {
+        o.next[0] = (const char *)pn_row(a->inp, a->s.inp, r + 1, a->T, es);
+        if (fused) o.next[1] = (const char *)pn_row(a->residual, a->s.residual, r + 1, a->T, es);
+    }
+    return o;
+}
+
+static inline int64_t pn_piece_len(int64_t C, int64_t i0) { return C - i0 < PN_PIECE ? C - i0 : PN_PIECE; }
+
+/* Piece y[0..n) of the row, at i0, computed: write it (tmp: PN_PIECE reals)
+ * and prefetch the same share of the next row. */
+static inline void pn_put_piece(const pn_row_out *o, int64_t i0, const real *y, int64_t n, real *tmp) {
+    pn_write_row(o->dst + i0 * (int64_t)o->es, y, o->dt, n, o->stream, tmp);
+    for (int k = 0; k < 2; k++) {   /* into L1: the next row's passes start soon */
+        const char *p = o->next[k] ? o->next[k] + i0 * (int64_t)o->es : NULL;
+        for (int64_t i = 0; p && i < n * (int64_t)o->es; i += 64) __builtin_prefetch(p + i, 0, 3);
+    }
+}
+
 /* Scratch for backward partial sums, aligned to 64 bytes (the size query adds
  * the slack). */
 static inline real *pn_scratch_reals(void *scratch) {

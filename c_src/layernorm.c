@@ -56,18 +56,29 @@ static void layernorm_stats(const real *x, int64_t C, real *shift, real *m, doub
     }
 }
 
-/* One row: y and the row's statistics. x and y may be the same memory. */
-static void layernorm_forward_row(real *y, real *mean_out, real *rstd_out, const real *x,
-                                  const real *w, const real *b, int64_t C, double eps, int in_l1) {
-    real shift, m;
+/* The row's statistics for y: shift, m (mean = shift + m) and rstd. */
+static real layernorm_row_stats(const real *x, int64_t C, double eps, int in_l1, real *shift, real *m) {
     double ss;
-    if (in_l1) layernorm_stats(x, C, &shift, &m, &ss);
-    else layernorm_stats_two_pass(x, C, &shift, &m, &ss);
-    const double var = ss / (double)C;
-    const real rstd = (real)(1 / sqrt(var + eps));
-    for (int64_t i = 0; i < C; i++) y[i] = ((x[i] - shift) - m) * rstd * w[i] + b[i];
-    *mean_out = shift + m;
-    *rstd_out = rstd;
+    if (in_l1) layernorm_stats(x, C, shift, m, &ss);
+    else layernorm_stats_two_pass(x, C, shift, m, &ss);
+    return (real)(1 / sqrt(ss / (double)C + eps));
+}
+
+/* y = ((x - shift) - m) * rstd * w + b over n values of a row */
+static void layernorm_y(real *y, const real *x, const real *w, const real *b,
+                        real shift, real m, real rstd, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - shift) - m) * rstd * w[i] + b[i];
+}
+
+/* One float row in place in the output: y and the row's statistics. x and y
+ * may be the same memory. */
+static real layernorm_forward_row(real *y, real *mean, const real *x, const real *w, const real *b,
+                                  int64_t C, double eps) {
+    real shift, m;
+    const real rstd = layernorm_row_stats(x, C, eps, 0, &shift, &m);
+    layernorm_y(y, x, w, b, shift, m, rstd, C);
+    *mean = shift + m;
+    return rstd;
 }
 
 /* The loop over rows shared by the plain and the fused forward. */
@@ -78,23 +89,33 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
     /* y computed in place in the output when it holds reals and is not streamed */
     const int in_place = a->dtype == PN_REAL_DTYPE && !stream;
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, in_place && !fused ? 0 : 2);
+    pn_status st = pn_work_init(&wk, a, a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
     if (st) return st;
     const double eps = a->eps;
     real *mean = (real *)a->mean, *rstd = (real *)a->rstd;
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t r = 0; r < rows; r++) {
+        const real *w = wk.w, *b = wk.b;
         real *buf = wk.nbuf ? pn_work_row(&wk, 0) : NULL, *buf2 = wk.nbuf ? pn_work_row(&wk, 1) : NULL;
         const real *x = fused ? pn_residual_row(a, r, buf, buf2)
                               : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
-        void *yrow = pn_row(a->out, a->s.out, r, a->T, es);
-        real *y = in_place ? (real *)yrow : buf2;
-        if (r + 1 < rows) pn_prefetch_next(a, r + 1, fused);
-        real m, s;
-        layernorm_forward_row(y, &m, &s, x, wk.w, wk.b, C, eps, a->dtype != PN_REAL_DTYPE);
-        if (!in_place) pn_write_row(yrow, y, a->dtype, C, stream, buf);   /* rounded once, after w and b */
-        if (mean) mean[r] = m;
-        if (rstd) rstd[r] = s;
+        real mu, rs;
+        if (in_place) {
+            rs = layernorm_forward_row((real *)pn_row(a->out, a->s.out, r, a->T, es), &mu, x, w, b, C, eps);
+        } else {   /* in pieces, rounded once after w and b */
+            real piece[PN_PIECE], tmp[PN_PIECE], shift, m;
+            /* half-precision rows were converted into L1 */
+            rs = layernorm_row_stats(x, C, eps, a->dtype != PN_REAL_DTYPE, &shift, &m);
+            mu = shift + m;
+            const pn_row_out out = pn_row_out_init(a, r, fused, stream);
+            for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
+                const int64_t n = pn_piece_len(C, i0);
+                layernorm_y(piece, x + i0, w + i0, b + i0, shift, m, rs, n);
+                pn_put_piece(&out, i0, piece, n, tmp);
+            }
+        }
+        if (mean) mean[r] = mu;
+        if (rstd) rstd[r] = rs;
     }
     if (stream) pn_stream_fence();
     pn_work_free(&wk);

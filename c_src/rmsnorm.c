@@ -14,10 +14,19 @@
 #ifdef PN_KERNEL_BUILD
 #include "shard.h"   /* kernel.h, and the sharded backward's arguments */
 
-/* One row: y and its rstd. x and y may be the same memory. */
+static real rmsnorm_rstd(const real *x, int64_t C, double eps) {
+    return (real)(1 / sqrt(pn_sumsq(x, C) / (double)C + eps));
+}
+
+/* y = x * rstd * w over n values of a row */
+static void rmsnorm_y(real *y, const real *x, const real *w, real rstd, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = x[i] * rstd * w[i];
+}
+
+/* One row in place in the output: y and its rstd. x and y may be the same memory. */
 static real rmsnorm_forward_row(real *y, const real *x, const real *w, int64_t C, double eps) {
-    const real rstd = (real)(1 / sqrt(pn_sumsq(x, C) / (double)C + eps));
-    for (int64_t i = 0; i < C; i++) y[i] = x[i] * rstd * w[i];
+    const real rstd = rmsnorm_rstd(x, C, eps);
+    rmsnorm_y(y, x, w, rstd, C);
     return rstd;
 }
 
@@ -29,21 +38,30 @@ static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
     /* y computed in place in the output when it holds reals and is not streamed */
     const int in_place = a->dtype == PN_REAL_DTYPE && !stream;
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, in_place && !fused ? 0 : 2);
+    pn_status st = pn_work_init(&wk, a, a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
     if (st) return st;
     const double eps = a->eps;
     real *rstd = (real *)a->rstd;
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t r = 0; r < rows; r++) {
+        const real *w = wk.w;
         real *buf = wk.nbuf ? pn_work_row(&wk, 0) : NULL, *buf2 = wk.nbuf ? pn_work_row(&wk, 1) : NULL;
         const real *x = fused ? pn_residual_row(a, r, buf, buf2)
                               : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
-        void *yrow = pn_row(a->out, a->s.out, r, a->T, es);
-        real *y = in_place ? (real *)yrow : buf2;
-        if (r + 1 < rows) pn_prefetch_next(a, r + 1, fused);
-        real s = rmsnorm_forward_row(y, x, wk.w, C, eps);
-        if (!in_place) pn_write_row(yrow, y, a->dtype, C, stream, buf);   /* rounded once, after w */
-        if (rstd) rstd[r] = s;
+        real rs;
+        if (in_place) {
+            rs = rmsnorm_forward_row((real *)pn_row(a->out, a->s.out, r, a->T, es), x, w, C, eps);
+        } else {   /* in pieces, rounded once after w */
+            rs = rmsnorm_rstd(x, C, eps);
+            real piece[PN_PIECE], tmp[PN_PIECE];
+            const pn_row_out out = pn_row_out_init(a, r, fused, stream);
+            for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
+                const int64_t n = pn_piece_len(C, i0);
+                rmsnorm_y(piece, x + i0, w + i0, rs, n);
+                pn_put_piece(&out, i0, piece, n, tmp);
+            }
+        }
+        if (rstd) rstd[r] = rs;
     }
     if (stream) pn_stream_fence();
     pn_work_free(&wk);
