@@ -31,6 +31,13 @@ typedef struct {
 
 typedef pn_status (*pn_token_kernel)(const pn_token_args *);
 
+/* For helpers that must be inlined to work (see pn_prefetch in kernel.h). */
+#if defined(__GNUC__) || defined(__clang__)
+#define PN_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define PN_ALWAYS_INLINE inline
+#endif
+
 /* ---- variants -------------------------------------------------------------
  * Op files are compiled once per instruction set (PN_ISA = generic, avx2,
  * avx512) and compute type (PN_REAL = float, double) with PN_KERNEL_BUILD

@@ -72,21 +72,12 @@ static inline const real *pn_residual_row(const pn_token_args *a, int64_t r, rea
     return buf;
 }
 
-/* Ask for a row that comes next while this one is computed: rows are read
- * once, and the passes that work from L1 would otherwise leave the memory
- * idle. */
-static inline void pn_prefetch(const void *p, int64_t bytes) {
+/* Ask for data that comes next while this is computed: rows are read once,
+ * and the passes that work from L1 would otherwise leave the memory idle.
+ * Always inlined: GCC takes a function whose only effect is a prefetch for a
+ * pure one and deletes the calls. */
+static PN_ALWAYS_INLINE void pn_prefetch(const void *p, int64_t bytes) {
     for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i, 0, 2);
-}
-
-/* Prefetch the input rows of row r: x (and the residual in the fused
- * forward; dy in the backward). */
-static inline void pn_prefetch_next(const pn_token_args *a, int64_t r, int fused) {
-    const size_t es = pn_dtype_size(a->dtype);
-    const int64_t bytes = a->C * (int64_t)es;
-    pn_prefetch(pn_row(a->inp, a->s.inp, r, a->T, es), bytes);
-    if (fused) pn_prefetch(pn_row(a->residual, a->s.residual, r, a->T, es), bytes);
-    if (a->dout) pn_prefetch(pn_row(a->dout, a->s.dout, r, a->T, es), bytes);
 }
 
 /* Outputs of at least pn_stream_min_bytes() (larger than the last-level
@@ -137,23 +128,51 @@ static inline void pn_write_row(void *dst, const real *y, pn_dtype dt, int64_t C
  * whole next row at once instead stalls the core on its own prefetches.
  * Outputs computed in place (float rows that stay in the cache) need neither:
  * the hardware prefetcher follows the rows. */
+#ifndef PN_PIECE
 #define PN_PIECE 256
+#endif
 
+/* The next row's inputs (up to two), prefetched a share at a time. */
+typedef struct {
+    const char *row[2];
+    int64_t es;
+} pn_next_rows;
+
+static inline pn_next_rows pn_next_rows_of(const void *p0, const void *p1, size_t es) {
+    pn_next_rows nx = {{(const char *)p0, (const char *)p1}, (int64_t)es};
+    return nx;
+}
+
+/* In a backward over rows up to `end`: x and dy of row r + 1. */
+static inline pn_next_rows pn_backward_next(const pn_token_args *a, int64_t r, int64_t end) {
+    const size_t es = pn_dtype_size(a->dtype);
+    const int more = r + 1 < end;
+    return pn_next_rows_of(more ? pn_row(a->inp, a->s.inp, r + 1, a->T, es) : NULL,
+                           more ? pn_row(a->dout, a->s.dout, r + 1, a->T, es) : NULL, es);
+}
+
+/* Values [i0, i0 + n) of the next rows, into L1: their passes start soon. */
+static PN_ALWAYS_INLINE void pn_prefetch_share(const pn_next_rows *nx, int64_t i0, int64_t n) {
+    for (int k = 0; k < 2; k++)
+        if (nx->row[k])
+            for (int64_t i = 0; i < n * nx->es; i += 64) __builtin_prefetch(nx->row[k] + i0 * nx->es + i, 0, 3);
+}
+
+/* Where the pieces of a forward row go. */
 typedef struct {
     char *dst;              /* the output row */
     pn_dtype dt;
     size_t es;
     int stream;
-    const char *next[2];    /* the next row's inputs (x; the residual too when fused), or NULL */
+    pn_next_rows next;      /* x of the next row; its residual too when fused */
 } pn_row_out;
 
 static inline pn_row_out pn_row_out_init(const pn_token_args *a, int64_t r, int fused, int stream) {
     const size_t es = pn_dtype_size(a->dtype);
-    pn_row_out o = {(char *)pn_row(a->out, a->s.out, r, a->T, es), a->dtype, es, stream, {NULL, NULL}};
-    if (r + 1 < a->B * a->T) {
-        o.next[0] = (const char *)pn_row(a->inp, a->s.inp, r + 1, a->T, es);
-        if (fused) o.next[1] = (const char *)pn_row(a->residual, a->s.residual, r + 1, a->T, es);
-    }
+    const int more = r + 1 < a->B * a->T;
+    pn_row_out o = {(char *)pn_row(a->out, a->s.out, r, a->T, es), a->dtype, es, stream,
+                    pn_next_rows_of(more ? pn_row(a->inp, a->s.inp, r + 1, a->T, es) : NULL,
+                                    more && fused ? pn_row(a->residual, a->s.residual, r + 1, a->T, es) : NULL, es)};
     return o;
 }
 
@@ -161,12 +180,9 @@ static inline int64_t pn_piece_len(int64_t C, int64_t i0) { return C - i0 < PN_P
 
 /* Piece y[0..n) of the row, at i0, computed: write it (tmp: PN_PIECE reals)
  * and prefetch the same share of the next row. */
-static inline void pn_put_piece(const pn_row_out *o, int64_t i0, const real *y, int64_t n, real *tmp) {
+static PN_ALWAYS_INLINE void pn_put_piece(const pn_row_out *o, int64_t i0, const real *y, int64_t n, real *tmp) {
     pn_write_row(o->dst + i0 * (int64_t)o->es, y, o->dt, n, o->stream, tmp);
-    for (int k = 0; k < 2; k++) {   /* into L1: the next row's passes start soon */
-        const char *p = o->next[k] ? o->next[k] + i0 * (int64_t)o->es : NULL;
-        for (int64_t i = 0; p && i < n * (int64_t)o->es; i += 64) __builtin_prefetch(p + i, 0, 3);
-    }
+    pn_prefetch_share(&o->next, i0, n);
 }
 
 /* Scratch for backward partial sums, aligned to 64 bytes (the size query adds
@@ -205,23 +221,27 @@ static inline void pn_reduce_chunks(void *dparam, pn_dtype wdtype, int accumulat
     }
 }
 
-/* Where the backward computes dx of row r: straight into a->dinp when that
- * holds `real`s, is overwritten and not streamed, else into `buf`, which
- * pn_finish_dx_row then adds to the old dx (when accumulating) and writes. */
-static inline real *pn_dx_row(const pn_token_args *a, int64_t r, real *buf, int stream) {
-    if (a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream)
-        return (real *)pn_row(a->dinp, a->s.dinp, r, a->T, sizeof(real));
-    return buf;
+/* Where the backward computes piece [i0, i0 + n) of dx of row r: straight
+ * into a->dinp when that holds `real`s, is overwritten and not streamed, else
+ * into `piece`, which pn_finish_dx_piece then adds to the old dx (when
+ * accumulating) and writes (tmp: PN_PIECE reals). */
+static inline int pn_dx_direct(const pn_token_args *a, int stream) {
+    return a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream;
 }
-static inline void pn_finish_dx_row(const pn_token_args *a, int64_t r, real *dx, real *tmp, int stream) {
+static inline real *pn_dx_piece(const pn_token_args *a, int64_t r, int64_t i0, real *piece, int stream) {
+    if (pn_dx_direct(a, stream)) return (real *)pn_row(a->dinp, a->s.dinp, r, a->T, sizeof(real)) + i0;
+    return piece;
+}
+static inline void pn_finish_dx_piece(const pn_token_args *a, int64_t r, int64_t i0, real *dx, int64_t n,
+                                      real *tmp, int stream) {
     const size_t es = pn_dtype_size(a->dtype);
-    void *row = pn_row(a->dinp, a->s.dinp, r, a->T, es);
-    if (a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream) return;   /* written in place */
+    if (pn_dx_direct(a, stream)) return;   /* written in place */
+    char *dst = (char *)pn_row(a->dinp, a->s.dinp, r, a->T, es) + i0 * (int64_t)es;
     if (a->accumulate) {
-        pn_load_row(tmp, row, a->dtype, a->C);
-        for (int64_t i = 0; i < a->C; i++) dx[i] += tmp[i];
+        pn_load_row(tmp, dst, a->dtype, n);
+        for (int64_t i = 0; i < n; i++) dx[i] += tmp[i];
     }
-    pn_write_row(row, dx, a->dtype, a->C, stream, tmp);
+    pn_write_row(dst, dx, a->dtype, n, stream, tmp);
 }
 
 #endif /* PYNORM_KERNEL_H */

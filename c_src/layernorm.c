@@ -125,6 +125,44 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
 pn_status PN_KERNEL(layernorm_forward)(const pn_token_args *a) { return layernorm_forward_rows(a, 0); }
 pn_status PN_KERNEL(add_layernorm_forward)(const pn_token_args *a) { return layernorm_forward_rows(a, 1); }
 
+/* A row's sums for dx: sum(g) and sum(g * xhat), g = dy * w, in fixed-order lanes. */
+static void layernorm_backward_sums(const real *x, const real *dy, const real *w, real mean, real rstd,
+                                    int64_t C, real *sum_g, real *sum_gx) {
+    real sg[PN_LANES] = {0}, sgx[PN_LANES] = {0};
+    int64_t i = 0;
+    for (; i + PN_LANES <= C; i += PN_LANES)
+        for (int j = 0; j < PN_LANES; j++) {
+            real g = dy[i + j] * w[i + j], xhat = (x[i + j] - mean) * rstd;
+            sg[j] += g;
+            sgx[j] += g * xhat;
+        }
+    for (int j = 0; i + j < C; j++) {
+        real g = dy[i + j] * w[i + j], xhat = (x[i + j] - mean) * rstd;
+        sg[j] += g;
+        sgx[j] += g * xhat;
+    }
+    *sum_g = pn_lanes_total(sg);
+    *sum_gx = pn_lanes_total(sgx);
+}
+
+/* n values of a row's backward: the parameter gradients (dw, db: NULL when
+ * not wanted) first, before dx (NULL: not wanted) may overwrite x or dy. The
+ * mean is hi + lo (lo = 0 in the plain backward: the same bits as x - mean);
+ * mg, mgx are mean(g) and mean(g * xhat). */
+static void layernorm_backward_piece(real *dx, real *dw, real *db, const real *x, const real *dy, const real *w,
+                                     real hi, real lo, real rs, real mg, real mgx, int64_t n) {
+    if (dw)
+        for (int64_t i = 0; i < n; i++) {
+            dw[i] += dy[i] * (((x[i] - hi) - lo) * rs);
+            db[i] += dy[i];
+        }
+    if (dx)
+        for (int64_t i = 0; i < n; i++) {
+            real xhat = ((x[i] - hi) - lo) * rs;
+            dx[i] = rs * ((dy[i] * w[i] - mg) - xhat * mgx);
+        }
+}
+
 /* The backward over all rows. Plain (sh NULL): each row's mean and rstd are
  * a->mean, a->rstd and its sums S_g = sum(g), S_gx = sum(g * xhat) are taken
  * here. Sharded (layernorm_shard.c, sh given): the row is one shard of a
@@ -140,7 +178,7 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
     const int64_t pstride = 2 * ((C + 15) & ~(int64_t)15);   /* dw partial, then db partial */
     real *part = params ? pn_scratch_reals(a->scratch) : NULL;
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, 3);
+    pn_status st = pn_work_init(&wk, a, 2);
     if (st) return st;
     const real *w = wk.w;
     const real *mean = (const real *)a->mean, *rstd = (const real *)a->rstd;
@@ -150,16 +188,14 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
     /* Chunks of consecutive rows; each chunk's dw/db partial is its own. */
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t c = 0; c < nchunks; c++) {
-        real *xb = pn_work_row(&wk, 0), *dyb = pn_work_row(&wk, 1), *dxb = pn_work_row(&wk, 2);
+        real *xb = pn_work_row(&wk, 0), *dyb = pn_work_row(&wk, 1);
         real *dw = params ? part + c * pstride : NULL, *db = params ? dw + pstride / 2 : NULL;
         if (params) for (int64_t i = 0; i < pstride; i++) dw[i] = 0;
         const int64_t r1 = (c + 1) * per < rows ? (c + 1) * per : rows;
         for (int64_t r = c * per; r < r1; r++) {
             const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
             const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
-            if (r + 1 < r1) pn_prefetch_next(a, r + 1, 0);
             real hi, lo, rs, mg, mgx;
-            int64_t i = 0;
             if (sh) {
                 pn_shard_split(sh->mean[r], &hi, &lo);
                 rs = (real)sh->rstd[r];
@@ -167,36 +203,20 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
                 mgx = (real)(sh->sums[2 * r + 1] * inv_total);
             } else {
                 hi = mean[r], lo = 0, rs = rstd[r];
-                /* the two row sums: sum(g) and sum(g * xhat), in fixed-order lanes */
-                real sg[PN_LANES] = {0}, sgx[PN_LANES] = {0};
-                for (; i + PN_LANES <= C; i += PN_LANES)
-                    for (int j = 0; j < PN_LANES; j++) {
-                        real g = dy[i + j] * w[i + j], xhat = (x[i + j] - hi) * rs;
-                        sg[j] += g;
-                        sgx[j] += g * xhat;
-                    }
-                for (int j = 0; i + j < C; j++) {
-                    real g = dy[i + j] * w[i + j], xhat = (x[i + j] - hi) * rs;
-                    sg[j] += g;
-                    sgx[j] += g * xhat;
-                }
-                mg = pn_lanes_total(sg) * invC;
-                mgx = pn_lanes_total(sgx) * invC;
+                layernorm_backward_sums(x, dy, w, hi, rs, C, &mg, &mgx);
+                mg *= invC;
+                mgx *= invC;
             }
-            /* parameter gradients, before dx may overwrite x or dy
-             * (lo = 0 in the plain backward: the same bits as x - mean) */
-            if (params)
-                for (i = 0; i < C; i++) {
-                    dw[i] += dy[i] * (((x[i] - hi) - lo) * rs);
-                    db[i] += dy[i];
-                }
-            if (a->dinp) {
-                real *dx = pn_dx_row(a, r, dxb, stream);
-                for (i = 0; i < C; i++) {
-                    real xhat = ((x[i] - hi) - lo) * rs;
-                    dx[i] = rs * ((dy[i] * w[i] - mg) - xhat * mgx);
-                }
-                pn_finish_dx_row(a, r, dx, xb, stream);
+            /* in pieces, each prefetching the same share of the next row's x and dy */
+            const pn_next_rows next = pn_backward_next(a, r, r1);
+            for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
+                const int64_t n = pn_piece_len(C, i0);
+                real piece[PN_PIECE], tmp[PN_PIECE];
+                real *dx = a->dinp ? pn_dx_piece(a, r, i0, piece, stream) : NULL;
+                layernorm_backward_piece(dx, dw ? dw + i0 : NULL, db ? db + i0 : NULL, x + i0, dy + i0, w + i0,
+                                         hi, lo, rs, mg, mgx, n);
+                if (dx) pn_finish_dx_piece(a, r, i0, dx, n, tmp, stream);
+                pn_prefetch_share(&next, i0, n);
             }
         }
     }

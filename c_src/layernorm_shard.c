@@ -28,7 +28,6 @@ pn_status PN_KERNEL(layernorm_shard_stats)(const pn_shard_args *s) {
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t r = 0; r < rows; r++) {
         const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, pn_work_row(&wk, 0), C);
-        if (r + 1 < rows) pn_prefetch_next(a, r + 1, 0);
         const double x0 = (double)x[0];
         const double m = pn_shard_sum_shifted_d(x, C, x0) / (double)C;
         part[2 * r] = x0 + m;
@@ -54,7 +53,6 @@ pn_status PN_KERNEL(layernorm_shard_apply)(const pn_shard_args *s) {
         const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
         void *yrow = pn_row(a->out, a->s.out, r, a->T, es);
         real *y = in_place ? (real *)yrow : buf2;
-        if (r + 1 < rows) pn_prefetch_next(a, r + 1, 0);
         real hi, lo;
         pn_shard_split(s->mean[r], &hi, &lo);
         const real rs = (real)s->rstd[r];
@@ -79,7 +77,6 @@ pn_status PN_KERNEL(layernorm_shard_backward_sums)(const pn_shard_args *s) {
     for (int64_t r = 0; r < rows; r++) {
         const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, pn_work_row(&wk, 0), C);
         const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, pn_work_row(&wk, 1), C);
-        if (r + 1 < rows) pn_prefetch_next(a, r + 1, 0);
         real hi, lo;
         pn_shard_split(s->mean[r], &hi, &lo);
         const real rs = (real)s->rstd[r];

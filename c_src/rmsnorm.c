@@ -71,6 +71,27 @@ static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
 pn_status PN_KERNEL(rmsnorm_forward)(const pn_token_args *a) { return rmsnorm_forward_rows(a, 0); }
 pn_status PN_KERNEL(add_rmsnorm_forward)(const pn_token_args *a) { return rmsnorm_forward_rows(a, 1); }
 
+/* A row's sum for dx: sum(g * xhat), g = dy * w, in fixed-order lanes. */
+static real rmsnorm_backward_sum(const real *x, const real *dy, const real *w, real rstd, int64_t C) {
+    real sgx[PN_LANES] = {0};
+    int64_t i = 0;
+    for (; i + PN_LANES <= C; i += PN_LANES)
+        for (int j = 0; j < PN_LANES; j++) sgx[j] += dy[i + j] * w[i + j] * (x[i + j] * rstd);
+    for (int j = 0; i + j < C; j++) sgx[j] += dy[i + j] * w[i + j] * (x[i + j] * rstd);
+    return pn_lanes_total(sgx);
+}
+
+/* n values of a row's backward: the weight gradient (dw: NULL when not
+ * wanted) first, before dx (NULL: not wanted) may overwrite x or dy; mgx is
+ * mean(g * xhat). */
+static void rmsnorm_backward_piece(real *dx, real *dw, const real *x, const real *dy, const real *w,
+                                   real rs, real mgx, int64_t n) {
+    if (dw)
+        for (int64_t i = 0; i < n; i++) dw[i] += dy[i] * (x[i] * rs);
+    if (dx)
+        for (int64_t i = 0; i < n; i++) dx[i] = rs * (dy[i] * w[i] - (x[i] * rs) * mgx);
+}
+
 /* The backward over all rows. Plain (sh NULL): each row's rstd is a->rstd and
  * its sum S_gx = sum(g * xhat) is taken here. Sharded (rmsnorm_shard.c, sh
  * given): the row is one shard of a wider row; rstd and the sum over all
@@ -84,7 +105,7 @@ pn_status PN_KERNEL(rmsnorm_backward_rows)(const pn_token_args *a, const pn_shar
     const int64_t pstride = (C + 15) & ~(int64_t)15;
     real *part = params ? pn_scratch_reals(a->scratch) : NULL;
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, 3);
+    pn_status st = pn_work_init(&wk, a, 2);
     if (st) return st;
     const real *w = wk.w;
     const real *rstd = (const real *)a->rstd;
@@ -94,35 +115,30 @@ pn_status PN_KERNEL(rmsnorm_backward_rows)(const pn_token_args *a, const pn_shar
     /* Chunks of consecutive rows; each chunk's dw partial is its own. */
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t c = 0; c < nchunks; c++) {
-        real *xb = pn_work_row(&wk, 0), *dyb = pn_work_row(&wk, 1), *dxb = pn_work_row(&wk, 2);
+        real *xb = pn_work_row(&wk, 0), *dyb = pn_work_row(&wk, 1);
         real *dw = params ? part + c * pstride : NULL;
         if (params) for (int64_t i = 0; i < pstride; i++) dw[i] = 0;
         const int64_t r1 = (c + 1) * per < rows ? (c + 1) * per : rows;
         for (int64_t r = c * per; r < r1; r++) {
             const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
             const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
-            if (r + 1 < r1) pn_prefetch_next(a, r + 1, 0);
             real rs, mgx;
-            int64_t i = 0;
             if (sh) {
                 rs = (real)sh->rstd[r];
                 mgx = (real)(sh->sums[r] * inv_total);
             } else {
                 rs = rstd[r];
-                /* sum(g * xhat) in fixed-order lanes */
-                real sgx[PN_LANES] = {0};
-                for (; i + PN_LANES <= C; i += PN_LANES)
-                    for (int j = 0; j < PN_LANES; j++) sgx[j] += dy[i + j] * w[i + j] * (x[i + j] * rs);
-                for (int j = 0; i + j < C; j++) sgx[j] += dy[i + j] * w[i + j] * (x[i + j] * rs);
-                mgx = pn_lanes_total(sgx) * invC;
+                mgx = rmsnorm_backward_sum(x, dy, w, rs, C) * invC;
             }
-            /* the weight gradient, before dx may overwrite x or dy */
-            if (params)
-                for (i = 0; i < C; i++) dw[i] += dy[i] * (x[i] * rs);
-            if (a->dinp) {
-                real *dx = pn_dx_row(a, r, dxb, stream);
-                for (i = 0; i < C; i++) dx[i] = rs * (dy[i] * w[i] - (x[i] * rs) * mgx);
-                pn_finish_dx_row(a, r, dx, xb, stream);
+            /* in pieces, each prefetching the same share of the next row's x and dy */
+            const pn_next_rows next = pn_backward_next(a, r, r1);
+            for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
+                const int64_t n = pn_piece_len(C, i0);
+                real piece[PN_PIECE], tmp[PN_PIECE];
+                real *dx = a->dinp ? pn_dx_piece(a, r, i0, piece, stream) : NULL;
+                rmsnorm_backward_piece(dx, dw ? dw + i0 : NULL, x + i0, dy + i0, w + i0, rs, mgx, n);
+                if (dx) pn_finish_dx_piece(a, r, i0, dx, n, tmp, stream);
+                pn_prefetch_share(&next, i0, n);
             }
         }
     }

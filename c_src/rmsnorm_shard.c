@@ -22,7 +22,6 @@ pn_status PN_KERNEL(rmsnorm_shard_stats)(const pn_shard_args *s) {
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t r = 0; r < rows; r++) {
         const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, pn_work_row(&wk, 0), C);
-        if (r + 1 < rows) pn_prefetch_next(a, r + 1, 0);
         s->part[r] = pn_sumsq(x, C);
     }
     pn_work_free(&wk);
@@ -45,7 +44,6 @@ pn_status PN_KERNEL(rmsnorm_shard_apply)(const pn_shard_args *s) {
         const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
         void *yrow = pn_row(a->out, a->s.out, r, a->T, es);
         real *y = in_place ? (real *)yrow : buf2;
-        if (r + 1 < rows) pn_prefetch_next(a, r + 1, 0);
         const real rs = (real)s->rstd[r];
         for (int64_t i = 0; i < C; i++) y[i] = x[i] * rs * w[i];
         if (!in_place) pn_write_row(yrow, y, a->dtype, C, stream, buf);
@@ -67,7 +65,6 @@ pn_status PN_KERNEL(rmsnorm_shard_backward_sums)(const pn_shard_args *s) {
     for (int64_t r = 0; r < rows; r++) {
         const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, pn_work_row(&wk, 0), C);
         const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, pn_work_row(&wk, 1), C);
-        if (r + 1 < rows) pn_prefetch_next(a, r + 1, 0);
         const real rs = (real)s->rstd[r];
         double acc[PN_LANES] = {0};
         int64_t i = 0;
