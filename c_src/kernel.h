@@ -119,18 +119,16 @@ static inline void pn_write_row(void *dst, const real *y, pn_dtype dt, int64_t C
     }
 }
 
-/* Outputs that are streamed or rounded to half precision are written in
- * pieces of PN_PIECE values: each piece is computed into a small buffer,
- * written out, and the same share of the next row's input is prefetched. The
- * memory then reads the next row while this one is written, instead of idling
- * through the passes that run from L1, and no whole-row buffer competes with
- * x, w and b for L1 (for long rows they would not all fit). Prefetching the
- * whole next row at once instead stalls the core on its own prefetches.
- * Outputs computed in place (float rows that stay in the cache) need neither:
- * the hardware prefetcher follows the rows. */
-#ifndef PN_PIECE
+/* Rows are written in pieces of PN_PIECE values: each piece is computed
+ * (into a small buffer when it must be rounded or streamed), written out, and
+ * the same share of the next row's inputs is prefetched. The memory then reads
+ * the next row while this one is written, instead of idling through the
+ * passes that run from L1, and no whole-row buffer competes with x, w and b
+ * for L1 (for long rows they would not all fit). Prefetching the whole next
+ * row at once instead stalls the core on its own prefetches. Keep the per-row
+ * work in small functions: inlined into one large loop body, GCC allocated
+ * registers badly and the same loops ran up to 40% slower. */
 #define PN_PIECE 256
-#endif
 
 /* The next row's inputs (up to two), prefetched a share at a time. */
 typedef struct {
@@ -180,8 +178,9 @@ static inline int64_t pn_piece_len(int64_t C, int64_t i0) { return C - i0 < PN_P
 
 /* Piece y[0..n) of the row, at i0, computed: write it (tmp: PN_PIECE reals)
  * and prefetch the same share of the next row. */
-static PN_ALWAYS_INLINE void pn_put_piece(const pn_row_out *o, int64_t i0, const real *y, int64_t n, real *tmp) {
-    pn_write_row(o->dst + i0 * (int64_t)o->es, y, o->dt, n, o->stream, tmp);
+static PN_ALWAYS_INLINE void pn_put_piece(const pn_row_out *o, int64_t i0, const real *y, int64_t n, real *tmp,
+                                          int in_place) {
+    if (!in_place) pn_write_row(o->dst + i0 * (int64_t)o->es, y, o->dt, n, o->stream, tmp);
     pn_prefetch_share(&o->next, i0, n);
 }
 

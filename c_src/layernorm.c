@@ -70,17 +70,6 @@ static void layernorm_y(real *y, const real *x, const real *w, const real *b,
     for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - shift) - m) * rstd * w[i] + b[i];
 }
 
-/* One float row in place in the output: y and the row's statistics. x and y
- * may be the same memory. */
-static real layernorm_forward_row(real *y, real *mean, const real *x, const real *w, const real *b,
-                                  int64_t C, double eps) {
-    real shift, m;
-    const real rstd = layernorm_row_stats(x, C, eps, 0, &shift, &m);
-    layernorm_y(y, x, w, b, shift, m, rstd, C);
-    *mean = shift + m;
-    return rstd;
-}
-
 /* The loop over rows shared by the plain and the fused forward. */
 static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
@@ -99,21 +88,18 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
         real *buf = wk.nbuf ? pn_work_row(&wk, 0) : NULL, *buf2 = wk.nbuf ? pn_work_row(&wk, 1) : NULL;
         const real *x = fused ? pn_residual_row(a, r, buf, buf2)
                               : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
-        real mu, rs;
-        if (in_place) {
-            rs = layernorm_forward_row((real *)pn_row(a->out, a->s.out, r, a->T, es), &mu, x, w, b, C, eps);
-        } else {   /* in pieces, rounded once after w and b */
-            real piece[PN_PIECE], tmp[PN_PIECE], shift, m;
-            /* half-precision rows were converted into L1 */
-            rs = layernorm_row_stats(x, C, eps, a->dtype != PN_REAL_DTYPE, &shift, &m);
-            mu = shift + m;
-            const pn_row_out out = pn_row_out_init(a, r, fused, stream);
-            for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
-                const int64_t n = pn_piece_len(C, i0);
-                layernorm_y(piece, x + i0, w + i0, b + i0, shift, m, rs, n);
-                pn_put_piece(&out, i0, piece, n, tmp);
-            }
+        real shift, m;   /* half-precision rows were converted into L1: one pass */
+        const real rs = layernorm_row_stats(x, C, eps, a->dtype != PN_REAL_DTYPE, &shift, &m);
+        /* y in pieces: in the output itself, or rounded once after w and b */
+        const pn_row_out out = pn_row_out_init(a, r, fused, stream);
+        for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
+            const int64_t n = pn_piece_len(C, i0);
+            real piece[PN_PIECE], tmp[PN_PIECE];
+            real *y = in_place ? (real *)out.dst + i0 : piece;
+            layernorm_y(y, x + i0, w + i0, b + i0, shift, m, rs, n);
+            pn_put_piece(&out, i0, y, n, tmp, in_place);
         }
+        const real mu = shift + m;
         if (mean) mean[r] = mu;
         if (rstd) rstd[r] = rs;
     }
