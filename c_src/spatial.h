@@ -211,9 +211,10 @@ static inline void pn_sp_release(pn_sp_mem *m) { pn_buffer_free(m->mem, m->bytes
 /* Scheduling. Which thread works on what never changes a result, so the
  * loops hand out work dynamically: on a busy machine a thread that was
  * preempted does not hold the others up. Set-local loops give a thread runs
- * of consecutive sets (the next one is prefetched while this one is written),
- * and loops over NHWC pieces runs of pieces (the same); loops over sub-rows
- * give each about 16K values at a time. */
+ * of consecutive sets, and loops over NHWC pieces runs of pieces (consecutive
+ * memory, which the hardware prefetcher follows; software prefetches of the
+ * next set measured slower); loops over sub-rows give each about 16K values
+ * at a time. */
 static inline int64_t pn_sp_local_chunk(int64_t nsets, int nt) {
     const int64_t k = nsets / (8 * (int64_t)nt);
     return k < 1 ? 1 : k;
@@ -537,24 +538,6 @@ static inline void pn_sp_nchw_set_stats(const pn_spatial_args *a, const pn_sp_se
     rs_out[set] = pn_sp_finish(a, set, shift[set], m, var, total);
 }
 
-/* Ask for sub-row k of row r (inp, and dout when given) to come into cache:
- * the set-local loops prefetch the next set while they write this one, so
- * that the memory is never idle while a set is worked on in cache. */
-static inline void pn_sp_nchw_prefetch(const pn_spatial_args *a, int64_t r, int64_t k) {
-    const size_t es = pn_dtype_size(a->dtype);
-    const int64_t i0 = k * PN_SP_PIECE, n = (i0 + PN_SP_PIECE < a->S ? PN_SP_PIECE : a->S - i0);
-    const int64_t off = (r * a->S + i0) * (int64_t)es;
-    pn_prefetch((const char *)a->inp + off, n * (int64_t)es);
-    if (a->dout) pn_prefetch((const char *)a->dout + off, n * (int64_t)es);
-}
-
-/* The same for the consecutive whole rows r .. r + nrows - 1. */
-static inline void pn_sp_nchw_prefetch_rows(const pn_spatial_args *a, int64_t r, int64_t nrows) {
-    const int64_t es = (int64_t)pn_dtype_size(a->dtype), off = r * a->S * es;
-    pn_prefetch((const char *)a->inp + off, nrows * a->S * es);
-    if (a->dout) pn_prefetch((const char *)a->dout + off, nrows * a->S * es);
-}
-
 /* y of row r, sub-row k (rp sub-rows per row), with its set's statistics. */
 static inline void pn_sp_nchw_norm_unit(const pn_spatial_args *a, int64_t r, int64_t k, real shift, real m,
                                         real rs, const real *w, const real *b, int stream, real *buf, real *tmp) {
@@ -632,17 +615,15 @@ static pn_status pn_sp_nchw_forward(const pn_spatial_args *a, const pn_sp_sets *
                 for (int64_t p = 0; p < q.np; p++)
                     pn_sp_nchw_piece_stats(a, ss, &q, set, p, shift[set], buf, pst + (set * q.np + p) * 2);
                 pn_sp_nchw_set_stats(a, ss, &q, set, pst, shift, m, rs);
-                const int64_t first = pn_sp_first(ss, set), next = set + 1 < nsets ? pn_sp_first(ss, set + 1) : -1;
+                const int64_t first = pn_sp_first(ss, set);
                 if (bpr && ss->step == 1) {   /* GroupNorm, short rows: the set's rows are consecutive */
                     for (int64_t r = first; r < first + ss->count; r += bpr) {
                         const int64_t r1 = r + bpr < first + ss->count ? r + bpr : first + ss->count;
-                        if (next >= 0) pn_sp_nchw_prefetch_rows(a, next + r - first, r1 - r);
                         pn_sp_nchw_norm_rows(a, ss, r, r1, shift, m, rs, w, b, stream_blk, buf, tmp);
                     }
                 } else {
                     for (int64_t u = 0; u < units; u++) {
                         const int64_t j = pn_sp_unit_row(u, rp), k = pn_sp_unit_sub(u, rp);
-                        if (next >= 0) pn_sp_nchw_prefetch(a, next + j * ss->step, k);
                         pn_sp_nchw_norm_unit(a, first + j * ss->step, k, shift[set], m[set], rs[set], w, b, stream, buf,
                                              tmp);
                     }
@@ -827,17 +808,14 @@ static pn_status pn_sp_nchw_backward(const pn_spatial_args *a, const pn_sp_sets 
                                             mu[set], part, xb, dyb);
                 }
                 pn_sp_nchw_bwd_set(a, ss, set, rp, part, tot, w, rsv[set], &k1[set], &k2[set]);
-                const int64_t next = set + 1 < nsets ? pn_sp_first(ss, set + 1) : -1;
                 if (a->dinp && bpr && ss->step == 1) {   /* GroupNorm, short rows: consecutive */
                     for (int64_t r = first; r < first + ss->count; r += bpr) {
                         const int64_t r1 = r + bpr < first + ss->count ? r + bpr : first + ss->count;
-                        if (next >= 0) pn_sp_nchw_prefetch_rows(a, next + r - first, r1 - r);
                         pn_sp_nchw_dx_rows(a, ss, r, r1, mu, rsv, k1, k2, w, stream_blk, xb, dyb, tmp);
                     }
                 } else if (a->dinp) {
                     for (int64_t u = 0; u < units; u++) {
                         const int64_t j = pn_sp_unit_row(u, rp), k = pn_sp_unit_sub(u, rp);
-                        if (next >= 0) pn_sp_nchw_prefetch(a, next + j * ss->step, k);
                         pn_sp_nchw_dx_unit(a, first + j * ss->step, k, mu[set], rsv[set], k1[set],
                                            k2[set], w, stream, xb, dyb, tmp);
                     }
@@ -924,18 +902,6 @@ static inline pn_sp_nhwc pn_sp_nhwc_layout(const pn_spatial_args *a) {
 static inline int64_t pn_sp_nhwc_piece_rows(const pn_sp_nhwc *h, int64_t set, int64_t p, int64_t *r0) {
     *r0 = set * h->rows + p * h->rpp;
     return p * h->rpp + h->rpp < h->rows ? h->rpp : h->rows - p * h->rpp;
-}
-
-/* Ask for the rows of piece p of a set (x, and dy in the backward) to come
- * into cache: the sums walk a piece by blocks of columns, a pattern the
- * hardware prefetchers follow poorly, so the next piece is fetched in order
- * while this one is summed. */
-static inline void pn_sp_nhwc_prefetch(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t p) {
-    if (p >= h->np) return;
-    const int64_t es = (int64_t)pn_dtype_size(a->dtype), r0 = set * h->rows + p * h->rpp;
-    const int64_t nr = p * h->rpp + h->rpp < h->rows ? h->rpp : h->rows - p * h->rpp;
-    pn_prefetch((const char *)a->inp + r0 * a->C * es, nr * a->C * es);
-    if (a->dout) pn_prefetch((const char *)a->dout + r0 * a->C * es, nr * a->C * es);
 }
 
 /* Column sums down nr rows of C values (NHWC pieces): for each channel c,
@@ -1173,7 +1139,6 @@ static pn_status pn_sp_nhwc_forward(const pn_spatial_args *a) {
             for (int64_t set = 0; set < ns; set++) {
                 pn_sp_nhwc_shift(a, &h, set, sh);
                 for (int64_t p = 0; p < np; p++) {
-                    pn_sp_nhwc_prefetch(a, &h, set, p + 1);
                     pn_sp_nhwc_piece_stats(a, &h, set, p, sh, acc, mv, buf, pst + (set * np + p) * 2 * Gp);
                 }
                 for (int64_t g = 0; g < G; g += PN_SP_GB)
@@ -1184,7 +1149,6 @@ static pn_status pn_sp_nhwc_forward(const pn_spatial_args *a) {
             if (stats) {
 #pragma omp for schedule(dynamic, pchunk)
                 for (int64_t t = 0; t < ns * np; t++) {
-                    pn_sp_nhwc_prefetch(a, &h, t / np, t % np + 1);
                     pn_sp_nhwc_piece_stats(a, &h, t / np, t % np, shv + (t / np) * Cp, acc, mv, buf, pst + t * 2 * Gp);
                 }
 #pragma omp for schedule(static)
@@ -1341,7 +1305,6 @@ static pn_status pn_sp_nhwc_backward(const pn_spatial_args *a) {
             for (int64_t set = 0; set < ns; set++) {
                 pn_sp_nhwc_saved(a, &h, set, mu, rs);
                 for (int64_t p = 0; p < np; p++) {
-                    pn_sp_nhwc_prefetch(a, &h, set, p + 1);
                     pn_sp_nhwc_bwd_piece(a, &h, set, p, mu, part + (set * np + p) * 2 * Cp, Cp, xb, dyb);
                 }
                 for (int64_t c = 0; c < C; c += PN_SP_GB)
@@ -1358,7 +1321,6 @@ static pn_status pn_sp_nhwc_backward(const pn_spatial_args *a) {
             for (int64_t set = 0; set < ns; set++) pn_sp_nhwc_saved(a, &h, set, muv + set * Cp, rsv + set * Cp);
 #pragma omp for schedule(dynamic, pchunk)
             for (int64_t t = 0; t < ns * np; t++) {
-                pn_sp_nhwc_prefetch(a, &h, t / np, t % np + 1);
                 pn_sp_nhwc_bwd_piece(a, &h, t / np, t % np, muv + (t / np) * Cp, part + t * 2 * Cp, Cp, xb, dyb);
             }
             /* totals parallel over blocks of channels, then the groups' coefficients */
