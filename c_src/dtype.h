@@ -64,6 +64,14 @@ static inline void pn_load_row(real *dst, const void *src, pn_dtype dt, int64_t 
     case PN_FLOAT16: {
         const uint16_t *s = (const uint16_t *)src;
 #ifdef __F16C__
+        if (sizeof(real) == sizeof(float)) {   /* straight into the row */
+            float *d = (float *)dst;
+#ifdef __AVX512F__
+            for (; i + 16 <= n; i += 16)
+                _mm512_storeu_ps(d + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i))));
+#endif
+            for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+        }
         for (; i + 8 <= n; i += 8) {
             float tmp[8];
             _mm256_storeu_ps(tmp, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
@@ -86,6 +94,15 @@ static inline void pn_store_row(void *dst, const real *src, pn_dtype dt, int64_t
     case PN_FLOAT16: {
         uint16_t *d = (uint16_t *)dst;
 #ifdef __F16C__
+        if (sizeof(real) == sizeof(float)) {   /* straight from the row */
+            const float *f = (const float *)src;
+#ifdef __AVX512F__
+            for (; i + 16 <= n; i += 16)
+                _mm256_storeu_si256((__m256i *)(d + i), _mm512_cvtps_ph(_mm512_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+            for (; i + 8 <= n; i += 8)
+                _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT));
+        }
         for (; i + 8 <= n; i += 8) {
             float tmp[8];
             for (int j = 0; j < 8; j++) tmp[j] = (float)src[i + j];
