@@ -133,6 +133,21 @@ def _elem_strides(a):
     return [s // item for s in a.strides[:-1]]
 
 
+def gradient_outs(out, accumulate, names):
+    """A backward's out= as a tuple of len(names) entries (None: allocate that
+    gradient); accumulate=True adds into existing gradients, so it needs all of them."""
+    joined = ", ".join(names)
+    if out is None:
+        if accumulate:
+            raise ValueError(f"accumulate=True adds into existing gradients: pass out=({joined})")
+        return (None,) * len(names)
+    if not (isinstance(out, tuple) and len(out) == len(names)):
+        raise TypeError(f"out must be a tuple ({joined})")
+    if accumulate and any(o is None for o in out):
+        raise ValueError(f"accumulate=True needs every gradient in out=({joined})")
+    return out
+
+
 def split_rows(lead, strides_list):
     """The first split of the leading axes into B x T that every buffer can be
     addressed with: (B, T, [(sb, st) per buffer]) or None."""

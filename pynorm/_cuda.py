@@ -24,7 +24,7 @@ import threading
 import ml_dtypes
 import numpy as np
 
-from ._arrays import check_eps, split_rows
+from ._arrays import check_eps, gradient_outs, split_rows
 
 __all__ = ["is_cuda_array", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
@@ -596,14 +596,7 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
         wdtype = weight.dtype if weight is not None else _F32
         lead, C = x.shape[:-1], x.shape[-1]
         names = ("dx", "dweight", "dbias") if op == "layer" else ("dx", "dweight")
-        if out is None:
-            if accumulate:
-                raise ValueError(f"accumulate=True adds into existing gradients: pass out=({', '.join(names)})")
-            out = (None,) * len(names)
-        if not (isinstance(out, tuple) and len(out) == len(names)):
-            raise TypeError(f"out must be a tuple ({', '.join(names)})")
-        if accumulate and any(o is None for o in out):
-            raise ValueError(f"accumulate=True needs every gradient in out=({', '.join(names)})")
+        out = gradient_outs(out, accumulate, names)
         inputs = (("dy", dy), ("x", x), ("mean", mean), ("rstd", rstd), ("weight", weight))
         shapes = (x.shape, (C,), (C,))
         dtypes = (x.dtype, wdtype, wdtype)

@@ -12,6 +12,7 @@ import numbers
 import numpy as np
 
 from . import _spatial as _sp
+from ._arrays import gradient_outs
 from ._cuda import (_F32, _PN_ACCUMULATE, _PN_DTYPE, _Call, _as_cupy, _check_distinct, _check_out,
                     _check_same, _check_status, _contiguous_copy, _dev, _empty, _overlap, _p, _same_device,
                     _stats_dtype, _wrap_new)
@@ -117,14 +118,7 @@ def _group_norm_forward(x, num_groups, weight, bias, eps, layout, out, op):
 
 def _grads_out(out, accumulate, x, C, wdtype, inputs, call):
     names = ("dx", "dweight", "dbias")
-    if out is None:
-        if accumulate:
-            raise ValueError("accumulate=True adds into existing gradients: pass out=(dx, dweight, dbias)")
-        out = (None, None, None)
-    if not (isinstance(out, tuple) and len(out) == 3):
-        raise TypeError("out must be a tuple (dx, dweight, dbias)")
-    if accumulate and any(o is None for o in out):
-        raise ValueError("accumulate=True needs every gradient in out=(dx, dweight, dbias)")
+    out = gradient_outs(out, accumulate, names)
     grads = []
     for name, o, shape, dtype in zip(names, out, (x.shape, (C,), (C,)), (x.dtype, wdtype, wdtype)):
         if o is None:

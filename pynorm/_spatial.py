@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from . import _cuda
-from ._arrays import (check_distinct_outputs, check_eps, check_out, check_status, empty, param_dtype,
+from ._arrays import (check_distinct_outputs, check_eps, check_out, check_status, empty, gradient_outs, param_dtype,
                       PN_DTYPE, ptr, stats_dtype)
 from ._lib import lib
 
@@ -159,14 +159,7 @@ def _group_norm_forward(x, num_groups, weight, bias, eps, layout, out, op):
 
 def _grads_out(out, accumulate, x, C, wdtype, inputs):
     names = ("dx", "dweight", "dbias")
-    if out is None:
-        if accumulate:
-            raise ValueError("accumulate=True adds into existing gradients: pass out=(dx, dweight, dbias)")
-        out = (None, None, None)
-    if not (isinstance(out, tuple) and len(out) == 3):
-        raise TypeError("out must be a tuple (dx, dweight, dbias)")
-    if accumulate and any(o is None for o in out):
-        raise ValueError("accumulate=True needs every gradient in out=(dx, dweight, dbias)")
+    out = gradient_outs(out, accumulate, names)
     grads = []
     for name, o, shape, dtype in zip(names, out, (x.shape, (C,), (C,)), (x.dtype, wdtype, wdtype)):
         if o is None:

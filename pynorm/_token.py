@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _cuda
 from ._arrays import (check_distinct_outputs, check_eps, check_input, check_out, check_param,
-                      check_status, empty, param_dtype, PN_DTYPE, ptr, row_layout, stats_dtype)
+                      check_status, empty, gradient_outs, param_dtype, PN_DTYPE, ptr, row_layout, stats_dtype)
 from ._lib import lib
 
 _F32 = np.dtype(np.float32)
@@ -102,14 +102,7 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
     wdtype = weight.dtype if weight is not None else _F32
     lead, C = x.shape[:-1], x.shape[-1]
     names = ("dx", "dweight", "dbias") if op == "layer" else ("dx", "dweight")
-    if out is None:
-        if accumulate:
-            raise ValueError(f"accumulate=True adds into existing gradients: pass out=({', '.join(names)})")
-        out = (None,) * len(names)
-    if not (isinstance(out, tuple) and len(out) == len(names)):
-        raise TypeError(f"out must be a tuple ({', '.join(names)})")
-    if accumulate and any(o is None for o in out):
-        raise ValueError(f"accumulate=True needs every gradient in out=({', '.join(names)})")
+    out = gradient_outs(out, accumulate, names)
     inputs = (("dy", dy), ("x", x), ("mean", mean), ("rstd", rstd), ("weight", weight))
     shapes = (x.shape, (C,), (C,))
     dtypes = (x.dtype, wdtype, wdtype)
