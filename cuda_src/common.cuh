@@ -822,6 +822,33 @@ void sp_launch_partials(const SpArgs &a, cudaStream_t s)
     }
 }
 
+/* The spatial backwards' buffers: dx, dweight, dbias and the scratch (`need`
+ * bytes, taken only when a gradient is wanted) against dy, x, weight and the
+ * saved mean and rstd (nstats values each) of n = N*C*S values. dx may be dy
+ * or x exactly: the sums read them all before dx is written, and dx[i] is
+ * written by the thread that read dy[i] and x[i]. */
+inline pn_status sp_backward_buffers(void *dinp, void *dweight, void *dbias, void *scratch, size_t need, bool used,
+                                     const void *dout, const void *inp, const void *weight, const void *mean,
+                                     const void *rstd, int64_t n, int64_t C, int64_t nstats, pn_dtype dtype,
+                                     pn_dtype wdtype)
+{
+    const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
+    Span outs[4], ins[5];
+    pn_status st;
+    if ((st = dense_span(dinp, n, es, es, true, &outs[0], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(dweight, C, wes, wes, true, &outs[1], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(dbias, C, wes, wes, true, &outs[2], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(used ? scratch : nullptr, (int64_t)need, 1, 1, true, &outs[3], nullptr)) != PN_OK)
+        return st;
+    if ((st = dense_span(dout, n, es, es, false, &ins[0], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(inp, n, es, es, false, &ins[1], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(weight, C, wes, wes, false, &ins[2], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(mean, nstats, ss, ss, false, &ins[3], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(rstd, nstats, ss, ss, false, &ins[4], nullptr)) != PN_OK) return st;
+    static const unsigned char same_ok[4 * 5] = {1, 1, 0, 0, 0};
+    return sp_overlaps(outs, 4, ins, 5, same_ok);
+}
+
 /* Status of the launches just queued. */
 inline pn_status launch_status(void)
 {

@@ -232,23 +232,9 @@ pn_status pn_cuda_groupnorm_backward(void *dinp, void *dweight, void *dbias,
     const size_t need = pn_cuda_groupnorm_backward_scratch_size(N, C, S, G, layout, dtype);
     if (used && (scratch == nullptr || scratch_bytes < need || (uintptr_t)scratch % 16 != 0))
         return PN_ERR_SCRATCH;
-    const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
-    const int64_t n = N * C * S;
-    Span outs[4], ins[5];
-    if ((st = dense_span(dinp, n, es, es, true, &outs[0], nullptr)) != PN_OK) return st;
-    if ((st = dense_span(dweight, C, wes, wes, true, &outs[1], nullptr)) != PN_OK) return st;
-    if ((st = dense_span(dbias, C, wes, wes, true, &outs[2], nullptr)) != PN_OK) return st;
-    if ((st = dense_span(used ? scratch : nullptr, (int64_t)need, 1, 1, true, &outs[3], nullptr)) != PN_OK)
+    if ((st = sp_backward_buffers(dinp, dweight, dbias, scratch, need, used, dout, inp, weight, mean, rstd,
+                                  N * C * S, C, N * G, dtype, wdtype)) != PN_OK)
         return st;
-    if ((st = dense_span(dout, n, es, es, false, &ins[0], nullptr)) != PN_OK) return st;
-    if ((st = dense_span(inp, n, es, es, false, &ins[1], nullptr)) != PN_OK) return st;
-    if ((st = dense_span(weight, C, wes, wes, false, &ins[2], nullptr)) != PN_OK) return st;
-    if ((st = dense_span(mean, N * G, ss, ss, false, &ins[3], nullptr)) != PN_OK) return st;
-    if ((st = dense_span(rstd, N * G, ss, ss, false, &ins[4], nullptr)) != PN_OK) return st;
-    /* dx over dy or x: the sums read them all before dx is written, and dx[i]
-     * is written by the thread that read dy[i] and x[i] */
-    static const unsigned char same_ok[4 * 5] = {1, 1, 0, 0, 0};
-    if ((st = sp_overlaps(outs, 4, ins, 5, same_ok)) != PN_OK) return st;
     if (!used) return PN_OK;
 
     SpArgs a = {};
