@@ -6,8 +6,6 @@ _batch_norm_forward, _backward), the same checks and messages, then one library
 call on CuPy's current stream for x's device; results are CuPy arrays. Inputs
 the kernels cannot read in place (not C-contiguous) are copied on the device.
 """
-import math
-import numbers
 
 import numpy as np
 
@@ -17,8 +15,7 @@ from ._cuda import (_F32, _PN_ACCUMULATE, _PN_DTYPE, _Call, _as_cupy, _check_dis
                     _check_same, _check_status, _contiguous_copy, _dev, _empty, _overlap, _p, _same_device,
                     _stats_dtype, _wrap_new)
 
-_LAYOUTS = {"NCHW": 0, "NHWC": 1}          # pn_layout
-_PN_BN_TRAINING, _PN_BN_CUMULATIVE = 2, 4
+_LAYOUTS = _sp._LAYOUTS   # pn_layout: the same enum in both libraries
 
 
 # ---- argument checks (pynorm._spatial's, on CUDA arrays) ------------------------------
@@ -27,9 +24,7 @@ def _check_x(x, name, call):
     d = _dev(x, name, call)
     if d.dtype not in _PN_DTYPE:
         raise TypeError(f"{name} has dtype {d.dtype}; expected {_sp._DTYPE_NAMES}")
-    if d.ndim < 2:
-        raise ValueError(f"{name} must have at least 2 axes, (N, C, *spatial) or (N, *spatial, C); "
-                         f"got shape {d.shape}")
+    _sp._check_rank(d.shape, name)
     return d
 
 
@@ -94,11 +89,7 @@ def _group_norm_forward(x, num_groups, weight, bias, eps, layout, out, op):
         bias = _dense(_check_param(bias, "bias", x, C, call), cp)
         wdtype = _param_dtype(weight, bias)
         eps = _sp._check_eps(eps, x)
-        # torch's rules (torch.nn.functional): one value to normalize over is refused
-        if instance and S == 1:
-            raise ValueError(f"Expected more than 1 spatial element when training, got input size {x.shape}")
-        if not instance and N * (C // G) * S == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+        _sp._check_group_sizes(instance, N, C, G, S, x.shape)
         inputs = (("x", x), ("weight", weight), ("bias", bias))
         y = (_out(out, "out", x.shape, x.dtype, inputs, x, call) if out is not None
              else _wrap_new(_empty(x.shape, x.dtype, cp)))
@@ -159,7 +150,7 @@ def _backward(kind, dy, x, mean, rstd, num_groups, weight, layout, training, out
         else:
             nbytes = lib.pn_cuda_batchnorm_backward_scratch_size(N, C, S, lay, dt)
             if training:
-                flags |= _PN_BN_TRAINING
+                flags |= _sp.lib.PN_BN_TRAINING
         # from CuPy's pool (256-byte aligned), stream-ordered: freed after the launch,
         # reused only by later work on this stream
         scratch = cp.empty(max(int(nbytes), 16), dtype=cp.uint8)
@@ -179,18 +170,12 @@ def _backward(kind, dy, x, mean, rstd, num_groups, weight, layout, training, out
 # ---- BatchNorm ------------------------------------------------------------------------------
 
 def _check_running(rm, rv, x, C, training, call):
-    """running_mean/running_var: both needed in eval; same dtype; writable when
-    they are updated (training)."""
-    if not training and (rm is None or rv is None):
-        missing = "running_mean" if rm is None else "running_var"
-        raise ValueError(f"{missing} must be given in evaluation mode (training=False)")
-    if (rm is None) != (rv is None):   # torch's rule
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    """running_mean/running_var: as pynorm._spatial checks them (here on device arrays)."""
+    _sp._check_running_given(rm, rv, training)
     rm = _check_param(rm, "running_mean", x, C, call)
     rv = _check_param(rv, "running_var", x, C, call)
+    _sp._check_running_dtypes(rm, rv)
     if rm is not None and rv is not None:
-        if rm.dtype != rv.dtype:
-            raise TypeError(f"running_mean and running_var must have the same dtype, got {rm.dtype} and {rv.dtype}")
         if _overlap(rm, rv):
             raise ValueError("running_mean overlaps running_var")
     for name, r in (("running_mean", rm), ("running_var", rv)):
@@ -219,27 +204,9 @@ def _batch_norm_forward(x, running_mean, running_var, weight, bias, training, mo
         bias = _dense(_check_param(bias, "bias", x, C, call), cp)
         wdtype = _param_dtype(weight, bias)
         eps = _sp._check_eps(eps, x)
-        if training and eps == 0:   # torch's rule
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
         update = training and rm is not None
-        flags, mom, count = (_PN_BN_TRAINING if training else 0), 0.0, 0
-        if momentum is None:
-            if update:
-                if (isinstance(num_batches_tracked, bool) or not isinstance(num_batches_tracked, numbers.Integral)
-                        or num_batches_tracked < 1):
-                    raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked, "
-                                     "the count of batches including this one (an int >= 1), got "
-                                     f"{num_batches_tracked!r}")
-                flags |= _PN_BN_CUMULATIVE
-                count = int(num_batches_tracked)
-        else:
-            if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-                raise TypeError(f"momentum must be a real number or None, got {type(momentum).__name__}")
-            mom = float(momentum)
-            if not math.isfinite(mom):
-                raise ValueError(f"momentum must be finite, got {mom}")
-        if training and N * S == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+        flags, mom, count = _sp._update_args(training, update, momentum, eps,
+                                             num_batches_tracked, N, S, x.shape)
         inputs = (("x", x), ("weight", weight), ("bias", bias), ("running_mean", rm), ("running_var", rv))
         y = (_out(out, "out", x.shape, x.dtype, inputs, x, call) if out is not None
              else _wrap_new(_empty(x.shape, x.dtype, cp)))

@@ -47,10 +47,14 @@ def _check_x(x, name="x"):
         raise TypeError(f"{name} must be a numpy.ndarray (or a CUDA array), got {type(x).__name__}")
     if x.dtype not in PN_DTYPE:
         raise TypeError(f"{name} has dtype {x.dtype}; expected {_DTYPE_NAMES}")
-    if x.ndim < 2:
-        raise ValueError(f"{name} must have at least 2 axes, (N, C, *spatial) or (N, *spatial, C); "
-                         f"got shape {x.shape}")
+    _check_rank(x.shape, name)
     return x
+
+
+def _check_rank(shape, name):
+    if len(shape) < 2:
+        raise ValueError(f"{name} must have at least 2 axes, (N, C, *spatial) or (N, *spatial, C); "
+                         f"got shape {tuple(shape)}")
 
 
 def _geometry(x, layout):
@@ -127,6 +131,14 @@ def _y_out(out, x, inputs):
 
 # ---- GroupNorm / InstanceNorm ---------------------------------------------------
 
+def _check_group_sizes(instance, N, C, G, S, shape):
+    """torch's rules (torch.nn.functional): one value to normalize over is refused."""
+    if instance and S == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {tuple(shape)}")
+    if not instance and N * (C // G) * S == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
+
+
 def _group_norm_forward(x, num_groups, weight, bias, eps, layout, out, op):
     """Returns (y, mean, rstd); num_groups _INSTANCE means InstanceNorm (G = C)."""
     x = _check_x(x)
@@ -138,11 +150,7 @@ def _group_norm_forward(x, num_groups, weight, bias, eps, layout, out, op):
     bias = _dense(_check_param(bias, "bias", x, C))
     wdtype = param_dtype(weight, bias)
     eps = _check_eps(eps, x)
-    # torch's rules (torch.nn.functional): one value to normalize over is refused
-    if instance and S == 1:
-        raise ValueError(f"Expected more than 1 spatial element when training, got input size {x.shape}")
-    if not instance and N * (C // G) * S == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    _check_group_sizes(instance, N, C, G, S, x.shape)
     y = _y_out(out, x, (("x", x), ("weight", weight), ("bias", bias)))
     sdt = stats_dtype(x.dtype)
     mean, rstd = empty((N, G), sdt), empty((N, G), sdt)
@@ -211,19 +219,53 @@ def _backward(kind, dy, x, mean, rstd, num_groups, weight, layout, training, out
 
 # ---- BatchNorm ----------------------------------------------------------------------
 
-def _check_running(rm, rv, x, C, training):
-    """running_mean/running_var: both needed in eval; same dtype; writable when
-    they are updated (training)."""
+def _check_running_given(rm, rv, training):
+    """running_mean/running_var: both needed in eval, both or neither in training."""
     if not training and (rm is None or rv is None):
         missing = "running_mean" if rm is None else "running_var"
         raise ValueError(f"{missing} must be given in evaluation mode (training=False)")
     if (rm is None) != (rv is None):   # torch's rule
         raise ValueError("running_mean and running_var must either both be None or neither be None")
+
+
+def _check_running_dtypes(rm, rv):
+    if rm is not None and rv is not None and rm.dtype != rv.dtype:
+        raise TypeError(f"running_mean and running_var must have the same dtype, got {rm.dtype} and {rv.dtype}")
+
+
+def _update_args(training, update, momentum, eps, num_batches_tracked, N, S, shape):
+    """The scalar arguments of a BatchNorm forward, checked as torch does:
+    (flags, momentum, count) for pn_batchnorm_forward / pn_cuda_batchnorm_forward."""
+    if training and eps == 0:   # torch's rule
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    flags, mom, count = (lib.PN_BN_TRAINING if training else 0), 0.0, 0
+    if momentum is None:
+        if update:
+            if (isinstance(num_batches_tracked, bool) or not isinstance(num_batches_tracked, numbers.Integral)
+                    or num_batches_tracked < 1):
+                raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked, "
+                                 f"the count of batches including this one (an int >= 1), got {num_batches_tracked!r}")
+            flags |= lib.PN_BN_CUMULATIVE
+            count = int(num_batches_tracked)
+    else:
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+            raise TypeError(f"momentum must be a real number or None, got {type(momentum).__name__}")
+        mom = float(momentum)
+        if not math.isfinite(mom):
+            raise ValueError(f"momentum must be finite, got {mom}")
+    if training and N * S == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
+    return flags, mom, count
+
+
+def _check_running(rm, rv, x, C, training):
+    """running_mean/running_var: as _check_running_given; same dtype; writable
+    when they are updated (training)."""
+    _check_running_given(rm, rv, training)
     rm = _check_param(rm, "running_mean", x, C)
     rv = _check_param(rv, "running_var", x, C)
+    _check_running_dtypes(rm, rv)
     if rm is not None and rv is not None:
-        if rm.dtype != rv.dtype:
-            raise TypeError(f"running_mean and running_var must have the same dtype, got {rm.dtype} and {rv.dtype}")
         if np.may_share_memory(rm, rv):
             raise ValueError("running_mean overlaps running_var")
     for name, r in (("running_mean", rm), ("running_var", rv)):
@@ -245,26 +287,9 @@ def _batch_norm_forward(x, running_mean, running_var, weight, bias, training, mo
     bias = _dense(_check_param(bias, "bias", x, C))
     wdtype = param_dtype(weight, bias)
     eps = _check_eps(eps, x)
-    if training and eps == 0:   # torch's rule
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     update = training and rm is not None
-    flags, mom, count = (lib.PN_BN_TRAINING if training else 0), 0.0, 0
-    if momentum is None:
-        if update:
-            if (isinstance(num_batches_tracked, bool) or not isinstance(num_batches_tracked, numbers.Integral)
-                    or num_batches_tracked < 1):
-                raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked, "
-                                 f"the count of batches including this one (an int >= 1), got {num_batches_tracked!r}")
-            flags |= lib.PN_BN_CUMULATIVE
-            count = int(num_batches_tracked)
-    else:
-        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-            raise TypeError(f"momentum must be a real number or None, got {type(momentum).__name__}")
-        mom = float(momentum)
-        if not math.isfinite(mom):
-            raise ValueError(f"momentum must be finite, got {mom}")
-    if training and N * S == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    flags, mom, count = _update_args(training, update, momentum, eps, num_batches_tracked,
+                                     N, S, x.shape)
     y = _y_out(out, x, (("x", x), ("weight", weight), ("bias", bias), ("running_mean", rm),
                         ("running_var", rv)))
     sdt = stats_dtype(x.dtype)

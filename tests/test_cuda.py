@@ -714,6 +714,19 @@ def _gn_run_cpu(x, G, w, b, dy, layout):
     return {"y": y, "mean": m, "rstd": s, "dx": dx, "dweight": dw, "dbias": db}
 
 
+def _check_y_and_grads(what, got, cpu, tch, layout, refs, dtype, w, sw, sb):
+    """y, dx, dweight, dbias of the CUDA library against the CPU library's and
+    torch CUDA's, each judged against the float64 reference (ry, rdx, rdw, rdb)."""
+    ry, rdx, rdw, rdb = refs
+    gdt = F32 if w is None else w.dtype
+    for k, ref, kd, scale in (("y", ry, dtype, None), ("dx", rdx, dtype, None), ("dweight", rdw, gdt, sw),
+                              ("dbias", rdb, gdt, sb)):
+        g = _from_layout(got[k], layout) if k in ("y", "dx") else got[k]
+        c = _from_layout(cpu[k], layout) if k in ("y", "dx") else cpu[k]
+        check_sp(f"{what}: {k}", g, c, ref, kd, "the CPU library's", scale)
+        check_sp(f"{what}: {k}", g, tch[k], ref, kd, "torch CUDA's", scale)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DNAME.get)
 @pytest.mark.parametrize("shape,G", GN_PARAMS, ids=[f"{_sname(s)}-G{g}" for s, g in GN_PARAMS])
@@ -737,13 +750,7 @@ def test_spatial_group_norm(shape, G, dtype, layout):
         ry, rmean, rrstd = RS.group_norm_ref(x, G, w, b)
         rdx, rdw, rdb = RS.group_norm_backward_ref(dy, x, G, w)
         sw, sb = RS.param_grad_scales(dy, RS.group_norm_ref(x, G)[0])
-        gdt = F32 if w is None else w.dtype
-        for k, ref, kd, scale in (("y", ry, dtype, None), ("dx", rdx, dtype, None), ("dweight", rdw, gdt, sw),
-                                  ("dbias", rdb, gdt, sb)):
-            g = _from_layout(got[k], layout) if k in ("y", "dx") else got[k]
-            c = _from_layout(cpu[k], layout) if k in ("y", "dx") else cpu[k]
-            check_sp(f"{what}: {k}", g, c, ref, kd, "the CPU library's", scale)
-            check_sp(f"{what}: {k}", g, tch[k], ref, kd, "torch CUDA's", scale)
+        _check_y_and_grads(what, got, cpu, tch, layout, (ry, rdx, rdw, rdb), dtype, w, sw, sb)
         check_sp(f"{what}: mean", got["mean"], cpu["mean"], rmean, sdt, "the CPU library's", _stats_scale(x))
         check_sp(f"{what}: rstd", got["rstd"], cpu["rstd"], rrstd, sdt, "the CPU library's")
 
@@ -837,13 +844,7 @@ def test_spatial_batch_norm(shape, dtype, layout, training):
         rdx, rdw, rdb = RS.batch_norm_backward_ref(dy, x, w, training=training, running_mean=rm0, running_var=rv0)
         xhat = RS.batch_norm_train_ref(x)[0] if training else RS.batch_norm_eval_ref(x, rm0, rv0)[0]
         sw, sb = RS.param_grad_scales(dy, xhat)
-        gdt = F32 if w is None else w.dtype
-        for k, ref, kd, scale in (("y", ry, dtype, None), ("dx", rdx, dtype, None), ("dweight", rdw, gdt, sw),
-                                  ("dbias", rdb, gdt, sb)):
-            g = _from_layout(got[k], layout) if k in ("y", "dx") else got[k]
-            c = _from_layout(cpu[k], layout) if k in ("y", "dx") else cpu[k]
-            check_sp(f"{what}: {k}", g, c, ref, kd, "the CPU library's", scale)
-            check_sp(f"{what}: {k}", g, tch[k], ref, kd, "torch CUDA's", scale)
+        _check_y_and_grads(what, got, cpu, tch, layout, (ry, rdx, rdw, rdb), dtype, w, sw, sb)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
