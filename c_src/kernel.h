@@ -136,17 +136,17 @@ typedef struct {
     int64_t es;
 } pn_next_rows;
 
-static inline pn_next_rows pn_next_rows_of(const void *p0, const void *p1, size_t es) {
-    pn_next_rows nx = {{(const char *)p0, (const char *)p1}, (int64_t)es};
-    return nx;
-}
-
-/* In a backward over rows up to `end`: x and dy of row r + 1. */
-static inline pn_next_rows pn_backward_next(const pn_token_args *a, int64_t r, int64_t end) {
+/* Row r + 1's x and its `other` input (the residual of a fused forward, dy
+ * in a backward; NULL: none), when r + 1 < end. */
+static inline pn_next_rows pn_next_rows_after(const pn_token_args *a, int64_t r, int64_t end,
+                                              const void *other, pn_rows other_s) {
     const size_t es = pn_dtype_size(a->dtype);
-    const int more = r + 1 < end;
-    return pn_next_rows_of(more ? pn_row(a->inp, a->s.inp, r + 1, a->T, es) : NULL,
-                           more ? pn_row(a->dout, a->s.dout, r + 1, a->T, es) : NULL, es);
+    pn_next_rows nx = {{NULL, NULL}, (int64_t)es};
+    if (r + 1 < end) {
+        nx.row[0] = (const char *)pn_row(a->inp, a->s.inp, r + 1, a->T, es);
+        if (other) nx.row[1] = (const char *)pn_row(other, other_s, r + 1, a->T, es);
+    }
+    return nx;
 }
 
 /* Values [i0, i0 + n) of the next rows, into L1: their passes start soon. */
@@ -160,17 +160,14 @@ static PN_ALWAYS_INLINE void pn_prefetch_share(const pn_next_rows *nx, int64_t i
 typedef struct {
     char *dst;              /* the output row */
     pn_dtype dt;
-    size_t es;
     int stream;
-    pn_next_rows next;      /* x of the next row; its residual too when fused */
+    pn_next_rows next;      /* x of the next row; its residual too when fused (next.es: the dtype's size) */
 } pn_row_out;
 
 static inline pn_row_out pn_row_out_init(const pn_token_args *a, int64_t r, int fused, int stream) {
     const size_t es = pn_dtype_size(a->dtype);
-    const int more = r + 1 < a->B * a->T;
-    pn_row_out o = {(char *)pn_row(a->out, a->s.out, r, a->T, es), a->dtype, es, stream,
-                    pn_next_rows_of(more ? pn_row(a->inp, a->s.inp, r + 1, a->T, es) : NULL,
-                                    more && fused ? pn_row(a->residual, a->s.residual, r + 1, a->T, es) : NULL, es)};
+    pn_row_out o = {(char *)pn_row(a->out, a->s.out, r, a->T, es), a->dtype, stream,
+                    pn_next_rows_after(a, r, a->B * a->T, fused ? a->residual : NULL, a->s.residual)};
     return o;
 }
 
@@ -180,7 +177,7 @@ static inline int64_t pn_piece_len(int64_t C, int64_t i0) { return C - i0 < PN_P
  * and prefetch the same share of the next row. */
 static PN_ALWAYS_INLINE void pn_put_piece(const pn_row_out *o, int64_t i0, const real *y, int64_t n, real *tmp,
                                           int in_place) {
-    if (!in_place) pn_write_row(o->dst + i0 * (int64_t)o->es, y, o->dt, n, o->stream, tmp);
+    if (!in_place) pn_write_row(o->dst + i0 * o->next.es, y, o->dt, n, o->stream, tmp);
     pn_prefetch_share(&o->next, i0, n);
 }
 

@@ -131,7 +131,7 @@ pn_status PN_KERNEL(rmsnorm_backward_rows)(const pn_token_args *a, const pn_shar
                 mgx = rmsnorm_backward_sum(x, dy, w, rs, C) * invC;
             }
             /* in pieces, each prefetching the same share of the next row's x and dy */
-            const pn_next_rows next = pn_backward_next(a, r, r1);
+            const pn_next_rows next = pn_next_rows_after(a, r, r1, a->dout, a->s.dout);
             for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
                 const int64_t n = pn_piece_len(C, i0);
                 real piece[PN_PIECE], tmp[PN_PIECE];
