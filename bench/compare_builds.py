@@ -2,13 +2,17 @@
 whether a kernel change is faster.
 
     python bench/compare_builds.py OLD/libpynorm.so NEW/libpynorm.so [--threads 2,1]
-        [--dtypes float32,bfloat16,float16] [--repeats 11]
+        [--dtypes float32,bfloat16,float16] [--repeats 11] [--shapes 8192x768,...] [--after-torch]
 
 Both libraries run the token norms (LayerNorm, RMSNorm: forward with out=,
 backward with dx, dweight, dbias) on the same NumPy buffers, their calls
 alternating, after a warm-up call each; the table gives each build's median
 GB/s (forward: read x, write y; backward: read x and dy, write dx) and
-new/old, the ratio of their median times (above 1: NEW is faster). The
+new/old, the ratio of their median times (above 1: NEW is faster). With
+--after-torch each timed call follows a torch layer_norm of the same x, as in
+`python -m pynorm`, where torch and pynorm alternate: the cache then holds x
+and torch's output rather than the last output of the build being timed,
+which matters for shapes near the last-level cache's size. The
 machine's memory bandwidth drifts over minutes, so only ratios within one run
 mean much; build OLD from the commit to compare against, for example
 `git worktree add /tmp/old HEAD~1 && cmake -S /tmp/old -B /tmp/old/build
@@ -60,19 +64,32 @@ def main(argv=None):
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
     ap.add_argument("--repeats", type=int, default=11)
+    ap.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES), help="rows x C, comma-separated")
+    ap.add_argument("--after-torch", action="store_true", help="a torch layer_norm of x before each timed call")
     args = ap.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    torch = None
+    if args.after_torch:
+        import torch
     ffi, bfloat16, libs = _load([args.old, args.new])
     dtypes = {"float32": (np.float32, 0), "float16": (np.float16, 1), "bfloat16": (bfloat16, 2)}
     print(f"{'op':18s} {'dtype':9s} {'shape':11s} thr  {'old GB/s':>8s}  {'new GB/s':>8s}  new/old")
     for threads in (int(t) for t in args.threads.split(",")):
         for lib in libs.values():
             lib.pn_set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
         for dname in args.dtypes.split(","):
             npdt, code = dtypes[dname]
-            for R, C in SHAPES:
+            for R, C in shapes:
                 rng = np.random.default_rng(0)
                 x = rng.standard_normal((R, C)).astype(np.float32).astype(npdt)
                 dy = rng.standard_normal((R, C)).astype(np.float32).astype(npdt)
+                before = lambda: None
+                if torch is not None:
+                    tx = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if npdt is bfloat16 \
+                        else torch.from_numpy(x)
+                    before = lambda: torch.nn.functional.layer_norm(tx, (C,))
                 for op in ("LayerNorm", "RMSNorm"):
                     calls = {k: _calls(ffi, lib, op, x, dy, code, R, C) for k, lib in libs.items()}
                     for part in ("fwd", "bwd"):
@@ -82,6 +99,7 @@ def main(argv=None):
                                 sys.exit(f"{k}: {op} {part} {dname} failed")
                         for _ in range(args.repeats):
                             for k in libs:
+                                before()
                                 t0 = time.perf_counter()
                                 calls[k][part][0]()
                                 times[k].append(time.perf_counter() - t0)

@@ -130,30 +130,75 @@ static inline void pn_write_row(void *dst, const real *y, pn_dtype dt, int64_t C
  * registers badly and the same loops ran up to 40% slower. */
 #define PN_PIECE 256
 
-/* The next row's inputs (up to two), prefetched a share at a time. */
+/* Far prefetch. When a call's buffers take more than 3/4 of the last-level
+ * cache (which holds other data too), its rows come from memory, and the next row is too little warning for
+ * short rows (3 KiB at C = 768 float32): the core then waits on the loads of
+ * x and on the reads that ordinary stores make of the output lines they
+ * overwrite. Each piece then also prefetches the same share of the inputs
+ * PN_READ_AHEAD bytes of rows on, and, for writing, of the output
+ * PN_WRITE_AHEAD bytes on (not when the output is streamed: non-temporal
+ * stores read nothing). Measured on LayerNorm at (8192, 768) float32, 2
+ * threads, each call after a torch call on the same x: 1.25-1.5x faster.
+ * Calls whose buffers fit in the cache skip it: there it cost 5-10%. */
+#define PN_READ_AHEAD 12288
+#define PN_WRITE_AHEAD 6144
+
+typedef struct { int64_t read, write; } pn_ahead;   /* rows ahead; 0: no far prefetch */
+
+/* For a call moving `buffers` row-sized buffers (forward 2, fused forward 4,
+ * backward 3) whose output is streamed or not. */
+static inline pn_ahead pn_ahead_rows(const pn_token_args *a, int buffers, int stream) {
+    const int64_t row_bytes = a->C * (int64_t)pn_dtype_size(a->dtype);
+    pn_ahead h = {0, 0};
+    const double bytes = (double)buffers * (double)(a->B * a->T) * (double)row_bytes;
+    if (4 * bytes < 3 * (double)pn_stream_min_bytes()) return h;   /* within 3/4 of the cache: it may hold them */
+    h.read = (PN_READ_AHEAD + row_bytes - 1) / row_bytes;
+    if (h.read < 2) h.read = 0;   /* the next row: prefetched anyway */
+    h.write = stream ? 0 : (PN_WRITE_AHEAD + row_bytes - 1) / row_bytes;
+    return h;
+}
+
+/* The rows a row's pieces prefetch a share of. */
 typedef struct {
-    const char *row[2];
+    const char *row[2];   /* the next row's x and `other` input, into L1 */
+    const char *far[2];   /* x and `other` of the row ahead.read rows on (NULL: none) */
+    char *out;            /* the output row ahead.write rows on, for writing (NULL: none) */
     int64_t es;
 } pn_next_rows;
 
-/* Row r + 1's x and its `other` input (the residual of a fused forward, dy
- * in a backward; NULL: none), when r + 1 < end. */
+/* For row r: row r + 1's x and its `other` input (the residual of a fused
+ * forward, dy in a backward; NULL: none) when r + 1 < end, and the far rows
+ * of `ahead` within the call's rows (out: the output buffer, NULL: none). */
 static inline pn_next_rows pn_next_rows_after(const pn_token_args *a, int64_t r, int64_t end,
-                                              const void *other, pn_rows other_s) {
+                                              const void *other, pn_rows other_s,
+                                              pn_ahead ahead, void *out, pn_rows out_s) {
     const size_t es = pn_dtype_size(a->dtype);
-    pn_next_rows nx = {{NULL, NULL}, (int64_t)es};
+    const int64_t rows = a->B * a->T;
+    pn_next_rows nx = {{NULL, NULL}, {NULL, NULL}, NULL, (int64_t)es};
     if (r + 1 < end) {
         nx.row[0] = (const char *)pn_row(a->inp, a->s.inp, r + 1, a->T, es);
         if (other) nx.row[1] = (const char *)pn_row(other, other_s, r + 1, a->T, es);
     }
+    if (ahead.read && r + ahead.read < rows) {
+        nx.far[0] = (const char *)pn_row(a->inp, a->s.inp, r + ahead.read, a->T, es);
+        if (other) nx.far[1] = (const char *)pn_row(other, other_s, r + ahead.read, a->T, es);
+    }
+    if (ahead.write && out && r + ahead.write < rows) nx.out = (char *)pn_row(out, out_s, r + ahead.write, a->T, es);
     return nx;
 }
 
-/* Values [i0, i0 + n) of the next rows, into L1: their passes start soon. */
+/* Values [i0, i0 + n) of the next rows: the near ones into L1, their passes
+ * start soon; the far ones on their way. */
 static PN_ALWAYS_INLINE void pn_prefetch_share(const pn_next_rows *nx, int64_t i0, int64_t n) {
-    for (int k = 0; k < 2; k++)
+    const int64_t off = i0 * nx->es, bytes = n * nx->es;
+    for (int k = 0; k < 2; k++) {
         if (nx->row[k])
-            for (int64_t i = 0; i < n * nx->es; i += 64) __builtin_prefetch(nx->row[k] + i0 * nx->es + i, 0, 3);
+            for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(nx->row[k] + off + i, 0, 3);
+        if (nx->far[k])
+            for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(nx->far[k] + off + i, 0, 3);
+    }
+    if (nx->out)
+        for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(nx->out + off + i, 1, 3);
 }
 
 /* Where the pieces of a forward row go. */
@@ -161,13 +206,14 @@ typedef struct {
     char *dst;              /* the output row */
     pn_dtype dt;
     int stream;
-    pn_next_rows next;      /* x of the next row; its residual too when fused (next.es: the dtype's size) */
+    pn_next_rows next;      /* x of the next rows; the residual too when fused (next.es: the dtype's size) */
 } pn_row_out;
 
-static inline pn_row_out pn_row_out_init(const pn_token_args *a, int64_t r, int fused, int stream) {
+static inline pn_row_out pn_row_out_init(const pn_token_args *a, int64_t r, int fused, int stream, pn_ahead ahead) {
     const size_t es = pn_dtype_size(a->dtype);
     pn_row_out o = {(char *)pn_row(a->out, a->s.out, r, a->T, es), a->dtype, stream,
-                    pn_next_rows_after(a, r, a->B * a->T, fused ? a->residual : NULL, a->s.residual)};
+                    pn_next_rows_after(a, r, a->B * a->T, fused ? a->residual : NULL, a->s.residual,
+                                       ahead, a->out, a->s.out)};
     return o;
 }
 

@@ -83,6 +83,7 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
     if (st) return st;
     const double eps = a->eps;
     real *mean = (real *)a->mean, *rstd = (real *)a->rstd;
+    const pn_ahead ahead = pn_ahead_rows(a, fused ? 4 : 2, stream);
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t r = 0; r < rows; r++) {
         const real *w = wk.w, *b = wk.b;
@@ -92,7 +93,7 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
         real shift, m;
         const real rs = layernorm_row_stats(x, C, eps, &shift, &m);
         /* y in pieces: in the output itself, or rounded once after w and b */
-        const pn_row_out out = pn_row_out_init(a, r, fused, stream);
+        const pn_row_out out = pn_row_out_init(a, r, fused, stream, ahead);
         for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
             const int64_t n = pn_piece_len(C, i0);
             real piece[PN_PIECE], tmp[PN_PIECE];
@@ -170,6 +171,7 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
     const real *w = wk.w;
     const real *mean = (const real *)a->mean, *rstd = (const real *)a->rstd;
     const real invC = (real)1 / (real)C;
+    const pn_ahead ahead = pn_ahead_rows(a, 3, stream);
     const double inv_total = sh ? 1.0 / (double)sh->C_total : 0;
 
     /* Chunks of consecutive rows; each chunk's dw/db partial is its own. */
@@ -194,8 +196,8 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
                 mg *= invC;
                 mgx *= invC;
             }
-            /* in pieces, each prefetching the same share of the next row's x and dy */
-            const pn_next_rows next = pn_next_rows_after(a, r, r1, a->dout, a->s.dout);
+            /* in pieces, each prefetching the same share of the next rows' x and dy (and dx) */
+            const pn_next_rows next = pn_next_rows_after(a, r, r1, a->dout, a->s.dout, ahead, a->dinp, a->s.dinp);
             for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
                 const int64_t n = pn_piece_len(C, i0);
                 real piece[PN_PIECE], tmp[PN_PIECE];
