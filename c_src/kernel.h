@@ -131,17 +131,17 @@ static inline void pn_write_row(void *dst, const real *y, pn_dtype dt, int64_t C
 #define PN_PIECE 256
 
 /* Far prefetch. When a call's buffers take more than 3/4 of the last-level
- * cache (which holds other data too), its rows come from memory, and the next row is too little warning for
- * short rows (3 KiB at C = 768 float32): the core then waits on the loads of
- * x and on the reads that ordinary stores make of the output lines they
- * overwrite. Each piece then also prefetches the same share of the inputs
- * PN_READ_AHEAD bytes of rows on, and, for writing, of the output
- * PN_WRITE_AHEAD bytes on (not when the output is streamed: non-temporal
- * stores read nothing). Measured on LayerNorm at (8192, 768) float32, 2
- * threads, each call after a torch call on the same x: 1.16-1.43x faster
- * (bench/compare_builds.py --after-torch); half-precision rows at (4096, 4096)
- * and (1024, 16384): 1.1-1.5x.
- * Calls whose buffers fit in the cache skip it: there it cost 5-10%. */
+ * cache (which holds other data too), its rows come from memory, and the
+ * next row is too little warning for short rows (3 KiB at C = 768 float32):
+ * the core then waits on the loads of x and on the reads that ordinary
+ * stores make of the output lines they overwrite. Each piece then also
+ * prefetches the same share of the inputs PN_READ_AHEAD bytes of rows on
+ * and, for writing, of the output PN_WRITE_AHEAD bytes on (not when the
+ * output is streamed: non-temporal stores read nothing). Measured on
+ * LayerNorm at (8192, 768) float32, 2 threads, each call after a torch call
+ * on the same x: 1.16-1.43x faster (bench/compare_builds.py --after-torch);
+ * half-precision rows at (4096, 4096) and (1024, 16384): 1.1-1.5x. Calls
+ * whose buffers fit in the cache skip it: there it cost 5-10%. */
 #define PN_READ_AHEAD 12288
 #define PN_WRITE_AHEAD 6144
 
