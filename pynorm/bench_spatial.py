@@ -275,7 +275,7 @@ OPS = [
 
 
 def run_spatial_benchmark(thread_counts, baseline, torch_mod, warmup, repeats, progress, quick=False,
-                          shapes=None, ops=None, layouts=LAYOUTS):
+                          shapes=None, ops=None, layouts=LAYOUTS, adjacent=True):
     """Rows in pynorm.bench.run_benchmark's format (add_copy_fraction and
     format_table apply to them), float32, every op x layout x shape x thread count."""
     shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
@@ -291,12 +291,14 @@ def run_spatial_benchmark(thread_counts, baseline, torch_mod, warmup, repeats, p
                 for threads in thread_counts:
                     progress.show(f"[{len(rows) + 1}/{total}] {label} {layout} {shape} threads={threads}")
                     B.set_threads(threads, torch_mod)
+                    copy_gbps = B.adjacent_copy_bandwidth() if adjacent else None
                     t_base, t_pn = B.time_pair(fns[baseline], fns["pynorm"], warmup, repeats)
                     rows.append(dict(
                         op=f"{key}_{layout.lower()}", label=f"{label} {layout}", layout=layout, dtype="float32",
                         shape=list(shape), threads=threads, baseline=baseline,
                         baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3, speedup=t_base / t_pn,
-                        bytes=nbytes, pynorm_gbps=nbytes / t_pn / 1e9, baseline_allocating_only=False))
+                        bytes=nbytes, pynorm_gbps=nbytes / t_pn / 1e9, copy_gbps=copy_gbps,
+                        baseline_allocating_only=False))
                 del fns
             del data
     return rows
@@ -313,6 +315,7 @@ def main(argv=None):
     p.add_argument("--layouts", default="NCHW,NHWC")
     p.add_argument("--baseline", choices=["auto", "torch", "numpy"], default="auto")
     p.add_argument("--no-check", action="store_true", help="skip the self-check")
+    B.add_malloc_argument(p)
     args = p.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 15)
     warmup = 1 if args.quick else 3
@@ -323,6 +326,7 @@ def main(argv=None):
             return B.EXIT_SELFCHECK_FAILED
         print(f"self-check passed ({len(checks)} checks)\n")
     torch_mod, baseline = B.import_torch(args.baseline)
+    malloc_mode = B.set_malloc(args.torch_malloc)
     saved = pynorm.get_num_threads()
     progress = B.Progress()
     try:
@@ -330,17 +334,20 @@ def main(argv=None):
         shapes = [tuple(int(v) for v in t.split(",")) for t in args.shapes.split(";")] if args.shapes else None
         rows = run_spatial_benchmark(args.threads, baseline, torch_mod, warmup, repeats, progress, args.quick,
                                      shapes=shapes, ops=args.ops.split(",") if args.ops else None,
-                                     layouts=tuple(args.layouts.split(",")))
+                                     layouts=tuple(args.layouts.split(",")), adjacent=not args.quick)
         copy_end = B.measure_copy_bandwidth(args.threads, torch_mod, progress)
     finally:
         progress.clear()
         pynorm.set_num_threads(saved)
-    copy_bw = {n: max(copy_start[n], copy_end[n]) for n in args.threads}
+    copy_bw = B.peak_copy_bandwidth(rows, copy_start, copy_end)
     B.add_copy_fraction(rows, copy_bw)
-    print("copy bandwidth: " + ", ".join(f"{copy_bw[n]:.1f} GB/s at {n} thread(s)" for n in args.threads))
+    print("copy bandwidth: " + ", ".join(f"peak {copy_bw[n]:.1f} GB/s at {n} thread(s), next to the rows "
+                                         f"{B.adjacent_range(rows, n)}" for n in args.threads))
     print(B.format_table(rows, baseline))
     print()
     print(NOTE)
+    if baseline == "torch":
+        print(B.MALLOC_NOTES[malloc_mode])
     return B.EXIT_OK
 
 

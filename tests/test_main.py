@@ -7,6 +7,7 @@ The command runs in a subprocess on the pynorm this test process imports
 import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ TORCH_KEYS = {"torch_module_layernorm_fwd_bwd", "torch_module_rmsnorm_fwd_bwd",
               "transformer_block_layernorm_fwd_bwd", "transformer_block_rmsnorm_fwd_bwd"}
 
 PYNORM_PARENT = str(Path(pynorm.__file__).resolve().parent.parent)
+GLIBC = platform.libc_ver()[0] == "glibc"   # --torch-malloc pins thresholds only there
 
 
 def run_main(args, cwd, extra_path=(), timeout=300):
@@ -88,6 +90,7 @@ def test_json_rows(quick_run):
     assert info["cpu_model"]
     assert all(bw > 0 for bw in info["copy_bandwidth_gbps"].values())
     assert set(info["copy_bandwidth_gbps"]) == {"1", "2"}
+    assert info["torch_malloc"] == ("steady" if GLIBC else "as-is")
     assert data["selfcheck"] and all(c["ok"] for c in data["selfcheck"])
 
 
@@ -110,6 +113,18 @@ def test_suites_argument(tmp_path):
     assert {r["op"] for r in json.loads(out.read_text())["rows"]} == SPATIAL_KEYS
     proc = run_main(["--suites", "token,bogus"], cwd=tmp_path)
     assert proc.returncode != 0 and "--suites" in proc.stderr and "bogus" in proc.stderr
+
+
+def test_torch_malloc_argument(tmp_path):
+    out = tmp_path / "m.json"
+    proc = run_main(["--quick", "--suites", "spatial", "--threads", "1", "--repeats", "1",
+                     "--torch-malloc", "no-faults", "--json", str(out)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    mode = json.loads(out.read_text())["machine"]["torch_malloc"]
+    assert mode == ("no-faults" if GLIBC else "as-is")
+    assert f"malloc {mode}" in proc.stdout
+    proc = run_main(["--torch-malloc", "sometimes"], cwd=tmp_path, timeout=60)
+    assert proc.returncode != 0 and "--torch-malloc" in proc.stderr and "sometimes" in proc.stderr
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
@@ -137,6 +152,18 @@ def test_bad_threads_argument(tmp_path):
     proc = run_main(["--threads", "0"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
     assert "--threads" in proc.stderr
+
+
+def test_copy_fractions():
+    """% copy is against the probe next to the row, % peak against the run's highest probe."""
+    from pynorm.bench import add_copy_fraction, peak_copy_bandwidth
+    rows = [dict(threads=2, pynorm_gbps=30.0, copy_gbps=40.0), dict(threads=2, pynorm_gbps=30.0, copy_gbps=None),
+            dict(threads=1, pynorm_gbps=20.0, copy_gbps=25.0)]
+    peak = peak_copy_bandwidth(rows, {2: 50.0, 1: 20.0}, {2: 45.0, 1: 22.0})
+    assert peak == {2: 50.0, 1: 25.0}
+    add_copy_fraction(rows, peak)
+    assert [round(r["pct_copy"]) for r in rows] == [75, 60, 80]
+    assert [round(r["pct_peak"]) for r in rows] == [60, 60, 80]
 
 
 def test_copy_bandwidth_positive():
