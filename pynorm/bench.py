@@ -430,8 +430,8 @@ MALLOC_NOTES = {
         "torch's calls take their outputs from malloc. This run pinned glibc's thresholds "
         "where its own dynamic rule ends up once blocks of these sizes have been freed "
         "(mmap threshold 32 MiB, its ceiling; trim threshold 64 MiB): outputs of 32 MiB and "
-        "more are fresh memory on every call and pay its page faults, smaller ones are "
-        "reused. Left alone (--torch-malloc as-is), which of the two a row sees depends on "
+        "more are fresh memory on every call and pay its page faults (unless a free block "
+        "of the heap can hold them), smaller ones are reused. Left alone (--torch-malloc as-is), which of the two a row sees depends on "
         "the process's earlier allocations; --torch-malloc no-faults compares the kernels "
         "alone. pynorm's allocating calls reuse freed buffers (pn_buffer_alloc)."),
     "no-faults": (

@@ -18,7 +18,7 @@ torch / pynorm so that noise hits both, medians reported. Rows have the format o
 pynorm.bench's rows (op, label, dtype, shape, threads, baseline, baseline_ms,
 pynorm_ms, speedup, bytes, pynorm_gbps, baseline_allocating_only): shape is
 (rows = batch*seq, C); bytes counts only what the norms must move (5 N per norm,
-N = rows * C * 4 bytes) and pynorm_gbps / pct_copy are NaN, since a whole block's
+N = rows * C * 4 bytes) and pynorm_gbps / pct_copy / pct_peak are NaN, since a whole block's
 time is mostly matrix products and a bandwidth figure for it would mean nothing.
 """
 
@@ -117,7 +117,7 @@ def block_case(kind, shape, seed=0):
 
 def block_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None, blocks=("gpt", "llama")):
     """Times each block's forward + backward with torch's norms and with pynorm's.
-    Returns rows in pynorm.bench's format (pynorm_gbps and pct_copy NaN)."""
+    Returns rows in pynorm.bench's format (pynorm_gbps, pct_copy and pct_peak NaN)."""
     torch = _torch()
     import pynorm
     warmup = (1 if quick else 3) if warmup is None else warmup
@@ -143,7 +143,7 @@ def block_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None, blo
                         shape=[shape[0] * shape[1], shape[2]], threads=threads,
                         baseline="torch", baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3,
                         speedup=t_base / t_pn, bytes=5 * n * n_norms,
-                        pynorm_gbps=float("nan"), pct_copy=float("nan"),
+                        pynorm_gbps=float("nan"), pct_copy=float("nan"), pct_peak=float("nan"),
                         baseline_allocating_only=False,
                         block=dict(kind=kind, batch=shape[0], seq=shape[1], C=shape[2],
                                    norms=[n for n, _ in names])))
