@@ -164,7 +164,8 @@ static inline pn_ahead pn_ahead_rows(const pn_token_args *a, int buffers, int st
 typedef struct {
     const char *row[2];   /* the next row's x and `other` input, into L1 */
     const char *far[2];   /* x and `other` of the row ahead.read rows on (NULL: none) */
-    char *out;            /* the output row ahead.write rows on, for writing (NULL: none) */
+    char *out[2];         /* the output rows ahead.write rows on, for writing: y (or dx), and h of a
+                             fused forward (NULL: none) */
     int64_t es;
 } pn_next_rows;
 
@@ -176,7 +177,7 @@ static inline pn_next_rows pn_next_rows_after(const pn_token_args *a, int64_t r,
                                               pn_ahead ahead, void *out, pn_rows out_s) {
     const size_t es = pn_dtype_size(a->dtype);
     const int64_t rows = a->B * a->T;
-    pn_next_rows nx = {{NULL, NULL}, {NULL, NULL}, NULL, (int64_t)es};
+    pn_next_rows nx = {{NULL, NULL}, {NULL, NULL}, {NULL, NULL}, (int64_t)es};
     if (r + 1 < end) {
         nx.row[0] = (const char *)pn_row(a->inp, a->s.inp, r + 1, a->T, es);
         if (other) nx.row[1] = (const char *)pn_row(other, other_s, r + 1, a->T, es);
@@ -185,7 +186,7 @@ static inline pn_next_rows pn_next_rows_after(const pn_token_args *a, int64_t r,
         nx.far[0] = (const char *)pn_row(a->inp, a->s.inp, r + ahead.read, a->T, es);
         if (other) nx.far[1] = (const char *)pn_row(other, other_s, r + ahead.read, a->T, es);
     }
-    if (ahead.write && out && r + ahead.write < rows) nx.out = (char *)pn_row(out, out_s, r + ahead.write, a->T, es);
+    if (ahead.write && out && r + ahead.write < rows) nx.out[0] = (char *)pn_row(out, out_s, r + ahead.write, a->T, es);
     return nx;
 }
 
@@ -199,8 +200,9 @@ static PN_ALWAYS_INLINE void pn_prefetch_share(const pn_next_rows *nx, int64_t i
         if (nx->far[k])
             for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(nx->far[k] + off + i, 0, 3);
     }
-    if (nx->out)
-        for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(nx->out + off + i, 1, 3);
+    for (int k = 0; k < 2; k++)
+        if (nx->out[k])
+            for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(nx->out[k] + off + i, 1, 3);
 }
 
 /* Where the pieces of a forward row go. */
@@ -216,6 +218,8 @@ static inline pn_row_out pn_row_out_init(const pn_token_args *a, int64_t r, int 
     pn_row_out o = {(char *)pn_row(a->out, a->s.out, r, a->T, es), a->dtype, stream,
                     pn_next_rows_after(a, r, a->B * a->T, fused ? a->residual : NULL, a->s.residual,
                                        ahead, a->out, a->s.out)};
+    if (fused && o.next.out[0])   /* h is written too */
+        o.next.out[1] = (char *)pn_row(a->h, a->s.h, r + ahead.write, a->T, es);
     return o;
 }
 
