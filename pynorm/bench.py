@@ -431,9 +431,10 @@ MALLOC_NOTES = {
         "where its own dynamic rule ends up once blocks of these sizes have been freed "
         "(mmap threshold 32 MiB, its ceiling; trim threshold 64 MiB): outputs of 32 MiB and "
         "more are fresh memory on every call and pay its page faults (unless a free block "
-        "of the heap can hold them), smaller ones are reused. Left alone (--torch-malloc as-is), which of the two a row sees depends on "
-        "the process's earlier allocations; --torch-malloc no-faults compares the kernels "
-        "alone. pynorm's allocating calls reuse freed buffers (pn_buffer_alloc)."),
+        "of the heap can hold them), smaller ones are reused. Left alone (--torch-malloc "
+        "as-is), which of the two a row sees depends on the process's earlier allocations; "
+        "--torch-malloc no-faults compares the kernels alone. pynorm's allocating calls "
+        "reuse freed buffers (pn_buffer_alloc)."),
     "no-faults": (
         "torch's calls take their outputs from malloc; this run set glibc's mmap and trim "
         "thresholds to 2 GiB (--torch-malloc no-faults), so freed outputs are reused and no "
