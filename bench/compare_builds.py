@@ -71,6 +71,7 @@ def main(argv=None):
     torch = None
     if args.after_torch:
         import torch
+        from pynorm.bench import to_torch
     ffi, bfloat16, libs = _load([args.old, args.new])
     dtypes = {"float32": (np.float32, 0), "float16": (np.float16, 1), "bfloat16": (bfloat16, 2)}
     print(f"{'op':18s} {'dtype':9s} {'shape':11s} thr  {'old GB/s':>8s}  {'new GB/s':>8s}  new/old")
@@ -87,8 +88,7 @@ def main(argv=None):
                 dy = rng.standard_normal((R, C)).astype(np.float32).astype(npdt)
                 before = lambda: None
                 if torch is not None:
-                    tx = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if npdt is bfloat16 \
-                        else torch.from_numpy(x)
+                    tx = to_torch(x)
                     before = lambda: torch.nn.functional.layer_norm(tx, (C,))
                 for op in ("LayerNorm", "RMSNorm"):
                     calls = {k: _calls(ffi, lib, op, x, dy, code, R, C) for k, lib in libs.items()}

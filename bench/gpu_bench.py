@@ -140,6 +140,12 @@ def rel_err(out, ref):
     return d / m if m > 0 else d
 
 
+def check_status(ffi, lib, st, what):
+    if st != 0:
+        raise RuntimeError(f"{what}: {ffi.string(lib.pn_cuda_status_string(st)).decode()} "
+                           f"({ffi.string(lib.pn_cuda_last_error_string()).decode()})")
+
+
 def bench_one(ffi, lib, liger, rows, C, dname, dtype, repeats, copy_gbps):
     es = torch.empty((), dtype=dtype).element_size()
     nsets = max(2, math.ceil(ROTATE_BYTES / (rows * C * es)))
@@ -150,10 +156,7 @@ def bench_one(ffi, lib, liger, rows, C, dname, dtype, repeats, copy_gbps):
     ln_scratch = torch.empty(lib.pn_cuda_layernorm_backward_scratch_size(1, rows, C, dt), dtype=torch.uint8, device="cuda")
     rms_scratch = torch.empty(lib.pn_cuda_rmsnorm_backward_scratch_size(1, rows, C, dt), dtype=torch.uint8, device="cuda")
 
-    def check(st, what):
-        if st != 0:
-            raise RuntimeError(f"{what}: {ffi.string(lib.pn_cuda_status_string(st)).decode()} "
-                               f"({ffi.string(lib.pn_cuda_last_error_string()).decode()})")
+    check = lambda st, what: check_status(ffi, lib, st, what)  # noqa: E731
 
     # -- pynorm
     def pn_ln_fwd(s):
@@ -318,10 +321,7 @@ def bench_spatial(ffi, lib, name, N, C, H, W, groups, dname, dtype, layout, repe
         nbytes = lib.pn_cuda_batchnorm_backward_scratch_size(N, C, S, lay, dt)
     scratch = torch.empty(max(int(nbytes), 16), dtype=torch.uint8, device="cuda")
 
-    def check(st, what):
-        if st != 0:
-            raise RuntimeError(f"{what}: {ffi.string(lib.pn_cuda_status_string(st)).decode()} "
-                               f"({ffi.string(lib.pn_cuda_last_error_string()).decode()})")
+    check = lambda st, what: check_status(ffi, lib, st, what)  # noqa: E731
 
     def pn_fwd(s, training=True):
         if groups is not None:
@@ -445,8 +445,9 @@ def main(argv=None):
     for case in (QUICK_SPATIAL_CASES if args.quick else SPATIAL_CASES):
         for dname, dtype in DTYPES.items():
             for layout in ("NCHW", "NHWC"):
-                rows += bench_spatial(ffi, lib, *case, dname, dtype, layout, repeats, copy_gbps)
-                print(table(rows[-3:]).split("\n", 2)[-1], flush=True)
+                new_rows = bench_spatial(ffi, lib, *case, dname, dtype, layout, repeats, copy_gbps)
+                rows += new_rows
+                print(table(new_rows).split("\n", 2)[-1], flush=True)
     copy_again = copy_bandwidth()
     notes = sorted({n for r in rows for n in r["notes"]})
     text = table(rows)

@@ -528,21 +528,22 @@ class Progress:
             self.stream.flush()
 
 
+def copy_probe():
+    """The copy probe at the current thread count (0.2-0.3 s). Taken before and
+    after the rows and, except with --quick, just before each row: this
+    machine's bandwidth drifts over minutes (from one phase to another of a
+    shared host), and a row is best compared with the probe taken in the same
+    phase."""
+    return pynorm.copy_bandwidth(nbytes=COPY_PROBE_BYTES, repeats=COPY_PROBE_REPEATS)
+
+
 def measure_copy_bandwidth(thread_counts, torch_mod, progress):
     bw = {}
     for n in thread_counts:
         progress.show(f"copy bandwidth, {n} thread(s) ...")
         set_threads(n, torch_mod)
-        bw[n] = pynorm.copy_bandwidth(nbytes=COPY_PROBE_BYTES, repeats=COPY_PROBE_REPEATS)
+        bw[n] = copy_probe()
     return bw
-
-
-def adjacent_copy_bandwidth():
-    """The copy probe at the current thread count, taken just before a row is
-    timed (not with --quick: 0.2-0.3 s each): this machine's bandwidth drifts
-    over minutes (from one phase to another of a shared host), and a row is
-    best compared with the probe taken in the same phase."""
-    return pynorm.copy_bandwidth(nbytes=COPY_PROBE_BYTES, repeats=COPY_PROBE_REPEATS)
 
 
 def run_benchmark(cases, thread_counts, baseline, torch_mod, warmup, repeats, progress, adjacent=True):
@@ -556,7 +557,7 @@ def run_benchmark(cases, thread_counts, baseline, torch_mod, warmup, repeats, pr
             progress.show(f"[{len(rows) + 1}/{total}] {op.label} {dtype.name} "
                           f"{shape} threads={threads}")
             set_threads(threads, torch_mod)
-            copy_gbps = adjacent_copy_bandwidth() if adjacent else None
+            copy_gbps = copy_probe() if adjacent else None
             t_base, t_pn = time_pair(fns[baseline], fns["pynorm"], warmup, repeats)
             gbps = nbytes / t_pn / 1e9
             rows.append(dict(

@@ -291,7 +291,7 @@ def run_spatial_benchmark(thread_counts, baseline, torch_mod, warmup, repeats, p
                 for threads in thread_counts:
                     progress.show(f"[{len(rows) + 1}/{total}] {label} {layout} {shape} threads={threads}")
                     B.set_threads(threads, torch_mod)
-                    copy_gbps = B.adjacent_copy_bandwidth() if adjacent else None
+                    copy_gbps = B.copy_probe() if adjacent else None
                     t_base, t_pn = B.time_pair(fns[baseline], fns["pynorm"], warmup, repeats)
                     rows.append(dict(
                         op=f"{key}_{layout.lower()}", label=f"{label} {layout}", layout=layout, dtype="float32",
