@@ -40,16 +40,20 @@ static void layernorm_stats_two_pass(const real *x, int64_t C, real *shift, real
  * (at most a bit lost) and the float squares neither overflowed nor
  * underflowed; other rows (outliers first, NaN, Inf, extreme magnitudes) go
  * the two-pass way. */
-static void layernorm_stats(const real *x, int64_t C, real *shift, real *m, double *ss) {
+static void layernorm_stats(const real *x, int64_t C, double inv_C, real *shift, real *m, double *ss) {
     const real x0 = x[0];
     const int64_t k = C < 16 ? C : 16;
-    real s0 = 0;
-    for (int64_t i = 0; i < k; i++) s0 += x[i] - x0;
-    const real sh = x0 + s0 / (real)k;
+    real d[16];   /* added as a tree: a chain of 16 additions held up every row */
+    if (k == 16)
+        for (int i = 0; i < 16; i++) d[i] = x[i] - x0;
+    else
+        for (int i = 0; i < 16; i++) d[i] = i < k ? x[i] - x0 : 0;
+    PN_TREE_16(d);
+    const real sh = x0 + (k == 16 ? d[0] * (real)0.0625 : d[0] / (real)k);   /* * 1/16: exactly / 16 */
     double sd, ssd;
     pn_moments_shifted(x, C, sh, &sd, &ssd);
-    const double md = sd / (double)C, q = ssd - sd * md;
-    if (md * md <= q / (double)C && (sizeof(real) == sizeof(double) || (q >= 1e-20 && q <= 1e36))) {
+    const double md = sd * inv_C, q = ssd - sd * md;
+    if (md * md * (double)C <= q && (sizeof(real) == sizeof(double) || (q >= 1e-20 && q <= 1e36))) {
         *shift = sh;
         *m = (real)md;
         *ss = q;
@@ -59,10 +63,10 @@ static void layernorm_stats(const real *x, int64_t C, real *shift, real *m, doub
 }
 
 /* The row's statistics for y: shift, m (mean = shift + m) and rstd. */
-static real layernorm_row_stats(const real *x, int64_t C, double eps, real *shift, real *m) {
+static real layernorm_row_stats(const real *x, int64_t C, double inv_C, double eps, real *shift, real *m) {
     double ss;
-    layernorm_stats(x, C, shift, m, &ss);
-    return (real)(1 / sqrt(ss / (double)C + eps));
+    layernorm_stats(x, C, inv_C, shift, m, &ss);
+    return (real)(1 / sqrt(ss * inv_C + eps));
 }
 
 /* y = ((x - shift) - m) * rstd * w + b over n values of a row */
@@ -81,7 +85,7 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
     pn_work wk;
     pn_status st = pn_work_init(&wk, a, a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
     if (st) return st;
-    const double eps = a->eps;
+    const double eps = a->eps, inv_C = 1 / (double)C;
     real *mean = (real *)a->mean, *rstd = (real *)a->rstd;
     const pn_ahead ahead = pn_ahead_rows(a, fused ? 4 : 2, stream);
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
@@ -91,7 +95,7 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
         const real *x = fused ? pn_residual_row(a, r, buf, buf2)
                               : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
         real shift, m;
-        const real rs = layernorm_row_stats(x, C, eps, &shift, &m);
+        const real rs = layernorm_row_stats(x, C, inv_C, eps, &shift, &m);
         /* y in pieces: in the output itself, or rounded once after w and b */
         const pn_row_out out = pn_row_out_init(a, r, fused, stream, ahead);
         for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {

@@ -14,20 +14,18 @@
 #ifdef PN_KERNEL_BUILD
 #include "shard.h"   /* kernel.h, and the sharded backward's arguments */
 
-static real rmsnorm_rstd(const real *x, int64_t C, double eps) {
-    return (real)(1 / sqrt(pn_sumsq(x, C) / (double)C + eps));
+/* 1/sqrt(mean(x^2) + eps): squares in the compute type, again in double where
+ * a float square may have overflowed or lost its bits (sums beyond 1e36 or
+ * below 1e-20, NaN and Inf among them). */
+static real rmsnorm_rstd(const real *x, int64_t C, double inv_C, double eps) {
+    double ss = pn_sumsq_folded(x, C);
+    if (sizeof(real) < sizeof(double) && !(ss >= 1e-20 && ss <= 1e36)) ss = pn_sumsq(x, C);
+    return (real)(1 / sqrt(ss * inv_C + eps));
 }
 
 /* y = x * rstd * w over n values of a row */
 static void rmsnorm_y(real *y, const real *x, const real *w, real rstd, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = x[i] * rstd * w[i];
-}
-
-/* One row in place in the output: y and its rstd. x and y may be the same memory. */
-static real rmsnorm_forward_row(real *y, const real *x, const real *w, int64_t C, double eps) {
-    const real rstd = rmsnorm_rstd(x, C, eps);
-    rmsnorm_y(y, x, w, rstd, C);
-    return rstd;
 }
 
 /* The loop over rows shared by the plain and the fused forward. */
@@ -40,7 +38,7 @@ static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
     pn_work wk;
     pn_status st = pn_work_init(&wk, a, a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
     if (st) return st;
-    const double eps = a->eps;
+    const double eps = a->eps, inv_C = 1 / (double)C;
     real *rstd = (real *)a->rstd;
     const pn_ahead ahead = pn_ahead_rows(a, fused ? 4 : 2, stream);
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
@@ -49,18 +47,15 @@ static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
         real *buf = wk.nbuf ? pn_work_row(&wk, 0) : NULL, *buf2 = wk.nbuf ? pn_work_row(&wk, 1) : NULL;
         const real *x = fused ? pn_residual_row(a, r, buf, buf2)
                               : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
-        real rs;
-        if (in_place) {   /* whole rows, no pieces, no prefetch: measured as fast (far prefetch: 0.93-1.02x) */
-            rs = rmsnorm_forward_row((real *)pn_row(a->out, a->s.out, r, a->T, es), x, w, C, eps);
-        } else {   /* in pieces, rounded once after w */
-            rs = rmsnorm_rstd(x, C, eps);
+        const real rs = rmsnorm_rstd(x, C, inv_C, eps);
+        /* y in pieces: in the output itself, or rounded once after w */
+        const pn_row_out out = pn_row_out_init(a, r, fused, stream, ahead);
+        for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
+            const int64_t n = pn_piece_len(C, i0);
             real piece[PN_PIECE], tmp[PN_PIECE];
-            const pn_row_out out = pn_row_out_init(a, r, fused, stream, ahead);
-            for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
-                const int64_t n = pn_piece_len(C, i0);
-                rmsnorm_y(piece, x + i0, w + i0, rs, n);
-                pn_put_piece(&out, i0, piece, n, tmp, 0);
-            }
+            real *y = in_place ? (real *)out.dst + i0 : piece;
+            rmsnorm_y(y, x + i0, w + i0, rs, n);
+            pn_put_piece(&out, i0, y, n, tmp, in_place);
         }
         if (rstd) rstd[r] = rs;
     }
