@@ -69,10 +69,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     torch = None
+    ffi, bfloat16, libs = _load([args.old, args.new])
     if args.after_torch:
         import torch
-        from pynorm.bench import to_torch
-    ffi, bfloat16, libs = _load([args.old, args.new])
+        from pynorm.bench import to_torch   # after _load: importing pynorm needs a library
     dtypes = {"float32": (np.float32, 0), "float16": (np.float16, 1), "bfloat16": (bfloat16, 2)}
     print(f"{'op':18s} {'dtype':9s} {'shape':11s} thr  {'old GB/s':>8s}  {'new GB/s':>8s}  new/old")
     for threads in (int(t) for t in args.threads.split(",")):

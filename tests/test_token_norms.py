@@ -817,3 +817,25 @@ def test_nan_in_dy_propagates_like_torch(op, dtype):
     th = torch_backward(op, dy, x, w)
     for name in got:
         assert_nan_masks_equal(got[name], th[name], f"{op} {name} with a NaN in dy")
+
+
+# RMSNorm's sum of squares runs in float32 lanes folded into double, and again in
+# double where a float32 square may have overflowed or lost its bits (sums
+# beyond 1e36 or below 1e-20). Rows on both sides of both limits, eps = 0 so
+# that rstd rests on the sum alone: rstd within a few float32 ulps of float64.
+FOLD_MAGNITUDES = [1e-20, 1e-13, 1e-11, 3e-11, 1e-10, 1e16, 1e17, 3e17, 1e18, 1e19, 3e19]
+
+
+@pytest.mark.parametrize("C", [7, 129, 768, 4097])
+@pytest.mark.parametrize("mag", FOLD_MAGNITUDES, ids=[f"{m:g}" for m in FOLD_MAGNITUDES])
+def test_rms_norm_sum_of_squares_near_float32_limits(mag, C):
+    rng = np.random.default_rng(seed_for("fold", mag, C))
+    x64 = rng.standard_normal((4, C)) * mag
+    x64[2:] += 3 * mag   # off-centre rows
+    x = x64.astype(np.float32)
+    y, rstd = pynorm.rms_norm_forward(x, None, eps=0.0)
+    xd = x.astype(np.float64)
+    want = 1 / np.sqrt((xd * xd).mean(axis=1))
+    rel = np.abs(rstd.astype(np.float64).reshape(-1) - want) / want
+    assert (rel <= 4 * eps_of(F32)).all(), f"rstd relative errors {rel} at magnitude {mag:g}, C={C}"
+    assert np.isfinite(y).all(), f"non-finite y at magnitude {mag:g}, C={C}"
