@@ -138,11 +138,22 @@ static void layernorm_backward_sums(const real *x, const real *dy, const real *w
 }
 
 /* n values of a row's backward: the parameter gradients (dw, db: NULL when
- * not wanted) first, before dx (NULL: not wanted) may overwrite x or dy. The
- * mean is hi + lo (lo = 0 in the plain backward: the same bits as x - mean);
- * mg, mgx are mean(g) and mean(g * xhat). */
+ * not wanted) and dx (NULL: not wanted), which may overwrite x or dy: each
+ * value of x and dy is read before dx's value at the same place is written.
+ * The mean is hi + lo (lo = 0 in the plain backward: the same bits as x -
+ * mean); mg, mgx are mean(g) and mean(g * xhat). */
 static void layernorm_backward_piece(real *dx, real *dw, real *db, const real *x, const real *dy, const real *w,
                                      real hi, real lo, real rs, real mg, real mgx, int64_t n) {
+    if (dw && dx) {   /* one loop, x and dy loaded once (1.1x); simd although dx may be x or dy */
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            const real d = dy[i], xhat = ((x[i] - hi) - lo) * rs;
+            dw[i] += d * xhat;
+            db[i] += d;
+            dx[i] = rs * ((d * w[i] - mg) - xhat * mgx);
+        }
+        return;
+    }
     if (dw)
         for (int64_t i = 0; i < n; i++) {
             dw[i] += dy[i] * (((x[i] - hi) - lo) * rs);

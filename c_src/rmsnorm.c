@@ -78,10 +78,20 @@ static real rmsnorm_backward_sum(const real *x, const real *dy, const real *w, r
 }
 
 /* n values of a row's backward: the weight gradient (dw: NULL when not
- * wanted) first, before dx (NULL: not wanted) may overwrite x or dy; mgx is
+ * wanted) and dx (NULL: not wanted), which may overwrite x or dy: each value
+ * of x and dy is read before dx's value at the same place is written; mgx is
  * mean(g * xhat). */
 static void rmsnorm_backward_piece(real *dx, real *dw, const real *x, const real *dy, const real *w,
                                    real rs, real mgx, int64_t n) {
+    if (dw && dx) {   /* one loop, x and dy loaded once; simd although dx may be x or dy */
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            const real d = dy[i], xhat = x[i] * rs;
+            dw[i] += d * xhat;
+            dx[i] = rs * (d * w[i] - xhat * mgx);
+        }
+        return;
+    }
     if (dw)
         for (int64_t i = 0; i < n; i++) dw[i] += dy[i] * (x[i] * rs);
     if (dx)
