@@ -61,20 +61,18 @@ def measure(shape, op_key, threads, warmup, repeats):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in bench.SHAPES),
-                    help="rows x C, comma-separated")
+    ap.add_argument("--shapes", type=bench.shapes_arg(2), default=bench.SHAPES, help="rows x C, comma-separated")
     ap.add_argument("--threads", default="2,1")
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--warmup", type=int, default=3)
     bench.add_malloc_argument(ap)
     args = ap.parse_args(argv)
     mode = bench.set_malloc(args.torch_malloc)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     print(f"pynorm isa {pynorm.isa()}, malloc {mode}; bound = torch.mul(x, 1.5, out=y)")
     print(f"{'op':10s} {'shape':11s} thr  torch ms  pynorm ms  bound ms  speedup  bound speedup"
           "  pynorm / bound")
     for threads in (int(n) for n in args.threads.split(",")):
-        for shape in shapes:
+        for shape in args.shapes:
             for op in OPS:
                 r = measure(shape, op, threads, args.warmup, args.repeats)
                 print(f"{op:10s} {'x'.join(map(str, shape)):11s} {threads:3d}  {r['torch_ms']:8.3f}"

@@ -67,12 +67,16 @@ def main(argv=None):
     ap.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES), help="rows x C, comma-separated")
     ap.add_argument("--after-torch", action="store_true", help="a torch layer_norm of x before each timed call")
     args = ap.parse_args(argv)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     torch = None
     ffi, bfloat16, libs = _load([args.old, args.new])
+    from pynorm.bench import shapes_arg   # after _load: importing pynorm needs a library
+    try:
+        shapes = shapes_arg(2)(args.shapes)
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"argument --shapes: {e}")
     if args.after_torch:
         import torch
-        from pynorm.bench import to_torch   # after _load: importing pynorm needs a library
+        from pynorm.bench import to_torch
     dtypes = {"float32": (np.float32, 0), "float16": (np.float16, 1), "bfloat16": (bfloat16, 2)}
     print(f"{'op':18s} {'dtype':9s} {'shape':11s} thr  {'old GB/s':>8s}  {'new GB/s':>8s}  new/old")
     for threads in (int(t) for t in args.threads.split(",")):

@@ -466,6 +466,22 @@ def set_malloc(mode):
     return mode if ok else "as-is"
 
 
+def shapes_arg(ndim, dim_sep="x", list_sep=","):
+    """An argparse type for a list of shapes of ndim positive sizes:
+    shapes_arg(2)("8192x768,4096x4096") == [(8192, 768), (4096, 4096)]."""
+    form = dim_sep.join(["N"] * ndim)
+
+    def parse(text):
+        try:
+            shapes = [tuple(int(v) for v in t.split(dim_sep)) for t in text.split(list_sep)]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(s) != ndim or min(s) < 1 for s in shapes):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {form}[{list_sep}{form}...] of positive sizes")
+        return shapes
+    return parse
+
+
 def add_malloc_argument(parser):
     parser.add_argument("--torch-malloc", choices=MALLOC_MODES, default="steady",
                         help="glibc's handling of the outputs torch allocates: steady (default: "

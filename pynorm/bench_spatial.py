@@ -311,7 +311,8 @@ def main(argv=None):
     p.add_argument("--threads", type=B.parse_threads, default=[2, 1], metavar="N[,N]")
     p.add_argument("--repeats", type=B.positive_int, default=None, metavar="K")
     p.add_argument("--ops", default=None, help="comma-separated op keys (default: all)")
-    p.add_argument("--shapes", default=None, metavar="N,C,H,W[;...]", help="shapes (default: the two above)")
+    p.add_argument("--shapes", type=B.shapes_arg(4, ",", ";"), default=None, metavar="N,C,H,W[;...]",
+                   help="shapes (default: the two above)")
     p.add_argument("--layouts", default="NCHW,NHWC")
     p.add_argument("--baseline", choices=["auto", "torch", "numpy"], default="auto")
     p.add_argument("--no-check", action="store_true", help="skip the self-check")
@@ -331,9 +332,8 @@ def main(argv=None):
     progress = B.Progress()
     try:
         copy_start = B.measure_copy_bandwidth(args.threads, torch_mod, progress)
-        shapes = [tuple(int(v) for v in t.split(",")) for t in args.shapes.split(";")] if args.shapes else None
         rows = run_spatial_benchmark(args.threads, baseline, torch_mod, warmup, repeats, progress, args.quick,
-                                     shapes=shapes, ops=args.ops.split(",") if args.ops else None,
+                                     shapes=args.shapes, ops=args.ops.split(",") if args.ops else None,
                                      layouts=tuple(args.layouts.split(",")), adjacent=not args.quick)
         copy_end = B.measure_copy_bandwidth(args.threads, torch_mod, progress)
     finally:

@@ -154,6 +154,16 @@ def test_bad_threads_argument(tmp_path):
     assert "--threads" in proc.stderr
 
 
+@pytest.mark.parametrize("value", ["8,64,16", "8,64,16,0", "8,64,a,16"])
+def test_bad_spatial_shapes_argument(value, tmp_path):
+    """python -m pynorm.bench_spatial --shapes: a usage error naming the value, before any work."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PYNORM_PARENT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-m", "pynorm.bench_spatial", "--shapes", value], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "--shapes" in proc.stderr and value in proc.stderr, proc.stderr
+
+
 def test_copy_fractions():
     """% copy is against the probe next to the row, % peak against the run's highest probe."""
     from pynorm.bench import add_copy_fraction, peak_copy_bandwidth
