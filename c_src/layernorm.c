@@ -144,7 +144,7 @@ static void layernorm_backward_sums(const real *x, const real *dy, const real *w
  * mean); mg, mgx are mean(g) and mean(g * xhat). */
 static void layernorm_backward_piece(real *dx, real *dw, real *db, const real *x, const real *dy, const real *w,
                                      real hi, real lo, real rs, real mg, real mgx, int64_t n) {
-    if (dw && dx) {   /* one loop, x and dy loaded once (1.1x); simd although dx may be x or dy */
+    if (dw && dx) {   /* one loop, x and dy loaded once (1.05-1.24x in cache); simd although dx may be x or dy */
 #pragma omp simd
         for (int64_t i = 0; i < n; i++) {
             const real d = dy[i], xhat = ((x[i] - hi) - lo) * rs;
