@@ -74,13 +74,18 @@ def check_input(x, name):
     return x
 
 
+_EPS32 = float(np.finfo(np.float32).eps)
+_EPS64 = float(np.finfo(np.float64).eps)
+
+
 def check_eps(eps, default_for=None):
     """eps as a float; None means the machine epsilon of the compute type."""
     if eps is None:
-        return float(np.finfo(np.float64 if default_for == _F64 else np.float32).eps)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
-    eps = float(eps)
+        return _EPS64 if default_for == _F64 else _EPS32
+    if type(eps) is not float:            # a plain float skips the (slow) ABC check
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+            raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+        eps = float(eps)
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
     return eps
@@ -97,15 +102,20 @@ def check_param(p, name, x):
         raise TypeError(f"{name} has dtype {p.dtype}; expected x's dtype ({x.dtype}) or float32")
     if p.shape != (x.shape[-1],):
         raise ValueError(f"{name} has shape {p.shape}; expected ({x.shape[-1]},), the last axis of x")
-    return np.ascontiguousarray(p)
+    return p if p.flags.c_contiguous else np.ascontiguousarray(p)
 
 
 def param_dtype(*params):
-    """The pn_dtype of weight/bias (they must agree), float32 when both are None."""
-    dts = {p.dtype for p in params if p is not None}
-    if len(dts) > 1:
-        raise TypeError(f"weight and bias must have the same dtype, got {' and '.join(map(str, dts))}")
-    return dts.pop() if dts else _F32
+    """The dtype of weight/bias (they must agree), float32 when both are None."""
+    dt = None
+    for p in params:
+        if p is None:
+            continue
+        if dt is None:
+            dt = p.dtype
+        elif p.dtype != dt:
+            raise TypeError(f"weight and bias must have the same dtype, got {dt} and {p.dtype}")
+    return _F32 if dt is None else dt
 
 
 def _fold(sizes, strides):
@@ -173,7 +183,10 @@ def row_layout(lead, buffers):
     fold with no common split) has been replaced by a dense copy. An output
     (may_copy False) that cannot be addressed raises ValueError."""
     arrays = [b[2] for b in buffers]
-    if all(a.flags.c_contiguous for a in arrays):          # the common case, no struct
+    for a in arrays:
+        if not a.flags.c_contiguous:
+            break
+    else:                                                   # the common case, no struct
         return 1, math.prod(lead), ffi.NULL, arrays
     for attempt in (0, 1):
         strides_list = []
@@ -224,7 +237,7 @@ def check_out(out, name, shape, dtype, inputs):
         raise TypeError(f"{name} has dtype {out.dtype}; expected {np.dtype(dtype)}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    if out.size and _elem_strides(out) is None:
+    if out.size and not out.flags.c_contiguous and _elem_strides(out) is None:
         raise ValueError(f"{name} must have a contiguous last axis (stride = itemsize)")
     for arg, a in inputs:
         if a is not None and np.may_share_memory(out, a):

@@ -24,7 +24,7 @@ import threading
 import ml_dtypes
 import numpy as np
 
-from ._arrays import check_eps, gradient_outs, split_rows
+from ._arrays import check_eps, gradient_outs, param_dtype, split_rows
 
 __all__ = ["is_cuda_array", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
@@ -382,13 +382,6 @@ def _check_param(p, name, x, call):
     return d if d.c_contiguous() else _contiguous_copy(d, call.cp)
 
 
-def _param_dtype(*params):
-    dts = {p.dtype for p in params if p is not None}
-    if len(dts) > 1:
-        raise TypeError(f"weight and bias must have the same dtype, got {' and '.join(map(str, dts))}")
-    return dts.pop() if dts else _F32
-
-
 def _stats_dtype(dtype):
     return _F64 if dtype == _F64 else _F32
 
@@ -535,7 +528,7 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats):
             residual = _check_same(residual, "residual", x, call)
         weight = _check_param(weight, "weight", x, call)
         bias = _check_param(bias, "bias", x, call)
-        wdtype = _param_dtype(weight, bias)
+        wdtype = param_dtype(weight, bias)
         eps = _check_eps(eps, x.dtype)
         lead, C = x.shape[:-1], x.shape[-1]
         inputs = (("x", x), ("residual", residual), ("weight", weight), ("bias", bias))

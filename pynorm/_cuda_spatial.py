@@ -10,7 +10,7 @@ the kernels cannot read in place (not C-contiguous) are copied on the device.
 import numpy as np
 
 from . import _spatial as _sp
-from ._arrays import gradient_outs
+from ._arrays import gradient_outs, param_dtype
 from ._cuda import (_F32, _PN_ACCUMULATE, _PN_DTYPE, _Call, _as_cupy, _check_distinct, _check_out,
                     _check_same, _check_status, _contiguous_copy, _dev, _empty, _overlap, _p, _same_device,
                     _stats_dtype, _wrap_new)
@@ -43,13 +43,6 @@ def _check_param(p, name, x, C, call):
         raise ValueError(f"{name} has shape {d.shape}; expected ({C},), the channel count of x")
     _same_device(d, name, x)
     return d
-
-
-def _param_dtype(*params):
-    dts = {p.dtype for p in params if p is not None}
-    if len(dts) > 1:
-        raise TypeError(f"weight and bias must have the same dtype, got {' and '.join(map(str, dts))}")
-    return dts.pop() if dts else _F32
 
 
 def _check_stats(s, name, shape, x, call):
@@ -87,7 +80,7 @@ def _group_norm_forward(x, num_groups, weight, bias, eps, layout, out, op):
         G = C if instance else _sp._check_groups(num_groups, C)
         weight = _dense(_check_param(weight, "weight", x, C, call), cp)
         bias = _dense(_check_param(bias, "bias", x, C, call), cp)
-        wdtype = _param_dtype(weight, bias)
+        wdtype = param_dtype(weight, bias)
         eps = _sp._check_eps(eps, x)
         _sp._check_group_sizes(instance, N, C, G, S, x.shape)
         inputs = (("x", x), ("weight", weight), ("bias", bias))
@@ -202,7 +195,7 @@ def _batch_norm_forward(x, running_mean, running_var, weight, bias, training, mo
         rm, rv = _check_running(running_mean, running_var, x, C, training, call)
         weight = _dense(_check_param(weight, "weight", x, C, call), cp)
         bias = _dense(_check_param(bias, "bias", x, C, call), cp)
-        wdtype = _param_dtype(weight, bias)
+        wdtype = param_dtype(weight, bias)
         eps = _sp._check_eps(eps, x)
         update = training and rm is not None
         flags, mom, count = _sp._update_args(training, update, momentum, eps,

@@ -234,6 +234,15 @@ SHAPES = [(8192, 768), (4096, 4096), (1024, 16384)]
 HALF_SHAPE = (4096, 4096)
 QUICK_SHAPES = [(1024, 768), (256, 4096)]
 QUICK_HALF_SHAPE = (256, 4096)
+# One small call (12,288 values, in cache): what a call costs besides its data,
+# Python checks and the C library's set-up against torch's whole call. Its rows
+# time CALL_REPEATS_SCALE times as many calls, as each takes microseconds.
+CALL_SHAPE = (16, 768)
+CALL_REPEATS_SCALE = 20
+CALL_NOTE = (f"The {CALL_SHAPE[0]}x{CALL_SHAPE[1]} rows time one small call, in cache: the "
+             "per-call cost of the Python functions and the C library against torch's whole "
+             f"call ({CALL_REPEATS_SCALE}x the calls of the other rows; their GB/s is no "
+             "bandwidth figure).")
 
 
 def to_torch(a):
@@ -495,6 +504,7 @@ def benchmark_cases(quick):
     shapes, half_shape = (QUICK_SHAPES, QUICK_HALF_SHAPE) if quick else (SHAPES, HALF_SHAPE)
     cases = [(op, F32, shape) for shape in shapes for op in OPS]
     cases += [(OPS_BY_KEY["layer_norm"], dtype, half_shape) for dtype in (BF16, F16)]
+    cases += [(OPS_BY_KEY[key], F32, CALL_SHAPE) for key in ("layer_norm", "layer_norm_out")]
     return cases
 
 
@@ -569,12 +579,14 @@ def run_benchmark(cases, thread_counts, baseline, torch_mod, warmup, repeats, pr
         data = Data(shape, dtype, with_torch=baseline == "torch")
         fns = op.fns(data)
         nbytes = op.streams * data.x.nbytes
+        call = shape == CALL_SHAPE          # no bandwidth to probe next to it
+        scale = CALL_REPEATS_SCALE if call else 1
         for threads in thread_counts:
             progress.show(f"[{len(rows) + 1}/{total}] {op.label} {dtype.name} "
                           f"{shape} threads={threads}")
             set_threads(threads, torch_mod)
-            copy_gbps = copy_probe() if adjacent else None
-            t_base, t_pn = time_pair(fns[baseline], fns["pynorm"], warmup, repeats)
+            copy_gbps = copy_probe() if adjacent and not call else None
+            t_base, t_pn = time_pair(fns[baseline], fns["pynorm"], warmup * scale, repeats * scale)
             gbps = nbytes / t_pn / 1e9
             rows.append(dict(
                 op=op.key, label=op.label, dtype=dtype.name, shape=list(shape),
@@ -619,6 +631,11 @@ def add_copy_fraction(rows, peak_bw):
 # output: table, JSON, plot
 # ---------------------------------------------------------------------------
 
+def _ms(t):
+    """Milliseconds with three decimals, four below 0.1 ms (the per-call rows)."""
+    return f"{t:.4f}" if t < 0.1 else f"{t:.3f}"
+
+
 def format_table(rows, baseline):
     header = ["op", "dtype", "shape", "thr", f"{baseline} ms", "pynorm ms",
               "speedup", "pynorm GB/s", "% copy", "% peak"]
@@ -626,8 +643,8 @@ def format_table(rows, baseline):
     for r in rows:
         mark = " *" if r["baseline_allocating_only"] else ""
         lines.append([r["label"], r["dtype"], "x".join(map(str, r["shape"])),
-                      str(r["threads"]), f"{r['baseline_ms']:.3f}{mark}",
-                      f"{r['pynorm_ms']:.3f}", f"{r['speedup']:.2f}x",
+                      str(r["threads"]), f"{_ms(r['baseline_ms'])}{mark}",
+                      f"{_ms(r['pynorm_ms'])}", f"{r['speedup']:.2f}x",
                       f"{r['pynorm_gbps']:.1f}", f"{r['pct_copy']:.0f}%", f"{r['pct_peak']:.0f}%"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     left = {0, 1, 2}
@@ -877,6 +894,8 @@ def main(argv=None):
         notes.append(bench_torch.NOTE)
     elif "torch" in args.suites:
         notes.append("The torch suite (pynorm.torch modules, transformer blocks) needs torch: skipped.")
+    if "token" in args.suites:
+        notes.append(CALL_NOTE)
     notes.append(f"Times are medians of {repeats} calls after {warmup} warm-up call(s), "
                  f"{baseline} and pynorm alternating; speedup = {baseline} ms / pynorm ms.")
     warning = busy_warning(other_share)
