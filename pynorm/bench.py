@@ -234,9 +234,9 @@ SHAPES = [(8192, 768), (4096, 4096), (1024, 16384)]
 HALF_SHAPE = (4096, 4096)
 QUICK_SHAPES = [(1024, 768), (256, 4096)]
 QUICK_HALF_SHAPE = (256, 4096)
-# One small call (12,288 values, in cache): what a call costs besides its data,
-# Python checks and the C library's set-up against torch's whole call. Its rows
-# time CALL_REPEATS_SCALE times as many calls, as each takes microseconds.
+# One small call (12,288 values, in cache) shows what a call costs besides its
+# data - the Python checks and the C library's set-up - against torch's whole
+# call. Its rows time CALL_REPEATS_SCALE times as many calls: each takes microseconds.
 CALL_SHAPE = (16, 768)
 CALL_REPEATS_SCALE = 20
 CALL_NOTE = (f"The {CALL_SHAPE[0]}x{CALL_SHAPE[1]} rows time one small call, in cache: the "
