@@ -34,10 +34,12 @@ class PynormError(RuntimeError):
     """The C library refused a call that passed the Python checks."""
 
 
-def check_status(status, what):
+def check_status(status, *what):
+    """Raise for a failed status. `what` names the call in pieces, joined only on
+    failure: a name built on every successful call is measurable per-call cost."""
     if status == lib.PN_OK:
         return
-    message = f"{what}: {ffi.string(lib.pn_status_string(status)).decode()}"
+    message = f"{''.join(what)}: {ffi.string(lib.pn_status_string(status)).decode()}"
     if status == lib.PN_ERR_ALLOC:
         raise MemoryError(message)
     if status in (lib.PN_ERR_DTYPE,):

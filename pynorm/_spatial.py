@@ -213,7 +213,7 @@ def _backward(kind, dy, x, mean, rstd, num_groups, weight, layout, training, out
             flags |= lib.PN_BN_TRAINING
         status = lib.pn_batchnorm_backward(ptr(dx), ptr(dw), ptr(db), ptr(None), 0, ptr(dyd), ptr(xd),
                                            ptr(weight), ptr(mean), ptr(rstd), N, C, S, flags, lay, dt, wdt)
-    check_status(status, f"{kind}_norm_backward")
+    check_status(status, kind, "_norm_backward")
     return dx, dw, db
 
 

@@ -77,8 +77,7 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats):
                                                 B, T, C, eps, dt, wdt, strides)
         else:
             status = lib.pn_rmsnorm_forward(yp, ptr(rstd), xp, ptr(weight), B, T, C, eps, dt, wdt, strides)
-    if status != lib.PN_OK:   # the name only on failure: an f-string per call costs
-        check_status(status, f"{'add_' if fused else ''}{op}_norm")
+    check_status(status, "add_" if fused else "", op, "_norm")
     return y, h, mean, rstd
 
 
@@ -132,8 +131,7 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
         status = lib.pn_rmsnorm_backward(ptr(grads[0]), ptr(grads[1]), ptr(None), 0,
                                          ptr(arrays[0]), ptr(arrays[1]), ptr(weight), ptr(rstd),
                                          B, T, C, flags, dt, wdt, strides)
-    if status != lib.PN_OK:   # the name only on failure: an f-string per call costs
-        check_status(status, f"{op}_norm_backward")
+    check_status(status, op, "_norm_backward")
     return tuple(grads) if op == "layer" else (*grads, None)
 
 
