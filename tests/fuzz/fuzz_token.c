@@ -920,7 +920,7 @@ NOCOV static void check_backward(void)
     for (int64_t r = 0; r < rows; r++) {
         const double mu = ln ? at(snap, BI_MEAN_IN, r, 0, sdt) : 0.0, rs = at(snap, BI_RSTD_IN, r, 0, sdt);
         int finite = isfinite(mu) && isfinite(rs) && !too_big(mu, dt) && !too_big(rs, dt);
-        double mg = 0, mgx = 0, mabsg = 0, mgA = 0;
+        double mg = 0, mgx = 0, mabsg = 0, mgA = 0, mA = 0;
         for (int64_t c = 0; c < C; c++) {
             xrow[c] = at(snap, BI_INP, r, c, dt);
             dy[c] = at(snap, BI_DOUT, r, c, dt);
@@ -935,12 +935,13 @@ NOCOV static void check_backward(void)
             mgx += g[c] * xh;
             mabsg += fabs(g[c]);
             mgA += fabs(g[c]) * A[c];
+            mA += A[c];
             dw[c] += dy[c] * xh;
             db[c] += dy[c];
             dwa[c] += fabs(dy[c]) * A[c];
             dba[c] += fabs(dy[c]);
         }
-        mg /= (double)C; mgx /= (double)C; mabsg /= (double)C; mgA /= (double)C;
+        mg /= (double)C; mgx /= (double)C; mabsg /= (double)C; mgA /= (double)C; mA /= (double)C;
         if (!ln) mg = 0;
         if (!cl.b[BI_DINP].present) continue;
         for (int64_t c = 0; c < C; c++) {
@@ -952,7 +953,10 @@ NOCOV static void check_backward(void)
                 dx += old;
                 t += 2 * ce * (fabs(old) + fabs(dx));
             }
-            t += 1024 * K * dmin * (1 + fabs(wbuf[c])) * (1 + fabs(rs));
+            /* a g = dy * w in the subnormal range is off by up to dmin, and
+             * reaches dx through its mean and the x-hat-weighted mean too:
+             * rs * (1 + A_c * mean A) times that */
+            t += 1024 * K * dmin * (1 + fabs(wbuf[c])) * (1 + fabs(rs)) * (1 + A[c] * mA);
             t += ulp_of(dx, dt) + ulp_of(0, dt);
             compare("dinp", r, c, at(arena, BI_DINP, r, c, dt), dx, t, dt);
         }

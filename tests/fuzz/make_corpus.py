@@ -108,6 +108,12 @@ def spatial_seeds():
     # BatchNorm backward through the batch statistics with one channel (NCHW):
     # found by the fuzzer (the channel of a set's j-th row taken as c0 + j)
     seeds["bn_bwd_one_channel"] = spatial_seed("bn_bwd", F32, layout=0, size=("small", 2, 1, 7), flags=2)
+    # found by the fuzzer: BatchNorm forward, S = 2^31, NaN momentum; buffers
+    # too large for the arena all start at its guard offset, so PN_ERR_ALIAS
+    # is a right answer
+    seeds["bn_fwd_huge_unplaced_momentum_nan"] = bytes.fromhex(
+        "0200000000fffffefcf7ff00cc00820396000096000096000096000096000096000096000096000096000096000096000096"
+        "000096000096000096000000")
     return seeds
 
 
@@ -163,6 +169,13 @@ def main():
                                         bufs={"out": (150, 160 + 13, 9, 0, 0)})
     seeds["stride_int64_min"] = seed("rms_fwd", F32, size=("small", 1, 3, 4),
                                      bufs={"out": (150, 160 + 0, 8, 0, 0)})
+    # found by the fuzzer: LayerNorm backward, C = 1, a subnormal dout row
+    # times w (g = dy * w loses relative precision) that rstd * x-hat^2 then
+    # scales up by 2.5e7; the harness's allowance for subnormal g must grow
+    # with it
+    seeds["ln_bwd_subnormal_g"] = bytes.fromhex(
+        "a428010202240100000002c8b600000000960000000096000000009600005b00960000000096000000009600000100006a"
+        "0000009600000096a1000000009600000000960000000000009600db010000000000000000000002")
     for name, data in seeds.items():
         with open(os.path.join(corpus, name), "wb") as f:
             f.write(data)
