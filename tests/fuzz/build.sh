@@ -3,7 +3,7 @@
 # norms; fuzz_spatial: GroupNorm and BatchNorm):
 #   tests/fuzz/build.sh [BUILD_DIR]      (default: build/fuzz)
 # The library is configured with the top-level CMakeLists.txt, compiled by
-# clang with coverage instrumentation and AddressSanitizer +
+# clang at -O1 with coverage instrumentation and AddressSanitizer +
 # UndefinedBehaviorSanitizer (every ISA variant: the one that runs is picked
 # at run time, PYNORM_ISA=generic/avx2 lowers it); the harness links the
 # static library. Prints the paths of the two fuzzers on its last line.
@@ -24,7 +24,7 @@ command -v ninja >/dev/null 2>&1 && gen=(-G Ninja)
 if [ ! -f "$build/CMakeCache.txt" ]; then
   cmake -S "$repo" -B "$build" "${gen[@]}" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
         -DCMAKE_C_COMPILER="$CLANG" -DCMAKE_C_FLAGS="-g $libcov $san" \
-        -DPYNORM_CUDA=OFF -DBUILD_TESTING=OFF -DPYNORM_SANITIZE=OFF >/dev/null
+        -DPYNORM_CUDA=OFF -DBUILD_TESTING=OFF -DPYNORM_SANITIZE=OFF -DPYNORM_OPT=-O1 >/dev/null
 fi
 cmake --build "$build" --target pynorm_static -j "$jobs" >/dev/null
 for h in token spatial; do
