@@ -12,7 +12,7 @@
  *           eval:     dx = rstd * g (the statistics are constants)
  *           dw[c] = sum of dy * xhat,  db[c] = sum of dy
  *
- * The walks over memory are spatial.h's engines. In NCHW a channel is N rows
+ * The walks over memory are spatial.c's engines. In NCHW a channel is N rows
  * of S values: a thread takes a channel, sums its rows in pieces while they
  * come in from memory and writes y while they are still in cache. In NHWC
  * the channels are contiguous: the sums run down pieces of rows with one
@@ -26,15 +26,15 @@
 /* NCHW: set c is the N rows c, C + c, 2C + c, ... (step C). */
 
 pn_status PN_KERNEL(batchnorm_forward)(const pn_spatial_args *a) {
-    if (a->layout == PN_NHWC) return pn_sp_nhwc_forward(a);
+    if (a->layout == PN_NHWC) return PN_KERNEL(sp_nhwc_forward)(a);
     const pn_sp_sets sets = {a->C, a->N, a->C};
-    return pn_sp_nchw_forward(a, &sets);
+    return PN_KERNEL(sp_nchw_forward)(a, &sets);
 }
 
 pn_status PN_KERNEL(batchnorm_backward)(const pn_spatial_args *a) {
-    if (a->layout == PN_NHWC) return pn_sp_nhwc_backward(a);
+    if (a->layout == PN_NHWC) return PN_KERNEL(sp_nhwc_backward)(a);
     const pn_sp_sets sets = {a->C, a->N, a->C};
-    return pn_sp_nchw_backward(a, &sets);
+    return PN_KERNEL(sp_nchw_backward)(a, &sets);
 }
 
 #else /* ---- the public functions: check, then run the variant for this CPU ---- */

@@ -8,7 +8,7 @@
  *           dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
  *           dw[c] = sum over n, s of dy * xhat,  db[c] = sum over n, s of dy
  *
- * The walks over memory are spatial.h's engines. In NCHW a group of a sample
+ * The walks over memory are spatial.c's engines. In NCHW a group of a sample
  * is C/G consecutive rows of S values, one contiguous block: a thread takes a
  * block, sums it in pieces while it comes in from memory, and writes y while
  * it is still in cache. In NHWC a sample is S rows of C channels: the sums run
@@ -22,15 +22,15 @@
 /* NCHW: set n*G + g is the C/G consecutive rows n*C + g*C/G, ... (step 1). */
 
 pn_status PN_KERNEL(groupnorm_forward)(const pn_spatial_args *a) {
-    if (a->layout == PN_NHWC) return pn_sp_nhwc_forward(a);
+    if (a->layout == PN_NHWC) return PN_KERNEL(sp_nhwc_forward)(a);
     const pn_sp_sets sets = {a->N * a->G, a->C / a->G, 1};
-    return pn_sp_nchw_forward(a, &sets);
+    return PN_KERNEL(sp_nchw_forward)(a, &sets);
 }
 
 pn_status PN_KERNEL(groupnorm_backward)(const pn_spatial_args *a) {
-    if (a->layout == PN_NHWC) return pn_sp_nhwc_backward(a);
+    if (a->layout == PN_NHWC) return PN_KERNEL(sp_nhwc_backward)(a);
     const pn_sp_sets sets = {a->N * a->G, a->C / a->G, 1};
-    return pn_sp_nchw_backward(a, &sets);
+    return PN_KERNEL(sp_nchw_backward)(a, &sets);
 }
 
 #else /* ---- the public functions: check, then run the variant for this CPU ---- */

@@ -1,0 +1,1201 @@
+/* spatial.c - the engines of the spatial norms (GroupNorm, InstanceNorm,
+ * BatchNorm; see spatial.h for how they cut the work into pieces and sets):
+ * the NCHW engine, which walks sets of rows, and the NHWC engine, which walks
+ * pieces of rows with one accumulator per channel. groupnorm.c and
+ * batchnorm.c call them with their own sets. Compiled once per (instruction
+ * set, compute type), like the op files, and only there: the public
+ * functions live in the op files.
+ */
+#include "spatial.h"
+
+#ifdef PN_KERNEL_BUILD
+
+/* ---- working memory ----------------------------------------------------------
+ * One malloc per call, before any output is written, carved into arrays of
+ * reals (each 64-byte aligned): weight and bias as reals (ones and zeros when
+ * absent, so that the inner loops need no branches), the engine's arrays, and
+ * per-thread buffers. */
+typedef struct {
+    real *mem;
+    int64_t used;
+    size_t bytes;
+} pn_sp_mem;
+
+static inline real *pn_sp_take(pn_sp_mem *m, int64_t n) {
+    real *p = m->mem + m->used;
+    m->used += pn_sp_pad(n);
+    return p;
+}
+
+/* Threads for a call over `elems` values. */
+static inline int pn_sp_threads(int64_t elems) {
+    int nt = pn_threads();
+    return (elems < PN_PARALLEL_MIN_ELEMS || nt < 1) ? 1 : nt;
+}
+
+/* From the library's buffer cache (64-byte aligned; large blocks are reused
+ * from call to call instead of being faulted in afresh). */
+static inline pn_status pn_sp_alloc(pn_sp_mem *m, int64_t reals) {
+    m->bytes = (size_t)reals * sizeof(real);
+    m->mem = (real *)pn_buffer_alloc(m->bytes);
+    m->used = 0;
+    return m->mem ? PN_OK : PN_ERR_ALLOC;
+}
+
+static inline void pn_sp_release(pn_sp_mem *m) { pn_buffer_free(m->mem, m->bytes); }
+
+/* Scheduling. Which thread works on what never changes a result, so the
+ * loops hand out work dynamically: on a busy machine a thread that was
+ * preempted does not hold the others up. Set-local loops give a thread runs
+ * of consecutive sets, and loops over NHWC pieces runs of pieces (consecutive
+ * memory, which the hardware prefetcher follows; software prefetches of the
+ * next set measured slower); loops over sub-rows give each about 16K values
+ * at a time. */
+static inline int64_t pn_sp_local_chunk(int64_t nsets, int nt) {
+    const int64_t k = nsets / (8 * (int64_t)nt);
+    return k < 1 ? 1 : k;
+}
+static inline int64_t pn_sp_unit_chunk(int64_t S) {
+    const int64_t k = 16384 / (S < PN_SP_PIECE ? S : PN_SP_PIECE);
+    return k < 1 ? 1 : k;
+}
+
+/* w and b (C reals each) from the call's weight and bias. */
+static inline void pn_sp_params(const pn_spatial_args *a, real *w, real *b) {
+    if (a->weight) pn_load_row(w, a->weight, a->wdtype, a->C);
+    else for (int64_t c = 0; c < a->C; c++) w[c] = 1;
+    if (b) {
+        if (a->bias) pn_load_row(b, a->bias, a->wdtype, a->C);
+        else for (int64_t c = 0; c < a->C; c++) b[c] = 0;
+    }
+}
+
+/* One value of a buffer of dtype dt, as a real. */
+static inline real pn_sp_value(const void *p, pn_dtype dt, int64_t i) {
+    real v = 0;
+    pn_load_row(&v, (const char *)p + i * (int64_t)pn_dtype_size(dt), dt, 1);
+    return v;
+}
+
+/* Chan et al.: merges np pieces' (mean, M2) pairs, st[p * step] and
+ * st[p * step + 1], in order. Pieces come in runs of `per`: each holds `full`
+ * values but the last of a run, which holds `tail`. Returns the mean and the
+ * biased variance. */
+static inline void pn_sp_merge(const real *st, int64_t np, int64_t step, int64_t per, int64_t full,
+                               int64_t tail, double *mean, double *var) {
+    if (np == 1) {   /* what the loop gives for one piece, without its divisions */
+        *mean = (double)st[0];
+        *var = (double)st[1] / (double)tail;
+        return;
+    }
+    double n = 0, m = 0, M2 = 0;
+    for (int64_t p = 0; p < np; p++) {
+        const double nb = (double)(p % per == per - 1 ? tail : full);
+        const double mb = (double)st[p * step], M2b = (double)st[p * step + 1];
+        const double nn = n + nb, d = mb - m;
+        m += d * (nb / nn);
+        M2 += M2b + d * d * (n * nb / nn);
+        n = nn;
+    }
+    *mean = m;
+    *var = M2 / n;
+}
+
+/* A set's statistics are ready: shift + m is its mean, var its (biased)
+ * variance. Writes the saved statistics (slot k) and, in BatchNorm training,
+ * updates the running statistics of channel k as torch does:
+ *   running = (1 - momentum) * running + momentum * batch, var unbiased n/(n-1).
+ * Returns rstd. */
+static inline real pn_sp_finish(const pn_spatial_args *a, int64_t k, real shift, double m, double var,
+                                int64_t count) {
+    const double mean = (double)shift + m;
+    const real rstd = (real)(1.0 / sqrt(var + a->eps));
+    if (a->mean) ((real *)a->mean)[k] = (real)mean;
+    if (a->rstd) ((real *)a->rstd)[k] = rstd;
+    if (a->running_mean || a->running_var) {
+        const double f = a->momentum;
+        real v;
+        if (a->running_mean) {
+            v = (real)(f * mean + (1 - f) * (double)pn_sp_value(a->running_mean, a->rdtype, k));
+            pn_store_row((char *)a->running_mean + k * (int64_t)pn_dtype_size(a->rdtype), &v, a->rdtype, 1);
+        }
+        if (a->running_var) {
+            const double unbiased = var * (double)count / (double)(count - 1);
+            v = (real)(f * unbiased + (1 - f) * (double)pn_sp_value(a->running_var, a->rdtype, k));
+            pn_store_row((char *)a->running_var + k * (int64_t)pn_dtype_size(a->rdtype), &v, a->rdtype, 1);
+        }
+    }
+    return rstd;
+}
+
+/* Outputs are streamed (non-temporal stores, see kernel.h) when the call is
+ * large and the blocks written at a time are long: a short block would leave
+ * partial cache lines to the write-combining buffers, far slower than
+ * ordinary stores. */
+#define PN_SP_STREAM_BLOCK 4096
+static inline int pn_sp_stream(const pn_spatial_args *a, int64_t block) {
+    const int64_t es = (int64_t)pn_dtype_size(a->dtype);
+    /* BatchNorm's eval forward is one elementwise pass: the pass through a
+     * buffer that streaming needs costs it more than the stores save
+     * (measured at 64 MiB: 45 against 35 GB/s on one thread, 70 against 65 on two) */
+    if (a->batchnorm && !a->training && !a->dout) return 0;
+    return a->N * a->C * a->S * es >= pn_stream_min_bytes() && block * es >= PN_SP_STREAM_BLOCK;
+}
+
+/* ---- row sums (NCHW) ------------------------------------------------------------
+ * Long rows use simd.h's 64-lane sums. Rows shorter than PN_SP_SHORT_MAX
+ * values (7x7 or 8x8 feature maps) use 16 lanes: 64 would cost more in their
+ * tail and final tree than in the sum. The order of additions depends on the
+ * row length alone. */
+#define PN_SP_SHORT 16
+#define PN_SP_SHORT_MAX 256
+
+/* The 16 lanes added in a fixed tree (8 + 8, 4 + 4, 2 + 2, 1 + 1), spelled
+ * out: written as a loop over the widths, gcc keeps the tree as scalar
+ * additions through memory, which costs more than the sums of a short row. */
+static inline real pn_sp_short_total(real *acc) {
+    for (int j = 0; j < 8; j++) acc[j] += acc[j + 8];
+    for (int j = 0; j < 4; j++) acc[j] += acc[j + 4];
+    for (int j = 0; j < 2; j++) acc[j] += acc[j + 2];
+    return acc[0] + acc[1];
+}
+
+/* sum of (x[i] - shift) */
+static inline real pn_sp_sum_shifted(const real *x, int64_t n, real shift) {
+    if (n >= PN_SP_SHORT_MAX) return pn_sum_shifted(x, n, shift);
+    real acc[PN_SP_SHORT] = {0};
+    int64_t i = 0;
+    for (; i + PN_SP_SHORT <= n; i += PN_SP_SHORT)
+        for (int j = 0; j < PN_SP_SHORT; j++) acc[j] += x[i + j] - shift;
+    for (int j = 0; i + j < n; j++) acc[j] += x[i + j] - shift;
+    return pn_sp_short_total(acc);
+}
+
+/* sum of ((x[i] - shift) - m)^2 */
+static inline real pn_sp_sumsq_centered(const real *x, int64_t n, real shift, real m) {
+    if (n >= PN_SP_SHORT_MAX) return pn_sumsq_centered(x, n, shift, m);
+    real acc[PN_SP_SHORT] = {0};
+    int64_t i = 0;
+    for (; i + PN_SP_SHORT <= n; i += PN_SP_SHORT)
+        for (int j = 0; j < PN_SP_SHORT; j++) { real d = (x[i + j] - shift) - m; acc[j] += d * d; }
+    for (int j = 0; i + j < n; j++) { real d = (x[i + j] - shift) - m; acc[j] += d * d; }
+    return pn_sp_short_total(acc);
+}
+
+/* ==== NCHW engine (pn_sp_sets: spatial.h) ===================================== */
+
+/* The first row of a set, and the set of row r (GroupNorm: r / (C/G); BatchNorm: r % C). */
+static inline int64_t pn_sp_first(const pn_sp_sets *ss, int64_t set) { return ss->step == 1 ? set * ss->count : set; }
+static inline int64_t pn_sp_set_of(const pn_sp_sets *ss, int64_t r) {
+    return ss->step == 1 ? r / ss->count : r % ss->step;
+}
+
+/* From row r to row r + 1: its set, channel, and index j within its set
+ * (GroupNorm), without a division. */
+static inline void pn_sp_next_row(const pn_sp_sets *ss, int64_t C, int64_t *set, int64_t *c, int64_t *j) {
+    if (++*c == C) *c = 0;
+    if (ss->step != 1) *set = *c;
+    else if (++*j == ss->count) { *j = 0; ++*set; }
+}
+
+/* Unit u of rp per row: row index j = u / rp and sub-row k = u % rp (no
+ * division for short rows, rp = 1). */
+static inline int64_t pn_sp_unit_row(int64_t u, int64_t rp) { return rp == 1 ? u : u / rp; }
+static inline int64_t pn_sp_unit_sub(int64_t u, int64_t rp) { return rp == 1 ? 0 : u % rp; }
+
+/* Pieces of a set: a piece is one part of PN_SP_PIECE values of a long
+ * segment (`rp` pieces per segment) or `rpp` whole short segments. */
+typedef struct {
+    int64_t seg, nseg, rp, rpp, np;   /* np: pieces per set */
+} pn_sp_nchw_pieces;
+
+static inline pn_sp_nchw_pieces pn_sp_nchw_layout(const pn_spatial_args *a, const pn_sp_sets *ss) {
+    pn_sp_nchw_pieces q;
+    q.nseg = ss->step == 1 ? 1 : ss->count;
+    q.seg = ss->step == 1 ? ss->count * a->S : a->S;
+    q.rp = pn_sp_row_pieces(q.seg);
+    q.rpp = pn_sp_rows_per_piece_nchw(q.seg);
+    q.np = q.rp > 1 ? q.nseg * q.rp : pn_sp_cdiv(q.nseg, q.rpp);
+    return q;
+}
+
+/* Piece p of a set: segments j0..j1-1 of the set, values i0..i1-1 of each. */
+static inline void pn_sp_nchw_piece(const pn_sp_nchw_pieces *q, int64_t p, int64_t *j0, int64_t *j1,
+                                    int64_t *i0, int64_t *i1) {
+    if (q->rp > 1) {
+        *j0 = p / q->rp;
+        *j1 = *j0 + 1;
+        *i0 = (p % q->rp) * PN_SP_PIECE;
+        *i1 = *i0 + PN_SP_PIECE < q->seg ? *i0 + PN_SP_PIECE : q->seg;
+    } else {
+        *j0 = p * q->rpp;
+        *j1 = *j0 + q->rpp < q->nseg ? *j0 + q->rpp : q->nseg;
+        *i0 = 0;
+        *i1 = q->seg;
+    }
+}
+
+/* Mean and M2 of (x - shift) over piece p of a set, st[0], st[1]: two passes
+ * while the piece is in cache. buf: PN_SP_PIECE reals (conversions). */
+static inline void pn_sp_nchw_piece_stats(const pn_spatial_args *a, const pn_sp_sets *ss,
+                                          const pn_sp_nchw_pieces *q, int64_t set, int64_t p,
+                                          real shift, real *buf, real *st) {
+    const size_t es = pn_dtype_size(a->dtype);
+    const int64_t S = a->S, first = pn_sp_first(ss, set);   /* segment j starts at row first + j * step */
+    int64_t j0, j1, i0, i1;
+    pn_sp_nchw_piece(q, p, &j0, &j1, &i0, &i1);
+    const int64_t n = i1 - i0;
+    const int native = a->dtype == PN_REAL_DTYPE;
+    real sum = 0;
+    for (int64_t j = j0; j < j1; j++) {
+        const char *row = (const char *)a->inp + ((first + j * ss->step) * S + i0) * (int64_t)es;
+        if (j + 1 < j1) pn_prefetch(row + ss->step * S * (int64_t)es, n * (int64_t)es);
+        sum += pn_sp_sum_shifted(pn_row_as_real(row, a->dtype, buf + (j - j0) * n, n), n, shift);
+    }
+    const real m = sum / (real)((j1 - j0) * n);
+    real M2 = 0;   /* second pass: the rows as reals, from cache (or from buf) */
+    for (int64_t j = j0; j < j1; j++) {
+        const char *row = (const char *)a->inp + ((first + j * ss->step) * S + i0) * (int64_t)es;
+        M2 += pn_sp_sumsq_centered(native ? (const real *)row : buf + (j - j0) * n, n, shift, m);
+    }
+    st[0] = m;
+    st[1] = M2;
+}
+
+/* y for values i0..i1-1 of row r: ((x - shift) - m) * scale + bias, rounded
+ * once. buf, tmp: PN_SP_PIECE reals each. */
+static inline void pn_sp_nchw_norm(const pn_spatial_args *a, int64_t r, int64_t i0, int64_t i1,
+                                   real shift, real m, real scale, real bias, int stream,
+                                   real *buf, real *tmp) {
+    const size_t es = pn_dtype_size(a->dtype);
+    const int64_t n = i1 - i0, off = (r * a->S + i0) * (int64_t)es;
+    const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, buf, n);
+    void *yrow = (char *)a->out + off;
+    real *y = (a->dtype == PN_REAL_DTYPE && !stream) ? (real *)yrow : buf;
+    for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - shift) - m) * scale + bias;
+    if (y == buf) pn_write_row(yrow, y, a->dtype, n, stream, tmp);
+}
+
+/* Backward partial sums over n values of a row: sum(dy) and
+ * sum(dy * (x - mu)), into out[0], out[1]. Short rows: 16 lanes, as
+ * pn_sp_sum_shifted. */
+static inline void pn_sp_row_bwd_sums_short(const real *x, const real *dy, int64_t n, real mu, real *out) {
+    /* two loops: gcc turns the two sums in one 16-lane loop into shuffles */
+    real s[PN_SP_SHORT], sx[PN_SP_SHORT];
+    int64_t i = 0;
+    for (int j = 0; j < PN_SP_SHORT; j++) s[j] = 0;
+    for (; i + PN_SP_SHORT <= n; i += PN_SP_SHORT)
+        for (int j = 0; j < PN_SP_SHORT; j++) s[j] += dy[i + j];
+    for (int j = 0; i + j < n; j++) s[j] += dy[i + j];
+    i = 0;
+    for (int j = 0; j < PN_SP_SHORT; j++) sx[j] = 0;
+    for (; i + PN_SP_SHORT <= n; i += PN_SP_SHORT)
+        for (int j = 0; j < PN_SP_SHORT; j++) sx[j] += dy[i + j] * (x[i + j] - mu);
+    for (int j = 0; i + j < n; j++) sx[j] += dy[i + j] * (x[i + j] - mu);
+    out[0] = pn_sp_short_total(s);
+    out[1] = pn_sp_short_total(sx);
+}
+
+static inline void pn_sp_row_bwd_sums(const real *x, const real *dy, int64_t n, real mu, real *out) {
+    if (n < PN_SP_SHORT_MAX) {
+        pn_sp_row_bwd_sums_short(x, dy, n, mu, out);
+        return;
+    }
+    real s[PN_LANES] = {0}, sx[PN_LANES] = {0};
+    int64_t i = 0;
+    for (; i + PN_LANES <= n; i += PN_LANES)
+        for (int j = 0; j < PN_LANES; j++) {
+            s[j] += dy[i + j];
+            sx[j] += dy[i + j] * (x[i + j] - mu);
+        }
+    for (int j = 0; i + j < n; j++) {
+        s[j] += dy[i + j];
+        sx[j] += dy[i + j] * (x[i + j] - mu);
+    }
+    out[0] = pn_lanes_total(s);
+    out[1] = pn_lanes_total(sx);
+}
+
+/* The same over values i0..i1-1 of row r. */
+static inline void pn_sp_nchw_bwd_sums(const pn_spatial_args *a, int64_t r, int64_t i0, int64_t i1,
+                                       real mu, real *xb, real *dyb, real *out) {
+    const size_t es = pn_dtype_size(a->dtype);
+    const int64_t n = i1 - i0, off = (r * a->S + i0) * (int64_t)es;
+    const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
+    const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
+    pn_sp_row_bwd_sums(x, dy, n, mu, out);
+}
+
+/* dx for values i0..i1-1 of row r: rs * ((dy * w - k1) - (x - mu) * k2),
+ * added to the old dx when accumulating. xb, dyb, tmp: PN_SP_PIECE reals. */
+static inline void pn_sp_nchw_dx(const pn_spatial_args *a, int64_t r, int64_t i0, int64_t i1, real mu,
+                                 real rs, real w, real k1, real k2, int stream, real *xb, real *dyb,
+                                 real *tmp) {
+    const size_t es = pn_dtype_size(a->dtype);
+    const int64_t n = i1 - i0, off = (r * a->S + i0) * (int64_t)es;
+    const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
+    const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
+    void *row = (char *)a->dinp + off;
+    const int direct = a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream;
+    real *dx = direct ? (real *)row : xb;   /* xb: x is read before dx[i] is written */
+    for (int64_t i = 0; i < n; i++) dx[i] = rs * ((dy[i] * w - k1) - (x[i] - mu) * k2);
+    if (direct) return;
+    if (a->accumulate) {
+        pn_load_row(tmp, row, a->dtype, n);
+        for (int64_t i = 0; i < n; i++) dx[i] += tmp[i];
+    }
+    pn_write_row(row, dx, a->dtype, n, stream, tmp);
+}
+
+/* ---- NCHW forward ----------------------------------------------------------- */
+
+/* Statistics of one set from its pieces' (mean, M2), then its rstd. */
+static inline void pn_sp_nchw_set_stats(const pn_spatial_args *a, const pn_sp_sets *ss,
+                                        const pn_sp_nchw_pieces *q, int64_t set, const real *pst,
+                                        const real *shift, real *m_out, real *rs_out) {
+    const int64_t total = ss->count * a->S;
+    double m, var;
+    if (q->rp > 1)   /* segments of rp pieces, the last one short */
+        pn_sp_merge(pst + set * q->np * 2, q->np, 2, q->rp, PN_SP_PIECE, q->seg - (q->rp - 1) * PN_SP_PIECE, &m,
+                    &var);
+    else             /* pieces of rpp segments, the last one short */
+        pn_sp_merge(pst + set * q->np * 2, q->np, 2, q->np, q->rpp * q->seg, total - q->rpp * q->seg * (q->np - 1),
+                    &m, &var);
+    m_out[set] = (real)m;
+    rs_out[set] = pn_sp_finish(a, set, shift[set], m, var, total);
+}
+
+/* y of row r, sub-row k (rp sub-rows per row), with its set's statistics. */
+static inline void pn_sp_nchw_norm_unit(const pn_spatial_args *a, int64_t r, int64_t k, real shift, real m,
+                                        real rs, const real *w, const real *b, int stream, real *buf, real *tmp) {
+    const int64_t c = r % a->C;
+    const int64_t i0 = k * PN_SP_PIECE, i1 = i0 + PN_SP_PIECE < a->S ? i0 + PN_SP_PIECE : a->S;
+    pn_sp_nchw_norm(a, r, i0, i1, shift, m, rs * w[c], b[c], stream, buf, tmp);
+}
+
+/* y for the consecutive whole rows r0..r1-1 ((r1 - r0) * S <= PN_SP_PIECE),
+ * each with its set's statistics, as pn_sp_nchw_norm computes them; the rows
+ * are one contiguous block, written (or streamed) at once. */
+static inline void pn_sp_nchw_norm_rows(const pn_spatial_args *a, const pn_sp_sets *ss, int64_t r0, int64_t r1,
+                                        const real *shift, const real *m, const real *rs, const real *w,
+                                        const real *b, int stream, real *buf, real *tmp) {
+    const int64_t S = a->S, n = (r1 - r0) * S, off = r0 * S * (int64_t)pn_dtype_size(a->dtype);
+    const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, buf, n);
+    void *dst = (char *)a->out + off;
+    real *y = (a->dtype == PN_REAL_DTYPE && !stream) ? (real *)dst : buf;
+    int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
+    for (int64_t r = r0; r < r1; r++) {
+        const real sh = shift[set], mm = m[set], scale = rs[set] * w[c], bias = b[c];
+        const real *xr = x + (r - r0) * S;
+        real *yr = y + (r - r0) * S;
+        for (int64_t i = 0; i < S; i++) yr[i] = ((xr[i] - sh) - mm) * scale + bias;
+        pn_sp_next_row(ss, a->C, &set, &c, &j);
+    }
+    if (y == buf) pn_write_row(dst, y, a->dtype, n, stream, tmp);
+}
+
+/* The whole forward over NCHW rows: statistics per set (batch statistics), or
+ * the running statistics (BatchNorm eval, a->training == 0). */
+pn_status PN_KERNEL(sp_nchw_forward)(const pn_spatial_args *a, const pn_sp_sets *ss) {
+    const int64_t C = a->C, S = a->S, nsets = ss->nsets, rows = a->N * C;
+    const int stats = !a->batchnorm || a->training;
+    const pn_sp_nchw_pieces q = pn_sp_nchw_layout(a, ss);
+    /* y is written in sub-rows of long rows (rp per row), or in blocks of bpr
+     * consecutive short rows (bpr = 0: long rows) */
+    const int64_t rp = pn_sp_row_pieces(S), units = ss->count * rp, bpr = S < PN_SP_PIECE ? PN_SP_PIECE / S : 0;
+    const int stream = pn_sp_stream(a, S < PN_SP_PIECE ? S : PN_SP_PIECE);      /* one row (or sub-row) */
+    const int stream_blk = pn_sp_stream(a, bpr ? bpr * S : PN_SP_PIECE);         /* a block of rows */
+    const int nt = pn_sp_threads(a->N * C * S);
+    pn_sp_mem mem;
+    const int64_t per_thread = 2 * pn_sp_pad(PN_SP_PIECE);
+    pn_status st = pn_sp_alloc(&mem, 2 * pn_sp_pad(C) + 3 * pn_sp_pad(nsets) +
+                                         (stats ? pn_sp_pad(nsets * q.np * 2) : 0) + nt * per_thread);
+    if (st) return st;
+    real *w = pn_sp_take(&mem, C), *b = pn_sp_take(&mem, C);
+    real *shift = pn_sp_take(&mem, nsets), *m = pn_sp_take(&mem, nsets), *rs = pn_sp_take(&mem, nsets);
+    real *pst = stats ? pn_sp_take(&mem, nsets * q.np * 2) : NULL;
+    real *bufs = pn_sp_take(&mem, nt * per_thread);
+    pn_sp_params(a, w, b);
+    if (!stats) {   /* BatchNorm eval: the running statistics, set = channel */
+        for (int64_t c = 0; c < C; c++) {
+            shift[c] = pn_sp_value(a->running_mean, a->rdtype, c);
+            m[c] = 0;
+            rs[c] = (real)(1.0 / sqrt((double)pn_sp_value(a->running_var, a->rdtype, c) + a->eps));
+            if (a->mean) ((real *)a->mean)[c] = shift[c];
+            if (a->rstd) ((real *)a->rstd)[c] = rs[c];
+        }
+    } else {   /* each set's shift: its first value */
+        for (int64_t set = 0; set < nsets; set++) shift[set] = pn_sp_value(a->inp, a->dtype, pn_sp_first(ss, set) * S);
+    }
+    /* set-local when there are sets enough to keep every thread busy, but not
+     * for BatchNorm's short rows (its sets' rows are scattered: y is better
+     * written in memory order) */
+    const int local = stats && nsets >= 4 * (int64_t)nt && !(S < PN_SP_SHORT_MAX && ss->step != 1);
+    const int64_t lchunk = pn_sp_local_chunk(nsets, nt), uchunk = pn_sp_unit_chunk(S);
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        real *buf = bufs + pn_thread_id() * per_thread, *tmp = buf + pn_sp_pad(PN_SP_PIECE);
+        if (local) {
+#pragma omp for schedule(dynamic, lchunk)
+            for (int64_t set = 0; set < nsets; set++) {
+                for (int64_t p = 0; p < q.np; p++)
+                    pn_sp_nchw_piece_stats(a, ss, &q, set, p, shift[set], buf, pst + (set * q.np + p) * 2);
+                pn_sp_nchw_set_stats(a, ss, &q, set, pst, shift, m, rs);
+                const int64_t first = pn_sp_first(ss, set);
+                if (bpr && ss->step == 1) {   /* GroupNorm, short rows: the set's rows are consecutive */
+                    for (int64_t r = first; r < first + ss->count; r += bpr) {
+                        const int64_t r1 = r + bpr < first + ss->count ? r + bpr : first + ss->count;
+                        pn_sp_nchw_norm_rows(a, ss, r, r1, shift, m, rs, w, b, stream_blk, buf, tmp);
+                    }
+                } else {
+                    for (int64_t u = 0; u < units; u++) {
+                        const int64_t j = pn_sp_unit_row(u, rp), k = pn_sp_unit_sub(u, rp);
+                        pn_sp_nchw_norm_unit(a, first + j * ss->step, k, shift[set], m[set], rs[set], w, b, stream, buf,
+                                             tmp);
+                    }
+                }
+            }
+        } else {
+            if (stats) {
+#pragma omp for schedule(dynamic, 4)
+                for (int64_t t = 0; t < nsets * q.np; t++)
+                    pn_sp_nchw_piece_stats(a, ss, &q, t / q.np, t % q.np, shift[t / q.np], buf, pst + t * 2);
+#pragma omp for schedule(static)
+                for (int64_t set = 0; set < nsets; set++)
+                    pn_sp_nchw_set_stats(a, ss, &q, set, pst, shift, m, rs);
+            }
+            /* rows in memory order: blocks of short rows, or sub-rows of long ones */
+            if (bpr) {
+                const int64_t nblk = pn_sp_cdiv(rows, bpr);
+#pragma omp for schedule(dynamic, 4)
+                for (int64_t k = 0; k < nblk; k++)
+                    pn_sp_nchw_norm_rows(a, ss, k * bpr, (k + 1) * bpr < rows ? (k + 1) * bpr : rows, shift, m, rs,
+                                         w, b, stream_blk, buf, tmp);
+            } else {
+#pragma omp for schedule(dynamic, uchunk)
+                for (int64_t t = 0; t < rows * rp; t++) {
+                    const int64_t r = pn_sp_unit_row(t, rp), set = pn_sp_set_of(ss, r);
+                    pn_sp_nchw_norm_unit(a, r, pn_sp_unit_sub(t, rp), shift[set], m[set], rs[set], w, b, stream, buf,
+                                         tmp);
+                }
+            }
+        }
+    }
+    if (stream) pn_stream_fence();
+    pn_sp_release(&mem);
+    return PN_OK;
+}
+
+/* ---- NCHW backward -------------------------------------------------------------
+ * Per set, from the partial sums of its rows: sg = sum(dy * w), sgx = sum(dy * w * (x - mu)),
+ * then dx = rs * ((dy * w - k1) - (x - mu) * k2) with k1 = sg / M and
+ * k2 = rs^2 * sgx / M (M values per set); with running statistics (BatchNorm
+ * eval) the statistics are constants and k1 = k2 = 0. */
+
+/* The sums of row r, sub-row k, into the scratch. */
+static inline void pn_sp_nchw_bwd_unit(const pn_spatial_args *a, int64_t r, int64_t k, int64_t rp, real mu,
+                                       real *part, real *xb, real *dyb) {
+    const int64_t i0 = k * PN_SP_PIECE, i1 = i0 + PN_SP_PIECE < a->S ? i0 + PN_SP_PIECE : a->S;
+    pn_sp_nchw_bwd_sums(a, r, i0, i1, mu, xb, dyb, part + (r * rp + k) * 2);
+}
+
+/* A set's coefficients k1, k2 from its rows' partial sums (in order); also
+ * the rows' totals, tot[r] = (sum dy, rs * sum dy * (x - mu)), for dbias and
+ * dweight. */
+static inline void pn_sp_nchw_bwd_set(const pn_spatial_args *a, const pn_sp_sets *ss, int64_t set,
+                                      int64_t rp, const real *part, double *tot, const real *w,
+                                      real rs, real *k1, real *k2) {
+    double sg = 0, sgx = 0;
+    const int64_t first = pn_sp_first(ss, set), c0 = first % a->C;
+    for (int64_t j = 0; j < ss->count; j++) {
+        /* the row's channel: BatchNorm's set is a channel (with C = 1 its rows
+         * are consecutive too: step 1 does not tell the ops apart) */
+        const int64_t r = first + j * ss->step, c = a->batchnorm ? set : c0 + j;
+        double s = 0, sx = 0;   /* the row's pieces in order */
+        for (int64_t k = 0; k < rp; k++) {
+            s += (double)part[(r * rp + k) * 2];
+            sx += (double)part[(r * rp + k) * 2 + 1];
+        }
+        tot[r * 2] = s;                        /* the row's share of dbias */
+        tot[r * 2 + 1] = (double)rs * sx;      /* and of dweight: sum(dy * xhat) */
+        sg += (double)w[c] * s;
+        sgx += (double)w[c] * sx;
+    }
+    const double M = (double)(ss->count * a->S);
+    const int consts = a->batchnorm && !a->training;
+    *k1 = consts ? 0 : (real)(sg / M);
+    *k2 = consts ? 0 : (real)((double)rs * (double)rs * sgx / M);
+}
+
+static inline void pn_sp_nchw_dx_unit(const pn_spatial_args *a, int64_t r, int64_t k, real mu, real rs,
+                                      real k1, real k2, const real *w, int stream, real *xb, real *dyb,
+                                      real *tmp) {
+    const int64_t i0 = k * PN_SP_PIECE, i1 = i0 + PN_SP_PIECE < a->S ? i0 + PN_SP_PIECE : a->S;
+    pn_sp_nchw_dx(a, r, i0, i1, mu, rs, w[r % a->C], k1, k2, stream, xb, dyb, tmp);
+}
+
+/* The sums of the consecutive whole rows r0..r1-1 ((r1 - r0) * S <=
+ * PN_SP_PIECE, one sub-row each), each with its set's mean, into the scratch. */
+static inline void pn_sp_nchw_bwd_rows(const pn_spatial_args *a, const pn_sp_sets *ss, int64_t r0, int64_t r1,
+                                       const real *mu, real *part, real *xb, real *dyb) {
+    const int64_t S = a->S, n = (r1 - r0) * S, off = r0 * S * (int64_t)pn_dtype_size(a->dtype);
+    const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
+    const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
+    int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
+    for (int64_t r = r0; r < r1; r++) {
+        pn_sp_row_bwd_sums(x + (r - r0) * S, dy + (r - r0) * S, S, mu[set], part + r * 2);
+        pn_sp_next_row(ss, a->C, &set, &c, &j);
+    }
+}
+
+/* dx for the consecutive whole rows r0..r1-1 ((r1 - r0) * S <= PN_SP_PIECE),
+ * each with its set's coefficients, as pn_sp_nchw_dx computes them; written
+ * (or streamed) as one block. */
+static inline void pn_sp_nchw_dx_rows(const pn_spatial_args *a, const pn_sp_sets *ss, int64_t r0, int64_t r1,
+                                      const real *mu, const real *rsv, const real *k1, const real *k2,
+                                      const real *w, int stream, real *xb, real *dyb, real *tmp) {
+    const int64_t S = a->S, n = (r1 - r0) * S, off = r0 * S * (int64_t)pn_dtype_size(a->dtype);
+    const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
+    const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
+    void *dst = (char *)a->dinp + off;
+    const int direct = a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream;
+    real *dx = direct ? (real *)dst : xb;   /* xb: x is read before dx is written */
+    int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
+    for (int64_t r = r0; r < r1; r++) {
+        const real m = mu[set], rs = rsv[set], wc = w[c], c1 = k1[set], c2 = k2[set];
+        const real *xr = x + (r - r0) * S, *dr = dy + (r - r0) * S;
+        real *o = dx + (r - r0) * S;
+        for (int64_t i = 0; i < S; i++) o[i] = rs * ((dr[i] * wc - c1) - (xr[i] - m) * c2);
+        pn_sp_next_row(ss, a->C, &set, &c, &j);
+    }
+    if (direct) return;
+    if (a->accumulate) {
+        pn_load_row(tmp, dst, a->dtype, n);
+        for (int64_t i = 0; i < n; i++) dx[i] += tmp[i];
+    }
+    pn_write_row(dst, dx, a->dtype, n, stream, tmp);
+}
+
+/* dweight/dbias of channel c: the totals of its rows (n*C + c), with each
+ * row's rstd, added over n in order in double. */
+static inline void pn_sp_param_grads(const pn_spatial_args *a, int64_t c, double dw, double db) {
+    const size_t wes = pn_dtype_size(a->wdtype);
+    real v;
+    if (a->dweight) {
+        char *p = (char *)a->dweight + c * (int64_t)wes;
+        v = a->accumulate ? (real)((double)pn_sp_value(p, a->wdtype, 0) + dw) : (real)dw;
+        pn_store_row(p, &v, a->wdtype, 1);
+    }
+    if (a->dbias) {
+        char *p = (char *)a->dbias + c * (int64_t)wes;
+        v = a->accumulate ? (real)((double)pn_sp_value(p, a->wdtype, 0) + db) : (real)db;
+        pn_store_row(p, &v, a->wdtype, 1);
+    }
+}
+
+pn_status PN_KERNEL(sp_nchw_backward)(const pn_spatial_args *a, const pn_sp_sets *ss) {
+    const int64_t N = a->N, C = a->C, S = a->S, nsets = ss->nsets;
+    const int64_t rows = N * C, rp = pn_sp_row_pieces(S), units = ss->count * rp;
+    const int64_t bpr = S < PN_SP_PIECE ? PN_SP_PIECE / S : 0;   /* dx in blocks of short rows */
+    const int stream = pn_sp_stream(a, S < PN_SP_PIECE ? S : PN_SP_PIECE);
+    const int stream_blk = pn_sp_stream(a, bpr ? bpr * S : PN_SP_PIECE);
+    const int nt = pn_sp_threads(N * C * S);
+    int64_t ntot;
+    real *part = pn_scratch_reals(a->scratch);
+    double *tot = (double *)((char *)part + pn_sp_parts_bytes(pn_sp_scratch_parts(a, &ntot), a->dtype));
+    const real *mu = (const real *)a->smean, *rsv = (const real *)a->srstd;
+    pn_sp_mem mem;
+    const int64_t per_thread = 3 * pn_sp_pad(PN_SP_PIECE);
+    pn_status st = pn_sp_alloc(&mem, pn_sp_pad(C) + 2 * pn_sp_pad(nsets) + nt * per_thread);
+    if (st) return st;
+    real *w = pn_sp_take(&mem, C), *k1 = pn_sp_take(&mem, nsets), *k2 = pn_sp_take(&mem, nsets);
+    real *bufs = pn_sp_take(&mem, nt * per_thread);
+    pn_sp_params(a, w, NULL);
+    /* set-local when there are sets enough, but not for BatchNorm's short
+     * rows (its sets' rows are scattered: memory order does better) */
+    const int local = nsets >= 4 * (int64_t)nt && !(S < PN_SP_SHORT_MAX && ss->step != 1);
+    const int64_t lchunk = pn_sp_local_chunk(nsets, nt), uchunk = pn_sp_unit_chunk(S);
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        real *xb = bufs + pn_thread_id() * per_thread, *dyb = xb + pn_sp_pad(PN_SP_PIECE);
+        real *tmp = dyb + pn_sp_pad(PN_SP_PIECE);
+        if (local) {
+#pragma omp for schedule(dynamic, lchunk)
+            for (int64_t set = 0; set < nsets; set++) {
+                const int64_t first = pn_sp_first(ss, set);
+                if (bpr && ss->step == 1) {   /* GroupNorm, short rows: consecutive */
+                    for (int64_t r = first; r < first + ss->count; r += bpr)
+                        pn_sp_nchw_bwd_rows(a, ss, r, r + bpr < first + ss->count ? r + bpr : first + ss->count, mu,
+                                            part, xb, dyb);
+                } else {
+                    for (int64_t u = 0; u < units; u++)
+                        pn_sp_nchw_bwd_unit(a, first + pn_sp_unit_row(u, rp) * ss->step, pn_sp_unit_sub(u, rp), rp,
+                                            mu[set], part, xb, dyb);
+                }
+                pn_sp_nchw_bwd_set(a, ss, set, rp, part, tot, w, rsv[set], &k1[set], &k2[set]);
+                if (a->dinp && bpr && ss->step == 1) {   /* GroupNorm, short rows: consecutive */
+                    for (int64_t r = first; r < first + ss->count; r += bpr) {
+                        const int64_t r1 = r + bpr < first + ss->count ? r + bpr : first + ss->count;
+                        pn_sp_nchw_dx_rows(a, ss, r, r1, mu, rsv, k1, k2, w, stream_blk, xb, dyb, tmp);
+                    }
+                } else if (a->dinp) {
+                    for (int64_t u = 0; u < units; u++) {
+                        const int64_t j = pn_sp_unit_row(u, rp), k = pn_sp_unit_sub(u, rp);
+                        pn_sp_nchw_dx_unit(a, first + j * ss->step, k, mu[set], rsv[set], k1[set],
+                                           k2[set], w, stream, xb, dyb, tmp);
+                    }
+                }
+            }
+        } else {
+            /* rows in memory order: blocks of short rows, or sub-rows of long ones */
+            if (bpr) {
+                const int64_t nblk = pn_sp_cdiv(rows, bpr);
+#pragma omp for schedule(dynamic, 4)
+                for (int64_t k = 0; k < nblk; k++)
+                    pn_sp_nchw_bwd_rows(a, ss, k * bpr, (k + 1) * bpr < rows ? (k + 1) * bpr : rows, mu, part, xb, dyb);
+            } else {
+#pragma omp for schedule(dynamic, uchunk)
+                for (int64_t t = 0; t < rows * rp; t++) {
+                    const int64_t r = pn_sp_unit_row(t, rp);
+                    pn_sp_nchw_bwd_unit(a, r, pn_sp_unit_sub(t, rp), rp, mu[pn_sp_set_of(ss, r)], part, xb, dyb);
+                }
+            }
+#pragma omp for schedule(static)
+            for (int64_t set = 0; set < nsets; set++)
+                pn_sp_nchw_bwd_set(a, ss, set, rp, part, tot, w, rsv[set], &k1[set], &k2[set]);
+            if (a->dinp && bpr) {
+                const int64_t nblk = pn_sp_cdiv(rows, bpr);
+#pragma omp for schedule(dynamic, 4)
+                for (int64_t k = 0; k < nblk; k++)
+                    pn_sp_nchw_dx_rows(a, ss, k * bpr, (k + 1) * bpr < rows ? (k + 1) * bpr : rows, mu, rsv, k1, k2,
+                                       w, stream_blk, xb, dyb, tmp);
+            } else if (a->dinp) {
+#pragma omp for schedule(dynamic, uchunk)
+                for (int64_t t = 0; t < rows * rp; t++) {
+                    const int64_t r = pn_sp_unit_row(t, rp), set = pn_sp_set_of(ss, r);
+                    pn_sp_nchw_dx_unit(a, r, pn_sp_unit_sub(t, rp), mu[set], rsv[set], k1[set], k2[set], w, stream, xb,
+                                       dyb, tmp);
+                }
+            }
+        }
+        /* dweight, dbias: per channel, the rows' shares over the samples in
+         * order; blocks of channels, one per lane */
+        if (a->dweight || a->dbias) {
+            const int64_t ncb = pn_sp_cdiv(C, PN_SP_GB);
+#pragma omp for schedule(static)
+            for (int64_t k = 0; k < ncb; k++) {
+                const int64_t c0 = k * PN_SP_GB, nc = c0 + PN_SP_GB < C ? PN_SP_GB : C - c0;
+                double dw[PN_SP_GB], db[PN_SP_GB];
+                for (int64_t j = 0; j < nc; j++) dw[j] = db[j] = 0;
+                for (int64_t n = 0; n < N; n++)
+                    for (int64_t j = 0; j < nc; j++) {
+                        const int64_t r = n * C + c0 + j;
+                        db[j] += tot[r * 2];
+                        dw[j] += tot[r * 2 + 1];
+                    }
+                for (int64_t j = 0; j < nc; j++) pn_sp_param_grads(a, c0 + j, dw[j], db[j]);
+            }
+        }
+    }
+    if (stream) pn_stream_fence();
+    pn_sp_release(&mem);
+    return PN_OK;
+}
+
+/* ==== NHWC engine ================================================================
+ * Rows of C channels. nsets sets of `rows` consecutive rows (GroupNorm: a
+ * sample; BatchNorm: everything), G groups of Cg consecutive channels
+ * (BatchNorm: G = C). Per set and channel, the values are accumulated down
+ * the rows (vectors along C); pieces are runs of rpp rows. Statistics slot of
+ * (set, g): set * G + g. */
+typedef struct {
+    int64_t nsets, rows, rpp, np, G, Cg;
+} pn_sp_nhwc;
+
+static inline pn_sp_nhwc pn_sp_nhwc_layout(const pn_spatial_args *a) {
+    pn_sp_nhwc h;
+    h.nsets = pn_sp_nhwc_sets(a);
+    h.rows = pn_sp_nhwc_rows(a);
+    h.rpp = pn_sp_rows_per_piece(a->C);
+    h.np = pn_sp_cdiv(h.rows, h.rpp);
+    h.G = a->G;
+    h.Cg = a->C / a->G;
+    return h;
+}
+
+/* Rows of piece p of a set: first row (global) and count. */
+static inline int64_t pn_sp_nhwc_piece_rows(const pn_sp_nhwc *h, int64_t set, int64_t p, int64_t *r0) {
+    *r0 = set * h->rows + p * h->rpp;
+    return p * h->rpp + h->rpp < h->rows ? h->rpp : h->rows - p * h->rpp;
+}
+
+/* Column sums down nr rows of C values (NHWC pieces): for each channel c,
+ *   kind 0: sum of x[r][c] - sh[c]
+ *   kind 1: sum of ((x[r][c] - sh[c]) - mv[c])^2
+ *   kind 2: sum of dy[r][c] into out[c], sum of dy[r][c] * (x[r][c] - sh[c]) into out2[c]
+ * Blocks of PN_SP_CB channels are summed in registers, the rows split in four
+ * interleaved running sums (rows 0, 1, 2, 3 mod 4) added together at the end:
+ * short chains of additions, one load per value. The order of additions is
+ * fixed by the sizes alone. */
+#define PN_SP_CB ((int)(128 / sizeof(real)))   /* channels per block: two cache lines */
+
+static inline void pn_sp_colsum_block(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
+                                      const real *sh, const real *mv, real *out, real *out2) {
+    real a0[PN_SP_CB], a1[PN_SP_CB], a2[PN_SP_CB], a3[PN_SP_CB];
+    real b0[PN_SP_CB], b1[PN_SP_CB], b2[PN_SP_CB], b3[PN_SP_CB];
+    real s[PN_SP_CB], m[PN_SP_CB];
+    for (int j = 0; j < PN_SP_CB; j++) {
+        a0[j] = a1[j] = a2[j] = a3[j] = b0[j] = b1[j] = b2[j] = b3[j] = 0;
+        s[j] = sh[j];
+        m[j] = kind == 1 ? mv[j] : 0;
+    }
+    int64_t r = 0;
+#define PN_SP_TERM(acc, bcc, row)                                                              \
+    for (int j = 0; j < PN_SP_CB; j++) {                                                       \
+        const real d = (x[(row) * C + j] - s[j]) - m[j];                                       \
+        if (kind == 0) acc[j] += d;                                                            \
+        else if (kind == 1) acc[j] += d * d;                                                   \
+        else { acc[j] += dy[(row) * C + j]; bcc[j] += dy[(row) * C + j] * d; }                 \
+    }
+    for (; r + 4 <= nr; r += 4) {
+        PN_SP_TERM(a0, b0, r)
+        PN_SP_TERM(a1, b1, r + 1)
+        PN_SP_TERM(a2, b2, r + 2)
+        PN_SP_TERM(a3, b3, r + 3)
+    }
+    if (r < nr) { PN_SP_TERM(a0, b0, r) r++; }
+    if (r < nr) { PN_SP_TERM(a1, b1, r) r++; }
+    if (r < nr) { PN_SP_TERM(a2, b2, r) r++; }
+#undef PN_SP_TERM
+    for (int j = 0; j < PN_SP_CB; j++) {
+        out[j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);
+        if (kind == 2) out2[j] = (b0[j] + b1[j]) + (b2[j] + b3[j]);
+    }
+}
+
+/* The same for the last, partial block of n < PN_SP_CB channels, same order. */
+static inline void pn_sp_colsum_tail(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
+                                     int n, const real *sh, const real *mv, real *out, real *out2) {
+    for (int j = 0; j < n; j++) {
+        real a[4] = {0, 0, 0, 0}, b[4] = {0, 0, 0, 0};
+        for (int64_t r = 0; r < nr; r++) {
+            const real d = (x[r * C + j] - sh[j]) - (kind == 1 ? mv[j] : 0);
+            if (kind == 0) a[r & 3] += d;
+            else if (kind == 1) a[r & 3] += d * d;
+            else { a[r & 3] += dy[r * C + j]; b[r & 3] += dy[r * C + j] * d; }
+        }
+        out[j] = (a[0] + a[1]) + (a[2] + a[3]);
+        if (kind == 2) out2[j] = (b[0] + b[1]) + (b[2] + b[3]);
+    }
+}
+
+static inline void pn_sp_colsum(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
+                                const real *sh, const real *mv, real *out, real *out2) {
+    if (nr < 4) {   /* a piece of 1-3 rows (short sets): plain sums down the rows */
+        for (int64_t c = 0; c < C; c++) {
+            out[c] = 0;
+            if (kind == 2) out2[c] = 0;
+        }
+        for (int64_t r = 0; r < nr; r++)
+            for (int64_t c = 0; c < C; c++) {
+                const real d = (x[r * C + c] - sh[c]) - (kind == 1 ? mv[c] : 0);
+                if (kind == 0) out[c] += d;
+                else if (kind == 1) out[c] += d * d;
+                else { out[c] += dy[r * C + c]; out2[c] += dy[r * C + c] * d; }
+            }
+        return;
+    }
+    int64_t c = 0;
+    for (; c + PN_SP_CB <= C; c += PN_SP_CB)
+        pn_sp_colsum_block(kind, x + c, dy ? dy + c : NULL, nr, C, sh + c, mv ? mv + c : NULL, out + c,
+                           out2 ? out2 + c : NULL);
+    if (c < C)
+        pn_sp_colsum_tail(kind, x + c, dy ? dy + c : NULL, nr, C, (int)(C - c), sh + c, mv ? mv + c : NULL,
+                          out + c, out2 ? out2 + c : NULL);
+}
+
+/* Piece p of a set: per group g, the mean and M2 of x - shift into st[g] and
+ * st[Gp + g] (two passes down the piece's rows while they are in cache). sh:
+ * the set's shift per channel; acc, mv: C reals; buf: rpp*C reals
+ * (conversions). */
+static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set,
+                                          int64_t p, const real *sh, real *acc, real *mv, real *buf,
+                                          real *st) {
+    const int64_t C = a->C, Cg = h->Cg, G = h->G, Gp = pn_sp_pad(G);
+    int64_t r0;
+    const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
+    const real *x = pn_row_as_real((const char *)a->inp + r0 * C * (int64_t)pn_dtype_size(a->dtype),
+                                   a->dtype, buf, nr * C);
+    const real cnt = (real)(nr * Cg);
+    pn_sp_colsum(0, x, NULL, nr, C, sh, NULL, acc, NULL);
+    if (Cg == 1) {   /* one channel per group (BatchNorm, InstanceNorm): vectors */
+        for (int64_t c = 0; c < C; c++) st[c] = mv[c] = acc[c] / cnt;
+    } else {
+        for (int64_t g = 0; g < G; g++) {
+            real s = 0;
+            for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) s += acc[c];
+            st[g] = s / cnt;
+            for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) mv[c] = st[g];
+        }
+    }
+    pn_sp_colsum(1, x, NULL, nr, C, sh, mv, acc, NULL);
+    if (Cg == 1) {
+        for (int64_t c = 0; c < C; c++) st[Gp + c] = acc[c];
+    } else {
+        for (int64_t g = 0; g < G; g++) {
+            real s = 0;
+            for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) s += acc[c];
+            st[Gp + g] = s;
+        }
+    }
+}
+
+/* Rows per block written at once in NHWC: about PN_SP_PIECE values, so that
+ * a block computed in a buffer is still in L1 when it is stored. */
+static inline int64_t pn_sp_nhwc_block_rows(int64_t C) { return C >= PN_SP_PIECE ? 1 : PN_SP_PIECE / C; }
+
+/* y for piece p's rows: ((x - sh[c]) - mm[c]) * sc[c] + b[c], rounded once,
+ * written (or streamed) in contiguous blocks of rows. buf, tmp: rpp*C reals. */
+static inline void pn_sp_nhwc_norm(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t p,
+                                   const real *sh, const real *mm, const real *sc, const real *b,
+                                   int stream, real *buf, real *tmp) {
+    const int64_t C = a->C, es = (int64_t)pn_dtype_size(a->dtype), br = pn_sp_nhwc_block_rows(C);
+    int64_t r0;
+    const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
+    for (int64_t q0 = 0; q0 < nr; q0 += br) {
+        const int64_t q1 = q0 + br < nr ? q0 + br : nr, off = (r0 + q0) * C * es;
+        const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, buf, (q1 - q0) * C);
+        void *dst = (char *)a->out + off;
+        real *y = (a->dtype == PN_REAL_DTYPE && !stream) ? (real *)dst : buf;
+        for (int64_t r = 0; r < q1 - q0; r++) {
+            const real *xr = x + r * C;
+            real *yr = y + r * C;
+            for (int64_t c = 0; c < C; c++) yr[c] = ((xr[c] - sh[c]) - mm[c]) * sc[c] + b[c];
+        }
+        if (y == buf) pn_write_row(dst, y, a->dtype, (q1 - q0) * C, stream, tmp);
+    }
+}
+
+/* A set's shift per channel: the first value of each group in the set. */
+static inline void pn_sp_nhwc_shift(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, real *sh) {
+    const int64_t C = a->C;
+    for (int64_t g = 0; g < h->G; g++) {
+        const real v = pn_sp_value(a->inp, a->dtype, set * h->rows * C + g * h->Cg);
+        for (int64_t c = g * h->Cg; c < (g + 1) * h->Cg; c++) sh[c] = v;
+    }
+}
+
+/* Statistics of groups g0..g1-1 (at most PN_SP_GB) of a set: their pieces'
+ * (mean, M2) merged in order as pn_sp_merge does, one group per lane (the
+ * pieces' weights are the same for every group); then the saved statistics
+ * and the group's channels of mm (mean of x - shift) and sc (rstd * w). */
+static inline void pn_sp_nhwc_merge(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t g0,
+                                    int64_t g1, const real *pst, const real *sh, const real *w, real *mm,
+                                    real *sc) {
+    const int64_t Cg = h->Cg, Gp = pn_sp_pad(h->G), np = h->np, ng = g1 - g0;
+    const int64_t total = h->rows * Cg, full = h->rpp * Cg, tail = total - full * (np - 1);
+    double m[PN_SP_GB], M2[PN_SP_GB], n = 0;
+    for (int64_t j = 0; j < ng; j++) m[j] = M2[j] = 0;
+    for (int64_t p = 0; p < np; p++) {
+        const double nb = (double)(p + 1 < np ? full : tail), nn = n + nb;
+        const double w1 = nb / nn, w2 = n * nb / nn;
+        const real *st = pst + (set * np + p) * 2 * Gp + g0;
+        for (int64_t j = 0; j < ng; j++) {
+            const double d = (double)st[j] - m[j];
+            m[j] += d * w1;
+            M2[j] += (double)st[Gp + j] + d * d * w2;
+        }
+        n = nn;
+    }
+    for (int64_t j = 0; j < ng; j++) {
+        const int64_t g = g0 + j;
+        const real rs = pn_sp_finish(a, set * h->G + g, sh[g * Cg], m[j], M2[j] / n, total);
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) {
+            mm[c] = (real)m[j];
+            sc[c] = rs * w[c];
+        }
+    }
+}
+
+pn_status PN_KERNEL(sp_nhwc_forward)(const pn_spatial_args *a) {
+    const int64_t C = a->C;
+    const pn_sp_nhwc h = pn_sp_nhwc_layout(a);
+    const int64_t ns = h.nsets, np = h.np, G = h.G, Cp = pn_sp_pad(C);
+    const int stream = pn_sp_stream(a, (h.rpp < pn_sp_nhwc_block_rows(C) ? h.rpp : pn_sp_nhwc_block_rows(C)) * C);
+    const int stats = !a->batchnorm || a->training;
+    const int nt = pn_sp_threads(a->N * C * a->S);
+    const int local = stats && ns >= 4 * (int64_t)nt;
+    const int64_t lchunk = pn_sp_local_chunk(ns, nt), pchunk = pn_sp_local_chunk(ns * h.np, nt);
+    const int64_t Gp = pn_sp_pad(G), nblk = pn_sp_cdiv(G, PN_SP_GB);
+    /* the vectors sh (shift), mm (mean of x - shift), sc (rstd * w): per
+     * thread (set-local), or per set */
+    const int64_t nvec = local ? nt : ns;
+    const int64_t bufn = pn_sp_pad(h.rpp * C);
+    const int64_t per_thread = 2 * Cp + 2 * bufn;
+    pn_sp_mem mem;
+    /* [w | b | sh, mm, sc per set or thread | piece stats | per thread: acc, mv, buf, tmp] */
+    pn_status st = pn_sp_alloc(&mem, 2 * Cp + 3 * nvec * Cp + (stats ? ns * np * 2 * Gp : 0) + nt * per_thread);
+    if (st) return st;
+    real *w = pn_sp_take(&mem, C), *b = pn_sp_take(&mem, C);
+    real *shv = pn_sp_take(&mem, nvec * Cp), *mmv = pn_sp_take(&mem, nvec * Cp), *scv = pn_sp_take(&mem, nvec * Cp);
+    real *pst = stats ? pn_sp_take(&mem, ns * np * 2 * Gp) : NULL;
+    real *bufs = pn_sp_take(&mem, nt * per_thread);
+    pn_sp_params(a, w, b);
+    if (!stats) {   /* BatchNorm eval: the running statistics */
+        for (int64_t c = 0; c < C; c++) {
+            const real rs = (real)(1.0 / sqrt((double)pn_sp_value(a->running_var, a->rdtype, c) + a->eps));
+            shv[c] = pn_sp_value(a->running_mean, a->rdtype, c);
+            mmv[c] = 0;
+            scv[c] = rs * w[c];
+            if (a->mean) ((real *)a->mean)[c] = shv[c];
+            if (a->rstd) ((real *)a->rstd)[c] = rs;
+        }
+    } else if (!local) {
+        for (int64_t set = 0; set < ns; set++) pn_sp_nhwc_shift(a, &h, set, shv + set * Cp);
+    }
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int tid = pn_thread_id();
+        real *acc = bufs + tid * per_thread, *mv = acc + Cp, *buf = mv + Cp, *tmp = buf + bufn;
+        if (local) {
+            real *sh = shv + tid * Cp, *mm = mmv + tid * Cp, *sc = scv + tid * Cp;
+#pragma omp for schedule(dynamic, lchunk)
+            for (int64_t set = 0; set < ns; set++) {
+                pn_sp_nhwc_shift(a, &h, set, sh);
+                for (int64_t p = 0; p < np; p++) {
+                    pn_sp_nhwc_piece_stats(a, &h, set, p, sh, acc, mv, buf, pst + (set * np + p) * 2 * Gp);
+                }
+                for (int64_t g = 0; g < G; g += PN_SP_GB)
+                    pn_sp_nhwc_merge(a, &h, set, g, g + PN_SP_GB < G ? g + PN_SP_GB : G, pst, sh, w, mm, sc);
+                for (int64_t p = 0; p < np; p++) pn_sp_nhwc_norm(a, &h, set, p, sh, mm, sc, b, stream, buf, tmp);
+            }
+        } else {
+            if (stats) {
+#pragma omp for schedule(dynamic, pchunk)
+                for (int64_t t = 0; t < ns * np; t++) {
+                    pn_sp_nhwc_piece_stats(a, &h, t / np, t % np, shv + (t / np) * Cp, acc, mv, buf, pst + t * 2 * Gp);
+                }
+#pragma omp for schedule(static)
+                for (int64_t t = 0; t < ns * nblk; t++) {
+                    const int64_t set = t / nblk, g0 = (t % nblk) * PN_SP_GB, g1 = g0 + PN_SP_GB < G ? g0 + PN_SP_GB : G;
+                    pn_sp_nhwc_merge(a, &h, set, g0, g1, pst, shv + set * Cp, w, mmv + set * Cp, scv + set * Cp);
+                }
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < ns * np; t++) {
+                const int64_t set = t / np;
+                pn_sp_nhwc_norm(a, &h, set, t % np, shv + set * Cp, mmv + set * Cp, scv + set * Cp, b, stream,
+                                buf, tmp);
+            }
+        }
+    }
+    if (stream) pn_stream_fence();
+    pn_sp_release(&mem);
+    return PN_OK;
+}
+
+/* ---- NHWC backward ------------------------------------------------------------- */
+
+/* Piece p of a set: per channel, sum(dy) and sum(dy * (x - mu[c])) down its
+ * rows, into part[0..C) and part[Cp..Cp+C). xb, dyb: rpp*C reals. */
+static inline void pn_sp_nhwc_bwd_piece(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set,
+                                        int64_t p, const real *mu, real *part, int64_t Cp, real *xb,
+                                        real *dyb) {
+    const int64_t C = a->C;
+    const size_t es = pn_dtype_size(a->dtype);
+    int64_t r0;
+    const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
+    const real *x = pn_row_as_real((const char *)a->inp + r0 * C * (int64_t)es, a->dtype, xb, nr * C);
+    const real *dy = pn_row_as_real((const char *)a->dout + r0 * C * (int64_t)es, a->dtype, dyb, nr * C);
+    pn_sp_colsum(2, x, dy, nr, C, mu, NULL, part, part + Cp);
+}
+
+/* dx for piece p's rows: rs[c] * ((dy * w[c] - k1[c]) - (x - mu[c]) * k2[c]),
+ * added to the old dx when accumulating, in contiguous blocks of rows. xb,
+ * dyb, tmp: rpp*C reals. */
+static inline void pn_sp_nhwc_dx(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t p,
+                                 const real *mu, const real *rs, const real *w, const real *k1,
+                                 const real *k2, int stream, real *xb, real *dyb, real *tmp) {
+    const int64_t C = a->C, es = (int64_t)pn_dtype_size(a->dtype), br = pn_sp_nhwc_block_rows(C);
+    const int direct = a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream;
+    int64_t r0;
+    const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
+    for (int64_t q0 = 0; q0 < nr; q0 += br) {
+        const int64_t q1 = q0 + br < nr ? q0 + br : nr, n = (q1 - q0) * C, off = (r0 + q0) * C * es;
+        const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
+        const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
+        void *dst = (char *)a->dinp + off;
+        real *dx = direct ? (real *)dst : xb;   /* xb: x is read before dx is written */
+        for (int64_t r = 0; r < q1 - q0; r++) {
+            const real *xr = x + r * C, *dr = dy + r * C;
+            real *o = dx + r * C;
+            for (int64_t c = 0; c < C; c++) o[c] = rs[c] * ((dr[c] * w[c] - k1[c]) - (xr[c] - mu[c]) * k2[c]);
+        }
+        if (direct) continue;
+        if (a->accumulate) {
+            pn_load_row(tmp, dst, a->dtype, n);
+            for (int64_t i = 0; i < n; i++) dx[i] += tmp[i];
+        }
+        pn_write_row(dst, dx, a->dtype, n, stream, tmp);
+    }
+}
+
+/* Per set: the per-channel vectors mu, rs (from the saved statistics). */
+static inline void pn_sp_nhwc_saved(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, real *mu,
+                                    real *rs) {
+    const real *sm = (const real *)a->smean, *sr = (const real *)a->srstd;
+    for (int64_t g = 0; g < h->G; g++)
+        for (int64_t c = g * h->Cg; c < (g + 1) * h->Cg; c++) {
+            mu[c] = sm[set * h->G + g];
+            rs[c] = sr[set * h->G + g];
+        }
+}
+
+/* Channels c0..c1-1 (at most PN_SP_GB) of a set: their totals over the
+ * set's pieces, added in order in double, one channel per lane:
+ * tot[c] = sum(dy), tot[Cp + c] = sum(dy * (x - mu)) (doubles). */
+static inline void pn_sp_nhwc_bwd_totals(const pn_sp_nhwc *h, int64_t set, int64_t c0, int64_t c1,
+                                         const real *part, double *tot, int64_t Cp) {
+    double s[PN_SP_GB], sx[PN_SP_GB];
+    const int64_t n = c1 - c0;
+    for (int64_t j = 0; j < n; j++) s[j] = sx[j] = 0;
+    for (int64_t p = 0; p < h->np; p++) {
+        const real *ps = part + (set * h->np + p) * 2 * Cp + c0;
+        for (int64_t j = 0; j < n; j++) {
+            s[j] += (double)ps[j];
+            sx[j] += (double)ps[Cp + j];
+        }
+    }
+    for (int64_t j = 0; j < n; j++) {
+        tot[c0 + j] = s[j];
+        tot[Cp + c0 + j] = sx[j];
+    }
+}
+
+/* Group g of a set: the coefficients k1, k2 of its channels (see the NCHW
+ * backward) from the channels' totals; then the totals of sum(dy * (x - mu))
+ * become shares of dweight (times rstd). */
+static inline void pn_sp_nhwc_bwd_coeffs(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t g,
+                                         double *tot, int64_t Cp, const real *w, const real *rs,
+                                         real *k1, real *k2) {
+    const int64_t Cg = h->Cg;
+    const double M = (double)(h->rows * Cg);
+    const int consts = a->batchnorm && !a->training;
+    double sg = 0, sgx = 0;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) {
+        sg += (double)w[c] * tot[c];
+        sgx += (double)w[c] * tot[Cp + c];
+    }
+    const double r = (double)rs[g * Cg];
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) {
+        k1[c] = consts ? 0 : (real)(sg / M);
+        k2[c] = consts ? 0 : (real)(r * r * sgx / M);
+        tot[Cp + c] = r * tot[Cp + c];   /* now the channel's share of dweight */
+    }
+}
+
+pn_status PN_KERNEL(sp_nhwc_backward)(const pn_spatial_args *a) {
+    const int64_t C = a->C, Cp = pn_sp_pad(C);
+    const pn_sp_nhwc h = pn_sp_nhwc_layout(a);
+    const int64_t ns = h.nsets, np = h.np;
+    const int stream = pn_sp_stream(a, (h.rpp < pn_sp_nhwc_block_rows(C) ? h.rpp : pn_sp_nhwc_block_rows(C)) * C);
+    const int nt = pn_sp_threads(a->N * C * a->S);
+    int64_t ntot;
+    real *part = pn_scratch_reals(a->scratch);
+    double *tot = (double *)((char *)part + pn_sp_parts_bytes(pn_sp_scratch_parts(a, &ntot), a->dtype));
+    const int64_t bufn = pn_sp_pad(h.rpp * C);
+    const int local = ns >= 4 * (int64_t)nt;
+    const int64_t lchunk = pn_sp_local_chunk(ns, nt), pchunk = pn_sp_local_chunk(ns * np, nt);
+    /* the vectors mu, rs, k1, k2: per thread (set-local), or per set */
+    const int64_t nvec = local ? nt : ns;
+    const int64_t per_thread = 3 * bufn;
+    pn_sp_mem mem;
+    /* [w | mu, rs, k1, k2 per set or thread | per thread: xb, dyb, tmp] */
+    pn_status st = pn_sp_alloc(&mem, Cp + 4 * nvec * Cp + nt * per_thread);
+    if (st) return st;
+    real *w = pn_sp_take(&mem, C);
+    real *muv = pn_sp_take(&mem, nvec * Cp), *rsv = pn_sp_take(&mem, nvec * Cp);
+    real *k1v = pn_sp_take(&mem, nvec * Cp), *k2v = pn_sp_take(&mem, nvec * Cp);
+    real *bufs = pn_sp_take(&mem, nt * per_thread);
+    pn_sp_params(a, w, NULL);
+
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        const int tid = pn_thread_id();
+        real *xb = bufs + tid * per_thread, *dyb = xb + bufn, *tmp = dyb + bufn;
+        if (local) {
+            real *mu = muv + tid * Cp, *rs = rsv + tid * Cp, *k1 = k1v + tid * Cp, *k2 = k2v + tid * Cp;
+#pragma omp for schedule(dynamic, lchunk)
+            for (int64_t set = 0; set < ns; set++) {
+                pn_sp_nhwc_saved(a, &h, set, mu, rs);
+                for (int64_t p = 0; p < np; p++) {
+                    pn_sp_nhwc_bwd_piece(a, &h, set, p, mu, part + (set * np + p) * 2 * Cp, Cp, xb, dyb);
+                }
+                for (int64_t c = 0; c < C; c += PN_SP_GB)
+                    pn_sp_nhwc_bwd_totals(&h, set, c, c + PN_SP_GB < C ? c + PN_SP_GB : C, part, tot + set * 2 * Cp,
+                                          Cp);
+                for (int64_t g = 0; g < h.G; g++)
+                    pn_sp_nhwc_bwd_coeffs(a, &h, g, tot + set * 2 * Cp, Cp, w, rs, k1, k2);
+                if (a->dinp)
+                    for (int64_t p = 0; p < np; p++)
+                        pn_sp_nhwc_dx(a, &h, set, p, mu, rs, w, k1, k2, stream, xb, dyb, tmp);
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t set = 0; set < ns; set++) pn_sp_nhwc_saved(a, &h, set, muv + set * Cp, rsv + set * Cp);
+#pragma omp for schedule(dynamic, pchunk)
+            for (int64_t t = 0; t < ns * np; t++) {
+                pn_sp_nhwc_bwd_piece(a, &h, t / np, t % np, muv + (t / np) * Cp, part + t * 2 * Cp, Cp, xb, dyb);
+            }
+            /* totals parallel over blocks of channels, then the groups' coefficients */
+            const int64_t nblk = pn_sp_cdiv(C, PN_SP_GB);
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < ns * nblk; t++) {
+                const int64_t set = t / nblk, c0 = (t % nblk) * PN_SP_GB;
+                pn_sp_nhwc_bwd_totals(&h, set, c0, c0 + PN_SP_GB < C ? c0 + PN_SP_GB : C, part,
+                                      tot + set * 2 * Cp, Cp);
+            }
+#pragma omp for schedule(static)
+            for (int64_t t = 0; t < ns * h.G; t++) {
+                const int64_t o = (t / h.G) * Cp;
+                pn_sp_nhwc_bwd_coeffs(a, &h, t % h.G, tot + (t / h.G) * 2 * Cp, Cp, w, rsv + o, k1v + o, k2v + o);
+            }
+            if (a->dinp) {
+#pragma omp for schedule(dynamic, 1)
+                for (int64_t t = 0; t < ns * np; t++) {
+                    const int64_t o = (t / np) * Cp;
+                    pn_sp_nhwc_dx(a, &h, t / np, t % np, muv + o, rsv + o, w, k1v + o, k2v + o, stream, xb, dyb,
+                                  tmp);
+                }
+            }
+        }
+        /* dweight, dbias: per channel, the sets' shares in order; blocks of
+         * channels, one per lane */
+        if (a->dweight || a->dbias) {
+            const int64_t ncb = pn_sp_cdiv(C, PN_SP_GB);
+#pragma omp for schedule(static)
+            for (int64_t k = 0; k < ncb; k++) {
+                const int64_t c0 = k * PN_SP_GB, n = c0 + PN_SP_GB < C ? PN_SP_GB : C - c0;
+                double dw[PN_SP_GB], db[PN_SP_GB];
+                for (int64_t j = 0; j < n; j++) dw[j] = db[j] = 0;
+                for (int64_t set = 0; set < ns; set++) {
+                    const double *t = tot + set * 2 * Cp + c0;
+                    for (int64_t j = 0; j < n; j++) {
+                        db[j] += t[j];
+                        dw[j] += t[Cp + j];
+                    }
+                }
+                for (int64_t j = 0; j < n; j++) pn_sp_param_grads(a, c0 + j, dw[j], db[j]);
+            }
+        }
+    }
+    if (stream) pn_stream_fence();
+    pn_sp_release(&mem);
+    return PN_OK;
+}
+
+
+#endif /* PN_KERNEL_BUILD */
