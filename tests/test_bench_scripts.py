@@ -44,6 +44,17 @@ def test_compare_builds_prints_a_row_per_case(after_torch):
         assert float(r[-3]) > 0 and float(r[-2]) > 0, f"GB/s columns: {r}"
 
 
+def test_compare_builds_spatial_prints_a_row_per_case():
+    p = run_script("compare_builds.py", library_path, library_path, "--suite", "spatial", "--shapes", "2x8x100x4",
+                   "--threads", "1", "--dtypes", "float32,float64", "--repeats", "3")
+    assert p.returncode == 0, p.stderr
+    rows = [r for op in ("GN", "BN") for r in table_rows(p.stdout, op)]
+    assert len(rows) == 16, p.stdout   # 2 ops x 2 layouts x fwd/bwd x 2 dtypes
+    for r in rows:
+        assert re.fullmatch(r"\d+\.\d\dx", r[-1]), f"new/old column: {r}"
+        assert float(r[-3]) > 0 and float(r[-2]) > 0, f"GB/s columns: {r}"
+
+
 def test_ceiling_prints_a_row_per_case():
     pytest.importorskip("torch")
     p = run_script("ceiling.py", "--shapes", "64x128,32x256", "--threads", "1", "--repeats", "3", "--warmup", "1")
@@ -70,6 +81,13 @@ def test_ceiling_rejects_a_bad_shape():
     assert p.returncode == 2 and "--shapes" in p.stderr and "64by128" in p.stderr, p.stderr
 
 
-def test_compare_builds_rejects_a_bad_shape():
-    p = run_script("compare_builds.py", library_path, library_path, "--shapes", "64x0")
-    assert p.returncode == 2 and "--shapes" in p.stderr and "64x0" in p.stderr, p.stderr
+@pytest.mark.parametrize("args, named", [
+    (["--shapes", "64x0"], "64x0"),
+    (["--suite", "spatial", "--shapes", "2x8x100"], "2x8x100"),
+    (["--suite", "spatial", "--shapes", "2x9x100x4"], "G must divide C"),
+    (["--dtypes", "float8"], "float8"),
+    (["--suite", "spatial", "--after-torch"], "--after-torch"),
+], ids=["zero", "spatial_3_sizes", "groups_not_dividing", "dtype", "after_torch_spatial"])
+def test_compare_builds_rejects_bad_arguments(args, named):
+    p = run_script("compare_builds.py", library_path, library_path, *args)
+    assert p.returncode == 2 and named in p.stderr, p.stderr
