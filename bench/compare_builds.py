@@ -33,6 +33,7 @@ import numpy as np
 
 SHAPES = [(8192, 768), (4096, 4096), (1024, 16384)]
 SPATIAL_SHAPES = [(32, 64, 3136, 32), (8, 256, 4096, 32), (128, 512, 49, 32), (64, 32, 12544, 8)]
+DTYPES = ("float32", "float16", "bfloat16", "float64")   # pn_dtype's order
 
 
 def _load(paths):
@@ -65,10 +66,10 @@ def _calls(ffi, lib, op, x, dy, dtype_code, R, C):
 
 def _spatial_calls(ffi, lib, op, layout, x, dy, dtype_code, N, C, S, G):
     """The forward and backward of op ('GroupNorm' or 'BatchNorm' in training)
-    on these buffers, in layout 0 (NCHW) or 1 (NHWC)."""
+    on these buffers, in layout lib.PN_NCHW or lib.PN_NHWC."""
     p = lambda a: ffi.cast("void *", a.ctypes.data)
     nstats = N * G if op == "GroupNorm" else C
-    mean = np.zeros(nstats, np.float64 if dtype_code == 3 else np.float32)
+    mean = np.zeros(nstats, np.float64 if dtype_code == lib.PN_FLOAT64 else np.float32)
     rstd = np.ones_like(mean)
     w, b = np.ones(C, x.dtype), np.zeros(C, x.dtype)
     y, dx = np.empty_like(x), np.empty_like(x)
@@ -79,7 +80,7 @@ def _spatial_calls(ffi, lib, op, layout, x, dy, dtype_code, N, C, S, G):
         bwd = lambda: lib.pn_groupnorm_backward(p(dx), p(dw), p(db), ffi.NULL, 0, p(dy), p(x), p(w), p(mean),
                                                 p(rstd), N, C, S, G, 0, layout, dtype_code, dtype_code)
     else:
-        training = 2   # PN_BN_TRAINING
+        training = lib.PN_BN_TRAINING
         fwd = lambda: lib.pn_batchnorm_forward(p(y), p(mean), p(rstd), ffi.NULL, ffi.NULL, p(x), p(w), p(b),
                                                N, C, S, 1e-5, 0.1, 0, training, layout, dtype_code, dtype_code,
                                                dtype_code)
@@ -119,8 +120,8 @@ def main(argv=None):
         ap.error("argument --after-torch: only with --suite token")
     dnames = (args.dtypes or ("float32,float64" if spatial else "float32,bfloat16,float16")).split(",")
     for d in dnames:
-        if d not in ("float32", "float16", "bfloat16", "float64"):
-            ap.error(f"argument --dtypes: {d!r} is not one of float32, float16, bfloat16, float64")
+        if d not in DTYPES:
+            ap.error(f"argument --dtypes: {d!r} is not one of {', '.join(DTYPES)}")
     torch = None
     ffi, bfloat16, libs = _load([args.old, args.new])
     from pynorm.bench import shapes_arg   # after _load: importing pynorm needs a library
@@ -135,8 +136,6 @@ def main(argv=None):
     if args.after_torch:
         import torch
         from pynorm.bench import to_torch
-    dtypes = {"float32": (np.float32, 0), "float16": (np.float16, 1), "bfloat16": (bfloat16, 2),
-              "float64": (np.float64, 3)}
     print(f"{'op':18s} {'dtype':9s} {'shape':15s} thr  {'old GB/s':>8s}  {'new GB/s':>8s}  new/old")
     for threads in (int(t) for t in args.threads.split(",")):
         for lib in libs.values():
@@ -144,7 +143,7 @@ def main(argv=None):
         if torch is not None:
             torch.set_num_threads(threads)
         for dname in dnames:
-            npdt, code = dtypes[dname]
+            npdt, code = (bfloat16 if dname == "bfloat16" else np.dtype(dname)), DTYPES.index(dname)
             for shape in shapes:
                 rng = np.random.default_rng(0)
                 n = int(np.prod(shape[:3])) if spatial else shape[0] * shape[1]
@@ -152,9 +151,10 @@ def main(argv=None):
                 dy = rng.standard_normal(n).astype(np.float32).astype(npdt)
                 before = lambda: None
                 if spatial:
-                    cases = [(f"{op[0]}N {lay}", {k: _spatial_calls(ffi, lib, op, li, x, dy, code, *shape)
+                    cases = [(f"{op[0]}N {lay}", {k: _spatial_calls(ffi, lib, op, getattr(lib, f"PN_{lay}"), x, dy,
+                                                                    code, *shape)
                                                     for k, lib in libs.items()})
-                             for op in ("GroupNorm", "BatchNorm") for li, lay in enumerate(("NCHW", "NHWC"))]
+                             for op in ("GroupNorm", "BatchNorm") for lay in ("NCHW", "NHWC")]
                 else:
                     R, C = shape
                     x, dy = x.reshape(R, C), dy.reshape(R, C)
