@@ -22,7 +22,7 @@ cmake --build "$repo/build/asan" -j "$jobs"
 ctest --test-dir "$repo/build/asan" --output-on-failure -j "$jobs" -L cpu
 
 echo "== Python tests (pytest, installed package)"
-(cd "$repo/tests" && python3 -m pytest -q)   # not the repo root: its pynorm/ has no built library
+(cd "$repo/tests" && python3 -m pytest -q)   # from tests/: the installed package itself, Python files included
 
 echo "== Reliability: fuzzing, valgrind, ThreadSanitizer"
 PN_TEST_BUILD="$repo/build/test" bash "$repo/tests/run_reliability.sh"
