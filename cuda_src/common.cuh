@@ -10,8 +10,10 @@
  *     sum's order, is the same either way, so results do not depend on the
  *     buffers' alignment;
  *   - warp and block sums (fixed order: the same bits on every run);
- *   - host-side argument checks shared by the ops, the row partition used by
- *     the backward passes, and the fixed-order final reduction of partial sums.
+ *   - host-side argument checks shared by the ops and the fixed-order final
+ *     reduction of partial sums; the kernel limits, launch geometry, the
+ *     backward's row partition and the index walks are in launch.h (host and
+ *     device code, tested on the host).
  */
 #ifndef PN_CUDA_COMMON_CUH
 #define PN_CUDA_COMMON_CUH
@@ -25,25 +27,13 @@
 #include <string.h>
 
 #include "pynorm_cuda.h"
+#include "launch.h"   /* launch geometry, partitions, index walks (host and device) */
 
 /* Records the CUDA error behind a PN_CUDA_ERR_LAUNCH (pynorm_cuda.cu). */
 void pn_cuda_set_last_error_(int err);
 
 namespace pn {
 namespace {
-
-/* ------------------------------------------------------------------------ */
-/* Limits of the kernel families (all in elements of a row).                 */
-
-constexpr int kWarpMaxC = 1024;    /* C <= this: one warp per row            */
-constexpr int kRegMaxC = 16384;    /* forward, C <= this: the row is kept in registers */
-constexpr int kBwdRegMaxC = 8192;  /* backward, C <= this: rows and the partition's
-                                      dweight/dbias sums kept in registers */
-constexpr int kFwdWarpsPerBlock = 4;
-constexpr int kBwdWarpsPerBlock = 8;
-constexpr int kStreamThreads = 512;
-constexpr int64_t kMaxPartitions = 256;
-constexpr int64_t kGridCap = int64_t(1) << 24; /* grid-stride loops beyond this */
 
 /* ------------------------------------------------------------------------ */
 /* dtypes                                                                    */
@@ -84,15 +74,6 @@ __device__ __forceinline__ double fmadd(double a, double b, double c) { return f
 __device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }   /* IEEE sqrt and division */
 __device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
 
-/* Offset (in elements) of row `row` of a B x T x C buffer whose rows start at
- * b*sb + t*st. The host folds the layout to T == 1 (offset row*sb) whenever
- * every buffer of the call allows it, which avoids the 64-bit division. */
-__device__ __forceinline__ int64_t row_off(int64_t row, int64_t T, int64_t sb, int64_t st)
-{
-    if (T == 1) return row * sb;
-    const int64_t b = row / T;
-    return b * sb + (row - b * T) * st;
-}
 
 /* ------------------------------------------------------------------------ */
 /* Row fragments (register kernels, C <= 16384, 2- and 4-byte dtypes).       */
@@ -105,11 +86,7 @@ struct Vw { static constexpr int V = 16 / (int)sizeof(typename D::raw); };
 
 /* Column of element k (0 <= k < E) of thread tid's fragment. */
 template <class D>
-__device__ __forceinline__ int col_of(int k, int tid, int tpr)
-{
-    constexpr int V = Vw<D>::V;
-    return ((k / V) * tpr + tid) * V + (k % V);
-}
+__device__ __forceinline__ int col_of(int k, int tid, int tpr) { return col_of_v(Vw<D>::V, k, tid, tpr); }
 
 /* Element i of a chunk as raw bits, and packing raw values into words. */
 template <class D>
@@ -291,6 +268,159 @@ __device__ __forceinline__ void block_sum2(A &a, A &b, A *sh /* 64 elements */)
 }
 
 /* ------------------------------------------------------------------------ */
+/* Row statistics, by the C library's method (c_src/layernorm.c,             */
+/* c_src/simd.h): values are added in the compute type only in short chains  */
+/* (a thread's register fragment, at most 32 values, or kFoldEvery values in */
+/* the streaming kernels); the chains' sums are added in double, across the  */
+/* threads by the fixed-order warp and block sums above. LayerNorm sums       */
+/* x - shift with the shift near the row's centre (row_shift), so the sums    */
+/* stay small and the saved mean, shift + sum / C taken in double, is as      */
+/* accurate as the float64 sum allows, whatever the magnitude of x[0].        */
+/* tests/test_cuda_numerics.py replays these orders in NumPy.                 */
+
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }     /* never contracted */
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+/* A thread's running sum for the streaming kernels: chains of kFoldEvery
+ * values in A, each chain's sum then added to a double total. */
+template <class A>
+struct FoldSum {
+    A part = A(0);
+    double total = 0.0;
+    int n = 0;
+    __device__ __forceinline__ void fold()
+    {
+        if (++n == kFoldEvery) { total += (double)part; part = A(0); n = 0; }
+    }
+    __device__ __forceinline__ void add(A v) { part += v; fold(); }
+    __device__ __forceinline__ void add_sq(A v) { part = fmadd(v, v, part); fold(); }
+    __device__ __forceinline__ double sum() const { return total + (double)part; }
+};
+
+/* Error-free sum (Knuth): a + b == s + e exactly, whatever the order of a
+ * and b (so the lanes of a butterfly get the same bits); no multiplication,
+ * so nothing the compiler may contract. */
+template <class A>
+__device__ __forceinline__ void two_sum(A a, A b, A &s, A &e)
+{
+    s = a + b;
+    const A z = s - a;
+    e = (a - (s - z)) + (b - z);
+}
+
+/* A thread's compensated sum of v - sh (LayerNorm's mean): the rounding
+ * errors of each difference and of each addition, all exact, are added up in
+ * c; s + c is the sum to a few ulps of c. A plain float chain loses up to an
+ * ulp of its running sum per value, which in the mean of a row far from zero
+ * relative to the mean is many ulps of the mean. */
+template <class A>
+struct CompSum {
+    A s = A(0), c = A(0);
+    __device__ __forceinline__ void add_diff(A v, A sh)
+    {
+        A d, ed, t, et;
+        two_sum(v, -sh, d, ed);
+        two_sum(s, d, t, et);
+        s = t;
+        c += et + ed;
+    }
+};
+
+/* Double-double sums across threads (float64 rows): pairs (hi, lo) added as
+ * hi + hi' exactly (two_sum) and lo + lo' + the error; commutative bit for bit. */
+struct DD {
+    double hi, lo;
+};
+__device__ __forceinline__ DD dd_add(DD a, DD b)
+{
+    DD r;
+    double e;
+    two_sum(a.hi, b.hi, r.hi, e);
+    r.lo = (a.lo + b.lo) + e;
+    return r;
+}
+__device__ __forceinline__ DD warp_sum_dd(DD v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        DD p;
+        p.hi = __shfl_xor_sync(0xffffffffu, v.hi, o);
+        p.lo = __shfl_xor_sync(0xffffffffu, v.lo, o);
+        v = dd_add(v, p);
+    }
+    return v;
+}
+/* As block_sum (same order), on pairs; sh: 64 doubles. */
+__device__ __forceinline__ DD block_sum_dd(DD v, double *sh)
+{
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum_dd(v);
+    __syncthreads();
+    if (lane == 0) { sh[wid] = v.hi; sh[32 + wid] = v.lo; }
+    __syncthreads();
+    v.hi = (lane < nw) ? sh[lane] : 0.0;
+    v.lo = (lane < nw) ? sh[32 + lane] : 0.0;
+    return warp_sum_dd(v);
+}
+
+/* sh + (t.hi + t.lo) / C, rounded once to about half an ulp of the result
+ * (float64 rows): the quotient's remainder is exact (fma), and sh + q, which
+ * cancels to the small mean, is taken exactly before the last rounding. */
+__device__ __forceinline__ double dd_mean(double sh, DD t, double C)
+{
+    const double q = t.hi / C;
+    const double r = fma(-q, C, t.hi);
+    double u, eu;
+    two_sum(sh, q, u, eu);
+    return u + (eu + (r + t.lo) / C);
+}
+
+/* Value i of a row as the norm sees it: x, or h = x + residual rounded to the
+ * dtype (rr != NULL), exactly as the kernels compute h. */
+template <class D>
+__device__ __forceinline__ typename D::acc row_value(const typename D::raw *xr, const typename D::raw *rr, int64_t i)
+{
+    if (rr != nullptr) return D::to(D::from(D::to(xr[i]) + D::to(rr[i])));
+    return D::to(xr[i]);
+}
+
+/* The LayerNorm shift of a row, as the C library's (layernorm_stats): x0
+ * plus the mean of d_i = v_i - x0 over the first k = min(C, 16) values, the
+ * 16 d_i (zero beyond k) added as a fixed tree (lane j takes lane j + w for
+ * w = 8, 4, 2, 1). *x0 receives the first value. */
+template <class D>
+__device__ __forceinline__ typename D::acc row_shift(const typename D::raw *xr, const typename D::raw *rr, int64_t C,
+                                                     typename D::acc *x0)
+{
+    typedef typename D::acc A;
+    const int k = shift_count(C);
+    const A v0 = row_value<D>(xr, rr, 0);
+    A d[kShiftCount];
+#pragma unroll
+    for (int i = 0; i < kShiftCount; ++i) {
+        d[i] = A(0);
+        if (i < k) d[i] = row_value<D>(xr, rr, i) - v0;
+    }
+    static_assert(kShiftCount == 16, "the tree below adds 16 lanes");
+    /* constant offsets, so that d stays in registers (a loop over w = 8, 4,
+     * 2, 1 was left rolled: d went to local memory) */
+#pragma unroll
+    for (int j = 0; j < 8; ++j) d[j] += d[j + 8];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) d[j] += d[j + 4];
+    d[0] += d[2];
+    d[1] += d[3];
+    d[0] += d[1];
+    *x0 = v0;
+    return v0 + (k == kShiftCount ? mul_rn(d[0], A(0.0625)) : d[0] / (A)k);   /* * 1/16: exactly / 16 */
+}
+
+/* The float path's sums of squares are trusted in [1e-20, 1e36] (the C
+ * library's bounds): beyond, a float square may have overflowed or lost its
+ * bits (and NaN/Inf fail the test); such rows are redone in double. */
+__device__ __forceinline__ bool float_sumsq_ok(double q) { return q >= 1e-20 && q <= 1e36; }
+
+/* ------------------------------------------------------------------------ */
 /* Kernel arguments shared by the token norms (passed by value).            */
 
 struct TokArgs {
@@ -439,50 +569,6 @@ __device__ __forceinline__ void sp_store_grad(void *p, pn_dtype dt, int64_t c, d
     st_any<A>(p, dt, c, r);
 }
 
-/* Index i = o * inner + in stepped by a fixed stride without divisions
- * (after the two in init). */
-struct Walk2 {
-    int64_t o, in, inner, d_o, d_in;
-    __device__ __forceinline__ void init(int64_t i, int64_t stride, int64_t inner_)
-    {
-        inner = inner_;
-        o = i / inner;
-        in = i - o * inner;
-        d_o = stride / inner;
-        d_in = stride - d_o * inner;
-    }
-    __device__ __forceinline__ void next()
-    {
-        o += d_o;
-        in += d_in;
-        if (in >= inner) { in -= inner; ++o; }
-    }
-};
-
-/* The channel of element i of the whole N x C x S buffer, stepped by a fixed
- * stride: c = (i / inner) % C with inner = S (NCHW) or 1 (NHWC). */
-struct ChanWalk {
-    int64_t s, c, inner, C, d_s, d_c;
-    __device__ __forceinline__ void init(int64_t i, int64_t stride, int64_t inner_, int64_t C_)
-    {
-        inner = inner_;
-        C = C_;
-        const int64_t r = i / inner;
-        s = i - r * inner;
-        c = r % C;
-        const int64_t dr = stride / inner;
-        d_s = stride - dr * inner;
-        d_c = dr % C;
-    }
-    __device__ __forceinline__ void next()
-    {
-        s += d_s;
-        int64_t carry = 0;
-        if (s >= inner) { s -= inner; carry = 1; }
-        c += d_c + carry;          /* d_c + carry <= C and c < C: one wrap at most */
-        if (c >= C) c -= C;
-    }
-};
 
 /* The reference value of channel c in chunk p: the backward's saved mean of
  * the channel's set (GroupNorm: sample p's group; BatchNorm: the channel), or
@@ -574,39 +660,7 @@ sp_part_nchw(const SpArgs a)
 }
 
 /* ======================================================================== */
-/* Host side                                                                 */
-
-inline int dtype_size(pn_dtype d)
-{
-    switch (d) {
-    case PN_FLOAT32: return 4;
-    case PN_FLOAT16: return 2;
-    case PN_BFLOAT16: return 2;
-    case PN_FLOAT64: return 8;
-    }
-    return 0;
-}
-
-inline bool valid_dtype(pn_dtype d) { return d == PN_FLOAT32 || d == PN_FLOAT16 || d == PN_BFLOAT16 || d == PN_FLOAT64; }
-
-inline bool mul_ovf(int64_t a, int64_t b, int64_t *r) { return __builtin_mul_overflow(a, b, r); }
-inline bool add_ovf(int64_t a, int64_t b, int64_t *r) { return __builtin_add_overflow(a, b, r); }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-inline unsigned round_up32(int64_t n) { return (unsigned)(((n + 31) / 32) * 32); }
-inline unsigned grid_for(int64_t n) { return (unsigned)(n < kGridCap ? n : kGridCap); }
-/* Elementwise grid-stride passes over n values with 256-thread blocks. */
-inline unsigned elem_grid(int64_t n) { return grid_for(ceil_div(n, 256) < 65535 ? ceil_div(n, 256) : 65535); }
-
-/* B, T, C > 0 and B*T*C*esize fits in int64. */
-inline pn_status check_sizes(int64_t B, int64_t T, int64_t C, int esize, int64_t *rows)
-{
-    int64_t r, n, bytes;
-    if (B <= 0 || T <= 0 || C <= 0) return PN_ERR_SIZE;
-    if (mul_ovf(B, T, &r) || mul_ovf(r, C, &n) || mul_ovf(n, esize, &bytes)) return PN_ERR_SIZE;
-    *rows = r;
-    return PN_OK;
-}
+/* Host side (sizes, partitions and launch geometry: launch.h)              */
 
 inline pn_status check_dtypes(pn_dtype dtype, pn_dtype wdtype)
 {
@@ -731,30 +785,6 @@ inline pn_status dense_span(const void *p, int64_t n, int esize, int align, bool
     return PN_OK;
 }
 
-/* Fixed partition of the rows for the backward passes: depends only on
- * (rows, C). A partition is a contiguous run of `chunk` rows (the last one may
- * be shorter); there are P <= 256 of them, none empty. */
-inline void partition(int64_t rows, int64_t C, int64_t *P, int64_t *chunk)
-{
-    const int64_t unit = (C <= kWarpMaxC) ? kBwdWarpsPerBlock : 1;   /* rows a partition works on at once */
-    int64_t p = ceil_div(rows, unit);
-    if (p > kMaxPartitions) p = kMaxPartitions;
-    const int64_t ch = ceil_div(rows, p);
-    *chunk = ch;
-    *P = ceil_div(rows, ch);
-}
-
-/* Bytes of scratch for `narrays` arrays of partial sums; 0 for invalid sizes. */
-inline size_t scratch_bytes_for(int64_t B, int64_t T, int64_t C, pn_dtype dtype, int narrays)
-{
-    int64_t rows, P, chunk, n, bytes;
-    if (!valid_dtype(dtype)) return 0;
-    if (check_sizes(B, T, C, dtype_size(dtype), &rows) != PN_OK) return 0;
-    partition(rows, C, &P, &chunk);
-    const int accsize = dtype == PN_FLOAT64 ? 8 : 4;
-    if (mul_ovf(P, C, &n) || mul_ovf(n, (int64_t)accsize * narrays, &bytes)) return 0;
-    return (size_t)bytes;
-}
 
 /* ---- spatial norms: host side ---- */
 
@@ -796,18 +826,6 @@ inline pn_status sp_overlaps(const Span *outs, int nout, const Span *ins, int ni
     return PN_OK;
 }
 
-/* BatchNorm's fixed cut of the M = N*S positions of a channel: chunks of at
- * least kSpChunkMin positions, at most kSpMaxChunks of them. */
-constexpr int64_t kSpChunkMin = 1024;
-constexpr int64_t kSpMaxChunks = 256;
-
-inline void sp_partition(int64_t M, int64_t *P, int64_t *chunk)
-{
-    int64_t p = ceil_div(M, kSpChunkMin);
-    if (p > kSpMaxChunks) p = kSpMaxChunks;
-    *chunk = ceil_div(M, p);
-    *P = ceil_div(M, *chunk);
-}
 
 /* Launches the partial sums of args.part (chunks args.P x args.chunk). */
 template <class D, bool BWD>

@@ -1,12 +1,19 @@
 /* layernorm.cu - LayerNorm on CUDA: forward, fused residual-add forward,
  * backward. The CUDA sibling of c_src/layernorm.c.
  *
- * Numerics (as the C library): the statistics come from the row shifted by
- * its first element x0: m' = sum(x - x0) / C, then var = sum((x - x0 - m')^2)
- * / C from the row kept on chip, y = ((x - x0) - m') * rstd * w + b, rounded
- * once; the saved mean is x0 + m'. Rows whose variance overflows or
- * underflows float32 are redone in double. float16/bfloat16/float32 compute
- * in float32, float64 in double.
+ * Numerics (the C library's method, made as accurate as the saved mean
+ * needs): the statistics come from the row shifted by a value near its
+ * centre, sh = x0 + mean(x[0..16) - x0) (common.cuh, row_shift):
+ * m = sum(x - sh) / C, each thread's share compensated (CompSum, exact
+ * rounding errors carried along) and the threads' sums added in double
+ * (double-double for float64 rows); then var = sum((x - sh - m)^2) / C from
+ * the row kept on chip, squares in short float chains added in double. The
+ * saved mean is sh + sum / C, rounded once: within about an ulp of the true
+ * mean, however far x0 and the values lie from it. y = ((x - sh) - m) * rstd
+ * * w + b, rounded once. Rows whose float sum of squares leaves [1e-20, 1e36]
+ * (the squares may have overflowed or lost their bits; NaN/Inf) are redone
+ * in double, shifted by x0. float16/bfloat16/float32 compute in float32,
+ * float64 in double. tests/test_cuda_numerics.py replays these sums.
  *
  * Kernels, chosen by C alone (so the reduction order, hence the bits, depend
  * only on C and the dtype):
@@ -42,7 +49,6 @@ ln_fwd_reg(const TokArgs a)
     typedef typename D::raw R;
     constexpr int V = Vw<D>::V;
     constexpr int NV = E / V;
-    __shared__ float red[32];
     __shared__ double redd[32];
     const int C = (int)a.C;
     const int tpr = WARP ? 32 : (int)blockDim.x;
@@ -50,17 +56,18 @@ ln_fwd_reg(const TokArgs a)
     const int64_t rpb = WARP ? (int64_t)(blockDim.x >> 5) : 1;
     const int64_t step = (int64_t)gridDim.x * rpb;
     const bool vec = a.vec != 0, wf = a.w_f32 != 0;
-    const float eps = (float)a.eps;
-    const float fC = (float)C;
+    const double dC = (double)C;
 
     for (int64_t row = (int64_t)blockIdx.x * rpb + (WARP ? (threadIdx.x >> 5) : 0); row < a.rows; row += step) {
         const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
+        const R *rr = a.res != nullptr ? static_cast<const R *>(a.res) + row_off(row, a.T, a.rsb, a.rst) : nullptr;
         R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
-        Frag<D, E> f;   /* x, or h = x + residual */
+        /* the shift first: its 16 values are dead before the row is loaded */
         float x0;
+        const float sh = row_shift<D>(xr, rr, C, &x0);
+        Frag<D, E> f;   /* x, or h = x + residual */
         f.load(xr, C, tid, tpr, vec);
-        if (a.res != nullptr) {
-            const R *rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.rsb, a.rst);
+        if (rr != nullptr) {
             R *hr = static_cast<R *>(a.h) + row_off(row, a.T, a.hsb, a.hst);
             Frag<D, E> r;
             r.load(rr, C, tid, tpr, vec);
@@ -72,30 +79,28 @@ ln_fwd_reg(const TokArgs a)
                 chunk_pack<D>(f.w[j], hv);
             }
             f.store(hr, C, tid, tpr, vec);
-            x0 = D::to(D::from(D::to(xr[0]) + D::to(rr[0])));
-        } else {
-            x0 = D::to(xr[0]);
         }
 
-        float s = 0.0f;
+        /* each thread's values compensated (k in order), the threads' sums in double */
+        CompSum<float> s;
 #pragma unroll
         for (int k = 0; k < E; ++k)
-            if (col_of<D>(k, tid, tpr) < C) s += f.get(k) - x0;
-        s = WARP ? warp_sum(s) : block_sum(s, red);
-        const float m = s / fC;
-        float q = 0.0f;
+            if (col_of<D>(k, tid, tpr) < C) s.add_diff(f.get(k), sh);
+        const double st = (double)s.s + (double)s.c;
+        const double sd = WARP ? warp_sum(st) : block_sum(st, redd);
+        const float m = (float)(sd / dC);
+        float q = 0.0f;   /* squares: a float chain (k in order), the threads' sums in double */
 #pragma unroll
         for (int k = 0; k < E; ++k)
             if (col_of<D>(k, tid, tpr) < C) {
-                const float d = (f.get(k) - x0) - m;
+                const float d = (f.get(k) - sh) - m;
                 q = fmadd(d, d, q);
             }
-        q = WARP ? warp_sum(q) : block_sum(q, red);
-        const float ve = q / fC + eps;
+        const double qd = WARP ? warp_sum((double)q) : block_sum((double)q, redd);
 
         float mean_o, rstd_o;
-        if (ve >= 1e-30f && ve <= FLT_MAX) {
-            const float rs = inv_sqrt(ve);
+        if (float_sumsq_ok(qd)) {
+            const float rs = (float)inv_sqrt(qd / dC + a.eps);
 #pragma unroll
             for (int j = 0; j < NV; ++j) {
                 const int c0 = (j * tpr + tid) * V;
@@ -103,30 +108,31 @@ ln_fwd_reg(const TokArgs a)
                 load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
                 load_param_chunk<D>(bv, a.b, wf, 0.0f, c0, C, vec);
 #pragma unroll
-                for (int i = 0; i < V; ++i) o[i] = fmadd(((f.get(j * V + i) - x0) - m) * rs, wv[i], bv[i]);
+                for (int i = 0; i < V; ++i) o[i] = fmadd(((f.get(j * V + i) - sh) - m) * rs, wv[i], bv[i]);
                 store_chunk_f<D>(yr, o, c0, C, vec);
             }
-            mean_o = x0 + m;
+            mean_o = (float)((double)sh + sd / dC);
             rstd_o = rs;
         } else {
-            /* The variance overflowed or underflowed float (or the row holds
-             * Inf/NaN): redo the row in double, from the registers. */
+            /* The float squares may have overflowed or lost their bits (or
+             * the row holds Inf/NaN): redo the row in double, from the
+             * registers, shifted by x0. */
             const double x0d = x0;
-            double sd = 0.0;
+            double s2 = 0.0;
 #pragma unroll
             for (int k = 0; k < E; ++k)
-                if (col_of<D>(k, tid, tpr) < C) sd += (double)f.get(k) - x0d;
-            sd = WARP ? warp_sum(sd) : block_sum(sd, redd);
-            const double md = sd / (double)C;
-            double qd = 0.0;
+                if (col_of<D>(k, tid, tpr) < C) s2 += (double)f.get(k) - x0d;
+            s2 = WARP ? warp_sum(s2) : block_sum(s2, redd);
+            const double md = s2 / dC;
+            double q2 = 0.0;
 #pragma unroll
             for (int k = 0; k < E; ++k)
                 if (col_of<D>(k, tid, tpr) < C) {
                     const double d = ((double)f.get(k) - x0d) - md;
-                    qd = fmadd(d, d, qd);
+                    q2 = fmadd(d, d, q2);
                 }
-            qd = WARP ? warp_sum(qd) : block_sum(qd, redd);
-            const double rsd = inv_sqrt(qd / (double)C + a.eps);
+            q2 = WARP ? warp_sum(q2) : block_sum(q2, redd);
+            const double rsd = inv_sqrt(q2 / dC + a.eps);
 #pragma unroll
             for (int j = 0; j < NV; ++j) {
                 const int c0 = (j * tpr + tid) * V;
@@ -157,27 +163,26 @@ ln_fwd_stream(const TokArgs a)
 {
     typedef typename D::raw R;
     typedef typename D::acc A;
-    __shared__ A red[32];
-    __shared__ double redd[32];
+    __shared__ double redd[64];
     const int64_t C = a.C;
+    const double dC = (double)C;
     const int nt = blockDim.x, tid = threadIdx.x;
     const bool wf = a.w_f32 != 0;
-    const A eps = (A)a.eps;
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
         const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
         R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
         const R *rr = nullptr;
         R *hr = nullptr;
-        A x0;
         if (a.res != nullptr) {
             rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.rsb, a.rst);
             hr = static_cast<R *>(a.h) + row_off(row, a.T, a.hsb, a.hst);
-            x0 = D::to(D::from(D::to(xr[0]) + D::to(rr[0])));
-        } else {
-            x0 = D::to(xr[0]);
         }
-        /* pass 1: h = x + residual (written), sum of (h - x0) */
-        A s = 0;
+        A x0;
+        const A sh = row_shift<D>(xr, rr, C, &x0);
+        /* pass 1: h = x + residual (written), sum of (h - sh): the thread's
+         * values c = tid, tid + nt, ... compensated, the threads' sums in
+         * double (double-double for float64 rows) */
+        CompSum<A> s;
         for (int64_t c = tid; c < C; c += nt) {
             A v;
             if (rr != nullptr) {
@@ -187,44 +192,51 @@ ln_fwd_stream(const TokArgs a)
             } else {
                 v = D::to(xr[c]);
             }
-            s += v - x0;
+            s.add_diff(v, sh);
         }
-        s = block_sum(s, red);   /* its barriers also publish h to the block */
+        double sd, mean_d;   /* block sums: their barriers also publish h to the block */
+        if constexpr (sizeof(A) == 4) {
+            sd = block_sum((double)s.s + (double)s.c, redd);
+            mean_d = (double)sh + sd / dC;
+        } else {
+            DD t;
+            t.hi = s.s;
+            t.lo = s.c;
+            t = block_sum_dd(t, redd);
+            sd = t.hi + t.lo;
+            mean_d = dd_mean(sh, t, dC);
+        }
         /* later passes read the (rounded) h back: plain loads, not the
          * read-only path, since this kernel wrote it */
         const R *src = (rr != nullptr) ? hr : xr;
-        const A m = s / (A)C;
-        A q = 0;
-        for (int64_t c = tid; c < C; c += nt) {
-            const A d = (D::to(src[c]) - x0) - m;
-            q = fmadd(d, d, q);
-        }
-        q = block_sum(q, red);
-        const A ve = q / (A)C + eps;
+        const A m = (A)(sd / dC);
+        FoldSum<A> q;   /* squares: chains of kFoldEvery, in double */
+        for (int64_t c = tid; c < C; c += nt) q.add_sq((D::to(src[c]) - sh) - m);
+        const double qd = block_sum(q.sum(), redd);
         A mean_o, rstd_o;
         bool fast = true;
-        if constexpr (sizeof(A) == 4) fast = ve >= 1e-30f && ve <= FLT_MAX;
+        if constexpr (sizeof(A) == 4) fast = float_sumsq_ok(qd);
         if (fast) {
-            const A rs = inv_sqrt(ve);
+            const A rs = (A)inv_sqrt(qd / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt) {
                 const A w = param_at<D>(a.w, wf, (A)1, c), b = param_at<D>(a.b, wf, (A)0, c);
-                yr[c] = D::from(fmadd(((D::to(src[c]) - x0) - m) * rs, w, b));
+                yr[c] = D::from(fmadd(((D::to(src[c]) - sh) - m) * rs, w, b));
             }
-            mean_o = x0 + m;
+            mean_o = (A)mean_d;
             rstd_o = rs;
         } else {
             const double x0d = x0;
-            double sd = 0.0;
-            for (int64_t c = tid; c < C; c += nt) sd += (double)D::to(src[c]) - x0d;
-            sd = block_sum(sd, redd);
-            const double md = sd / (double)C;
-            double qd = 0.0;
+            double s2 = 0.0;
+            for (int64_t c = tid; c < C; c += nt) s2 += (double)D::to(src[c]) - x0d;
+            s2 = block_sum(s2, redd);
+            const double md = s2 / dC;
+            double q2 = 0.0;
             for (int64_t c = tid; c < C; c += nt) {
                 const double d = ((double)D::to(src[c]) - x0d) - md;
-                qd = fmadd(d, d, qd);
+                q2 = fmadd(d, d, q2);
             }
-            qd = block_sum(qd, redd);
-            const double rsd = inv_sqrt(qd / (double)C + a.eps);
+            q2 = block_sum(q2, redd);
+            const double rsd = inv_sqrt(q2 / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt) {
                 const double w = param_at<D>(a.w, wf, (A)1, c), b = param_at<D>(a.b, wf, (A)0, c);
                 yr[c] = D::from((A)fmadd((((double)D::to(src[c]) - x0d) - md) * rsd, w, b));
@@ -402,50 +414,52 @@ ln_bwd_stream(const TokArgs a)
 /* ------------------------------------------------------------------------ */
 /* Dispatch                                                                  */
 
-inline unsigned f64_threads(int64_t C)
-{
-    const int64_t n = round_up32(ceil_div(C, 4) < kStreamThreads ? ceil_div(C, 4) : kStreamThreads);
-    return (unsigned)(n < 32 ? 32 : n);
-}
-
+/* The kernel and block size come from launch.h (fwd_plan, bwd_plan: a
+ * function of C and the dtype's size alone, checked on the host by
+ * cuda_src/tests/test_launch.cpp); here each plan's E picks the template. */
 template <class D>
 void ln_fwd_dispatch(const TokArgs &a, cudaStream_t s)
 {
-    const int64_t C = a.C, rows = a.rows;
+    const TokPlan p = fwd_plan(a.C, (int)sizeof(typename D::raw));
+    const int64_t rows = a.rows;
     if constexpr (std::is_same<D, F64>::value) {
-        ln_fwd_stream<D><<<grid_for(rows), f64_threads(C), 0, s>>>(a);
-    } else if (C <= kWarpMaxC) {
-        const unsigned g = grid_for(ceil_div(rows, kFwdWarpsPerBlock)), nt = 32 * kFwdWarpsPerBlock;
-        if (C <= 256) ln_fwd_reg<D, 8, true><<<g, nt, 0, s>>>(a);
-        else if (C <= 512) ln_fwd_reg<D, 16, true><<<g, nt, 0, s>>>(a);
-        else if (C <= 768) ln_fwd_reg<D, 24, true><<<g, nt, 0, s>>>(a);
-        else ln_fwd_reg<D, 32, true><<<g, nt, 0, s>>>(a);
-    } else if (C <= kRegMaxC) {
-        ln_fwd_reg<D, 16, false><<<grid_for(rows), round_up32(ceil_div(C, 16)), 0, s>>>(a);
+        ln_fwd_stream<D><<<grid_for(rows), p.threads, 0, s>>>(a);
+    } else if (p.kind == kTokWarp) {
+        const unsigned g = grid_for(ceil_div(rows, p.rows_per_block));
+        switch (p.E) {
+        case 8: ln_fwd_reg<D, 8, true><<<g, p.threads, 0, s>>>(a); break;
+        case 16: ln_fwd_reg<D, 16, true><<<g, p.threads, 0, s>>>(a); break;
+        case 24: ln_fwd_reg<D, 24, true><<<g, p.threads, 0, s>>>(a); break;
+        default: ln_fwd_reg<D, 32, true><<<g, p.threads, 0, s>>>(a); break;
+        }
+    } else if (p.kind == kTokBlock) {
+        ln_fwd_reg<D, kFwdBlockE, false><<<grid_for(rows), p.threads, 0, s>>>(a);
     } else {
-        ln_fwd_stream<D><<<grid_for(rows), kStreamThreads, 0, s>>>(a);
+        ln_fwd_stream<D><<<grid_for(rows), p.threads, 0, s>>>(a);
     }
 }
 
 template <class D>
 void ln_bwd_dispatch(const TokArgs &a, cudaStream_t s)
 {
+    const TokPlan p = bwd_plan(a.C, (int)sizeof(typename D::raw));
     const int64_t C = a.C, rows = a.rows;
     const unsigned P = (unsigned)a.P;
     if constexpr (std::is_same<D, F64>::value) {
-        if (a.dx != nullptr) ln_bwd_stream<D><<<grid_for(rows), f64_threads(C), 0, s>>>(a);
+        if (a.dx != nullptr) ln_bwd_stream<D><<<grid_for(rows), p.threads, 0, s>>>(a);
         if (a.part != nullptr) bwd_cols<D, true><<<dim3((unsigned)ceil_div(C, 256), P), 256, 0, s>>>(a);
-    } else if (C > kBwdRegMaxC) {
-        if (a.dx != nullptr) ln_bwd_stream<D><<<grid_for(rows), kStreamThreads, 0, s>>>(a);
+    } else if (p.kind == kTokStream) {
+        if (a.dx != nullptr) ln_bwd_stream<D><<<grid_for(rows), p.threads, 0, s>>>(a);
         if (a.part != nullptr) bwd_cols<D, true><<<dim3((unsigned)ceil_div(C, 256), P), 256, 0, s>>>(a);
-    } else if (C <= kWarpMaxC) {
-        const unsigned nt = 32 * kBwdWarpsPerBlock;
-        if (C <= 256) ln_bwd_reg<D, 8, true><<<P, nt, 0, s>>>(a);
-        else if (C <= 512) ln_bwd_reg<D, 16, true><<<P, nt, 0, s>>>(a);
-        else if (C <= 768) ln_bwd_reg<D, 24, true><<<P, nt, 0, s>>>(a);
-        else ln_bwd_reg<D, 32, true><<<P, nt, 0, s>>>(a);
+    } else if (p.kind == kTokWarp) {
+        switch (p.E) {
+        case 8: ln_bwd_reg<D, 8, true><<<P, p.threads, 0, s>>>(a); break;
+        case 16: ln_bwd_reg<D, 16, true><<<P, p.threads, 0, s>>>(a); break;
+        case 24: ln_bwd_reg<D, 24, true><<<P, p.threads, 0, s>>>(a); break;
+        default: ln_bwd_reg<D, 32, true><<<P, p.threads, 0, s>>>(a); break;
+        }
     } else {
-        ln_bwd_reg<D, 8, false><<<P, round_up32(ceil_div(C, 8)), 0, s>>>(a);
+        ln_bwd_reg<D, kBwdBlockE, false><<<P, p.threads, 0, s>>>(a);
     }
 }
 

@@ -2,8 +2,12 @@
  * backward. The CUDA sibling of c_src/rmsnorm.c.
  *
  * rstd = 1/sqrt(sum(x^2)/C + eps), y = x * rstd * w, rounded once.
- * float16/bfloat16/float32 compute in float32 (a row whose mean square
- * overflows or underflows float32 is redone in double), float64 in double.
+ * float16/bfloat16/float32 compute in float32, float64 in double. The sum of
+ * squares is taken as the C library takes it: each thread adds its squares in
+ * the compute type in short chains, the chains' sums are added in double
+ * (common.cuh, "Row statistics"), and rstd comes from the double sum. A row
+ * whose float sum of squares leaves [1e-20, 1e36] (a square may have
+ * overflowed or lost its bits; NaN/Inf) is redone in double.
  * Kernel choice by C, partitions and the fixed-order reduction of dweight are
  * those of layernorm.cu (see there and common.cuh).
  */
@@ -24,7 +28,6 @@ rms_fwd_reg(const TokArgs a)
     typedef typename D::raw R;
     constexpr int V = Vw<D>::V;
     constexpr int NV = E / V;
-    __shared__ float red[32];
     __shared__ double redd[32];
     const int C = (int)a.C;
     const int tpr = WARP ? 32 : (int)blockDim.x;
@@ -32,8 +35,7 @@ rms_fwd_reg(const TokArgs a)
     const int64_t rpb = WARP ? (int64_t)(blockDim.x >> 5) : 1;
     const int64_t step = (int64_t)gridDim.x * rpb;
     const bool vec = a.vec != 0, wf = a.w_f32 != 0;
-    const float eps = (float)a.eps;
-    const float fC = (float)C;
+    const double dC = (double)C;
 
     for (int64_t row = (int64_t)blockIdx.x * rpb + (WARP ? (threadIdx.x >> 5) : 0); row < a.rows; row += step) {
         const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
@@ -55,15 +57,16 @@ rms_fwd_reg(const TokArgs a)
             f.store(hr, C, tid, tpr, vec);
         }
 
+        /* each thread's squares in a float chain (k in order; the zeros
+         * beyond C add nothing), the chains in double */
         float q = 0.0f;
 #pragma unroll
         for (int k = 0; k < E; ++k) q = fmadd(f.get(k), f.get(k), q);
-        q = WARP ? warp_sum(q) : block_sum(q, red);
-        const float ve = q / fC + eps;
+        const double qd = WARP ? warp_sum((double)q) : block_sum((double)q, redd);
 
         float rstd_o;
-        if (ve >= 1e-30f && ve <= FLT_MAX) {
-            const float rs = inv_sqrt(ve);
+        if (float_sumsq_ok(qd)) {
+            const float rs = (float)inv_sqrt(qd / dC + a.eps);
 #pragma unroll
             for (int j = 0; j < NV; ++j) {
                 const int c0 = (j * tpr + tid) * V;
@@ -75,13 +78,13 @@ rms_fwd_reg(const TokArgs a)
             }
             rstd_o = rs;
         } else {
-            /* the mean square overflowed or underflowed float (or Inf/NaN):
-             * redo the row in double, from the registers */
-            double qd = 0.0;
+            /* a float square may have overflowed or lost its bits (or
+             * Inf/NaN): redo the row in double, from the registers */
+            double q2 = 0.0;
 #pragma unroll
-            for (int k = 0; k < E; ++k) qd = fmadd((double)f.get(k), (double)f.get(k), qd);
-            qd = WARP ? warp_sum(qd) : block_sum(qd, redd);
-            const double rsd = inv_sqrt(qd / (double)C + a.eps);
+            for (int k = 0; k < E; ++k) q2 = fmadd((double)f.get(k), (double)f.get(k), q2);
+            q2 = WARP ? warp_sum(q2) : block_sum(q2, redd);
+            const double rsd = inv_sqrt(q2 / dC + a.eps);
 #pragma unroll
             for (int j = 0; j < NV; ++j) {
                 const int c0 = (j * tpr + tid) * V;
@@ -106,12 +109,11 @@ rms_fwd_stream(const TokArgs a)
 {
     typedef typename D::raw R;
     typedef typename D::acc A;
-    __shared__ A red[32];
     __shared__ double redd[32];
     const int64_t C = a.C;
+    const double dC = (double)C;
     const int nt = blockDim.x, tid = threadIdx.x;
     const bool wf = a.w_f32 != 0;
-    const A eps = (A)a.eps;
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
         const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
         R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
@@ -121,7 +123,9 @@ rms_fwd_stream(const TokArgs a)
             rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.rsb, a.rst);
             hr = static_cast<R *>(a.h) + row_off(row, a.T, a.hsb, a.hst);
         }
-        A q = 0;
+        /* the thread's squares, c = tid, tid + nt, ..., in chains of
+         * kFoldEvery, in double */
+        FoldSum<A> q;
         for (int64_t c = tid; c < C; c += nt) {
             A v;
             if (rr != nullptr) {
@@ -131,27 +135,26 @@ rms_fwd_stream(const TokArgs a)
             } else {
                 v = D::to(xr[c]);
             }
-            q = fmadd(v, v, q);
+            q.add_sq(v);
         }
-        q = block_sum(q, red);   /* its barriers also publish h to the block */
+        const double qd = block_sum(q.sum(), redd);   /* its barriers also publish h to the block */
         const R *src = (rr != nullptr) ? hr : xr;   /* plain loads: h was written here */
-        const A ve = q / (A)C + eps;
         A rstd_o;
         bool fast = true;
-        if constexpr (sizeof(A) == 4) fast = ve >= 1e-30f && ve <= FLT_MAX;
+        if constexpr (sizeof(A) == 4) fast = float_sumsq_ok(qd);
         if (fast) {
-            const A rs = inv_sqrt(ve);
+            const A rs = (A)inv_sqrt(qd / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt)
                 yr[c] = D::from(D::to(src[c]) * rs * param_at<D>(a.w, wf, (A)1, c));
             rstd_o = rs;
         } else {
-            double qd = 0.0;
+            double q2 = 0.0;
             for (int64_t c = tid; c < C; c += nt) {
                 const double v = (double)D::to(src[c]);
-                qd = fmadd(v, v, qd);
+                q2 = fmadd(v, v, q2);
             }
-            qd = block_sum(qd, redd);
-            const double rsd = inv_sqrt(qd / (double)C + a.eps);
+            q2 = block_sum(q2, redd);
+            const double rsd = inv_sqrt(q2 / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt)
                 yr[c] = D::from((A)((double)D::to(src[c]) * rsd * (double)param_at<D>(a.w, wf, (A)1, c)));
             rstd_o = (A)rsd;
@@ -299,50 +302,52 @@ rms_bwd_stream(const TokArgs a)
 /* ------------------------------------------------------------------------ */
 /* Dispatch                                                                  */
 
-inline unsigned f64_threads(int64_t C)
-{
-    const int64_t n = round_up32(ceil_div(C, 4) < kStreamThreads ? ceil_div(C, 4) : kStreamThreads);
-    return (unsigned)(n < 32 ? 32 : n);
-}
-
+/* The kernel and block size come from launch.h (fwd_plan, bwd_plan: a
+ * function of C and the dtype's size alone, checked on the host by
+ * cuda_src/tests/test_launch.cpp); here each plan's E picks the template. */
 template <class D>
 void rms_fwd_dispatch(const TokArgs &a, cudaStream_t s)
 {
-    const int64_t C = a.C, rows = a.rows;
+    const TokPlan p = fwd_plan(a.C, (int)sizeof(typename D::raw));
+    const int64_t rows = a.rows;
     if constexpr (std::is_same<D, F64>::value) {
-        rms_fwd_stream<D><<<grid_for(rows), f64_threads(C), 0, s>>>(a);
-    } else if (C <= kWarpMaxC) {
-        const unsigned g = grid_for(ceil_div(rows, kFwdWarpsPerBlock)), nt = 32 * kFwdWarpsPerBlock;
-        if (C <= 256) rms_fwd_reg<D, 8, true><<<g, nt, 0, s>>>(a);
-        else if (C <= 512) rms_fwd_reg<D, 16, true><<<g, nt, 0, s>>>(a);
-        else if (C <= 768) rms_fwd_reg<D, 24, true><<<g, nt, 0, s>>>(a);
-        else rms_fwd_reg<D, 32, true><<<g, nt, 0, s>>>(a);
-    } else if (C <= kRegMaxC) {
-        rms_fwd_reg<D, 16, false><<<grid_for(rows), round_up32(ceil_div(C, 16)), 0, s>>>(a);
+        rms_fwd_stream<D><<<grid_for(rows), p.threads, 0, s>>>(a);
+    } else if (p.kind == kTokWarp) {
+        const unsigned g = grid_for(ceil_div(rows, p.rows_per_block));
+        switch (p.E) {
+        case 8: rms_fwd_reg<D, 8, true><<<g, p.threads, 0, s>>>(a); break;
+        case 16: rms_fwd_reg<D, 16, true><<<g, p.threads, 0, s>>>(a); break;
+        case 24: rms_fwd_reg<D, 24, true><<<g, p.threads, 0, s>>>(a); break;
+        default: rms_fwd_reg<D, 32, true><<<g, p.threads, 0, s>>>(a); break;
+        }
+    } else if (p.kind == kTokBlock) {
+        rms_fwd_reg<D, kFwdBlockE, false><<<grid_for(rows), p.threads, 0, s>>>(a);
     } else {
-        rms_fwd_stream<D><<<grid_for(rows), kStreamThreads, 0, s>>>(a);
+        rms_fwd_stream<D><<<grid_for(rows), p.threads, 0, s>>>(a);
     }
 }
 
 template <class D>
 void rms_bwd_dispatch(const TokArgs &a, cudaStream_t s)
 {
+    const TokPlan p = bwd_plan(a.C, (int)sizeof(typename D::raw));
     const int64_t C = a.C, rows = a.rows;
     const unsigned P = (unsigned)a.P;
     if constexpr (std::is_same<D, F64>::value) {
-        if (a.dx != nullptr) rms_bwd_stream<D><<<grid_for(rows), f64_threads(C), 0, s>>>(a);
+        if (a.dx != nullptr) rms_bwd_stream<D><<<grid_for(rows), p.threads, 0, s>>>(a);
         if (a.part != nullptr) bwd_cols<D, false><<<dim3((unsigned)ceil_div(C, 256), P), 256, 0, s>>>(a);
-    } else if (C > kBwdRegMaxC) {
-        if (a.dx != nullptr) rms_bwd_stream<D><<<grid_for(rows), kStreamThreads, 0, s>>>(a);
+    } else if (p.kind == kTokStream) {
+        if (a.dx != nullptr) rms_bwd_stream<D><<<grid_for(rows), p.threads, 0, s>>>(a);
         if (a.part != nullptr) bwd_cols<D, false><<<dim3((unsigned)ceil_div(C, 256), P), 256, 0, s>>>(a);
-    } else if (C <= kWarpMaxC) {
-        const unsigned nt = 32 * kBwdWarpsPerBlock;
-        if (C <= 256) rms_bwd_reg<D, 8, true><<<P, nt, 0, s>>>(a);
-        else if (C <= 512) rms_bwd_reg<D, 16, true><<<P, nt, 0, s>>>(a);
-        else if (C <= 768) rms_bwd_reg<D, 24, true><<<P, nt, 0, s>>>(a);
-        else rms_bwd_reg<D, 32, true><<<P, nt, 0, s>>>(a);
+    } else if (p.kind == kTokWarp) {
+        switch (p.E) {
+        case 8: rms_bwd_reg<D, 8, true><<<P, p.threads, 0, s>>>(a); break;
+        case 16: rms_bwd_reg<D, 16, true><<<P, p.threads, 0, s>>>(a); break;
+        case 24: rms_bwd_reg<D, 24, true><<<P, p.threads, 0, s>>>(a); break;
+        default: rms_bwd_reg<D, 32, true><<<P, p.threads, 0, s>>>(a); break;
+        }
     } else {
-        rms_bwd_reg<D, 8, false><<<P, round_up32(ceil_div(C, 8)), 0, s>>>(a);
+        rms_bwd_reg<D, kBwdBlockE, false><<<P, p.threads, 0, s>>>(a);
     }
 }
 

@@ -8,7 +8,11 @@
  * shared memory; parameter gradients by one thread per column walking the
  * rows in order. No atomics: the same bits on every run. The LayerNorm shift
  * and the hi + lo split of the double mean are those of the C library.
- * widths/counts arrays of the combine functions live in host memory; the
+ * widths/counts arrays of the combine functions live in host memory and
+ * reach the kernel by value, as a kernel argument (ShardSizes, at most
+ * kMaxShards = PN_CUDA_MAX_SHARDS of them): no copy, no allocation, nothing
+ * that could wait on the host or point into the caller's memory once the call
+ * has returned (a captured graph keeps the values themselves). The
  * backward's scratch is not used (NULL is fine).
  */
 #include "common.cuh"
@@ -17,6 +21,13 @@ namespace pn {
 namespace {
 
 constexpr int kShardThreads = 256;
+
+static_assert(kMaxShards == PN_CUDA_MAX_SHARDS, "launch.h and pynorm_cuda.h disagree on the shard limit");
+
+/* The shards' widths (token norms) or counts (BatchNorm), by value. */
+struct ShardSizes {
+    int64_t n[kMaxShards];
+};
 
 /* fixed-order block sum of one double per thread (blockDim.x == kShardThreads) */
 __device__ double block_sum_d(double v, double *sh)
@@ -174,13 +185,13 @@ __global__ void shard_dparam_k(const ShardArgs a)
     }
 }
 
-__global__ void ln_combine_k(double *mean, double *rstd, const double *parts, const int64_t *widths,
+__global__ void ln_combine_k(double *mean, double *rstd, const double *parts, const ShardSizes sz,
                              int64_t P, int64_t rows, double eps, int ln)
 {
     const int64_t r = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (r >= rows) return;
     double C = 0;
-    for (int64_t p = 0; p < P; p++) C += (double)widths[p];
+    for (int64_t p = 0; p < P; p++) C += (double)sz.n[p];
     if (!ln) {
         double s = 0;
         for (int64_t p = 0; p < P; p++) s += parts[p * rows + r];
@@ -188,11 +199,11 @@ __global__ void ln_combine_k(double *mean, double *rstd, const double *parts, co
         return;
     }
     double sm = 0, m2 = 0;
-    for (int64_t p = 0; p < P; p++) sm += (double)widths[p] * parts[(p * rows + r) * 2];
+    for (int64_t p = 0; p < P; p++) sm += (double)sz.n[p] * parts[(p * rows + r) * 2];
     const double m = sm / C;
     for (int64_t p = 0; p < P; p++) {
         const double d = parts[(p * rows + r) * 2] - m;
-        m2 += parts[(p * rows + r) * 2 + 1] + (double)widths[p] * d * d;
+        m2 += parts[(p * rows + r) * 2 + 1] + (double)sz.n[p] * d * d;
     }
     if (mean) mean[r] = m;
     if (rstd) rstd[r] = 1.0 / sqrt(m2 / C + eps);
@@ -305,17 +316,17 @@ __global__ void bn_dparam_k(const BnArgs a)
 }
 
 __global__ void bn_combine_k(double *mean, double *rstd, void *rm, void *rv, const double *parts,
-                             const int64_t *counts, int64_t P, int64_t C, double eps, double f, int rdt)
+                             const ShardSizes sz, int64_t P, int64_t C, double eps, double f, int rdt)
 {
     const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     double n = 0, sm = 0, m2 = 0;
-    for (int64_t p = 0; p < P; p++) { n += (double)counts[p]; if (counts[p]) sm += (double)counts[p] * parts[(p * C + c) * 2]; }
+    for (int64_t p = 0; p < P; p++) { n += (double)sz.n[p]; if (sz.n[p]) sm += (double)sz.n[p] * parts[(p * C + c) * 2]; }
     const double m = sm / n;
     for (int64_t p = 0; p < P; p++) {
-        if (!counts[p]) continue;
+        if (!sz.n[p]) continue;
         const double d = parts[(p * C + c) * 2] - m;
-        m2 += parts[(p * C + c) * 2 + 1] + (double)counts[p] * d * d;
+        m2 += parts[(p * C + c) * 2 + 1] + (double)sz.n[p] * d * d;
     }
     if (mean) mean[c] = m;
     if (rstd) rstd[c] = 1.0 / sqrt(m2 / n + eps);
@@ -406,18 +417,15 @@ pn_status token_combine(int ln, double *mean, double *rstd, const double *parts,
                         int64_t P, int64_t rows, double eps, cudaStream_t stream)
 {
     if (!parts || !widths || (!ln && !rstd)) return PN_ERR_NULL;
-    if (P <= 0 || rows <= 0) return PN_ERR_SIZE;
-    for (int64_t p = 0; p < P; p++) if (widths[p] <= 0) return PN_ERR_SIZE;
+    if (P <= 0 || P > kMaxShards || rows <= 0) return PN_ERR_SIZE;
+    ShardSizes sz = {};
+    int64_t total = 0;
+    for (int64_t p = 0; p < P; p++) {
+        if (widths[p] <= 0 || add_ovf(total, widths[p], &total)) return PN_ERR_SIZE;
+        sz.n[p] = widths[p];
+    }
     if (check_eps(eps)) return PN_ERR_EPS;
-    if (P > 64) return PN_ERR_SIZE;
-    /* the host's widths go to the device through a stream-ordered allocation */
-    int64_t host[64];
-    for (int64_t p = 0; p < P; p++) host[p] = widths[p];
-    int64_t *tmp = nullptr;
-    if (cudaMallocAsync((void **)&tmp, sizeof(int64_t) * (size_t)P, stream) != cudaSuccess) return launch_status();
-    cudaMemcpyAsync(tmp, host, sizeof(int64_t) * (size_t)P, cudaMemcpyHostToDevice, stream);
-    ln_combine_k<<<(unsigned)ceil_div(rows, 256), 256, 0, stream>>>(mean, rstd, parts, tmp, P, rows, eps, ln);
-    cudaFreeAsync(tmp, stream);
+    ln_combine_k<<<(unsigned)ceil_div(rows, 256), 256, 0, stream>>>(mean, rstd, parts, sz, P, rows, eps, ln);
     return launch_status();
 }
 
@@ -593,11 +601,12 @@ PN_CUDA_API pn_status pn_cuda_batchnorm_shard_combine(double *mean, double *rstd
 {
     if (!parts || !counts) return PN_ERR_NULL;
     if (flags & ~PN_BN_CUMULATIVE) return PN_ERR_ARG;
-    if (nshards <= 0 || nshards > 64 || C <= 0) return PN_ERR_SIZE;
+    if (nshards <= 0 || nshards > kMaxShards || C <= 0) return PN_ERR_SIZE;
+    ShardSizes sz = {};
     int64_t n = 0;
     for (int64_t p = 0; p < nshards; p++) {
-        if (counts[p] < 0) return PN_ERR_SIZE;
-        n += counts[p];
+        if (counts[p] < 0 || add_ovf(n, counts[p], &n)) return PN_ERR_SIZE;
+        sz.n[p] = counts[p];
     }
     if (n <= 1) return PN_ERR_SIZE;
     if (check_eps(eps)) return PN_ERR_EPS;
@@ -610,14 +619,8 @@ PN_CUDA_API pn_status pn_cuda_batchnorm_shard_combine(double *mean, double *rstd
     } else if (update && !(momentum == momentum && fabs(momentum) <= 1e300)) {
         return PN_ERR_ARG;
     }
-    int64_t *tmp = nullptr;
-    if (cudaMallocAsync((void **)&tmp, sizeof(int64_t) * (size_t)nshards, stream) != cudaSuccess) return launch_status();
-    int64_t host[64];
-    for (int64_t p = 0; p < nshards; p++) host[p] = counts[p];
-    cudaMemcpyAsync(tmp, host, sizeof(int64_t) * (size_t)nshards, cudaMemcpyHostToDevice, stream);
-    bn_combine_k<<<(unsigned)ceil_div(C, 256), 256, 0, stream>>>(mean, rstd, running_mean, running_var, parts, tmp,
+    bn_combine_k<<<(unsigned)ceil_div(C, 256), 256, 0, stream>>>(mean, rstd, running_mean, running_var, parts, sz,
                                                                  nshards, C, eps, f, (int)rdtype);
-    cudaFreeAsync(tmp, stream);
     return launch_status();
 }
 

@@ -286,8 +286,8 @@ def _dev(obj, name, call):
             pass
     d = _Dev(ptr, shape, strides, dtype, device, obj, readonly)
     stream = cai.get("stream") if cai.get("version", 0) >= 3 else None
-    if stream:                  # v3: the producer's stream; ours will wait for it
-        call.producers.add(int(stream))
+    if stream:                  # v3: the producer's stream; ours waits for it before any use
+        call.wait_for(int(stream))
     return d
 
 
@@ -490,29 +490,50 @@ def _check_status(ffi, lib, status, what):
 
 class _Call:
     """One call's context: library, CuPy, device and stream of x (check_x: how
-    x is checked; the token norms' rule by default)."""
+    x is checked; the token norms' rule by default).
+
+    Stream order (CUDA Array Interface v3): an input whose interface names a
+    producer stream may still be being written there. The first use of any
+    input is work queued on our stream (a copy to a dense layout, a copy to
+    the host, a kernel), so our stream is made to wait for the producer's as
+    soon as the input is seen: an event recorded on the producer stream and
+    waited for by ours, queued before anything reads the array. Inputs seen
+    before the call enters x's device (x itself) are waited for on entry,
+    before anything is queued."""
 
     def __init__(self, x, check_x=None):
         self.ffi, self.lib = library()
         self.cp = _cupy()
-        self.producers = set()      # streams named by __cuda_array_interface__ v3 inputs
+        self.stream = None          # set on entry: the current stream of x's device
+        self.producers = set()      # producer streams not yet waited for (until entry)
         self.x = (check_x or _check_x)(x, "x", self)
         self.device = self.cp.cuda.Device(self.x.device)
 
     def __enter__(self):
         self.device.__enter__()
         self.stream = self.cp.cuda.get_current_stream()
+        self._wait_producers()
         return self
 
     def __exit__(self, *exc):
         return self.device.__exit__(*exc)
 
-    def stream_ptr(self):
-        """Our stream, after making it wait for the producers' streams."""
-        for s in self.producers:
+    def wait_for(self, producer):
+        """An input's producer stream (its __cuda_array_interface__ v3
+        "stream"): our stream waits for it now, or on entry."""
+        self.producers.add(producer)
+        if self.stream is not None:
+            self._wait_producers()
+
+    def _wait_producers(self):
+        for s in sorted(self.producers):
             if s != self.stream.ptr:
                 self.stream.wait_event(self.cp.cuda.ExternalStream(s).record())
         self.producers.clear()
+
+    def stream_ptr(self):
+        """Our stream (every producer is already waited for)."""
+        self._wait_producers()
         return self.ffi.cast("cudaStream_t", self.stream.ptr)
 
 

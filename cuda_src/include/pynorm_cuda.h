@@ -9,7 +9,7 @@
  *   - Work is queued on `stream` and never waited for: no call synchronizes
  *     the stream or the device or changes device settings, and none
  *     allocates memory except where its comment says so (stream-ordered,
- *     cudaMallocAsync: pn_cuda_batchnorm_forward and the shard combines).
+ *     cudaMallocAsync: pn_cuda_batchnorm_forward).
  *     Kernels run on the current device; the buffers and the stream must
  *     belong to it.
  *   - Arguments are checked on the host before anything is launched (null
@@ -201,8 +201,13 @@ PN_CUDA_API pn_status pn_cuda_batchnorm_backward(
 
 /* --- sharded statistics (tensor-parallel LayerNorm/RMSNorm, synchronized
  * BatchNorm): pynorm.h's pn_*_shard_* on device buffers. The widths/counts
- * arrays of the combine functions (at most 64 shards) are in host memory; the
- * backward's scratch is not used (NULL is fine). */
+ * arrays of the combine functions are in host memory and are read during the
+ * call: their values travel with the launch (no copy, no allocation, no
+ * wait; under stream capture the graph keeps the values), so the arrays may
+ * be freed or reused as soon as the call returns. At most PN_CUDA_MAX_SHARDS
+ * shards: nshards beyond it (or <= 0) gives PN_ERR_SIZE. The backward's
+ * scratch is not used (NULL is fine). */
+#define PN_CUDA_MAX_SHARDS 64
 PN_CUDA_API pn_status pn_cuda_layernorm_shard_stats(double *part, const void *inp, int64_t B, int64_t T, int64_t C,
     pn_dtype dtype, const pn_strides *strides, cudaStream_t stream);
 PN_CUDA_API pn_status pn_cuda_layernorm_shard_combine(double *mean, double *rstd, const double *parts,
