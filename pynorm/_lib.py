@@ -45,4 +45,4 @@ with open(_find_header()) as f:
 
 ffi = FFI()
 ffi.cdef(_cdef_block(header_source))
-lib = ffi.dlopen(library_path)
+lib = ffi.dlopen(library_path, ffi.RTLD_NOW | getattr(ffi, "RTLD_NODELETE", 0))  # never unloaded: docs/reliability.md
