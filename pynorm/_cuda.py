@@ -182,7 +182,7 @@ def library():
         ffi = FFI()
         ffi.cdef(_CDEF)
         try:
-            lib = ffi.dlopen(found[0])
+            lib = ffi.dlopen(found[0], ffi.RTLD_NOW | getattr(ffi, "RTLD_NODELETE", 0))  # never unloaded: docs/reliability.md
         except OSError as e:
             raise CudaUnavailableError(f"pynorm: cannot load the CUDA library {found[0]}: {e}") from e
         library_path = found[0]

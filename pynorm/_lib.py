@@ -78,4 +78,4 @@ library_path, header_source = _find_library()
 
 ffi = FFI()
 ffi.cdef(_cdef_block(header_source))
-lib = ffi.dlopen(library_path)
+lib = ffi.dlopen(library_path, ffi.RTLD_NOW | getattr(ffi, "RTLD_NODELETE", 0))  # never unloaded: docs/reliability.md
