@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
 # Every test of pynorm, after `pip install ".[test]" torch==2.13.0`:
-#   1. the C library, the C tests and (where nvcc exists) the CUDA library, run by ctest;
-#   2. the same C tests built with AddressSanitizer + UndefinedBehaviorSanitizer;
-#   3. the pytest suite, against the installed package;
-#   4. the reliability checks (tests/run_reliability.sh): bounded libFuzzer runs,
+#   1. the C library, the C tests and (where nvcc exists) the CUDA library, run by ctest
+#      (among them: clients of an installed copy through find_package, pkg-config and
+#      examples/; pkg-config is installed with apt-get where missing);
+#   2. the library and the C tests built by clang, run by ctest, and the same bits as
+#      build 1's (tests/run_clang.sh; clang and libomp installed with apt-get where missing);
+#   3. the same C tests built with AddressSanitizer + UndefinedBehaviorSanitizer;
+#   4. the pytest suite, against the installed package;
+#   5. the reliability checks (tests/run_reliability.sh): bounded libFuzzer runs,
 #      valgrind memcheck and ThreadSanitizer (their tools are installed with
 #      apt-get where missing; PN_FUZZ_SECONDS sets the fuzzing time, default 60).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 jobs=$(nproc 2>/dev/null || echo 2)
+source "$repo/tests/apt_install.sh"
+
+if ! command -v pkg-config >/dev/null 2>&1; then
+  apt_install pkg-config ||
+    echo "!!! pkg-config could not be installed: ctest skips the pkg-config tests (apt-get install pkg-config)"
+fi
 
 echo "== C tests (ctest)"
 cmake -S "$repo" -B "$repo/build/test" -DCMAKE_BUILD_TYPE=Release -DBUILD_TESTING=ON
 cmake --build "$repo/build/test" -j "$jobs"
 ctest --test-dir "$repo/build/test" --output-on-failure -j "$jobs"
+
+echo "== C tests built by clang (ctest), and the same bits as the build above"
+PN_TEST_BUILD="$repo/build/test" bash "$repo/tests/run_clang.sh"
 
 echo "== C tests under ASan + UBSan (ctest)"
 cmake -S "$repo" -B "$repo/build/asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBUILD_TESTING=ON \

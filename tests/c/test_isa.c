@@ -1,14 +1,18 @@
 /* test_isa.c - the library promises the same bits for every instruction set
- * it picks. This program runs a fixed set of cases (every op, dtype, weight
- * dtype, a few shapes and layouts, a row with NaN/Inf) and hashes every
- * output bit (NaN payloads canonicalized).
+ * it picks (and for every compiler that builds it). This program runs a fixed
+ * set of cases (every token-norm op, dtype, weight dtype, a few shapes and
+ * layouts, a row with NaN/Inf; GroupNorm and training BatchNorm, forward and
+ * backward, in both layouts) and hashes every output bit (NaN payloads
+ * canonicalized).
  *
  *   test_isa write FILE          one "case hash" line per case, under the ISA
  *                                the library picked (set PYNORM_ISA to force)
  *   test_isa compare FILE FILE   the two files must agree line by line
  *
  * ctest runs "write" under the default ISA, PYNORM_ISA=avx2 and
- * PYNORM_ISA=generic (fixtures), then "compare" for each pair. */
+ * PYNORM_ISA=generic (fixtures), then "compare" for each pair;
+ * tests/run_clang.sh compares the files of a clang build with another
+ * build's. */
 #include "testutil.h"
 
 #define NELEM(a) ((int)(sizeof(a) / sizeof((a)[0])))
@@ -188,10 +192,103 @@ static uint64_t run_case(int op, const cfg_t *c, pn_dtype dt, pn_dtype wdt, int 
     return s == PN_OK ? hh.h : 0;
 }
 
+/* --- spatial norms: GroupNorm, BatchNorm (training) ----------------------- */
+
+enum { SP_GN_FWD = 0, SP_GN_BWD, SP_BN_FWD, SP_BN_BWD, SP_N };
+
+static const char *sp_names[SP_N] = {"gn_fwd", "gn_bwd", "bn_fwd", "bn_bwd"};
+
+typedef struct {
+    int64_t N, C, S, G;
+} sp_cfg_t;
+
+static const sp_cfg_t sp_cfgs[] = {
+    {1, 1, 1, 1},    {2, 6, 5, 3},     {3, 32, 49, 8},  {2, 64, 17, 64}, /* InstanceNorm */
+    {4, 16, 256, 4}, {7, 10, 1, 5},    {2, 8, 1031, 2}, {5, 48, 64, 16},
+};
+
+/* One spatial case: the hash of all outputs (status included), 0 when a call
+ * failed. The backward takes the statistics of the library's forward. */
+static uint64_t run_spatial_case(int op, const sp_cfg_t *c, pn_layout l, pn_dtype dt, pn_dtype wdt,
+                                 int with_w)
+{
+    const int64_t N = c->N, C = c->C, S = c->S, G = c->G, n = N * C * S;
+    const int bn = op == SP_BN_FWD || op == SP_BN_BWD;
+    const int bwd = op == SP_GN_BWD || op == SP_BN_BWD;
+    const int64_t nstat = bn ? C : N * G;
+    const pn_dtype sdt = tu_stat_dtype(dt);
+    tu_rng rng;
+    tu_buf x, y, w, b, mean, rstd, rm, rv, dy, dx, dw, db;
+    pn_status s1, s2 = PN_OK;
+    hash_t hh;
+
+    hh.h = 0xcbf29ce484222325ull;
+    rng.s = 777 + (uint64_t)(op * 131 + (int)dt * 17 + (int)wdt * 3 + with_w + (int)l * 7) +
+            (uint64_t)(C * 11 + N * 5 + S);
+    x = tu_buf_vec(n, dt);
+    tu_fill_normal(&x, &rng, 0.5, 2.0);
+    y = tu_buf_vec(n, dt);
+    w = with_w ? tu_buf_vec(C, wdt) : tu_buf_none();
+    if (w.mem) tu_fill_normal(&w, &rng, 1.0, 0.4);
+    b = with_w ? tu_buf_vec(C, wdt) : tu_buf_none();
+    if (b.mem) tu_fill_normal(&b, &rng, 0.0, 0.4);
+    mean = tu_buf_vec(nstat, sdt);
+    rstd = tu_buf_vec(nstat, sdt);
+    rm = bn ? tu_buf_vec(C, wdt) : tu_buf_none();
+    rv = bn ? tu_buf_vec(C, wdt) : tu_buf_none();
+    if (bn) {
+        tu_fill_normal(&rm, &rng, 0.0, 0.5);
+        tu_fill_normal(&rv, &rng, 1.0, 0.1);
+    }
+    dy = bwd ? tu_buf_vec(n, dt) : tu_buf_none();
+    dx = bwd ? tu_buf_vec(n, dt) : tu_buf_none();
+    dw = bwd ? tu_buf_vec(C, wdt) : tu_buf_none();
+    db = bwd ? tu_buf_vec(C, wdt) : tu_buf_none();
+    if (bwd) {
+        tu_fill_normal(&dy, &rng, 0.0, 1.0);
+        tu_fill_normal(&dx, &rng, 0.0, 1.0); /* accumulated into */
+        tu_fill_normal(&dw, &rng, 0.0, 1.0);
+        tu_fill_normal(&db, &rng, 0.0, 1.0);
+    }
+
+    if (bn)
+        s1 = pn_batchnorm_forward(tu_ptr(&y), tu_ptr(&mean), tu_ptr(&rstd), tu_ptr(&rm), tu_ptr(&rv),
+                                  tu_ptr(&x), tu_ptr(&w), tu_ptr(&b), N, C, S, 1e-5, 0.1, 0,
+                                  PN_BN_TRAINING, l, dt, wdt, wdt);
+    else
+        s1 = pn_groupnorm_forward(tu_ptr(&y), tu_ptr(&mean), tu_ptr(&rstd), tu_ptr(&x), tu_ptr(&w),
+                                  tu_ptr(&b), N, C, S, G, 1e-5, l, dt, wdt);
+    if (!bwd) {
+        hash_buf(&hh, &y);
+        hash_buf(&hh, &mean);
+        hash_buf(&hh, &rstd);
+        hash_buf(&hh, &rm);
+        hash_buf(&hh, &rv);
+    } else {
+        if (bn)
+            s2 = pn_batchnorm_backward(tu_ptr(&dx), tu_ptr(&dw), tu_ptr(&db), NULL, 0, tu_ptr(&dy),
+                                       tu_ptr(&x), tu_ptr(&w), tu_ptr(&mean), tu_ptr(&rstd), N, C,
+                                       S, PN_BN_TRAINING | PN_ACCUMULATE, l, dt, wdt);
+        else
+            s2 = pn_groupnorm_backward(tu_ptr(&dx), tu_ptr(&dw), tu_ptr(&db), NULL, 0, tu_ptr(&dy),
+                                       tu_ptr(&x), tu_ptr(&w), tu_ptr(&mean), tu_ptr(&rstd), N, C,
+                                       S, G, PN_ACCUMULATE, l, dt, wdt);
+        hash_buf(&hh, &dx);
+        hash_buf(&hh, &dw);
+        hash_buf(&hh, &db);
+    }
+    hash_bytes(&hh, &s1, sizeof s1);
+    hash_bytes(&hh, &s2, sizeof s2);
+    tu_buf_free(&x); tu_buf_free(&y); tu_buf_free(&w); tu_buf_free(&b); tu_buf_free(&mean);
+    tu_buf_free(&rstd); tu_buf_free(&rm); tu_buf_free(&rv); tu_buf_free(&dy); tu_buf_free(&dx);
+    tu_buf_free(&dw); tu_buf_free(&db);
+    return s1 == PN_OK && s2 == PN_OK ? hh.h : 0;
+}
+
 static int do_write(const char *path)
 {
     FILE *f = fopen(path, "w");
-    int op, ci, di, wi, zero = 0, ncases = 0;
+    int op, ci, di, wi, li, zero = 0, ncases = 0;
     const char *env = getenv("PYNORM_ISA");
     const char *isa = pn_isa();
     if (!f) {
@@ -220,6 +317,24 @@ static int do_write(const char *path)
                             tu_layout_name(c->layout), c->nonfinite ? "+nan" : "",
                             wi ? "w" : "no-w", (unsigned long long)hv);
                 }
+    for (op = 0; op < SP_N; op++)
+        for (ci = 0; ci < NELEM(sp_cfgs); ci++)
+            for (li = 0; li < 2; li++)
+                for (di = 0; di < NELEM(dtypes); di++)
+                    for (wi = 0; wi < 2; wi++) {
+                        const sp_cfg_t *c = &sp_cfgs[ci];
+                        const pn_layout l = li ? PN_NHWC : PN_NCHW;
+                        uint64_t hv;
+                        if (op >= SP_BN_FWD && c->N * c->S < 2)
+                            continue; /* training BatchNorm needs two values per channel */
+                        hv = run_spatial_case(op, c, l, dtypes[di].dt, dtypes[di].wdt, wi);
+                        if (hv == 0) zero++;
+                        ncases++;
+                        fprintf(f, "%s %s/%s N=%lld C=%lld S=%lld G=%lld %s %s %016llx\n", sp_names[op],
+                                tu_dtype_name(dtypes[di].dt), tu_dtype_name(dtypes[di].wdt),
+                                (long long)c->N, (long long)c->C, (long long)c->S, (long long)c->G,
+                                li ? "nhwc" : "nchw", wi ? "w" : "no-w", (unsigned long long)hv);
+                    }
     fclose(f);
     tu_check(zero == 0, "wrote %d case hashes under isa %s to %s; calls that failed: %d", ncases,
              isa, path, zero);
