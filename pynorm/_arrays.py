@@ -176,43 +176,141 @@ def split_rows(lead, strides_list):
     return None
 
 
-def row_layout(lead, buffers):
+def rows_disjoint(B, T, sb, st, C):
+    """The C library's test that B x T rows of C elements at element offsets
+    b*sb + t*st do not overlap (what it requires of an output's rows)."""
+    sb, st = abs(sb), abs(st)
+    if B == 1 and T == 1:
+        return True
+    if B == 1:
+        return st >= C
+    if T == 1:
+        return sb >= C
+    if st <= sb:
+        return st >= C and sb >= (T - 1) * st + C
+    return sb >= C and st >= (B - 1) * sb + C
+
+
+def repeated_row(sb, st, B, T):
+    """Strides {sb, st} for a buffer whose every row is the same memory, where the
+    fold gave (0, 0) - which the C API reads as the dense layout. None when both
+    B > 1 and T > 1 (no other pair reads one row for every (b, t))."""
+    if (sb, st) != (0, 0):
+        return sb, st
+    if B == 1:
+        return 1, 0                 # b is always 0
+    if T == 1:
+        return 0, 1                 # t is always 0
+    return None
+
+
+# roles of the buffers of a token-norm call (row_layout): read, written, added into,
+# or written and new (an output the call allocated: dense, apart from everything)
+IN, OUT, INOUT, NEW = 0, 1, 2, 3
+
+
+def _replace(i, buffers, arrays, strides, back):
+    """Buffer i of a row_layout call replaced by a dense array: a copy of an input, a
+    temporary for an output (holding its values when the call adds into it)."""
+    a, role = buffers[i][2], buffers[i][3]
+    if role == IN:
+        new = np.ascontiguousarray(a)
+    else:
+        new = empty(a.shape, a.dtype) if role != INOUT else np.array(a, order="C")
+        back.append((a, new))
+    arrays[i] = new
+    strides[i] = _elem_strides(new)
+
+
+def row_layout(lead, buffers, others=()):
     """Lays B x T x C rows over buffers sharing the leading shape `lead`.
 
-    buffers: list of (pn_strides field, argument name, array, may_copy).
-    Returns (B, T, pn_strides* or NULL, arrays) where an input the kernels
-    cannot address in place (last axis not contiguous, or leading axes that
-    fold with no common split) has been replaced by a dense copy. An output
-    (may_copy False) that cannot be addressed raises ValueError."""
+    buffers: list of (pn_strides field, argument name, array, role): IN (read;
+    may be replaced by a dense copy), OUT (written), INOUT (added into) or NEW
+    (written, and allocated by the call: dense and apart from everything). An
+    output the kernels cannot write where it is (its last axis is strided, its
+    rows have no B x T split in common with the other buffers, or its extent
+    meets another buffer's, which the library refuses as an alias) is replaced
+    by a dense temporary: write_back() copies it into the output after the call.
+    others: (name, array or None) of every array the call reads, for that test.
+
+    Returns (B, T, pn_strides* or NULL, arrays to pass, [(output, temporary)])."""
     arrays = [b[2] for b in buffers]
     for a in arrays:
         if not a.flags.c_contiguous:
             break
     else:                                                   # the common case, no struct
-        return 1, math.prod(lead), ffi.NULL, arrays
-    for attempt in (0, 1):
-        strides_list = []
-        for i, (field, name, a, may_copy) in enumerate(buffers):
-            st = _elem_strides(arrays[i])
-            if st is None or (attempt and may_copy and not arrays[i].flags.c_contiguous):
-                if not may_copy:
-                    raise ValueError(f"{name} must have a contiguous last axis (stride = itemsize)")
-                arrays[i] = np.ascontiguousarray(arrays[i])
-                st = _elem_strides(arrays[i])
-            strides_list.append(st)
-        split = split_rows(lead, strides_list)
+        return 1, math.prod(lead), ffi.NULL, arrays, ()
+    back = []
+    strides = [_elem_strides(a) for a in arrays]
+
+    # rows the kernels cannot address at all (a strided last axis) are copied; an
+    # output is also written through a temporary when its extent meets another
+    # buffer's (the library would refuse it as an alias)
+    for i, b in enumerate(buffers):
+        if b[3] == IN and strides[i] is None:
+            _replace(i, buffers, arrays, strides, back)
+    for i, b in enumerate(buffers):
+        if (b[3] == OUT or b[3] == INOUT) and (
+                strides[i] is None or
+                any(j != i and np.may_share_memory(arrays[i], a) for j, a in enumerate(arrays)) or
+                any(a is not None and np.may_share_memory(arrays[i], a) for _, a in others)):
+            _replace(i, buffers, arrays, strides, back)
+    # a B x T split common to every buffer; failing one, the strided inputs are
+    # copied, then the strided outputs written through temporaries (dense arrays fit any split)
+    split = split_rows(lead, strides)
+    for copy_inputs in (True, False):
         if split is not None:
-            B, T, pairs = split
-            s = ffi.new("pn_strides *")
-            for (field, *_), (sb, st) in zip(buffers, pairs):
-                row = getattr(s, field)
-                if (sb, st) == (0, 0):     # one row repeated (broadcast): {0, 0} would mean dense
-                    sb = 1                 # B == 1 here, so this stride is never used
-                row.b, row.t = sb, st
-            return B, T, s, arrays
-    names = ", ".join(b[1] for b in buffers if not b[3])
-    raise ValueError(f"the leading axes of {names} have strides that cannot be laid out as B x T rows; "
-                     "pass C-contiguous output arrays")
+            break
+        for i, b in enumerate(buffers):
+            if (b[3] == IN) == copy_inputs and not arrays[i].flags.c_contiguous:
+                _replace(i, buffers, arrays, strides, back)
+        split = split_rows(lead, strides)
+    B, T, pairs = split
+    C = arrays[0].shape[-1]
+    s = ffi.new("pn_strides *")
+    for i, (sb, st) in enumerate(pairs):
+        if arrays[i].flags.c_contiguous:
+            continue                                        # {0, 0}: dense, whatever the split
+        field, role = buffers[i][0], buffers[i][3]
+        if (role == OUT or role == INOUT) and not rows_disjoint(B, T, sb, st, C):
+            _replace(i, buffers, arrays, strides, back)    # rows the library would refuse to write
+            continue
+        pair = repeated_row(sb, st, B, T)
+        if pair is None:           # one row for every (b, t) of a B x T split: min(B, T) dense copies of it
+            arrays[i], pair = repeat_row(arrays[i], B, T)
+        row = getattr(s, field)
+        row.b, row.t = pair
+    return B, T, s, arrays, back
+
+
+def repeat_row(a, B, T):
+    """(array, strides) for an input whose every row is the same memory, under a
+    B x T split with B > 1 and T > 1: that row repeated densely along the
+    shorter of the two, and a zero stride along the other."""
+    row = a[(0,) * (a.ndim - 1)]
+    if B <= T:
+        return np.ascontiguousarray(np.broadcast_to(row, (B, a.shape[-1]))), (a.shape[-1], 0)
+    return np.ascontiguousarray(np.broadcast_to(row, (T, a.shape[-1]))), (0, a.shape[-1])
+
+
+def write_back(back):
+    """After a successful call: each temporary into the output it stands for."""
+    for out, tmp in back:
+        np.copyto(out, tmp)
+
+
+def dense_target(out, accumulate, back, others=()):
+    """The array a kernel that writes dense buffers gets for `out` (None stays
+    None): out itself when it is C-contiguous and its extent meets none of
+    `others`, else a temporary (holding out's values when the kernel adds into
+    it), recorded in `back` for write_back()."""
+    if out is None or (out.flags.c_contiguous and
+                       not any(a is not None and np.may_share_memory(out, a) for a in others)):
+        return out
+    tmp = np.array(out, order="C") if accumulate else empty(out.shape, out.dtype)
+    back.append((out, tmp))
+    return tmp
 
 
 def empty(shape, dtype):
@@ -228,9 +326,30 @@ def empty(shape, dtype):
     return np.frombuffer(ffi.buffer(raw, nbytes), dtype).reshape(shape)
 
 
+def shares_memory(a, b):
+    """Whether arrays a and b have an element in common (exactly, not by bounds:
+    interleaved views of one buffer share nothing)."""
+    if not np.may_share_memory(a, b):
+        return False
+    try:
+        return np.shares_memory(a, b, max_work=_SHARES_MAX_WORK)
+    except np.exceptions.TooHardError:
+        return True
+
+
+_SHARES_MAX_WORK = 1 << 16
+
+
+def internal_overlap(a):
+    """Whether two elements of a lie at the same address through a zero stride
+    (a writable broadcast view): such an array cannot receive results."""
+    return a.size > 1 and any(s == 0 and n > 1 for n, s in zip(a.shape, a.strides))
+
+
 def check_out(out, name, shape, dtype, inputs):
-    """An out= array: right shape and dtype, writable, rows the kernels can
-    write in place, and no memory shared with any input."""
+    """An out= array: right shape and dtype, writable, no element written twice
+    and no memory shared with any input. Any strides: where the kernels cannot
+    write them, the call writes through a temporary (row_layout, dense_target)."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != tuple(shape):
@@ -239,10 +358,11 @@ def check_out(out, name, shape, dtype, inputs):
         raise TypeError(f"{name} has dtype {out.dtype}; expected {np.dtype(dtype)}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    if out.size and not out.flags.c_contiguous and _elem_strides(out) is None:
-        raise ValueError(f"{name} must have a contiguous last axis (stride = itemsize)")
+    if not out.flags.c_contiguous and internal_overlap(out):
+        raise ValueError(f"{name} has a zero stride along an axis of more than one element: "
+                         "its elements overlap")
     for arg, a in inputs:
-        if a is not None and np.may_share_memory(out, a):
+        if a is not None and np.may_share_memory(out, a) and shares_memory(out, a):
             raise ValueError(f"{name} overlaps {arg}: outputs must not share memory with inputs")
     return out
 
@@ -251,5 +371,5 @@ def check_distinct_outputs(outs):
     """No two outputs may share memory."""
     for i, (n1, a) in enumerate(outs):
         for n2, b in outs[:i]:
-            if a is not None and b is not None and np.may_share_memory(a, b):
+            if a is not None and b is not None and np.may_share_memory(a, b) and shares_memory(a, b):
                 raise ValueError(f"{n1} overlaps {n2}: outputs must not share memory")

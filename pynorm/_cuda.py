@@ -24,7 +24,8 @@ import threading
 import ml_dtypes
 import numpy as np
 
-from ._arrays import check_eps, gradient_outs, param_dtype, split_rows
+from ._arrays import (IN, INOUT, NEW, OUT, check_eps, gradient_outs, param_dtype, repeated_row, rows_disjoint,
+                      shares_memory, split_rows)
 
 __all__ = ["is_cuda_array", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
@@ -409,6 +410,9 @@ def _elem_strides(d):
 
 
 def _check_out(o, name, shape, dtype, inputs, x, call):
+    """An out= array: right shape, dtype and device, writable, no element written
+    twice and no memory shared with an input. Any strides: where the kernels
+    cannot write them, the call writes through a temporary (_row_layout, _dense_target)."""
     d = _dev(o, name, call)
     if d.shape != tuple(shape):
         raise ValueError(f"{name} has shape {d.shape}; expected {tuple(shape)}")
@@ -417,56 +421,131 @@ def _check_out(o, name, shape, dtype, inputs, x, call):
     if d.readonly:
         raise ValueError(f"{name} is read-only")
     _same_device(d, name, x)
-    if d.size and _elem_strides(d) is None:
-        raise ValueError(f"{name} must have a contiguous last axis (stride = itemsize)")
+    if d.size > 1 and any(s == 0 and n > 1 for n, s in zip(d.shape, d.strides)):
+        raise ValueError(f"{name} has a zero stride along an axis of more than one element: "
+                         "its elements overlap")
     for arg, a in inputs:
-        if a is not None and _overlap(d, a):
+        if a is not None and _shares(d, a):
             raise ValueError(f"{name} overlaps {arg}: outputs must not share memory with inputs")
     return d
 
 
 def _overlap(a, b):
+    """Whether the byte ranges of a and b meet (what the library's alias check sees)."""
     sa, sb = a.span(), b.span()
     return sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]
+
+
+class _Layout:
+    """Address, shape and strides of a device array as a NumPy array interface:
+    for np.shares_memory, which computes with them and never reads the memory."""
+    __slots__ = ("__array_interface__",)
+
+    def __init__(self, d):
+        self.__array_interface__ = {"data": (d.ptr, False), "shape": d.shape, "strides": d.strides,
+                                    "typestr": f"|V{d.dtype.itemsize}", "version": 3}
+
+
+def _shares(a, b):
+    """Whether a and b have an element in common (exactly: interleaved views of one
+    buffer share nothing)."""
+    return _overlap(a, b) and shares_memory(np.asarray(_Layout(a)), np.asarray(_Layout(b)))
 
 
 def _check_distinct(outs):
     for i, (n1, a) in enumerate(outs):
         for n2, b in outs[:i]:
-            if a is not None and b is not None and _overlap(a, b):
+            if a is not None and b is not None and _shares(a, b):
                 raise ValueError(f"{n1} overlaps {n2}: outputs must not share memory")
 
 
-def _row_layout(lead, buffers, ffi, cp):
-    """B x T x C rows over buffers sharing the leading shape: (B, T, pn_strides*
-    or NULL, devs), copying inputs the kernels cannot address in place.
-    buffers: (pn_strides field, argument name, _Dev, may_copy)."""
+def _temporary(d, cp, copy):
+    """A dense device array standing in for output d (holding d's values when the
+    kernel adds into it)."""
+    a = _as_cupy(d, cp)
+    a = a.copy(order="C") if copy else cp.empty(d.shape, a.dtype)
+    return _Dev(a.data.ptr, a.shape, a.strides, d.dtype, d.device, a)
+
+
+def _write_back(back, cp):
+    """After a successful launch, on the same stream: each temporary into its output."""
+    for out, tmp in back:
+        _as_cupy(out, cp)[...] = tmp.obj
+
+
+def _dense_target(d, accumulate, back, others, cp):
+    """What a kernel that writes dense buffers gets for output d: d itself when it
+    is C-contiguous and its extent meets none of `others`, else a temporary."""
+    if d is None or (d.c_contiguous() and not any(o is not None and _overlap(d, o) for o in others)):
+        return d
+    t = _temporary(d, cp, accumulate)
+    back.append((d, t))
+    return t
+
+
+def _repeat_row(d, B, T, cp):
+    """pynorm._arrays.repeat_row for a device array."""
+    C = d.shape[-1]
+    row = _as_cupy(d, cp)[(0,) * (d.ndim - 1)]
+    n, pair = (B, (C, 0)) if B <= T else (T, (0, C))
+    a = cp.ascontiguousarray(cp.broadcast_to(row, (n, C)))
+    return _Dev(a.data.ptr, a.shape, a.strides, d.dtype, d.device, a), pair
+
+
+def _row_layout(lead, buffers, others, ffi, cp):
+    """B x T x C rows over buffers sharing the leading shape, as pynorm._arrays.row_layout:
+    buffers: (pn_strides field, argument name, _Dev, role IN, OUT, INOUT or NEW). Inputs
+    the kernels cannot address are copied; outputs they cannot write where they are
+    (strided last axis, no common split, an extent meeting another buffer's) are
+    written through temporaries. Returns (B, T, pn_strides* or NULL, devs, back)."""
     devs = [b[2] for b in buffers]
     if all(d.c_contiguous() for d in devs):
-        return 1, math.prod(lead), ffi.NULL, devs
-    for attempt in (0, 1):
-        strides_list = []
-        for i, (field, name, _, may_copy) in enumerate(buffers):
-            st = _elem_strides(devs[i])
-            if st is None or (attempt and may_copy and not devs[i].c_contiguous()):
-                if not may_copy:
-                    raise ValueError(f"{name} must have a contiguous last axis (stride = itemsize)")
-                devs[i] = _contiguous_copy(devs[i], cp)
-                st = _elem_strides(devs[i])
-            strides_list.append(st)
-        split = split_rows(lead, strides_list)
+        return 1, math.prod(lead), ffi.NULL, devs, []
+    back = []
+    strides = [_elem_strides(d) for d in devs]
+
+    def replace(i):
+        d, role = buffers[i][2], buffers[i][3]
+        if role == IN:
+            devs[i] = _contiguous_copy(d, cp)
+        else:
+            devs[i] = _temporary(d, cp, role == INOUT)
+            back.append((d, devs[i]))
+        strides[i] = _elem_strides(devs[i])
+
+    for i, b in enumerate(buffers):
+        if b[3] == IN and strides[i] is None:
+            replace(i)
+    for i, b in enumerate(buffers):
+        if (b[3] == OUT or b[3] == INOUT) and (
+                strides[i] is None or
+                any(j != i and _overlap(devs[i], d) for j, d in enumerate(devs)) or
+                any(o is not None and _overlap(devs[i], o) for o in others)):
+            replace(i)
+    split = split_rows(lead, strides)
+    for copy_inputs in (True, False):
         if split is not None:
-            B, T, pairs = split
-            s = ffi.new("pn_strides *")
-            for (field, *_), (sb, st) in zip(buffers, pairs):
-                row = getattr(s, field)
-                if (sb, st) == (0, 0):      # one row repeated: {0, 0} would mean dense
-                    sb = 1                  # B == 1 here, so this stride is never used
-                row.b, row.t = sb, st
-            return B, T, s, devs
-    names = ", ".join(b[1] for b in buffers if not b[3])
-    raise ValueError(f"the leading axes of {names} have strides that cannot be laid out as B x T rows; "
-                     "pass C-contiguous output arrays")
+            break
+        for i, b in enumerate(buffers):
+            if (b[3] == IN) == copy_inputs and not devs[i].c_contiguous():
+                replace(i)
+        split = split_rows(lead, strides)
+    B, T, pairs = split
+    C = devs[0].shape[-1]
+    s = ffi.new("pn_strides *")
+    for i, (sb, st) in enumerate(pairs):
+        if devs[i].c_contiguous():
+            continue                                    # {0, 0}: dense, whatever the split
+        field, role = buffers[i][0], buffers[i][3]
+        if (role == OUT or role == INOUT) and not rows_disjoint(B, T, sb, st, C):
+            replace(i)                                  # rows the library would refuse to write
+            continue
+        pair = repeated_row(sb, st, B, T)
+        if pair is None:           # one row for every (b, t) of a B x T split: min(B, T) dense copies of it
+            devs[i], pair = _repeat_row(devs[i], B, T, cp)
+        row = getattr(s, field)
+        row.b, row.t = pair
+    return B, T, s, devs, back
 
 
 # ---- calling the library ---------------------------------------------------------------
@@ -572,16 +651,17 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats):
         mean = _wrap_new(_empty(lead, sdt, cp)) if want_stats and op == "layer" else None
         rstd = _wrap_new(_empty(lead, sdt, cp)) if want_stats else None
         if y.size:
-            buffers = [("inp", "x", x, True), ("out", "out", y, False)]
+            buffers = [("inp", "x", x, IN), ("out", "out", y, NEW if y_out is None else OUT)]
             if fused:
-                buffers += [("residual", "residual", residual, True), ("h", "h out", h, False)]
-            B, T, strides, devs = _row_layout(lead, buffers, ffi, cp)
+                buffers += [("residual", "residual", residual, IN),
+                            ("h", "h out", h, NEW if h_out is None else OUT)]
+            B, T, strides, devs, back = _row_layout(lead, buffers, (weight, bias), ffi, cp)
             dt, wdt = _PN_DTYPE[x.dtype], _PN_DTYPE[wdtype]
-            xp, yp, s = _p(ffi, devs[0]), _p(ffi, y), call.stream_ptr()
+            xp, yp, s = _p(ffi, devs[0]), _p(ffi, devs[1]), call.stream_ptr()
             if op == "layer":
                 if fused:
                     status = lib.pn_cuda_add_layernorm_forward(
-                        yp, _p(ffi, h), _p(ffi, mean), _p(ffi, rstd), xp, _p(ffi, devs[2]),
+                        yp, _p(ffi, devs[3]), _p(ffi, mean), _p(ffi, rstd), xp, _p(ffi, devs[2]),
                         _p(ffi, weight), _p(ffi, bias), B, T, C, eps, dt, wdt, strides, s)
                 else:
                     status = lib.pn_cuda_layernorm_forward(
@@ -590,12 +670,13 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats):
             else:
                 if fused:
                     status = lib.pn_cuda_add_rmsnorm_forward(
-                        yp, _p(ffi, h), _p(ffi, rstd), xp, _p(ffi, devs[2]), _p(ffi, weight),
+                        yp, _p(ffi, devs[3]), _p(ffi, rstd), xp, _p(ffi, devs[2]), _p(ffi, weight),
                         B, T, C, eps, dt, wdt, strides, s)
                 else:
                     status = lib.pn_cuda_rmsnorm_forward(
                         yp, _p(ffi, rstd), xp, _p(ffi, weight), B, T, C, eps, dt, wdt, strides, s)
             _check_status(ffi, lib, status, f"{'add_' if fused else ''}{op}_norm")
+            _write_back(back, cp)
         return (_result(y), _result(h) if h is not None else None,
                 _result(mean) if mean is not None else None, _result(rstd) if rstd is not None else None)
 
@@ -619,18 +700,23 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
             if o is None:
                 grads.append(_wrap_new(_empty(shape, dtype, cp)))
             else:
-                g = _check_out(o, f"out ({name})", shape, dtype, inputs, x, call)
-                if name != "dx" and not g.c_contiguous():
-                    raise ValueError(f"out ({name}) must be contiguous")
-                grads.append(g)
+                grads.append(_check_out(o, f"out ({name})", shape, dtype, inputs, x, call))
         _check_distinct(list(zip(names, grads)))
         if x.size == 0:                 # no rows: the parameter gradients are sums over nothing
             if not accumulate:
                 for g in grads[1:]:
                     _as_cupy(g, cp)[...] = 0
         else:
-            B, T, strides, devs = _row_layout(lead, [("dout", "dy", dy, True), ("inp", "x", x, True),
-                                                     ("dinp", "out (dx)", grads[0], False)], ffi, cp)
+            dx_role = INOUT if accumulate else (OUT if out[0] is not None else NEW)
+            B, T, strides, devs, back = _row_layout(
+                lead, [("dout", "dy", dy, IN), ("inp", "x", x, IN), ("dinp", "out (dx)", grads[0], dx_role)],
+                (weight, mean, rstd, *grads[1:]), ffi, cp)
+            # dweight/dbias given in out=: dense C values apart from every other buffer of the call
+            targets = [devs[2]] + grads[1:]
+            for i in range(1, len(targets)):
+                if out[i] is not None:
+                    others = (*devs, weight, mean, rstd, *(t for j, t in enumerate(targets) if j not in (0, i)))
+                    targets[i] = _dense_target(targets[i], accumulate, back, others, cp)
             flags = _PN_ACCUMULATE if accumulate else 0
             dt, wdt = _PN_DTYPE[x.dtype], _PN_DTYPE[wdtype]
             if op == "layer":
@@ -643,15 +729,16 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
             sp, s = ffi.cast("void *", scratch.data.ptr), call.stream_ptr()
             if op == "layer":
                 status = lib.pn_cuda_layernorm_backward(
-                    _p(ffi, grads[0]), _p(ffi, grads[1]), _p(ffi, grads[2]), sp, scratch.nbytes,
+                    _p(ffi, targets[0]), _p(ffi, targets[1]), _p(ffi, targets[2]), sp, scratch.nbytes,
                     _p(ffi, devs[0]), _p(ffi, devs[1]), _p(ffi, weight), _p(ffi, mean), _p(ffi, rstd),
                     B, T, C, flags, dt, wdt, strides, s)
             else:
                 status = lib.pn_cuda_rmsnorm_backward(
-                    _p(ffi, grads[0]), _p(ffi, grads[1]), sp, scratch.nbytes,
+                    _p(ffi, targets[0]), _p(ffi, targets[1]), sp, scratch.nbytes,
                     _p(ffi, devs[0]), _p(ffi, devs[1]), _p(ffi, weight), _p(ffi, rstd),
                     B, T, C, flags, dt, wdt, strides, s)
             _check_status(ffi, lib, status, f"{op}_norm_backward")
+            _write_back(back, cp)
         res = tuple(_result(g) for g in grads)
         return res if op == "layer" else (*res, None)
 

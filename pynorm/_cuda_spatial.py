@@ -12,8 +12,8 @@ import numpy as np
 from . import _spatial as _sp
 from ._arrays import gradient_outs, param_dtype
 from ._cuda import (_F32, _PN_ACCUMULATE, _PN_DTYPE, _Call, _as_cupy, _check_distinct, _check_out,
-                    _check_same, _check_status, _contiguous_copy, _dev, _empty, _overlap, _p, _same_device,
-                    _stats_dtype, _wrap_new)
+                    _check_same, _check_status, _contiguous_copy, _dense_target, _dev, _empty, _p, _same_device,
+                    _shares, _stats_dtype, _wrap_new, _write_back)
 
 _LAYOUTS = _sp._LAYOUTS   # pn_layout: the same enum in both libraries
 
@@ -58,11 +58,9 @@ def _check_stats(s, name, shape, x, call):
 
 
 def _out(o, name, shape, dtype, inputs, x, call):
-    """An out= array: checked, and dense (the kernels write it whole)."""
-    d = _check_out(o, name, shape, dtype, inputs, x, call)
-    if not d.c_contiguous():
-        raise ValueError(f"{name} must be C-contiguous")
-    return d
+    """An out= array, checked (any strides: the kernels write dense buffers, so a
+    strided one is written through a temporary, _dense_target)."""
+    return _check_out(o, name, shape, dtype, inputs, x, call)
 
 
 def _fill(d, value, cp):
@@ -93,10 +91,13 @@ def _group_norm_forward(x, num_groups, weight, bias, eps, layout, out, op):
             _fill(rstd, np.nan, cp)
         else:
             xd = _dense(x, cp)
+            back = []
+            yd = _dense_target(y, False, back, (), cp)
             status = lib.pn_cuda_groupnorm_forward(
-                _p(ffi, y), _p(ffi, mean), _p(ffi, rstd), _p(ffi, xd), _p(ffi, weight), _p(ffi, bias),
+                _p(ffi, yd), _p(ffi, mean), _p(ffi, rstd), _p(ffi, xd), _p(ffi, weight), _p(ffi, bias),
                 N, C, S, G, eps, _LAYOUTS[layout], _PN_DTYPE[x.dtype], _PN_DTYPE[wdtype], call.stream_ptr())
             _check_status(ffi, lib, status, op)
+            _write_back(back, cp)
         return y.obj, mean.obj, rstd.obj
 
 
@@ -136,6 +137,8 @@ def _backward(kind, dy, x, mean, rstd, num_groups, weight, layout, training, out
                 _fill(db, 0, cp)
             return dx.obj, dw.obj, db.obj
         dyd, xd = _dense(dy, cp), _dense(x, cp)
+        back = []       # the kernels write dense buffers: strided out= arrays through temporaries
+        dxd, dwd, dbd = (_dense_target(g, accumulate, back, (), cp) for g in (dx, dw, db))
         flags = _PN_ACCUMULATE if accumulate else 0
         dt, wdt, lay = _PN_DTYPE[x.dtype], _PN_DTYPE[wdtype], _LAYOUTS[layout]
         if kind == "group":
@@ -150,13 +153,14 @@ def _backward(kind, dy, x, mean, rstd, num_groups, weight, layout, training, out
         sp, s = ffi.cast("void *", scratch.data.ptr), call.stream_ptr()
         if kind == "group":
             status = lib.pn_cuda_groupnorm_backward(
-                _p(ffi, dx), _p(ffi, dw), _p(ffi, db), sp, scratch.nbytes, _p(ffi, dyd), _p(ffi, xd),
+                _p(ffi, dxd), _p(ffi, dwd), _p(ffi, dbd), sp, scratch.nbytes, _p(ffi, dyd), _p(ffi, xd),
                 _p(ffi, weight), _p(ffi, mean), _p(ffi, rstd), N, C, S, G, flags, lay, dt, wdt, s)
         else:
             status = lib.pn_cuda_batchnorm_backward(
-                _p(ffi, dx), _p(ffi, dw), _p(ffi, db), sp, scratch.nbytes, _p(ffi, dyd), _p(ffi, xd),
+                _p(ffi, dxd), _p(ffi, dwd), _p(ffi, dbd), sp, scratch.nbytes, _p(ffi, dyd), _p(ffi, xd),
                 _p(ffi, weight), _p(ffi, mean), _p(ffi, rstd), N, C, S, flags, lay, dt, wdt, s)
         _check_status(ffi, lib, status, f"{kind}_norm_backward")
+        _write_back(back, cp)
         return dx.obj, dw.obj, db.obj
 
 
@@ -169,13 +173,15 @@ def _check_running(rm, rv, x, C, training, call):
     rv = _check_param(rv, "running_var", x, C, call)
     _sp._check_running_dtypes(rm, rv)
     if rm is not None and rv is not None:
-        if _overlap(rm, rv):
+        if _shares(rm, rv):
             raise ValueError("running_mean overlaps running_var")
     for name, r in (("running_mean", rm), ("running_var", rv)):
-        if r is not None and _overlap(r, x):
+        if r is not None and _shares(r, x):
             raise ValueError(f"{name} overlaps x")
         if r is not None and training and r.readonly:
             raise ValueError(f"{name} is read-only, but training=True updates it in place")
+        if r is not None and training and r.size > 1 and any(s == 0 for s in r.strides):
+            raise ValueError(f"{name} has a zero stride: training=True updates each of its elements")
     return rm, rv
 
 
@@ -219,11 +225,14 @@ def _batch_norm_forward(x, running_mean, running_var, weight, bias, training, mo
         # the kernels update dense running statistics: other strides go through a copy
         rmd, rvd = _dense(rm, cp), _dense(rv, cp)
         xd = _dense(x, cp)
+        back = []
+        yd = _dense_target(y, False, back, (), cp)
         status = lib.pn_cuda_batchnorm_forward(
-            _p(ffi, y), _p(ffi, mean), _p(ffi, rstd), _p(ffi, rmd), _p(ffi, rvd), _p(ffi, xd), _p(ffi, weight),
+            _p(ffi, yd), _p(ffi, mean), _p(ffi, rstd), _p(ffi, rmd), _p(ffi, rvd), _p(ffi, xd), _p(ffi, weight),
             _p(ffi, bias), N, C, S, eps, mom, count, flags, _LAYOUTS[layout],
             _PN_DTYPE[x.dtype], _PN_DTYPE[wdtype], _PN_DTYPE[rdtype], call.stream_ptr())
         _check_status(ffi, lib, status, op)
+        _write_back(back, cp)
         if update:
             for r, rd in ((rm, rmd), (rv, rvd)):
                 if rd is not r:

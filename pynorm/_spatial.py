@@ -13,8 +13,8 @@ import sys
 import numpy as np
 
 from . import _cuda
-from ._arrays import (check_distinct_outputs, check_eps, check_out, check_status, empty, gradient_outs, param_dtype,
-                      PN_DTYPE, ptr, stats_dtype)
+from ._arrays import (check_distinct_outputs, check_eps, check_out, check_status, dense_target, empty, gradient_outs,
+                      internal_overlap, param_dtype, PN_DTYPE, ptr, shares_memory, stats_dtype, write_back)
 from ._lib import lib
 
 _F32 = np.dtype(np.float32)
@@ -120,13 +120,11 @@ def _dense(a):
 
 
 def _y_out(out, x, inputs):
-    """The forward's output: out= checked (dense: the kernels write it whole), or a new array."""
+    """The forward's output: out= checked (any strides: the kernels write dense
+    buffers, so a strided out= is written through a temporary), or a new array."""
     if out is None:
         return empty(x.shape, x.dtype)
-    check_out(out, "out", x.shape, x.dtype, inputs)
-    if not out.flags.c_contiguous:
-        raise ValueError("out must be C-contiguous")
-    return out
+    return check_out(out, "out", x.shape, x.dtype, inputs)
 
 
 # ---- GroupNorm / InstanceNorm ---------------------------------------------------
@@ -159,9 +157,12 @@ def _group_norm_forward(x, num_groups, weight, bias, eps, layout, out, op):
         rstd[...] = np.nan
         return y, mean, rstd
     xd = np.ascontiguousarray(x)
-    status = lib.pn_groupnorm_forward(ptr(y), ptr(mean), ptr(rstd), ptr(xd), ptr(weight), ptr(bias),
+    back = []
+    yd = dense_target(y, False, back)
+    status = lib.pn_groupnorm_forward(ptr(yd), ptr(mean), ptr(rstd), ptr(xd), ptr(weight), ptr(bias),
                                       N, C, S, G, eps, _LAYOUTS[layout], PN_DTYPE[x.dtype], PN_DTYPE[wdtype])
     check_status(status, op)
+    write_back(back)
     return y, mean, rstd
 
 
@@ -173,10 +174,7 @@ def _grads_out(out, accumulate, x, C, wdtype, inputs):
         if o is None:
             grads.append(empty(shape, dtype))
         else:
-            check_out(o, f"out ({name})", shape, dtype, inputs)
-            if not o.flags.c_contiguous:
-                raise ValueError(f"out ({name}) must be C-contiguous")
-            grads.append(o)
+            grads.append(check_out(o, f"out ({name})", shape, dtype, inputs))
     check_distinct_outputs(list(zip(names, grads)))
     return grads
 
@@ -203,17 +201,20 @@ def _backward(kind, dy, x, mean, rstd, num_groups, weight, layout, training, out
             db[...] = 0
         return dx, dw, db
     dyd, xd = np.ascontiguousarray(dy), np.ascontiguousarray(x)
+    back = []       # the kernels write dense buffers: strided out= arrays through temporaries
+    dxd, dwd, dbd = (dense_target(g, accumulate, back) for g in (dx, dw, db))
     flags = lib.PN_ACCUMULATE if accumulate else 0
     dt, wdt, lay = PN_DTYPE[x.dtype], PN_DTYPE[wdtype], _LAYOUTS[layout]
     if kind == "group":
-        status = lib.pn_groupnorm_backward(ptr(dx), ptr(dw), ptr(db), ptr(None), 0, ptr(dyd), ptr(xd),
+        status = lib.pn_groupnorm_backward(ptr(dxd), ptr(dwd), ptr(dbd), ptr(None), 0, ptr(dyd), ptr(xd),
                                            ptr(weight), ptr(mean), ptr(rstd), N, C, S, G, flags, lay, dt, wdt)
     else:
         if training:
             flags |= lib.PN_BN_TRAINING
-        status = lib.pn_batchnorm_backward(ptr(dx), ptr(dw), ptr(db), ptr(None), 0, ptr(dyd), ptr(xd),
+        status = lib.pn_batchnorm_backward(ptr(dxd), ptr(dwd), ptr(dbd), ptr(None), 0, ptr(dyd), ptr(xd),
                                            ptr(weight), ptr(mean), ptr(rstd), N, C, S, flags, lay, dt, wdt)
     check_status(status, kind, "_norm_backward")
+    write_back(back)
     return dx, dw, db
 
 
@@ -266,13 +267,15 @@ def _check_running(rm, rv, x, C, training):
     rv = _check_param(rv, "running_var", x, C)
     _check_running_dtypes(rm, rv)
     if rm is not None and rv is not None:
-        if np.may_share_memory(rm, rv):
+        if shares_memory(rm, rv):
             raise ValueError("running_mean overlaps running_var")
     for name, r in (("running_mean", rm), ("running_var", rv)):
-        if r is not None and np.may_share_memory(r, x):
+        if r is not None and shares_memory(r, x):
             raise ValueError(f"{name} overlaps x")
         if r is not None and training and not r.flags.writeable:
             raise ValueError(f"{name} is read-only, but training=True updates it in place")
+        if r is not None and training and internal_overlap(r):
+            raise ValueError(f"{name} has a zero stride: training=True updates each of its elements")
     return rm, rv
 
 
@@ -306,10 +309,13 @@ def _batch_norm_forward(x, running_mean, running_var, weight, bias, training, mo
     # the kernels update dense running statistics: other strides go through a copy
     rmd, rvd = _dense(rm), _dense(rv)
     xd = np.ascontiguousarray(x)
-    status = lib.pn_batchnorm_forward(ptr(y), ptr(mean), ptr(rstd), ptr(rmd), ptr(rvd), ptr(xd), ptr(weight),
+    back = []
+    yd = dense_target(y, False, back)
+    status = lib.pn_batchnorm_forward(ptr(yd), ptr(mean), ptr(rstd), ptr(rmd), ptr(rvd), ptr(xd), ptr(weight),
                                       ptr(bias), N, C, S, eps, mom, count, flags, _LAYOUTS[layout],
                                       PN_DTYPE[x.dtype], PN_DTYPE[wdtype], PN_DTYPE[rdtype])
     check_status(status, op)
+    write_back(back)
     if update:
         if rmd is not rm:
             rm[...] = rmd

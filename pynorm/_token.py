@@ -7,8 +7,9 @@ __cuda_array_interface__) go to the CUDA library through pynorm._cuda.
 import numpy as np
 
 from . import _cuda
-from ._arrays import (check_distinct_outputs, check_eps, check_input, check_out, check_param,
-                      check_status, empty, gradient_outs, param_dtype, PN_DTYPE, ptr, row_layout, stats_dtype)
+from ._arrays import (IN, INOUT, NEW, OUT, check_distinct_outputs, check_eps, check_input, check_out, check_param,
+                      check_status, dense_target, empty, gradient_outs, param_dtype, PN_DTYPE, ptr, row_layout,
+                      stats_dtype, write_back)
 from ._lib import lib
 
 _F32 = np.dtype(np.float32)
@@ -58,26 +59,28 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats):
     if y.size == 0:
         return y, h, mean, rstd
 
-    buffers = [("inp", "x", x, True), ("out", "out", y, False)]
+    buffers = [("inp", "x", x, IN), ("out", "out", y, NEW if y_out is None else OUT)]
     if fused:
-        buffers += [("residual", "residual", residual, True), ("h", "h out", h, False)]
-    B, T, strides, arrays = row_layout(lead, buffers)
+        buffers += [("residual", "residual", residual, IN), ("h", "h out", h, NEW if h_out is None else OUT)]
+    B, T, strides, arrays, back = row_layout(lead, buffers, inputs)
     dt, wdt = PN_DTYPE[x.dtype], PN_DTYPE[wdtype]
-    xp, yp = ptr(arrays[0]), ptr(y)
+    xp, yp = ptr(arrays[0]), ptr(arrays[1])
     if op == "layer":
         if fused:
-            status = lib.pn_add_layernorm_forward(yp, ptr(h), ptr(mean), ptr(rstd), xp, ptr(arrays[2]),
+            status = lib.pn_add_layernorm_forward(yp, ptr(arrays[3]), ptr(mean), ptr(rstd), xp, ptr(arrays[2]),
                                                   ptr(weight), ptr(bias), B, T, C, eps, dt, wdt, strides)
         else:
             status = lib.pn_layernorm_forward(yp, ptr(mean), ptr(rstd), xp, ptr(weight), ptr(bias),
                                               B, T, C, eps, dt, wdt, strides)
     else:
         if fused:
-            status = lib.pn_add_rmsnorm_forward(yp, ptr(h), ptr(rstd), xp, ptr(arrays[2]), ptr(weight),
+            status = lib.pn_add_rmsnorm_forward(yp, ptr(arrays[3]), ptr(rstd), xp, ptr(arrays[2]), ptr(weight),
                                                 B, T, C, eps, dt, wdt, strides)
         else:
             status = lib.pn_rmsnorm_forward(yp, ptr(rstd), xp, ptr(weight), B, T, C, eps, dt, wdt, strides)
     check_status(status, "add_" if fused else "", op, "_norm")
+    if back:
+        write_back(back)
     return y, h, mean, rstd
 
 
@@ -119,19 +122,31 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
                 g[...] = 0
         return tuple(grads) if op == "layer" else (*grads, None)
 
-    B, T, strides, arrays = row_layout(lead, [("dout", "dy", dy, True), ("inp", "x", x, True),
-                                              ("dinp", "out (dx)", grads[0], False)])
+    dx_role = INOUT if accumulate else (OUT if out[0] is not None else NEW)
+    params_given = out[1] is not None or out[-1] is not None
+    B, T, strides, arrays, back = row_layout(
+        lead, [("dout", "dy", dy, IN), ("inp", "x", x, IN), ("dinp", "out (dx)", grads[0], dx_role)],
+        inputs + tuple(zip(names[1:], grads[1:])) if params_given else inputs)
+    targets = [arrays[2], *grads[1:]]
+    if params_given:        # dweight/dbias given in out=: dense C values apart from every other buffer
+        back = list(back)
+        for i in range(1, len(targets)):
+            if out[i] is not None:
+                others = (*arrays, weight, mean, rstd, *(t for j, t in enumerate(targets) if j not in (0, i)))
+                targets[i] = dense_target(targets[i], accumulate, back, others)
     flags = lib.PN_ACCUMULATE if accumulate else 0
     dt, wdt = PN_DTYPE[x.dtype], PN_DTYPE[wdtype]
     if op == "layer":
-        status = lib.pn_layernorm_backward(ptr(grads[0]), ptr(grads[1]), ptr(grads[2]), ptr(None), 0,
+        status = lib.pn_layernorm_backward(ptr(targets[0]), ptr(targets[1]), ptr(targets[2]), ptr(None), 0,
                                            ptr(arrays[0]), ptr(arrays[1]), ptr(weight), ptr(mean),
                                            ptr(rstd), B, T, C, flags, dt, wdt, strides)
     else:
-        status = lib.pn_rmsnorm_backward(ptr(grads[0]), ptr(grads[1]), ptr(None), 0,
+        status = lib.pn_rmsnorm_backward(ptr(targets[0]), ptr(targets[1]), ptr(None), 0,
                                          ptr(arrays[0]), ptr(arrays[1]), ptr(weight), ptr(rstd),
                                          B, T, C, flags, dt, wdt, strides)
     check_status(status, op, "_norm_backward")
+    if back:
+        write_back(back)
     return tuple(grads) if op == "layer" else (*grads, None)
 
 

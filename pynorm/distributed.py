@@ -285,6 +285,7 @@ def _token_backward(op, dy, x, weight, mean, rstd, C_total, group, need_dx, need
     rows = math.prod(lead)
     code = 0 if (dy.shape == x.shape and dy.dtype == x.dtype and dy.device == x.device) else 8
     be = _backend(x)
+    weight = None if weight is None else weight.contiguous()     # the kernels read C dense values
     per = 2 if op == "layer" else 1
     if code == 0 and rows:
         B, T, strides, (dyin, xin) = token_layout(be, lead, [("dout", dy), ("inp", x)])
@@ -457,6 +458,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if code == 0:
             xin, N, _, S, layout = _bn_layout(x.detach())
             dt = be.pn_dtype[x.dtype]
+        # the kernels read weight and bias, and update the running statistics, as C dense values
+        weight, bias = (None if t is None else t.detach().contiguous() for t in (weight, bias))
+        rm, rv = (None if r is None else r.contiguous() for r in (running_mean, running_var))
 
         def fill(buf, off):
             if count:
@@ -470,8 +474,11 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         mean = torch.empty(C, dtype=_F64, device=x.device)
         rstd = torch.empty(C, dtype=_F64, device=x.device)
         rdt = be.pn_dtype[running_mean.dtype] if running_mean is not None else _clib.PN_FLOAT32
-        be.call("batchnorm_shard_combine", what, x.device, p(mean), p(rstd), p(running_mean), p(running_var),
+        be.call("batchnorm_shard_combine", what, x.device, p(mean), p(rstd), p(rm), p(rv),
                 _at(be, buf, off), _int64s(be, counts), P, C, float(eps), float(momentum), 1, 0, rdt)
+        for r, rd in ((running_mean, rm), (running_var, rv)):
+            if rd is not r:
+                r.copy_(rd)
         y = _bn_out(x, layout)
         if count:
             wdt = be.pn_dtype[weight.dtype if weight is not None else (bias.dtype if bias is not None

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .._arrays import split_rows
+from .._arrays import repeated_row, split_rows
 from .._lib import ffi as _cffi, lib as _clib
 
 _TORCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -223,9 +223,10 @@ def token_layout(be, lead, inputs):
     for i, ((field, _), (sb, st)) in enumerate(zip(inputs, pairs)):
         if tensors[i].is_contiguous():
             continue                                  # {0, 0}: dense
-        if sb == 0 and st == 0 and rows > 1:          # every row the same memory: {0,0} would mean dense
+        pair = repeated_row(sb, st, B, T)             # every row the same memory: {0, 0} would mean dense
+        if pair is None:
             tensors[i] = tensors[i].contiguous()
             continue
         row = getattr(s, field)
-        row.b, row.t = sb, st
+        row.b, row.t = pair
     return B, T, s, tensors

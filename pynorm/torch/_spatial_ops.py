@@ -36,11 +36,12 @@ NCHW, NHWC = 0, 1
 
 
 def layout_of(x):
-    """NCHW when x is contiguous (or has no spatial axes), NHWC when it is dense with
-    the channels innermost, None otherwise (it will be copied to NCHW)."""
-    if x.dim() <= 2 or x.is_contiguous():
+    """NCHW when x is contiguous, NHWC when it has spatial axes and is dense with the
+    channels innermost, None otherwise (any other strides, a 2-D (N, C) slice or
+    transpose included: the kernels read dense buffers, so it is copied to NCHW)."""
+    if x.is_contiguous():
         return NCHW
-    if x.movedim(1, -1).is_contiguous():
+    if x.dim() > 2 and x.movedim(1, -1).is_contiguous():
         return NHWC
     return None
 
@@ -231,8 +232,8 @@ def _batch_norm_fwd_impl(x, weight, bias, running_mean, running_var, num_batches
         if r.dtype != x.dtype and r.dtype != torch.float32:
             raise TypeError(f"pynorm.torch.{what}: {name} has dtype {r.dtype}; expected x's dtype "
                             f"({x.dtype}) or float32")
-        if tuple(r.shape) != (C,) or not r.is_contiguous():
-            raise ValueError(f"pynorm.torch.{what}: {name} must be a contiguous tensor of shape ({C},)")
+        if tuple(r.shape) != (C,):
+            raise ValueError(f"pynorm.torch.{what}: {name} must be a tensor of shape ({C},)")
         check_same_device(what, x, **{name: r})
     if running_mean is not None and running_var is not None and running_mean.dtype != running_var.dtype:
         raise TypeError(f"pynorm.torch.{what}: running_mean and running_var must have the same dtype")
@@ -253,11 +254,17 @@ def _batch_norm_fwd_impl(x, weight, bias, running_mean, running_var, num_batches
     mean = torch.empty((C,), dtype=sdt, device=x.device)
     rstd = torch.empty((C,), dtype=sdt, device=x.device)
     update = training and (running_mean is not None or running_var is not None)
-    new_rm = running_mean.clone() if update and running_mean is not None else _empty_grad(x, rdtype)
-    new_rv = running_var.clone() if update and running_var is not None else _empty_grad(x, rdtype)
+    # the kernels read and write C dense values: the updated statistics are dense copies
+    # (returned; the caller copies them into the buffers), eval reads dense ones
+    dense = torch.contiguous_format
+    new_rm = (running_mean.clone(memory_format=dense) if update and running_mean is not None
+              else _empty_grad(x, rdtype))
+    new_rv = (running_var.clone(memory_format=dense) if update and running_var is not None
+              else _empty_grad(x, rdtype))
     if x.numel() == 0:
         return y, mean.zero_(), rstd.zero_(), new_rm, new_rv
     if not training:                   # eval reads the running statistics
+        running_mean, running_var = running_mean.contiguous(), running_var.contiguous()
         new_rm_p, new_rv_p = be.ptr(running_mean), be.ptr(running_var)
     else:
         new_rm_p = be.ptr(new_rm) if new_rm.numel() else be.ffi.NULL
