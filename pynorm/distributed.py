@@ -140,7 +140,7 @@ def _cuda_backend():
             _cuda.library()                     # finds and checks the library; raises if absent
             ffi = FFI()
             ffi.cdef(_CUDA_CDEF)
-            lib = ffi.dlopen(_cuda.library_path)
+            lib = ffi.dlopen(_cuda.library_path, ffi.RTLD_NOW | getattr(ffi, "RTLD_NODELETE", 0))  # never unloaded: docs/reliability.md
             _cuda_be = Backend(ffi, lib, "pn_cuda_",
                                lambda s: ffi.string(lib.pn_cuda_status_string(s)).decode(),
                                cuda=True, needs_scratch=True)
