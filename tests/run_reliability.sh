@@ -54,20 +54,7 @@ loud_skip() {
   [ "$strict" = 1 ] && failed+=("$1 (tools missing, PN_RELIABILITY_STRICT=1)")
 }
 
-apt_updated=0
-apt_install() {   # apt_install pkg... : 0 when installed
-  local sudo=""
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && sudo="sudo -n" || return 1
-  fi
-  command -v apt-get >/dev/null 2>&1 || return 1
-  if [ $apt_updated = 0 ]; then
-    $sudo apt-get update -qq >/dev/null 2>&1 || true
-    apt_updated=1
-  fi
-  say "   installing: $*"
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1
-}
+source "$repo/tests/apt_install.sh"   # apt_install pkg... : 0 when installed
 
 CLANG=${CLANG:-clang}
 clang_fuzzer_ok() {   # clang can build a libFuzzer target
