@@ -91,28 +91,29 @@ static inline void pn_sp_kadd(double *s, double *c, double v) {
     *s = t;
 }
 
-/* Merges np pieces' (sum, M2) pairs, st[p * step] and st[p * step + 1]
- * (sums of x - shift, and of the squares about each piece's own mean). Pieces
- * come in runs of `per`: each holds `full` values but the last of a run,
- * which holds `tail`. The mean is the compensated total of the sums over the
- * count; then M2 = sum(M2_p) + sum(n_p (mean_p - mean)^2) with that mean
- * (Chan et al.'s combination, done once instead of piece by piece). Returns
- * the mean and the biased variance. */
+/* Merges np pieces' (mean, M2) pairs, st[p * step] and st[p * step + 1]
+ * (of x - shift, in double; M2 about the piece's mean). Pieces come in runs
+ * of `per`: each holds `full` values but the last of a run, which holds
+ * `tail`. The mean is the compensated total of the pieces' sums (mean times
+ * count) over the count; then M2 = sum(M2_p) + sum(n_p (mean_p - mean)^2)
+ * with that mean (Chan et al.'s combination, done once instead of piece by
+ * piece). Returns the mean and the biased variance. */
 static inline void pn_sp_merge(const double *st, int64_t np, int64_t step, int64_t per, int64_t full,
                                int64_t tail, double *mean, double *var) {
-    if (np == 1) {
-        *mean = st[0] / (double)tail;
+    if (np == 1) {   /* what the loops give for one piece, without their roundings */
+        *mean = st[0];
         *var = st[1] / (double)tail;
         return;
     }
     double s = 0, c = 0, n = 0, M2 = 0;
     for (int64_t p = 0; p < np; p++) {
-        pn_sp_kadd(&s, &c, st[p * step]);
-        n += (double)(p % per == per - 1 ? tail : full);
+        const double nb = (double)(p % per == per - 1 ? tail : full);
+        pn_sp_kadd(&s, &c, st[p * step] * nb);
+        n += nb;
     }
     const double m = (s + c) / n;
     for (int64_t p = 0; p < np; p++) {
-        const double nb = (double)(p % per == per - 1 ? tail : full), d = st[p * step] / nb - m;
+        const double nb = (double)(p % per == per - 1 ? tail : full), d = st[p * step] - m;
         M2 += st[p * step + 1] + d * d * nb;
     }
     *mean = m;
@@ -253,13 +254,14 @@ static inline void pn_sp_nchw_piece(const pn_sp_nchw_pieces *q, int64_t p, int64
     }
 }
 
-/* Sum and M2 of (x - shift) over piece p of a set, st[0], st[1]: two passes
+/* Mean and M2 of (x - shift) over piece p of a set, st[0], st[1]: two passes
  * while the piece is in cache. Each segment's part is summed in lanes of
  * reals; the parts (up to PN_SP_PIECE of them, BatchNorm's short rows) are
  * added in double, compensated: in reals, thousands of them in a row lost
- * several ulps of the mean. M2 is taken about the piece's mean rounded to a
- * real (the difference to M2 about the exact mean is of second order). buf:
- * PN_SP_PIECE reals (conversions). */
+ * several ulps of the mean. The mean is their total over the count in
+ * double; M2 is taken about it rounded to a real (M2 about the exact mean
+ * differs by the count times the square of their difference, far below M2's
+ * rounding). buf: PN_SP_PIECE reals (conversions). */
 static inline void pn_sp_nchw_piece_stats(const pn_spatial_args *a, const pn_sp_sets *ss,
                                           const pn_sp_nchw_pieces *q, int64_t set, int64_t p,
                                           real shift, real *buf, double *st) {
@@ -273,17 +275,18 @@ static inline void pn_sp_nchw_piece_stats(const pn_spatial_args *a, const pn_sp_
     for (int64_t j = j0; j < j1; j++) {
         const char *row = (const char *)a->inp + ((first + j * ss->step) * S + i0) * (int64_t)es;
         if (j + 1 < j1) pn_prefetch(row + ss->step * S * (int64_t)es, n * (int64_t)es);
-        pn_sp_kadd(&sum, &comp, (double)pn_sp_sum_shifted(pn_row_as_real(row, a->dtype, buf + (j - j0) * n, n), n,
-                                                          shift));
+        const double v = pn_sp_sum_shifted(pn_row_as_real(row, a->dtype, buf + (j - j0) * n, n), n, shift);
+        if (j == j0) sum = v;   /* GroupNorm: the only segment */
+        else pn_sp_kadd(&sum, &comp, v);
     }
-    sum += comp;
-    const real m = (real)(sum / (double)((j1 - j0) * n));
+    const double mean = (sum + comp) / (double)((j1 - j0) * n);
+    const real m = (real)mean;
     double M2 = 0;   /* second pass: the rows as reals, from cache (or from buf) */
     for (int64_t j = j0; j < j1; j++) {
         const char *row = (const char *)a->inp + ((first + j * ss->step) * S + i0) * (int64_t)es;
         M2 += (double)pn_sp_sumsq_centered(native ? (const real *)row : buf + (j - j0) * n, n, shift, m);
     }
-    st[0] = sum;
+    st[0] = mean;
     st[1] = M2;
 }
 
@@ -374,7 +377,7 @@ static inline void pn_sp_nchw_dx(const pn_spatial_args *a, int64_t r, int64_t i0
 
 /* ---- NCHW forward ----------------------------------------------------------- */
 
-/* Statistics of one set from its pieces' (sum, M2), then its rstd. */
+/* Statistics of one set from its pieces' (mean, M2), then its rstd. */
 static inline void pn_sp_nchw_set_stats(const pn_spatial_args *a, const pn_sp_sets *ss,
                                         const pn_sp_nchw_pieces *q, int64_t set, const double *pst,
                                         const real *shift, real *m_out, real *rs_out) {
@@ -863,8 +866,8 @@ static inline double pn_sp_sum_d(const real *v, int64_t n) {
 
 /* Piece p of a set: per group g, the sum and M2 of x - shift into st[g] and
  * st[Gp + g] (two passes down the piece's rows while they are in cache; M2
- * about the piece's mean rounded to a real). sh: the set's shift per
- * channel; acc, mv: C reals; buf: rpp*C reals (conversions). */
+ * about the piece's mean in reals, as in the NCHW engine). sh: the set's
+ * shift per channel; acc, mv: C reals; buf: rpp*C reals (conversions). */
 static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set,
                                           int64_t p, const real *sh, real *acc, real *mv, real *buf,
                                           double *st) {
@@ -873,17 +876,17 @@ static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_
     const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
     const real *x = pn_row_as_real((const char *)a->inp + r0 * C * (int64_t)pn_dtype_size(a->dtype),
                                    a->dtype, buf, nr * C);
-    const double cnt = (double)(nr * Cg);
+    const real cnt = (real)(nr * Cg);
     pn_sp_colsum(0, x, NULL, nr, C, sh, NULL, acc, NULL);
     if (Cg == 1) {   /* one channel per group (BatchNorm, InstanceNorm): vectors */
         for (int64_t c = 0; c < C; c++) {
             st[c] = (double)acc[c];
-            mv[c] = (real)(st[c] / cnt);
+            mv[c] = acc[c] / cnt;
         }
     } else {
         for (int64_t g = 0; g < G; g++) {
             st[g] = pn_sp_sum_d(acc + g * Cg, Cg);
-            const real m = (real)(st[g] / cnt);
+            const real m = (real)st[g] / cnt;
             for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) mv[c] = m;
         }
     }
@@ -931,9 +934,10 @@ static inline void pn_sp_nhwc_shift(const pn_spatial_args *a, const pn_sp_nhwc *
 }
 
 /* Statistics of groups g0..g1-1 (at most PN_SP_GB) of a set: their pieces'
- * (sum, M2) merged in order as pn_sp_merge does, one group per lane (the
- * pieces' counts are the same for every group); then the saved statistics
- * and the group's channels of mm (mean of x - shift) and sc (rstd * w). */
+ * (sum, M2) merged in order as pn_sp_merge merges (mean, M2), one group per
+ * lane (the pieces' counts are the same for every group); then the saved
+ * statistics and the group's channels of mm (mean of x - shift) and sc
+ * (rstd * w). */
 static inline void pn_sp_nhwc_merge(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t g0,
                                     int64_t g1, const double *pst, const real *sh, const real *w, real *mm,
                                     real *sc) {
@@ -947,10 +951,10 @@ static inline void pn_sp_nhwc_merge(const pn_spatial_args *a, const pn_sp_nhwc *
         for (int64_t j = 0; j < ng; j++) pn_sp_kadd(&m[j], &comp[j], st[j]);
     }
     for (int64_t j = 0; j < ng; j++) m[j] = (m[j] + comp[j]) / (double)total;
-    for (int64_t p = 0; p < np; p++) {
-        const double *st = st0 + p * 2 * Gp, nb = (double)(p + 1 < np ? full : tail);
+    for (int64_t p = 0; p < np; p++) {   /* the pieces' means by a reciprocal: only d^2 * nb needs them */
+        const double *st = st0 + p * 2 * Gp, nb = (double)(p + 1 < np ? full : tail), inb = 1 / nb;
         for (int64_t j = 0; j < ng; j++) {
-            const double d = st[j] / nb - m[j];
+            const double d = st[j] * inb - m[j];
             M2[j] += st[Gp + j] + d * d * nb;
         }
     }
