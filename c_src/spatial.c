@@ -27,6 +27,10 @@ static inline real *pn_sp_take(pn_sp_mem *m, int64_t n) {
     return p;
 }
 
+/* The reals that n doubles take, and an array of n doubles from the block. */
+static inline int64_t pn_sp_dreals(int64_t n) { return n * (int64_t)(sizeof(double) / sizeof(real)); }
+static inline double *pn_sp_take_d(pn_sp_mem *m, int64_t n) { return (double *)pn_sp_take(m, pn_sp_dreals(n)); }
+
 /* Threads for a call over `elems` values. */
 static inline int pn_sp_threads(int64_t elems) {
     int nt = pn_threads();
@@ -77,25 +81,40 @@ static inline real pn_sp_value(const void *p, pn_dtype dt, int64_t i) {
     return v;
 }
 
-/* Chan et al.: merges np pieces' (mean, M2) pairs, st[p * step] and
- * st[p * step + 1], in order. Pieces come in runs of `per`: each holds `full`
- * values but the last of a run, which holds `tail`. Returns the mean and the
- * biased variance. */
-static inline void pn_sp_merge(const real *st, int64_t np, int64_t step, int64_t per, int64_t full,
+/* Neumaier's compensated sum: *s + *c holds the running total with about
+ * twice double's precision (a float64 set's mean merged in double over a few
+ * hundred pieces drifted by up to 5 ulps). The same operations in the same
+ * order in every build: the bits do not depend on the instruction set. */
+static inline void pn_sp_kadd(double *s, double *c, double v) {
+    const double t = *s + v;
+    *c += fabs(*s) >= fabs(v) ? (*s - t) + v : (v - t) + *s;
+    *s = t;
+}
+
+/* Merges np pieces' (mean, M2) pairs, st[p * step] and st[p * step + 1]
+ * (of x - shift, in double; M2 about the piece's mean). Pieces come in runs
+ * of `per`: each holds `full` values but the last of a run, which holds
+ * `tail`. The mean is the compensated total of the pieces' sums (mean times
+ * count) over the count; then M2 = sum(M2_p) + sum(n_p (mean_p - mean)^2)
+ * with that mean (Chan et al.'s combination, done once instead of piece by
+ * piece). Returns the mean and the biased variance. */
+static inline void pn_sp_merge(const double *st, int64_t np, int64_t step, int64_t per, int64_t full,
                                int64_t tail, double *mean, double *var) {
-    if (np == 1) {   /* what the loop gives for one piece, without its divisions */
-        *mean = (double)st[0];
-        *var = (double)st[1] / (double)tail;
+    if (np == 1) {   /* what the loops give for one piece, without their roundings */
+        *mean = st[0];
+        *var = st[1] / (double)tail;
         return;
     }
-    double n = 0, m = 0, M2 = 0;
+    double s = 0, c = 0, n = 0, M2 = 0;
     for (int64_t p = 0; p < np; p++) {
         const double nb = (double)(p % per == per - 1 ? tail : full);
-        const double mb = (double)st[p * step], M2b = (double)st[p * step + 1];
-        const double nn = n + nb, d = mb - m;
-        m += d * (nb / nn);
-        M2 += M2b + d * d * (n * nb / nn);
-        n = nn;
+        pn_sp_kadd(&s, &c, st[p * step] * nb);
+        n += nb;
+    }
+    const double m = (s + c) / n;
+    for (int64_t p = 0; p < np; p++) {
+        const double nb = (double)(p % per == per - 1 ? tail : full), d = st[p * step] - m;
+        M2 += st[p * step + 1] + d * d * nb;
     }
     *mean = m;
     *var = M2 / n;
@@ -236,29 +255,38 @@ static inline void pn_sp_nchw_piece(const pn_sp_nchw_pieces *q, int64_t p, int64
 }
 
 /* Mean and M2 of (x - shift) over piece p of a set, st[0], st[1]: two passes
- * while the piece is in cache. buf: PN_SP_PIECE reals (conversions). */
+ * while the piece is in cache. Each segment's part is summed in lanes of
+ * reals; the parts (up to PN_SP_PIECE of them, BatchNorm's short rows) are
+ * added in double, compensated: in reals, thousands of them in a row lost
+ * several ulps of the mean. The mean is their total over the count in
+ * double; M2 is taken about it rounded to a real (M2 about the exact mean
+ * differs by the count times the square of their difference, far below M2's
+ * rounding). buf: PN_SP_PIECE reals (conversions). */
 static inline void pn_sp_nchw_piece_stats(const pn_spatial_args *a, const pn_sp_sets *ss,
                                           const pn_sp_nchw_pieces *q, int64_t set, int64_t p,
-                                          real shift, real *buf, real *st) {
+                                          real shift, real *buf, double *st) {
     const size_t es = pn_dtype_size(a->dtype);
     const int64_t S = a->S, first = pn_sp_first(ss, set);   /* segment j starts at row first + j * step */
     int64_t j0, j1, i0, i1;
     pn_sp_nchw_piece(q, p, &j0, &j1, &i0, &i1);
     const int64_t n = i1 - i0;
     const int native = a->dtype == PN_REAL_DTYPE;
-    real sum = 0;
+    double sum = 0, comp = 0;
     for (int64_t j = j0; j < j1; j++) {
         const char *row = (const char *)a->inp + ((first + j * ss->step) * S + i0) * (int64_t)es;
         if (j + 1 < j1) pn_prefetch(row + ss->step * S * (int64_t)es, n * (int64_t)es);
-        sum += pn_sp_sum_shifted(pn_row_as_real(row, a->dtype, buf + (j - j0) * n, n), n, shift);
+        const double v = pn_sp_sum_shifted(pn_row_as_real(row, a->dtype, buf + (j - j0) * n, n), n, shift);
+        if (j == j0) sum = v;   /* GroupNorm: the only segment */
+        else pn_sp_kadd(&sum, &comp, v);
     }
-    const real m = sum / (real)((j1 - j0) * n);
-    real M2 = 0;   /* second pass: the rows as reals, from cache (or from buf) */
+    const double mean = (sum + comp) / (double)((j1 - j0) * n);
+    const real m = (real)mean;
+    double M2 = 0;   /* second pass: the rows as reals, from cache (or from buf) */
     for (int64_t j = j0; j < j1; j++) {
         const char *row = (const char *)a->inp + ((first + j * ss->step) * S + i0) * (int64_t)es;
-        M2 += pn_sp_sumsq_centered(native ? (const real *)row : buf + (j - j0) * n, n, shift, m);
+        M2 += (double)pn_sp_sumsq_centered(native ? (const real *)row : buf + (j - j0) * n, n, shift, m);
     }
-    st[0] = m;
+    st[0] = mean;
     st[1] = M2;
 }
 
@@ -351,7 +379,7 @@ static inline void pn_sp_nchw_dx(const pn_spatial_args *a, int64_t r, int64_t i0
 
 /* Statistics of one set from its pieces' (mean, M2), then its rstd. */
 static inline void pn_sp_nchw_set_stats(const pn_spatial_args *a, const pn_sp_sets *ss,
-                                        const pn_sp_nchw_pieces *q, int64_t set, const real *pst,
+                                        const pn_sp_nchw_pieces *q, int64_t set, const double *pst,
                                         const real *shift, real *m_out, real *rs_out) {
     const int64_t total = ss->count * a->S;
     double m, var;
@@ -409,11 +437,11 @@ pn_status PN_KERNEL(sp_nchw_forward)(const pn_spatial_args *a, const pn_sp_sets 
     pn_sp_mem mem;
     const int64_t per_thread = 2 * pn_sp_pad(PN_SP_PIECE);
     pn_status st = pn_sp_alloc(&mem, 2 * pn_sp_pad(C) + 3 * pn_sp_pad(nsets) +
-                                         (stats ? pn_sp_pad(nsets * q.np * 2) : 0) + nt * per_thread);
+                                         (stats ? pn_sp_pad(pn_sp_dreals(nsets * q.np * 2)) : 0) + nt * per_thread);
     if (st) return st;
     real *w = pn_sp_take(&mem, C), *b = pn_sp_take(&mem, C);
     real *shift = pn_sp_take(&mem, nsets), *m = pn_sp_take(&mem, nsets), *rs = pn_sp_take(&mem, nsets);
-    real *pst = stats ? pn_sp_take(&mem, nsets * q.np * 2) : NULL;
+    double *pst = stats ? pn_sp_take_d(&mem, nsets * q.np * 2) : NULL;
     real *bufs = pn_sp_take(&mem, nt * per_thread);
     pn_sp_params(a, w, b);
     if (!stats) {   /* BatchNorm eval: the running statistics, set = channel */
@@ -816,13 +844,33 @@ static inline void pn_sp_colsum(int kind, const real *x, const real *dy, int64_t
                           out + c, out2 ? out2 + c : NULL);
 }
 
-/* Piece p of a set: per group g, the mean and M2 of x - shift into st[g] and
- * st[Gp + g] (two passes down the piece's rows while they are in cache). sh:
- * the set's shift per channel; acc, mv: C reals; buf: rpp*C reals
- * (conversions). */
+/* The sum of n reals (a group's column sums) in double. A sum in reals, one
+ * channel after the other, lost up to 9 ulps of the mean of a group of a few
+ * hundred channels or more with few rows per piece; in double, in PN_DLANES
+ * lanes (element i in lane i % PN_DLANES, a fixed tree at the end), a
+ * float32 group's sum is all but exact and a float64 group's chains are
+ * 16 times shorter. Short groups: one chain. */
+static inline double pn_sp_sum_d(const real *v, int64_t n) {
+    if (n < 2 * PN_DLANES) {
+        double s = 0;
+        for (int64_t i = 0; i < n; i++) s += (double)v[i];
+        return s;
+    }
+    double acc[PN_DLANES] = {0};
+    int64_t i = 0;
+    for (; i + PN_DLANES <= n; i += PN_DLANES)
+        for (int j = 0; j < PN_DLANES; j++) acc[j] += (double)v[i + j];
+    for (int j = 0; i + j < n; j++) acc[j] += (double)v[i + j];
+    return pn_dlanes_total(acc);
+}
+
+/* Piece p of a set: per group g, the sum and M2 of x - shift into st[g] and
+ * st[Gp + g] (two passes down the piece's rows while they are in cache; M2
+ * about the piece's mean in reals, as in the NCHW engine). sh: the set's
+ * shift per channel; acc, mv: C reals; buf: rpp*C reals (conversions). */
 static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set,
                                           int64_t p, const real *sh, real *acc, real *mv, real *buf,
-                                          real *st) {
+                                          double *st) {
     const int64_t C = a->C, Cg = h->Cg, G = h->G, Gp = pn_sp_pad(G);
     int64_t r0;
     const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
@@ -831,24 +879,22 @@ static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_
     const real cnt = (real)(nr * Cg);
     pn_sp_colsum(0, x, NULL, nr, C, sh, NULL, acc, NULL);
     if (Cg == 1) {   /* one channel per group (BatchNorm, InstanceNorm): vectors */
-        for (int64_t c = 0; c < C; c++) st[c] = mv[c] = acc[c] / cnt;
+        for (int64_t c = 0; c < C; c++) {
+            st[c] = (double)acc[c];
+            mv[c] = acc[c] / cnt;
+        }
     } else {
         for (int64_t g = 0; g < G; g++) {
-            real s = 0;
-            for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) s += acc[c];
-            st[g] = s / cnt;
-            for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) mv[c] = st[g];
+            st[g] = pn_sp_sum_d(acc + g * Cg, Cg);
+            const real m = (real)st[g] / cnt;
+            for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) mv[c] = m;
         }
     }
     pn_sp_colsum(1, x, NULL, nr, C, sh, mv, acc, NULL);
     if (Cg == 1) {
-        for (int64_t c = 0; c < C; c++) st[Gp + c] = acc[c];
+        for (int64_t c = 0; c < C; c++) st[Gp + c] = (double)acc[c];
     } else {
-        for (int64_t g = 0; g < G; g++) {
-            real s = 0;
-            for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) s += acc[c];
-            st[Gp + g] = s;
-        }
+        for (int64_t g = 0; g < G; g++) st[Gp + g] = pn_sp_sum_d(acc + g * Cg, Cg);
     }
 }
 
@@ -888,30 +934,33 @@ static inline void pn_sp_nhwc_shift(const pn_spatial_args *a, const pn_sp_nhwc *
 }
 
 /* Statistics of groups g0..g1-1 (at most PN_SP_GB) of a set: their pieces'
- * (mean, M2) merged in order as pn_sp_merge does, one group per lane (the
- * pieces' weights are the same for every group); then the saved statistics
- * and the group's channels of mm (mean of x - shift) and sc (rstd * w). */
+ * (sum, M2) merged in order as pn_sp_merge merges (mean, M2), one group per
+ * lane (the pieces' counts are the same for every group); then the saved
+ * statistics and the group's channels of mm (mean of x - shift) and sc
+ * (rstd * w). */
 static inline void pn_sp_nhwc_merge(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t g0,
-                                    int64_t g1, const real *pst, const real *sh, const real *w, real *mm,
+                                    int64_t g1, const double *pst, const real *sh, const real *w, real *mm,
                                     real *sc) {
     const int64_t Cg = h->Cg, Gp = pn_sp_pad(h->G), np = h->np, ng = g1 - g0;
     const int64_t total = h->rows * Cg, full = h->rpp * Cg, tail = total - full * (np - 1);
-    double m[PN_SP_GB], M2[PN_SP_GB], n = 0;
-    for (int64_t j = 0; j < ng; j++) m[j] = M2[j] = 0;
+    const double *st0 = pst + set * np * 2 * Gp + g0;   /* piece p's sums at st0 + p * 2 * Gp */
+    double m[PN_SP_GB], M2[PN_SP_GB], comp[PN_SP_GB];
+    for (int64_t j = 0; j < ng; j++) m[j] = M2[j] = comp[j] = 0;
     for (int64_t p = 0; p < np; p++) {
-        const double nb = (double)(p + 1 < np ? full : tail), nn = n + nb;
-        const double w1 = nb / nn, w2 = n * nb / nn;
-        const real *st = pst + (set * np + p) * 2 * Gp + g0;
+        const double *st = st0 + p * 2 * Gp;
+        for (int64_t j = 0; j < ng; j++) pn_sp_kadd(&m[j], &comp[j], st[j]);
+    }
+    for (int64_t j = 0; j < ng; j++) m[j] = (m[j] + comp[j]) / (double)total;
+    for (int64_t p = 0; p < np; p++) {   /* the pieces' means by a reciprocal: only d^2 * nb needs them */
+        const double *st = st0 + p * 2 * Gp, nb = (double)(p + 1 < np ? full : tail), inb = 1 / nb;
         for (int64_t j = 0; j < ng; j++) {
-            const double d = (double)st[j] - m[j];
-            m[j] += d * w1;
-            M2[j] += (double)st[Gp + j] + d * d * w2;
+            const double d = st[j] * inb - m[j];
+            M2[j] += st[Gp + j] + d * d * nb;
         }
-        n = nn;
     }
     for (int64_t j = 0; j < ng; j++) {
         const int64_t g = g0 + j;
-        const real rs = pn_sp_finish(a, set * h->G + g, sh[g * Cg], m[j], M2[j] / n, total);
+        const real rs = pn_sp_finish(a, set * h->G + g, sh[g * Cg], m[j], M2[j] / (double)total, total);
         for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) {
             mm[c] = (real)m[j];
             sc[c] = rs * w[c];
@@ -936,11 +985,12 @@ pn_status PN_KERNEL(sp_nhwc_forward)(const pn_spatial_args *a) {
     const int64_t per_thread = 2 * Cp + 2 * bufn;
     pn_sp_mem mem;
     /* [w | b | sh, mm, sc per set or thread | piece stats | per thread: acc, mv, buf, tmp] */
-    pn_status st = pn_sp_alloc(&mem, 2 * Cp + 3 * nvec * Cp + (stats ? ns * np * 2 * Gp : 0) + nt * per_thread);
+    pn_status st = pn_sp_alloc(&mem, 2 * Cp + 3 * nvec * Cp + (stats ? pn_sp_dreals(ns * np * 2 * Gp) : 0) +
+                                         nt * per_thread);
     if (st) return st;
     real *w = pn_sp_take(&mem, C), *b = pn_sp_take(&mem, C);
     real *shv = pn_sp_take(&mem, nvec * Cp), *mmv = pn_sp_take(&mem, nvec * Cp), *scv = pn_sp_take(&mem, nvec * Cp);
-    real *pst = stats ? pn_sp_take(&mem, ns * np * 2 * Gp) : NULL;
+    double *pst = stats ? pn_sp_take_d(&mem, ns * np * 2 * Gp) : NULL;
     real *bufs = pn_sp_take(&mem, nt * per_thread);
     pn_sp_params(a, w, b);
     if (!stats) {   /* BatchNorm eval: the running statistics */

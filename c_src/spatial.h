@@ -9,11 +9,16 @@
  * Statistics are taken over "sets": GroupNorm's set is (n, g), BatchNorm's is
  * a channel. Every reduction goes through "pieces" whose bounds depend on the
  * sizes only, never on the thread count:
- *   - forward: each piece gets its own mean and M2 = sum((x - mean)^2) in two
+ *   - forward: each piece gets its own sum and M2 = sum((x - mean)^2) in two
  *     passes while it sits in cache (the values shifted first by one element
  *     of their set, as layernorm.c does, so that a mean of 1e4 with a std of
- *     1e-2 keeps its digits), and a set's pieces are merged in order with
- *     Chan's formula in double;
+ *     1e-2 keeps its digits). Short runs of values are summed in the compute
+ *     type, and every longer sum of such partial sums (a piece's rows or
+ *     channels, a set's pieces) runs in double, in lanes or compensated, so
+ *     that the saved mean is the set's exact mean rounded, within an ulp or
+ *     two, however the set is cut. A set's pieces are merged in order: the
+ *     mean from the total of their sums, then M2 with Chan's formula in
+ *     double;
  *   - backward: the sums of dy and dy * (x - mean) per piece, added in order.
  * So results are bit-identical for every thread count and instruction set.
  * A thread takes whole sets when there are enough of them ("set-local": the

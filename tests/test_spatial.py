@@ -451,6 +451,80 @@ def test_huge_and_tiny_magnitudes(scale, layout):
     assert RS.max_abs_err(from_layout(y, layout), ry) < 1e-5
 
 
+def _saved_mean_cases():
+    """GroupNorm cases (N, C, S, G) with 1 to 4096 channels per group: the
+    edges of the group sums' lanes and of the pieces, then random groups drawn
+    from a fixed seed (channels per group log-uniform, spatial sizes from 1,
+    where a piece holds every row of a sample, to a few hundred)."""
+    cases = [(2, 1, 300, 1), (3, 31, 5, 1), (2, 64, 3, 2), (2, 99, 4, 3), (1, 4096, 1, 1), (2, 4096, 9, 1),
+             (8, 3000, 2, 1), (16, 768, 2, 2), (2, 512, 100, 2)]
+    rng = np.random.default_rng(seed_for("saved-mean-cases"))
+    for _ in range(10):
+        cg = int(np.exp(rng.uniform(0, np.log(4096))))
+        G = int(rng.integers(1, 4))
+        S = int(rng.choice([1, 2, 3, 5, 8, 16, 49, 300]))
+        N = int(rng.integers(1, 5))
+        while N * cg * G * S > 1 << 17 and S > 1:
+            S //= 2
+        cases.append((N, cg * G, S, G))
+    return cases
+
+
+SAVED_MEAN_CASES = _saved_mean_cases()
+SAVED_MEAN_DISTS = [(1.5, 0.3), (-40.0, 4.0), (1e4, 1.0)]   # mean, std: the sets' means far from 0
+
+
+def _mean_ref(x, axes):
+    """The exact float64 mean over `axes` of x (math.fsum, then one division)."""
+    import math
+    v = np.moveaxis(np.asarray(x).astype(F64), axes, tuple(range(-len(axes), 0)))
+    flat = v.reshape(v.shape[:v.ndim - len(axes)] + (-1,))
+    out = np.array([math.fsum(r) for r in flat.reshape(-1, flat.shape[-1])]) / flat.shape[-1]
+    return out.reshape(flat.shape[:-1])
+
+
+def check_saved_mean(what, mean, ref, dtype):
+    """The saved mean within 2 ulps of its own magnitude in its dtype (float32,
+    or float64 for float64 input) of the exact mean."""
+    sdt = F64 if dtype == F64 else F32
+    mean = np.asarray(mean).astype(F64)
+    ulps = np.abs(mean - ref) / np.spacing(np.abs(ref).astype(sdt)).astype(F64)
+    k = int(np.argmax(ulps))
+    assert ulps[k] <= 2, (f"{what}: saved mean {ulps[k]:.2f} ulps from the exact mean "
+                          f"(set {k}: {mean[k]!r} vs {ref[k]!r})")
+
+
+@pytest.mark.parametrize("dist", SAVED_MEAN_DISTS, ids=lambda d: f"N({d[0]:g},{d[1]:g})")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("N,C,S,G", SAVED_MEAN_CASES,
+                         ids=[f"{n}x{c}x{s}-Cg{c // g}" for n, c, s, g in SAVED_MEAN_CASES])
+def test_group_norm_saved_mean_accurate(N, C, S, G, dtype, dist):
+    """GroupNorm's (and so InstanceNorm's) saved mean is the exact mean of its
+    set, rounded, within 2 ulps in both layouts, for any number of channels per
+    group: the sums of a set's pieces and channels lose nothing that shows."""
+    x = make_x((N, C, S), dtype, seed_for("saved-mean", N, C, S, G, dname(dtype), dist), *dist)
+    ref = _mean_ref(x.reshape(N, G, C // G, S), (2, 3))
+    for layout in LAYOUTS:
+        _, mean, _ = pynorm.group_norm_forward(to_layout(x, layout), G, layout=layout)
+        check_saved_mean(f"group_norm {N}x{C}x{S} G={G} {dname(dtype)} {layout}", mean.ravel(), ref.ravel(), dtype)
+
+
+BN_MEAN_SHAPES = [(4096, 8, 1), (2048, 16, 2), (1024, 4, 5), (512, 32, 8), (64, 8, 300), (3, 4, 9000)]
+
+
+@pytest.mark.parametrize("dist", SAVED_MEAN_DISTS, ids=lambda d: f"N({d[0]:g},{d[1]:g})")
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("shape", BN_MEAN_SHAPES, ids=sname)
+def test_batch_norm_saved_mean_accurate(shape, dtype, dist):
+    """BatchNorm's saved batch mean, the same property: its channels' sets are
+    many short rows (NCHW) or many pieces of rows (NHWC)."""
+    x = make_x(shape, dtype, seed_for("bn-saved-mean", shape, dname(dtype), dist), *dist)
+    ref = _mean_ref(x, (0, 2))
+    for layout in LAYOUTS:
+        _, mean, _ = pynorm.batch_norm_forward(to_layout(x, layout), None, None, training=True, layout=layout)
+        check_saved_mean(f"batch_norm {sname(shape)} {dname(dtype)} {layout}", mean, ref, dtype)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=dname)
 def test_nan_inf_propagate_as_torch(dtype, layout):
@@ -481,11 +555,14 @@ def test_nan_inf_propagate_as_torch(dtype, layout):
 
 def _det_cases():
     """(name, x, dy) covering both schedules: with 1-3 threads some run set-local,
-    others phase by phase; every result must be the same bits."""
+    others phase by phase; every result must be the same bits. The last two:
+    groups of 128 channels over two pieces of rows (NHWC), and BatchNorm's
+    channels of many 3-value rows (NCHW)."""
     cases = []
     for dtype in (F32, BF16, F64):
         for shape, layout in (((2, 32, 48, 48), "NCHW"), ((6, 8, 40, 40), "NCHW"), ((3, 16, 40, 40), "NHWC"),
-                              ((12, 8, 20, 20), "NHWC"), ((64, 300), "NCHW"), ((2, 4, 9000), "NCHW")):
+                              ((12, 8, 20, 20), "NHWC"), ((64, 300), "NCHW"), ((2, 4, 9000), "NCHW"),
+                              ((2, 512, 6, 6), "NHWC"), ((512, 8, 3), "NCHW")):
             seed = seed_for("det", shape, layout, dname(dtype))
             x = to_layout(make_x(shape, dtype, seed), layout)
             dy = to_layout(make_x(shape, dtype, seed + 1, 0.0, 1.0), layout)
