@@ -4,12 +4,13 @@ whether a kernel change is faster.
     python bench/compare_builds.py OLD/libpynorm.so NEW/libpynorm.so [--threads 2,1]
         [--dtypes float32,bfloat16,float16] [--repeats 11] [--shapes 8192x768,...] [--after-torch]
     python bench/compare_builds.py OLD/libpynorm.so NEW/libpynorm.so --suite spatial
-        [--dtypes float32,float64] [--shapes 32x64x3136x32,...]      (N x C x S x G)
+        [--dtypes float32,float64] [--shapes 32x64x3136x32,...] [--only 'BN eval']   (N x C x S x G)
 
 Both libraries run the same calls on the same NumPy buffers, their calls
 alternating, after a warm-up call each: the token norms (LayerNorm, RMSNorm:
 forward with out=, backward with dx, dweight, dbias), or with --suite spatial
-GroupNorm and BatchNorm (training) forward and backward in NCHW and NHWC. The
+GroupNorm and BatchNorm (training) forward and backward and BatchNorm eval
+forward (running statistics) in NCHW and NHWC. The
 table gives each build's median GB/s (forward: read x, write y; backward:
 read x and dy, write dx) and new/old, the ratio of their median times (above
 1: NEW is faster). With --after-torch (token suite) each timed call follows a
@@ -65,8 +66,9 @@ def _calls(ffi, lib, op, x, dy, dtype_code, R, C):
 
 
 def _spatial_calls(ffi, lib, op, layout, x, dy, dtype_code, N, C, S, G):
-    """The forward and backward of op ('GroupNorm' or 'BatchNorm' in training)
-    on these buffers, in layout lib.PN_NCHW or lib.PN_NHWC."""
+    """The forward and backward of op ('GroupNorm', 'BatchNorm' in training)
+    or the forward alone ('BatchNorm eval': the running statistics) on these
+    buffers, in layout lib.PN_NCHW or lib.PN_NHWC."""
     p = lambda a: ffi.cast("void *", a.ctypes.data)
     nstats = N * G if op == "GroupNorm" else C
     mean = np.zeros(nstats, np.float64 if dtype_code == lib.PN_FLOAT64 else np.float32)
@@ -79,6 +81,13 @@ def _spatial_calls(ffi, lib, op, layout, x, dy, dtype_code, N, C, S, G):
                                                dtype_code, dtype_code)
         bwd = lambda: lib.pn_groupnorm_backward(p(dx), p(dw), p(db), ffi.NULL, 0, p(dy), p(x), p(w), p(mean),
                                                 p(rstd), N, C, S, G, 0, layout, dtype_code, dtype_code)
+    elif op == "BatchNorm eval":
+        rng = np.random.default_rng(1)
+        rm, rv = rng.standard_normal(C).astype(x.dtype), (rng.random(C) + 0.5).astype(x.dtype)
+        fwd = lambda: lib.pn_batchnorm_forward(p(y), p(mean), p(rstd), p(rm), p(rv), p(x), p(w), p(b),
+                                               N, C, S, 1e-5, 0.1, 0, 0, layout, dtype_code, dtype_code,
+                                               dtype_code)
+        return {"fwd": (fwd, 2)}
     else:
         training = lib.PN_BN_TRAINING
         fwd = lambda: lib.pn_batchnorm_forward(p(y), p(mean), p(rstd), ffi.NULL, ffi.NULL, p(x), p(w), p(b),
@@ -113,6 +122,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", help="default float32,bfloat16,float16 (token), float32,float64 (spatial)")
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--shapes", help="rows x C (token) or N x C x S x G (spatial), comma-separated")
+    ap.add_argument("--only", help="only the rows whose label starts with this (spatial: 'BN eval', 'GN NHWC', ...)")
     ap.add_argument("--after-torch", action="store_true", help="a torch layer_norm of x before each timed call")
     args = ap.parse_args(argv)
     spatial = args.suite == "spatial"
@@ -151,10 +161,10 @@ def main(argv=None):
                 dy = rng.standard_normal(n).astype(np.float32).astype(npdt)
                 before = lambda: None
                 if spatial:
-                    cases = [(f"{op[0]}N {lay}", {k: _spatial_calls(ffi, lib, op, getattr(lib, f"PN_{lay}"), x, dy,
-                                                                    code, *shape)
-                                                    for k, lib in libs.items()})
-                             for op in ("GroupNorm", "BatchNorm") for lay in ("NCHW", "NHWC")]
+                    cases = [(f"{op[0]}N{' eval' * (' ' in op)} {lay}",
+                              {k: _spatial_calls(ffi, lib, op, getattr(lib, f"PN_{lay}"), x, dy, code, *shape)
+                               for k, lib in libs.items()})
+                             for op in ("GroupNorm", "BatchNorm", "BatchNorm eval") for lay in ("NCHW", "NHWC")]
                 else:
                     R, C = shape
                     x, dy = x.reshape(R, C), dy.reshape(R, C)
@@ -164,7 +174,9 @@ def main(argv=None):
                     cases = [(op, {k: _calls(ffi, lib, op, x, dy, code, R, C) for k, lib in libs.items()})
                              for op in ("LayerNorm", "RMSNorm")]
                 for label, calls in cases:
-                    for part in ("fwd", "bwd"):
+                    if args.only and not label.startswith(args.only):
+                        continue
+                    for part in calls["old"]:
                         med = _time_pair(calls, part, args.repeats, before, f"{label} {part} {dname}")
                         gb = calls["old"][part][1] * x.nbytes / 1e9
                         print(f"{label + ' ' + part:18s} {dname:9s} {'x'.join(map(str, shape)):15s} {threads:3d}  "

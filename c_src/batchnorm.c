@@ -6,7 +6,8 @@
  *           running_mean = (1 - f) * running_mean + f * mean
  *           running_var  = (1 - f) * running_var  + f * var * M/(M-1)
  *           with f = momentum, or 1/num_batches_tracked (torch's momentum=None)
- * eval:     the same y from the running statistics.
+ * eval:     the same y from the running statistics: one elementwise pass
+ *           (spatial.c's sp_eval_forward), each thread on its share of memory.
  * backward: xhat = (x - mean) * rstd, g = dy * w[c], means over the M values
  *           training: dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
  *           eval:     dx = rstd * g (the statistics are constants)
@@ -26,6 +27,7 @@
 /* NCHW: set c is the N rows c, C + c, 2C + c, ... (step C). */
 
 pn_status PN_KERNEL(batchnorm_forward)(const pn_spatial_args *a) {
+    if (!a->training) return PN_KERNEL(sp_eval_forward)(a);
     if (a->layout == PN_NHWC) return PN_KERNEL(sp_nhwc_forward)(a);
     const pn_sp_sets sets = {a->C, a->N, a->C};
     return PN_KERNEL(sp_nchw_forward)(a, &sets);

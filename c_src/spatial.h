@@ -196,6 +196,8 @@ pn_status PN_KERNEL(sp_nchw_forward)(const pn_spatial_args *a, const pn_sp_sets 
 pn_status PN_KERNEL(sp_nchw_backward)(const pn_spatial_args *a, const pn_sp_sets *ss);
 pn_status PN_KERNEL(sp_nhwc_forward)(const pn_spatial_args *a);
 pn_status PN_KERNEL(sp_nhwc_backward)(const pn_spatial_args *a);
+/* BatchNorm eval forward (running statistics, either layout): one elementwise pass. */
+pn_status PN_KERNEL(sp_eval_forward)(const pn_spatial_args *a);
 
 #endif /* PN_KERNEL_BUILD */
 #endif /* PYNORM_SPATIAL_H */
