@@ -75,40 +75,42 @@ static void layernorm_y(real *y, const real *x, const real *w, const real *b,
     for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - shift) - m) * rstd * w[i] + b[i];
 }
 
+/* Row r of a forward, plain or fused. */
+static void layernorm_forward_row(const pn_fwd_call *c, int64_t r) {
+    const pn_token_args *a = c->a;
+    const int64_t C = a->C;
+    const size_t es = pn_dtype_size(a->dtype);
+    const real *w = c->wk->w, *b = c->wk->b;
+    real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL, *buf2 = c->wk->nbuf ? pn_work_row(c->wk, 1) : NULL;
+    const real *x = c->fused ? pn_residual_row(a, r, buf, buf2)
+                             : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
+    real shift, m;
+    const real rs = layernorm_row_stats(x, C, c->inv_C, c->eps, &shift, &m);
+    /* y in pieces: in the output itself, or rounded once after w and b */
+    const pn_row_out out = pn_row_out_init(a, r, c->fused, c->stream, c->ahead);
+    for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
+        const int64_t n = pn_piece_len(C, i0);
+        real piece[PN_PIECE], tmp[PN_PIECE];
+        real *y = c->in_place ? (real *)out.dst + i0 : piece;
+        layernorm_y(y, x + i0, w + i0, b + i0, shift, m, rs, n);
+        pn_put_piece(&out, i0, y, n, tmp, c->in_place);
+    }
+    const real mu = shift + m;
+    if (a->mean) ((real *)a->mean)[r] = mu;
+    if (a->rstd) ((real *)a->rstd)[r] = rs;
+}
+
 /* The loop over rows shared by the plain and the fused forward. */
 static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
-    const size_t es = pn_dtype_size(a->dtype);
-    const int stream = rows * C * (int64_t)es >= pn_stream_min_bytes();
-    /* y computed in place in the output when it holds reals and is not streamed */
-    const int in_place = a->dtype == PN_REAL_DTYPE && !stream;
+    const int stream = rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
     pn_work wk;
     pn_status st = pn_work_init(&wk, a, a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
     if (st) return st;
-    const double eps = a->eps, inv_C = 1 / (double)C;
-    real *mean = (real *)a->mean, *rstd = (real *)a->rstd;
-    const pn_ahead ahead = pn_ahead_rows(a, fused ? 4 : 2, stream);
-#pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
-    for (int64_t r = 0; r < rows; r++) {
-        const real *w = wk.w, *b = wk.b;
-        real *buf = wk.nbuf ? pn_work_row(&wk, 0) : NULL, *buf2 = wk.nbuf ? pn_work_row(&wk, 1) : NULL;
-        const real *x = fused ? pn_residual_row(a, r, buf, buf2)
-                              : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
-        real shift, m;
-        const real rs = layernorm_row_stats(x, C, inv_C, eps, &shift, &m);
-        /* y in pieces: in the output itself, or rounded once after w and b */
-        const pn_row_out out = pn_row_out_init(a, r, fused, stream, ahead);
-        for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
-            const int64_t n = pn_piece_len(C, i0);
-            real piece[PN_PIECE], tmp[PN_PIECE];
-            real *y = in_place ? (real *)out.dst + i0 : piece;
-            layernorm_y(y, x + i0, w + i0, b + i0, shift, m, rs, n);
-            pn_put_piece(&out, i0, y, n, tmp, in_place);
-        }
-        const real mu = shift + m;
-        if (mean) mean[r] = mu;
-        if (rstd) rstd[r] = rs;
-    }
+    /* y computed in place in the output when it holds reals and is not streamed */
+    const pn_fwd_call c = {a, &wk, pn_ahead_rows(a, fused ? 4 : 2, stream), a->eps, 1 / (double)C,
+                           fused, stream, a->dtype == PN_REAL_DTYPE && !stream};
+    pn_fwd_rows(&c, layernorm_forward_row);
     if (stream) pn_stream_fence();
     pn_work_free(&wk);
     return PN_OK;

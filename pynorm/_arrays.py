@@ -27,7 +27,7 @@ _DTYPE_NAMES = "float32, float16, bfloat16 (ml_dtypes) or float64"
 
 # Outputs of at least this many bytes come from the library's buffer cache,
 # which spares a loop over large outputs the page faults of fresh memory.
-_CACHED_ALLOC_MIN = 1 << 20
+CACHED_ALLOC_MIN = 1 << 20
 
 
 class PynormError(RuntimeError):
@@ -317,7 +317,7 @@ def empty(shape, dtype):
     """A C-contiguous output array; large ones come from the library's cache."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < _CACHED_ALLOC_MIN:
+    if nbytes < CACHED_ALLOC_MIN:
         return np.empty(shape, dtype)
     raw = lib.pn_buffer_alloc(nbytes)
     if raw == ffi.NULL:

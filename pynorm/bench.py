@@ -234,15 +234,16 @@ SHAPES = [(8192, 768), (4096, 4096), (1024, 16384)]
 HALF_SHAPE = (4096, 4096)
 QUICK_SHAPES = [(1024, 768), (256, 4096)]
 QUICK_HALF_SHAPE = (256, 4096)
-# One small call (12,288 values, in cache) shows what a call costs besides its
-# data - the Python checks and the C library's set-up - against torch's whole
-# call. Its rows time CALL_REPEATS_SCALE times as many calls: each takes microseconds.
-CALL_SHAPE = (16, 768)
+# Small calls (4,096 to 32,768 values, in cache) show what a call costs besides its
+# data - the Python checks and the C library's set-up - against torch's whole call:
+# one row of a decoder's hidden size, a few rows in bfloat16, a few rows of 768.
+# Their rows time CALL_REPEATS_SCALE times as many calls: each takes microseconds.
+CALL_CASES = [(F32, (1, 4096)), (BF16, (8, 4096)), (F32, (16, 768))]
 CALL_REPEATS_SCALE = 20
-CALL_NOTE = (f"The {CALL_SHAPE[0]}x{CALL_SHAPE[1]} rows time one small call, in cache: the "
-             "per-call cost of the Python functions and the C library against torch's whole "
-             f"call ({CALL_REPEATS_SCALE}x the calls of the other rows; their GB/s is no "
-             "bandwidth figure).")
+CALL_NOTE = ("The per-call rows (" + ", ".join(f"{s[0]}x{s[1]} {dt.name}" for dt, s in CALL_CASES) +
+             ") time one small call, in cache: the per-call cost of the Python functions and "
+             f"the C library against torch's whole call ({CALL_REPEATS_SCALE}x the calls of the "
+             "other rows; their GB/s is no bandwidth figure).")
 
 
 def to_torch(a):
@@ -504,7 +505,8 @@ def benchmark_cases(quick):
     shapes, half_shape = (QUICK_SHAPES, QUICK_HALF_SHAPE) if quick else (SHAPES, HALF_SHAPE)
     cases = [(op, F32, shape) for shape in shapes for op in OPS]
     cases += [(OPS_BY_KEY["layer_norm"], dtype, half_shape) for dtype in (BF16, F16)]
-    cases += [(OPS_BY_KEY[key], F32, CALL_SHAPE) for key in ("layer_norm", "layer_norm_out")]
+    cases += [(OPS_BY_KEY[key], dtype, shape) for dtype, shape in CALL_CASES
+              for key in ("layer_norm", "layer_norm_out")]
     return cases
 
 
@@ -579,7 +581,7 @@ def run_benchmark(cases, thread_counts, baseline, torch_mod, warmup, repeats, pr
         data = Data(shape, dtype, with_torch=baseline == "torch")
         fns = op.fns(data)
         nbytes = op.streams * data.x.nbytes
-        call = shape == CALL_SHAPE          # no bandwidth to probe next to it
+        call = (dtype, shape) in CALL_CASES   # no bandwidth to probe next to it
         scale = CALL_REPEATS_SCALE if call else 1
         for threads in thread_counts:
             progress.show(f"[{len(rows) + 1}/{total}] {op.label} {dtype.name} "

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import pynorm
-from pynorm.bench import CALL_NOTE, CALL_SHAPE, OPS
+from pynorm.bench import CALL_CASES, CALL_NOTE, OPS
 from pynorm.bench_spatial import LAYOUTS as SPATIAL_LAYOUTS
 from pynorm.bench_spatial import OPS as SPATIAL_OPS
 
@@ -85,10 +85,12 @@ def test_json_rows(quick_run):
         assert r["speedup"] > 0, r
         if not r["op"].startswith("transformer_block"):   # a whole block has no bandwidth figure
             assert r["pynorm_gbps"] > 0 and r["pct_copy"] > 0, r
-    call_rows = {(r["op"], r["threads"]) for r in rows if tuple(r["shape"]) == CALL_SHAPE}
-    assert call_rows == {(op, n) for op in ("layer_norm", "layer_norm_out") for n in (1, 2)}, \
-        "the per-call rows (one small float32 layer_norm, allocating and out=) at each thread count"
-    assert all(r["copy_gbps"] is None for r in rows if tuple(r["shape"]) == CALL_SHAPE)
+    call_cases = {(dtype.name, tuple(shape)) for dtype, shape in CALL_CASES}
+    call = [r for r in rows if (r["dtype"], tuple(r["shape"])) in call_cases]
+    assert {(r["dtype"], tuple(r["shape"]), r["op"], r["threads"]) for r in call} == \
+        {(*case, op, n) for case in call_cases for op in ("layer_norm", "layer_norm_out") for n in (1, 2)}, \
+        "the per-call rows (each small layer_norm call, allocating and out=) at each thread count"
+    assert all(r["copy_gbps"] is None for r in call)
     assert CALL_NOTE in proc.stdout
     info = data["machine"]
     assert info["isa"] in ("avx512", "avx2", "generic")
