@@ -49,10 +49,20 @@ def test_compare_builds_spatial_prints_a_row_per_case():
                    "--threads", "1", "--dtypes", "float32,float64", "--repeats", "3")
     assert p.returncode == 0, p.stderr
     rows = [r for op in ("GN", "BN") for r in table_rows(p.stdout, op)]
-    assert len(rows) == 16, p.stdout   # 2 ops x 2 layouts x fwd/bwd x 2 dtypes
+    # (GN, BN training) x 2 layouts x fwd/bwd x 2 dtypes, and BN eval fwd x 2 layouts x 2 dtypes
+    assert len(rows) == 20, p.stdout
+    assert sum(r[1] == "eval" for r in rows) == 4, p.stdout
     for r in rows:
         assert re.fullmatch(r"\d+\.\d\dx", r[-1]), f"new/old column: {r}"
         assert float(r[-3]) > 0 and float(r[-2]) > 0, f"GB/s columns: {r}"
+
+
+def test_compare_builds_only_keeps_the_rows_it_names():
+    p = run_script("compare_builds.py", library_path, library_path, "--suite", "spatial", "--shapes", "2x8x100x4",
+                   "--threads", "1", "--dtypes", "float32", "--repeats", "3", "--only", "BN eval")
+    assert p.returncode == 0, p.stderr
+    rows = [r for op in ("GN", "BN") for r in table_rows(p.stdout, op)]
+    assert [r[:3] for r in rows] == [["BN", "eval", "NCHW"], ["BN", "eval", "NHWC"]], p.stdout
 
 
 def test_ceiling_prints_a_row_per_case():
