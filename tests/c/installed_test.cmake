@@ -1,6 +1,8 @@
 # installed_test.cmake - installs the pynorm build tree into a fresh prefix,
-# then builds and runs a client against that prefix only, one of three ways:
+# then builds and runs a client against that prefix only, one of four ways:
 #
+#   PN_MODE=find_package   tests/c/consumer (find_package(pynorm), pynorm::pynorm
+#                          and pynorm::pynorm_static) configured, built, both run
 #   PN_MODE=pkgconfig      tests/c/consumer/pkgconfig_client.c compiled with
 #                          nothing but  cc client.c $(pkg-config --cflags --libs pynorm),
 #                          run; then linked statically (Libs.private), run
@@ -23,7 +25,7 @@ foreach(var PN_MODE PN_BUILD_DIR PN_SOURCE_DIR PN_WORK_DIR)
     message(FATAL_ERROR "installed_test.cmake: -D${var}=... is required")
   endif()
 endforeach()
-if(NOT PN_MODE MATCHES "^(pkgconfig|example_cmake|example_make)$")
+if(NOT PN_MODE MATCHES "^(find_package|pkgconfig|example_cmake|example_make)$")
   message(FATAL_ERROR "installed_test.cmake: unknown PN_MODE=${PN_MODE}")
 endif()
 if(NOT DEFINED PN_CONFIG OR "${PN_CONFIG}" STREQUAL "")
@@ -70,6 +72,13 @@ file(MAKE_DIRECTORY "${PN_WORK_DIR}")
 run_step(install "${CMAKE_COMMAND}" --install "${PN_BUILD_DIR}" --prefix "${prefix}"
          --config "${PN_CONFIG}")
 get_filename_component(prefix_real "${prefix}" REALPATH)
+if(NOT EXISTS "${prefix}/include/pynorm.h")
+  message(FATAL_ERROR "${PN_MODE} test: ${prefix}/include/pynorm.h was not installed")
+endif()
+file(GLOB_RECURSE configs "${prefix}/*/pynormConfig.cmake" "${prefix}/*/pynorm-config.cmake")
+if(NOT configs)
+  message(FATAL_ERROR "${PN_MODE} test: no pynormConfig.cmake under ${prefix}")
+endif()
 
 # the pkg-config file, and what it says
 if(PN_MODE MATCHES "pkgconfig|example_make")
@@ -154,10 +163,19 @@ if(PN_MODE STREQUAL "pkgconfig")
 "$PN_CC" $PN_FLAGS "$PN_SRC" -o "$PN_OUT" $("$PKG_CONFIG" --cflags pynorm) $("$PKG_CONFIG" --static --libs pynorm | sed 's/-lpynorm/-l:libpynorm.a/')]])
   run_step(run_static "${PN_WORK_DIR}/client_static")
   check_linked("${PN_WORK_DIR}/client_static" none)
-elseif(PN_MODE STREQUAL "example_cmake")
-  # 2. examples/ as its own project, against the prefix only
+elseif(PN_MODE MATCHES "find_package|example_cmake")
+  # 2. a CMake project of its own, against the prefix only (no package
+  #    registry, no build tree): configure, check that the package came from
+  #    the prefix, build, run each program
+  if(PN_MODE STREQUAL "find_package")
+    set(src "${PN_SOURCE_DIR}/tests/c/consumer")
+    set(apps app app_static)           # app_static: where the package has pynorm::pynorm_static
+  else()
+    set(src "${PN_SOURCE_DIR}/examples")
+    set(apps block_norms)
+  endif()
   set(build "${PN_WORK_DIR}/build")
-  set(cfg_args -S "${PN_SOURCE_DIR}/examples" -B "${build}"
+  set(cfg_args -S "${src}" -B "${build}"
       "-DCMAKE_PREFIX_PATH=${prefix}" "-DCMAKE_BUILD_TYPE=${PN_CONFIG}"
       -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF "-DCMAKE_C_COMPILER=${PN_C_COMPILER}")
   if(DEFINED PN_GENERATOR AND NOT "${PN_GENERATOR}" STREQUAL "")
@@ -175,15 +193,25 @@ elseif(PN_MODE STREQUAL "example_cmake")
   get_filename_component(pynorm_dir "${pynorm_dir}" REALPATH)
   string(FIND "${pynorm_dir}" "${prefix_real}/" at)
   if(NOT at EQUAL 0)
-    message(FATAL_ERROR "example_cmake test: pynorm_DIR=${pynorm_dir} is not under ${prefix_real}")
+    message(FATAL_ERROR "${PN_MODE} test: pynorm_DIR=${pynorm_dir} is not under ${prefix_real}")
   endif()
   run_step(build "${CMAKE_COMMAND}" --build "${build}" --config "${PN_CONFIG}")
-  set(app "${build}/block_norms")
-  if(NOT EXISTS "${app}" AND EXISTS "${build}/${PN_CONFIG}/block_norms")
-    set(app "${build}/${PN_CONFIG}/block_norms")
-  endif()
-  run_step(run "${CMAKE_COMMAND}" -E env "LD_LIBRARY_PATH=${libpath}" "${app}")
-  check_linked("${app}" prefix)
+  foreach(name ${apps})
+    set(app "${build}/${name}")
+    if(NOT EXISTS "${app}" AND EXISTS "${build}/${PN_CONFIG}/${name}")
+      set(app "${build}/${PN_CONFIG}/${name}")
+    endif()
+    if(name STREQUAL "app_static" AND NOT EXISTS "${app}")
+      message(STATUS "no app_static (the package has no pynorm::pynorm_static)")
+      continue()
+    endif()
+    run_step(run_${name} "${CMAKE_COMMAND}" -E env "LD_LIBRARY_PATH=${libpath}" "${app}")
+    if(name STREQUAL "app_static")
+      check_linked("${app}" none)
+    else()
+      check_linked("${app}" prefix)
+    endif()
+  endforeach()
 else()
   # 2. examples/Makefile in a copy of the example (make builds in place)
   set(dir "${PN_WORK_DIR}/make")
