@@ -9,7 +9,9 @@ wrapping policies) still finds these.
 
 import torch
 
-from . import _functional as F
+from . import _fast, _functional as F
+
+_EPS32, _EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -17,7 +19,10 @@ class LayerNorm(torch.nn.LayerNorm):
     trailing axes are flattened into one row)."""
 
     def forward(self, input):
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        y = _fast.token_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, False)
+        if y is None:
+            y = F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return y
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -25,7 +30,13 @@ class RMSNorm(torch.nn.RMSNorm):
     compute type, as torch)."""
 
     def forward(self, x):
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        eps = self.eps
+        if eps is None:
+            eps = _EPS64 if x.dtype is torch.float64 else _EPS32
+        y = _fast.token_norm(x, self.normalized_shape, self.weight, None, float(eps), True)
+        if y is None:
+            y = F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return y
 
 
 class GroupNorm(torch.nn.GroupNorm):
