@@ -1232,6 +1232,18 @@ def test_bench_torch_rows():
     assert "GPT block" in table and "Llama block" in table
 
 
+def test_bench_torch_decode_rows():
+    from pynorm import bench, bench_torch
+    rows = bench_torch.decode_rows(thread_counts=(1,), quick=True, warmup=0, repeats=1)
+    assert [r["op"] for r in rows[::2]] == bench_torch.DECODE_KEYS     # two dtypes per key
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    for r in rows:
+        assert r["baseline"] == "torch" and r["baseline_ms"] > 0 and r["pynorm_ms"] > 0
+        assert r["speedup"] > 0 and r["bytes"] > 0
+    table = bench.format_table([dict(r, pct_copy=0.0, pct_peak=0.0) for r in rows], "torch")
+    assert "nn.BatchNorm2d fwd no_grad" in table and "nn.LayerNorm fwd+bwd" in table
+
+
 def test_caller_scratch_path(monkeypatch):
     """The CUDA library needs the backward's scratch from the caller: that path
     (scratch sized by *_backward_scratch_size, allocated by torch) gives the same
