@@ -79,49 +79,6 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _grad_enabled = torch.is_grad_enabled
 
 
-def _ordinary(x):
-    """x is a plain contiguous CPU tensor and the call runs in plain eager mode."""
-    # is_compiling first: Dynamo folds it to True, and the rest is never traced
-    return (not _is_compiling() and type(x) is _Tensor and x.is_cpu and x.is_contiguous()
-            and _dispatch.FAST_EAGER and _dispatch_depth() == 0 and _functorch_level() is None
-            and _tracing() is None and not _function_mode())
-
-
-def _param(p, x, C):
-    """p's (data pointer, dtype) when the kernels can read it as it is (None: 0),
-    False otherwise (the general path casts or raises)."""
-    if p is None:
-        return 0, None
-    t = type(p)
-    if ((t is _Parameter or t is _Tensor) and p.is_cpu and p.is_contiguous() and p.numel() == C
-            and (p.dtype is x.dtype or p.dtype is _F32)):
-        return p.data_ptr(), p.dtype
-    return False
-
-
-def _weights(x, C, weight, bias):
-    """(weight pointer, bias pointer, wdtype code) or None."""
-    w = _param(weight, x, C)
-    if w is False:
-        return None
-    b = _param(bias, x, C)
-    if b is False:
-        return None
-    wdt = w[1] or b[1] or _F32
-    if b[1] is not None and b[1] is not wdt:
-        return None
-    return w[0], b[0], _CODE[wdt]
-
-
-def _needs_grad(*tensors):
-    if not _grad_enabled():
-        return False
-    for t in tensors:
-        if t is not None and t.requires_grad:
-            return True
-    return False
-
-
 def _out(x):
     """A dense output like x (large ones from the library's buffer cache)."""
     if x.numel() * x.element_size() >= CACHED_ALLOC_MIN:
@@ -129,22 +86,8 @@ def _out(x):
     return torch.empty_like(x)
 
 
-def _stats(n, dtype):
-    """One buffer for both statistics (mean, then rstd): float32, float64 for float64."""
-    return torch.empty(2 * n, dtype=_F64 if dtype is _F64 else _F32)
-
-
-def _grad_like(t, need):
-    return torch.empty_like(t) if need else None
-
-
 def _ptr(t):
     return 0 if t is None else t.data_ptr()
-
-
-def _check(status, what):
-    if status:
-        CPU.check(status, what)
 
 
 # ---- LayerNorm / RMSNorm --------------------------------------------------------------------------
@@ -196,7 +139,7 @@ class _TokenNorm(torch.autograd.Function):
         rows, C, dt, wdt, off = ctx.meta
         rms = ctx._forward_cls.RMS
         dy = dy.contiguous()
-        dx = torch.empty_like(x) if nx else None
+        dx = _out(x) if nx else None
         dw = torch.empty_like(weight) if nw else None
         db = torch.empty_like(weight) if nb and not rms else None
         if dx is not None or dw is not None or db is not None:
@@ -375,7 +318,7 @@ class _SpatialNorm(torch.autograd.Function):
         nx, nw, nb = ctx.needs_input_grad[:3]
         N, C, S, G, dt, wdt, off, bn_flags = ctx.meta
         dy = dy.contiguous()
-        dx = torch.empty_like(x) if nx else None
+        dx = _out(x) if nx else None
         dw = torch.empty_like(weight) if nw else None
         db = torch.empty_like(weight) if nb else None
         if dx is not None or dw is not None or db is not None:
