@@ -261,12 +261,16 @@ def decode_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None,
                 modules=DECODE_MODULES, compile=False):
     """Every pynorm.torch module against its torch.nn twin at decode sizes, float32 and
     bfloat16, forward under no_grad and forward + backward (compile: both modules
-    through torch.compile(fullgraph=True); slow to build, not in the default suite)."""
+    through torch.compile(fullgraph=True); slow to build, not in the default suite).
+    Only at the smallest of thread_counts: one row of a few thousand values runs on one
+    thread either way, and more threads only add torch's thread-pool hand-offs (on a
+    busy 2-core machine torch's 2-thread backward took milliseconds here)."""
     torch = _torch()
     import pynorm
     warmup = (2 if quick else 5) if warmup is None else warmup
     # a call takes microseconds: many repeats cost little and steady the medians
-    repeats = (20 if quick else 100) if repeats is None else 5 * repeats
+    repeats = (20 if quick else 60) if repeats is None else 4 * repeats
+    thread_counts = [min(thread_counts)]
     saved = (pynorm.get_num_threads(), torch.get_num_threads())
     rows = []
     try:
