@@ -102,6 +102,16 @@ def _c_apply(cls):
         return cls.apply
 
 
+def _direct_backward(cls, backward):
+    """The engine calls the backward node's `apply`, which by default looks the user's
+    backward up (backward or vjp, boxed or not) on every call: a visible share of a
+    small norm's backward. Point it at `backward` directly."""
+    node = getattr(cls, "_backward_cls", None)
+    if node is not None:
+        node.apply = backward
+    return cls
+
+
 class _TokenNorm(torch.autograd.Function):
     """y = norm(x) over the last axis; backward on pynorm's kernels. Subclassed once
     per norm (RMS: whether it is RMSNorm): the class name is what profilers show."""
@@ -158,8 +168,9 @@ class _TokenNorm(torch.autograd.Function):
 _TokenNorm._backward_once = staticmethod(once_differentiable(_TokenNorm._backward))
 
 # named as the general path's eager Functions (see _dispatch.register)
-_LayerNormFn = type("PynormEager_layer_norm_fwd", (_TokenNorm,), {})
-_RMSNormFn = type("PynormEager_rms_norm_fwd", (_TokenNorm,), {"RMS": True})
+_LayerNormFn = _direct_backward(type("PynormEager_layer_norm_fwd", (_TokenNorm,), {}), _TokenNorm.backward)
+_RMSNormFn = _direct_backward(type("PynormEager_rms_norm_fwd", (_TokenNorm,), {"RMS": True}),
+                              _TokenNorm.backward)
 _APPLY = {False: _c_apply(_LayerNormFn), True: _c_apply(_RMSNormFn)}
 
 
@@ -335,8 +346,10 @@ class _SpatialNorm(torch.autograd.Function):
 
 
 _SpatialNorm._backward_once = staticmethod(once_differentiable(_SpatialNorm._backward))
-_GroupNormFn = _c_apply(type("PynormEager_group_norm_fwd", (_SpatialNorm,), {}))
-_BatchNormFn = _c_apply(type("PynormEager_batch_norm_fwd", (_SpatialNorm,), {"BN": True}))
+_GroupNormFn = _c_apply(_direct_backward(type("PynormEager_group_norm_fwd", (_SpatialNorm,), {}),
+                                         _SpatialNorm.backward))
+_BatchNormFn = _c_apply(_direct_backward(type("PynormEager_batch_norm_fwd", (_SpatialNorm,), {"BN": True}),
+                                         _SpatialNorm.backward))
 
 
 def group_norm(m, x, G):
