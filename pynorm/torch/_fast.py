@@ -248,27 +248,33 @@ def token_norm(m, x, rms):
 _increment_version = torch._C._increment_version
 
 
-def _spatial_params(m, x, C, names):
-    """[(tensor or None, pointer)] of m's parameters or buffers `names` and their
-    common dtype code, or None when one cannot be read as it is (general path)."""
-    d = m._parameters if names[0] == "weight" else m._buffers
-    out, dtype = [], None
-    for name in names:
-        p = d.get(name, _MISSING)
-        if p is None:
-            out.append((None, 0))
-            continue
-        if (p is _MISSING or (type(p) is not _Parameter and type(p) is not _Tensor) or not p.is_cpu
-                or not p.is_contiguous() or p.numel() != C
-                or (dtype is not None and p.dtype is not dtype)):
+def _usable(p, C):
+    """Whether the kernels can read tensor p (not None) as C values in place."""
+    t = type(p)
+    return ((t is _Parameter or t is _Tensor) and p.is_cpu and p.is_contiguous()
+            and p.numel() == C)
+
+
+def _pair(d, first, second, x, C):
+    """(a, a's pointer, b, b's pointer, their common dtype code) of the entries
+    `first` and `second` of d (a module's _parameters or _buffers; each may be None:
+    pointer 0), or None when one cannot be read as it is (general path)."""
+    a, b = d.get(first, _MISSING), d.get(second, _MISSING)
+    dtype = None
+    ap = bp = 0
+    if a is not None:
+        if a is _MISSING or not _usable(a, C):
             return None
-        dtype = p.dtype
-        out.append((p, p.data_ptr()))
+        dtype, ap = a.dtype, a.data_ptr()
+    if b is not None:
+        if b is _MISSING or not _usable(b, C) or (dtype is not None and b.dtype is not dtype):
+            return None
+        dtype, bp = b.dtype, b.data_ptr()
     if dtype is None:
         dtype = _F32
     elif dtype is not x.dtype and dtype is not _F32:
         return None
-    return out, _CODE[dtype]
+    return a, ap, b, bp, _CODE[dtype]
 
 
 def _spatial_sizes(x):
@@ -361,10 +367,10 @@ def group_norm(m, x, G):
     N, C, S, dt = sizes
     if G <= 0 or C % G:
         return None
-    ps = _spatial_params(m, x, C, ("weight", "bias"))
+    ps = _pair(m._parameters, "weight", "bias", x, C)
     if ps is None:
         return None
-    ((w, wp), (b, bp)), wdt = ps
+    w, wp, b, bp, wdt = ps
     if w is None and b is not None:
         return None
     eps = float(m.eps)
@@ -390,25 +396,25 @@ def batch_norm(m, x, training, momentum, nbt):
     N, C, S, dt = sizes
     if training and N * S <= 1:
         return None                  # the general path raises torch's error
-    ps = _spatial_params(m, x, C, ("weight", "bias"))
+    ps = _pair(m._parameters, "weight", "bias", x, C)
     if ps is None:
         return None
-    ((w, wp), (b, bp)), wdt = ps
+    w, wp, b, bp, wdt = ps
     if w is None and b is not None:
         return None
+    rm = rv = None
     rmp = rvp = 0
     rdt = dt
-    rs = None
     if not training or m.track_running_stats:
-        rs = _spatial_params(m, x, C, ("running_mean", "running_var"))
+        rs = _pair(m._buffers, "running_mean", "running_var", x, C)
         if rs is None:
             return None
-        ((rm, rmp), (rv, rvp)), rdt = rs
+        rm, rmp, rv, rvp, rdt = rs
         if rm is None or rv is None:
             if not training:
                 return None          # eval needs both: the general path raises
             if rm is None and rv is None:
-                rdt, rs = dt, None
+                rdt = dt
     flags = _TRAINING if training else 0
     count = 0
     if training and momentum is None:
@@ -429,7 +435,7 @@ def batch_norm(m, x, training, momentum, nbt):
                          bn[1], count, flags, 0, dt, wdt, rdt)
         if status:
             CPU.check(status, "batch_norm")
-    if training and rs is not None:
+    if training and (rm is not None or rv is not None):
         # the kernel wrote the running statistics in place: tell autograd, as copy_ would
-        _increment_version([t for (t, _) in rs[0] if t is not None])
+        _increment_version([t for t in (rm, rv) if t is not None])
     return y
