@@ -305,7 +305,10 @@ def decode_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None,
 
 NOTE = ("Transformer block rows: forward + backward of a whole block (matrix products, "
         "attention, norms), torch's norms vs the same block after pynorm.torch.replace_norms "
-        "(same weights and data, calls alternating); GB/s and % copy do not apply (nan).")
+        "(same weights and data, calls alternating); GB/s and % copy do not apply (nan). "
+        "Decode rows (fwd no_grad, fwd+bwd): each torch.nn module against its pynorm.torch "
+        "twin on one row of 768-8192 values (spatial norms: (1, C, 8, 8)), at one thread; "
+        "there the Python and torch calls around a kernel are most of the time.")
 
 
 def main(argv=None):
