@@ -866,6 +866,7 @@ def main(argv=None):
             from . import bench_torch
             progress.show("pynorm.torch modules and transformer blocks, forward + backward ...")
             rows += bench_torch.module_rows(args.threads, args.quick, warmup, repeats)
+            rows += bench_torch.decode_rows(args.threads, args.quick)
             rows += bench_torch.block_rows(args.threads, args.quick, warmup, repeats)
         copy_end = measure_copy_bandwidth(args.threads, torch_mod, progress)
         other_share = cpu_share.stop()

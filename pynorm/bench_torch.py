@@ -4,7 +4,10 @@ norms and with the same block after pynorm.torch.replace_norms.
     python -m pynorm.bench_torch [--quick] [--threads 2,1] [--repeats K] [--json OUT]
 
 It prints the norm modules alone (module_rows: torch.nn's vs pynorm.torch's through
-autograd, at the blocks' sizes; GB/s meaningful), then whole blocks (block_rows).
+autograd, at the blocks' sizes; GB/s meaningful), every module at decode sizes
+(decode_rows: one row of 768 to 8192 values, float32 and bfloat16, forward under
+no_grad and forward + backward; with --compiled also under torch.compile), then whole
+blocks (block_rows).
 
 Two blocks, both float32 and pre-norm:
 - "gpt": torch.nn.TransformerEncoderLayer(norm_first=True, GELU, batch_first) with
@@ -202,9 +205,110 @@ def module_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None, bl
     return rows
 
 
+# ---- small ("decode") sizes: every module, float32 and bfloat16, no_grad and fwd+bwd ----------
+# At one row of a few thousand values a norm's kernel takes microseconds and the Python
+# and torch calls around it are most of the time: these rows measure that overhead.
+
+DECODE_SIZES = (768, 4096, 8192)
+QUICK_DECODE_SIZES = (768,)
+DECODE_DTYPES = ("float32", "bfloat16")
+DECODE_MODULES = ("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm2d", "BatchNorm2d")
+DECODE_MODES = ("fwd_nograd", "fwd_bwd")
+DECODE_KEYS = [f"torch_module_{m.lower()}_decode_{mode}" for m in DECODE_MODULES for mode in DECODE_MODES]
+
+
+def decode_case(module, size, dtype, mode, compile=False):
+    """(torch.nn module, pynorm.torch twin, input) holding `size` values: (1, size) for
+    the token norms, (1, size // 64, 8, 8) for the spatial ones (GroupNorm: 4 groups).
+    BatchNorm2d runs in eval for fwd_nograd (inference), in training for fwd_bwd."""
+    torch = _torch()
+    import pynorm.torch as pnt
+    torch.manual_seed(1)
+    if module in ("LayerNorm", "RMSNorm"):
+        args, shape = (size,), (1, size)
+    else:
+        C = size // 64
+        args = {"GroupNorm": (4, C), "InstanceNorm2d": (C,), "BatchNorm2d": (C,)}[module]
+        shape = (1, C, 8, 8)
+    kwargs = {"affine": True} if module == "InstanceNorm2d" else {}
+    base = getattr(torch.nn, module)(*args, **kwargs)
+    with torch.no_grad():
+        base.weight.uniform_(0.5, 1.5)
+    twin = getattr(pnt, module)(*args, **kwargs)
+    dt = getattr(torch, dtype)
+    base, twin = base.to(dt), twin.to(dt)
+    twin.load_state_dict(base.state_dict())
+    train = mode == "fwd_bwd"
+    base.train(train)
+    twin.train(train)
+    if compile:
+        base = torch.compile(base, fullgraph=True)
+        twin = torch.compile(twin, fullgraph=True)
+    x = torch.randn(shape, dtype=dt).requires_grad_(train)
+    return base, twin, x
+
+
+def _nograd(model, x):
+    torch = _torch()
+
+    def step():
+        with torch.no_grad():
+            model(x)
+    return step
+
+
+def decode_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None,
+                modules=DECODE_MODULES, compile=False):
+    """Every pynorm.torch module against its torch.nn twin at decode sizes, float32 and
+    bfloat16, forward under no_grad and forward + backward (compile: both modules
+    through torch.compile(fullgraph=True); slow to build, not in the default suite).
+    Only at the smallest of thread_counts: one row of a few thousand values runs on one
+    thread either way, and more threads only add torch's thread-pool hand-offs (on a
+    busy 2-core machine torch's 2-thread backward took milliseconds here)."""
+    torch = _torch()
+    import pynorm
+    warmup = (2 if quick else 5) if warmup is None else warmup
+    # a call takes microseconds: many repeats cost little and steady the medians
+    repeats = (20 if quick else 60) if repeats is None else 4 * repeats
+    thread_counts = [min(thread_counts)]
+    saved = (pynorm.get_num_threads(), torch.get_num_threads())
+    rows = []
+    try:
+        for module in modules:
+            for mode in DECODE_MODES:
+                key = f"torch_module_{module.lower()}{'_compiled' if compile else ''}_decode_{mode}"
+                label = (f"nn.{module} {'compiled ' if compile else ''}"
+                         f"{'fwd no_grad' if mode == 'fwd_nograd' else 'fwd+bwd'}")
+                for dtype in DECODE_DTYPES:
+                    for size in (QUICK_DECODE_SIZES if quick else DECODE_SIZES):
+                        base, twin, x = decode_case(module, size, dtype, mode, compile)
+                        if mode == "fwd_nograd":
+                            fns = _nograd(base, x), _nograd(twin, x)
+                        else:
+                            dy = torch.randn(x.shape, dtype=x.dtype)
+                            fns = _fwd_bwd(base, x, dy), _fwd_bwd(twin, x, dy)
+                        nbytes = (2 if mode == "fwd_nograd" else 5) * x.numel() * x.element_size()
+                        for threads in thread_counts:
+                            pynorm.set_num_threads(threads)
+                            torch.set_num_threads(threads)
+                            t_base, t_pn = time_pair(*fns, warmup, repeats)
+                            rows.append(dict(
+                                op=key, label=label, dtype=dtype, shape=list(x.shape), threads=threads,
+                                baseline="torch", baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3,
+                                speedup=t_base / t_pn, bytes=nbytes, pynorm_gbps=nbytes / t_pn / 1e9,
+                                baseline_allocating_only=False))
+    finally:
+        pynorm.set_num_threads(saved[0])
+        torch.set_num_threads(saved[1])
+    return rows
+
+
 NOTE = ("Transformer block rows: forward + backward of a whole block (matrix products, "
         "attention, norms), torch's norms vs the same block after pynorm.torch.replace_norms "
-        "(same weights and data, calls alternating); GB/s and % copy do not apply (nan).")
+        "(same weights and data, calls alternating); GB/s and % copy do not apply (nan). "
+        "Decode rows (fwd no_grad, fwd+bwd): each torch.nn module against its pynorm.torch "
+        "twin on one row of 768-8192 values (spatial norms: (1, C, 8, 8)), at one thread; "
+        "there the Python and torch calls around a kernel are most of the time.")
 
 
 def main(argv=None):
@@ -213,11 +317,16 @@ def main(argv=None):
     p.add_argument("--threads", default="2,1")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", metavar="OUT.json")
+    p.add_argument("--compiled", action="store_true",
+                   help="also the decode rows with both modules under torch.compile(fullgraph=True)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     import pynorm
     from pynorm.bench import Progress, add_copy_fraction, format_table, measure_copy_bandwidth
     rows = module_rows(threads, quick=args.quick, repeats=args.repeats)
+    rows += decode_rows(threads, quick=args.quick, repeats=args.repeats)
+    if args.compiled:
+        rows += decode_rows(threads, quick=args.quick, repeats=args.repeats, compile=True)
     saved = pynorm.get_num_threads()
     progress = Progress()
     try:

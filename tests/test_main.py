@@ -22,7 +22,9 @@ from pynorm.bench_spatial import OPS as SPATIAL_OPS
 TOKEN_KEYS = {op.key for op in OPS}
 SPATIAL_KEYS = {f"{key}_{layout.lower()}" for key, *_ in SPATIAL_OPS for layout in SPATIAL_LAYOUTS}
 TORCH_KEYS = {"torch_module_layernorm_fwd_bwd", "torch_module_rmsnorm_fwd_bwd",
-              "transformer_block_layernorm_fwd_bwd", "transformer_block_rmsnorm_fwd_bwd"}
+              "transformer_block_layernorm_fwd_bwd", "transformer_block_rmsnorm_fwd_bwd"} | {
+    f"torch_module_{m}_decode_{mode}" for m in ("layernorm", "rmsnorm", "groupnorm", "instancenorm2d",
+                                                "batchnorm2d") for mode in ("fwd_nograd", "fwd_bwd")}
 
 PYNORM_PARENT = str(Path(pynorm.__file__).resolve().parent.parent)
 GLIBC = platform.libc_ver()[0] == "glibc"   # --torch-malloc pins thresholds only there

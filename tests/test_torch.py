@@ -705,6 +705,142 @@ def test_operators_path_for_modules(monkeypatch):
     test_replace_norms_transformer(True)
 
 
+# ---- the modules' straight path (pynorm.torch._fast) -----------------------------------------
+# Plain eager calls on contiguous CPU input skip the operators and the general eager
+# path: the same kernels reached with fewer torch and Python steps. They must give
+# the same bits as the operators, parameter gradients and running statistics included.
+
+STRAIGHT_MODULES = {
+    "LayerNorm": lambda dt: nn.LayerNorm(24).to(dt),
+    "LayerNorm_fp32_params": lambda dt: nn.LayerNorm(24),
+    "LayerNorm_no_bias": lambda dt: nn.LayerNorm(24, bias=False).to(dt),
+    "LayerNorm_no_affine": lambda dt: nn.LayerNorm(24, elementwise_affine=False),
+    "RMSNorm": lambda dt: nn.RMSNorm(24).to(dt),
+    "RMSNorm_eps": lambda dt: nn.RMSNorm(24, eps=1e-3).to(dt),
+    "GroupNorm": lambda dt: nn.GroupNorm(3, 6).to(dt),
+    "InstanceNorm2d": lambda dt: nn.InstanceNorm2d(6, affine=True).to(dt),
+    "InstanceNorm1d_no_affine": lambda dt: nn.InstanceNorm1d(6),
+    "BatchNorm2d_train": lambda dt: nn.BatchNorm2d(6).to(dt).train(),
+    "BatchNorm2d_cumulative": lambda dt: nn.BatchNorm2d(6, momentum=None).to(dt).train(),
+    "BatchNorm2d_eval": lambda dt: nn.BatchNorm2d(6).to(dt).eval(),
+    "BatchNorm1d_untracked": lambda dt: nn.BatchNorm1d(6, track_running_stats=False).to(dt).train(),
+}
+
+
+def _straight_input(name, dtype, seed):
+    if name.startswith(("LayerNorm", "RMSNorm")):
+        return rand((2, 3, 24), dtype, seed)
+    if "1d" in name:
+        return rand((4, 6, 9), dtype, seed)
+    return rand((4, 6, 5, 3), dtype, seed)
+
+
+def _straight_run(make, name, dtype, grad, seed):
+    """(outputs, gradients, buffers) of two forwards (+ backward) of a fresh twin."""
+    torch.manual_seed(0)
+    mod = _swap_one(make(dtype))
+    perturb_params(mod, seed)
+    outs = []
+    for step in range(2):
+        x = _straight_input(name, dtype, seed + step).requires_grad_(grad)
+        if grad:
+            y = mod(x)
+            y.backward(rand(tuple(y.shape), dtype, seed + 10 + step))
+            outs += [y.detach(), x.grad]
+        else:
+            with torch.no_grad():
+                outs.append(mod(x))
+    outs += [p.grad if p.grad is not None else torch.zeros(0) for p in mod.parameters()]
+    return outs + [b.clone() for b in mod.buffers()]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "fwd_bwd"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DNAME.get)
+@pytest.mark.parametrize("name", list(STRAIGHT_MODULES))
+def test_module_straight_path_matches_operators(monkeypatch, name, dtype, grad):
+    from pynorm.torch import _dispatch, _fast
+    make = STRAIGHT_MODULES[name]
+    taken = []
+
+    def spy(orig):
+        def call(*args):
+            out = orig(*args)
+            taken.append(out is not None)
+            return out
+        return call
+
+    for fn in ("token_norm", "group_norm", "batch_norm"):
+        monkeypatch.setattr(_fast, fn, spy(getattr(_fast, fn)))
+    straight = _straight_run(make, name, dtype, grad, 3)
+    assert taken and all(taken), f"{name}: the straight path was not taken"
+    monkeypatch.setattr(_dispatch, "FAST_EAGER", False)
+    general = _straight_run(make, name, dtype, grad, 3)
+    assert len(straight) == len(general)
+    for i, (a, b) in enumerate(zip(straight, general)):
+        assert a.dtype == b.dtype and torch.equal(a, b), \
+            f"{name} {DNAME[dtype]}: result {i} differs between the straight path and the operators"
+
+
+@pytest.mark.parametrize("case", ["channels_last", "sliced", "param_f64", "parametrized", "unbatched"])
+def test_module_straight_path_declines_unusual_input(case):
+    """What the straight path does not take (it returns None) still runs, through the
+    general path, with torch.nn's result."""
+    from pynorm.torch import _fast
+    x = rand((4, 6, 5, 3), torch.float32, 1)
+    if case == "channels_last":
+        t, x = nn.GroupNorm(3, 6), x.to(memory_format=torch.channels_last)
+        assert _fast.group_norm(pnt.GroupNorm(3, 6), x, 3) is None
+    elif case == "sliced":
+        t, x = nn.LayerNorm(3), x[:, ::2]
+        assert _fast.token_norm(pnt.LayerNorm(3), x, False) is None
+    elif case == "param_f64":
+        t = nn.LayerNorm(3)
+        t.weight = nn.Parameter(torch.ones(3, dtype=torch.float64))
+        assert _fast.token_norm(_swap_one(t), x, False) is None
+        ref = F.layer_norm(x.double(), (3,), t.weight, t.bias.double()).float()
+        torch.testing.assert_close(_swap_one(t)(x), ref, rtol=1e-5, atol=1e-5)
+        return
+    elif case == "parametrized":
+        t = nn.LayerNorm(3)
+        torch.nn.utils.parametrize.register_parametrization(t, "weight", _Double())
+        assert _fast.token_norm(_swap_one(t), x, False) is None
+    else:
+        t, x = nn.InstanceNorm1d(6, affine=True), x[0, :, :, 0]
+    p = _swap_one(t)
+    torch.testing.assert_close(p(x), t(x), rtol=1e-5, atol=1e-5)
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def _swap_one(mod):
+    box = nn.Sequential(copy.deepcopy(mod))
+    pnt.replace_norms(box)
+    return box[0]
+
+
+def test_straight_path_batch_norm_bumps_running_stat_versions():
+    """The kernel updates BatchNorm's running statistics in place; autograd is told,
+    as an in-place torch op would tell it."""
+    m = _swap_one(nn.BatchNorm2d(6).train())
+    v = m.running_mean._version, m.running_var._version
+    with torch.no_grad():
+        m(rand((4, 6, 5, 3), torch.float32, 1))
+    assert m.running_mean._version > v[0] and m.running_var._version > v[1]
+
+
+def test_straight_path_errors_are_clear():
+    """The kernels' status comes back as the general path's exception types."""
+    m = pnt.LayerNorm(8, eps=-1.0)
+    with pytest.raises(ValueError, match="layer_norm"):
+        with torch.no_grad():
+            m(rand((2, 8), torch.float32, 1))
+    with pytest.raises(ValueError, match="layer_norm"):
+        m(rand((2, 8), torch.float32, 1))
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["eager_fast_path", "operators"])
 def test_double_backward_raises(monkeypatch, fast):
     """Backward is first-order only: a second derivative raises rather than
@@ -1094,6 +1230,18 @@ def test_bench_torch_rows():
         assert r["speedup"] > 0
     table = bench.format_table(rows, "torch")
     assert "GPT block" in table and "Llama block" in table
+
+
+def test_bench_torch_decode_rows():
+    from pynorm import bench, bench_torch
+    rows = bench_torch.decode_rows(thread_counts=(1,), quick=True, warmup=0, repeats=1)
+    assert [r["op"] for r in rows[::2]] == bench_torch.DECODE_KEYS     # two dtypes per key
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    for r in rows:
+        assert r["baseline"] == "torch" and r["baseline_ms"] > 0 and r["pynorm_ms"] > 0
+        assert r["speedup"] > 0 and r["bytes"] > 0
+    table = bench.format_table([dict(r, pct_copy=0.0, pct_peak=0.0) for r in rows], "torch")
+    assert "nn.BatchNorm2d fwd no_grad" in table and "nn.LayerNorm fwd+bwd" in table
 
 
 def test_caller_scratch_path(monkeypatch):

@@ -23,7 +23,10 @@ In plain eager mode the functions and modules call the same implementation throu
 an equivalent torch.autograd.Function instead of the operators (see _dispatch: the
 operators' Python dispatch costs several times a small norm's kernel); under
 torch.compile, torch.export, fake tensors, tensor subclasses, dispatch or function
-modes and functorch transforms they call the operators.
+modes and functorch transforms they call the operators. The modules go one step
+further on plain contiguous CPU input (see _fast): one output allocation and one C
+call through integer pointers, no statistics without gradients, and a lean
+autograd.Function with them; same kernels, same bits.
 
 Differences from torch.nn worth knowing: outputs always have the input's dtype
 (parameters of another dtype than the input's or float32 are cast); an NHWC-dense

@@ -9,7 +9,7 @@ wrapping policies) still finds these.
 
 import torch
 
-from . import _functional as F
+from . import _fast, _functional as F
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -17,7 +17,10 @@ class LayerNorm(torch.nn.LayerNorm):
     trailing axes are flattened into one row)."""
 
     def forward(self, input):
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        y = _fast.token_norm(self, input, False)
+        if y is None:
+            y = F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return y
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -25,20 +28,30 @@ class RMSNorm(torch.nn.RMSNorm):
     compute type, as torch)."""
 
     def forward(self, x):
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        y = _fast.token_norm(self, x, True)
+        if y is None:
+            y = F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return y
 
 
 class GroupNorm(torch.nn.GroupNorm):
     """torch.nn.GroupNorm on pynorm's kernels (channels_last input: NHWC kernels)."""
 
     def forward(self, input):
-        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        y = _fast.group_norm(self, input, self.num_groups)
+        if y is None:
+            y = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        return y
 
 
 class _InstanceNormMixin:
     # torch's _InstanceNorm.forward checks the input and handles unbatched input,
     # then calls this.
     def _apply_instance_norm(self, input):
+        if self.running_mean is None and self.running_var is None and input.dim() > 1:
+            y = _fast.group_norm(self, input, input.shape[1])
+            if y is not None:
+                return y
         return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                self.training or not self.track_running_stats,
                                self.momentum if self.momentum is not None else 0.0, self.eps)
@@ -70,6 +83,9 @@ class _BatchNormMixin:
         if momentum is None and nbt is None:
             momentum = 0.0
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        y = _fast.batch_norm(self, input, bn_training, momentum, nbt)
+        if y is not None:
+            return y
         track = not self.training or self.track_running_stats
         return F.batch_norm(input, self.running_mean if track else None,
                             self.running_var if track else None, self.weight, self.bias,
