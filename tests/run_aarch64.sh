@@ -68,8 +68,10 @@ if [ ! -x "$ref/tests/c/pn_test_isa" ]; then
 fi
 b="$out/tests/c/isa_hashes/default.txt"
 quick=0; grep -q '^# quick' "$b" && quick=1
+# (the reference's ctest writes generic.txt in full; a quick one is written
+# here, each time: about 2 s)
 a="$ref/tests/c/isa_hashes/generic$([ $quick = 1 ] && echo _quick).txt"
-if [ ! -s "$a" ] || { [ $quick = 1 ] && ! grep -q '^# quick' "$a"; }; then
+if [ ! -s "$a" ] || [ $quick = 1 ]; then
   mkdir -p "$(dirname "$a")"
   (cd "$ref/tests/c" && env PYNORM_ISA=generic PYNORM_TEST_QUICK=$quick OMP_WAIT_POLICY=PASSIVE \
      ./pn_test_isa write "$a" >/dev/null)
