@@ -5,9 +5,12 @@
 #      examples/; pkg-config is installed with apt-get where missing);
 #   2. the library and the C tests built by clang, run by ctest, and the same bits as
 #      build 1's (tests/run_clang.sh; clang and libomp installed with apt-get where missing);
-#   3. the same C tests built with AddressSanitizer + UndefinedBehaviorSanitizer;
-#   4. the pytest suite, against the installed package;
-#   5. the reliability checks (tests/run_reliability.sh): bounded libFuzzer runs,
+#   3. the library and the C tests cross-built for aarch64, run by ctest under qemu-user,
+#      and the same bits as build 1's generic ISA (tests/run_aarch64.sh; the cross
+#      compiler and qemu-user installed with apt-get where missing);
+#   4. the same C tests built with AddressSanitizer + UndefinedBehaviorSanitizer;
+#   5. the pytest suite, against the installed package;
+#   6. the reliability checks (tests/run_reliability.sh): bounded libFuzzer runs,
 #      valgrind memcheck and ThreadSanitizer (their tools are installed with
 #      apt-get where missing; PN_FUZZ_SECONDS sets the fuzzing time, default 60).
 set -euo pipefail
@@ -35,6 +38,9 @@ ctest --test-dir "$repo/build/test" --output-on-failure -j "$jobs"
 
 echo "== C tests built by clang (ctest), and the same bits as the build above"
 PN_TEST_BUILD="$repo/build/test" bash "$repo/tests/run_clang.sh"
+
+echo "== C tests cross-built for aarch64, run under qemu-user (ctest), and the same bits as the build above"
+PN_TEST_BUILD="$repo/build/test" bash "$repo/tests/run_aarch64.sh"
 
 echo "== C tests under ASan + UBSan (ctest)"
 cmake -S "$repo" -B "$repo/build/asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DBUILD_TESTING=ON \

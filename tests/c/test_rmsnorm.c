@@ -605,6 +605,13 @@ static void run_inplace_backward(pn_dtype dt, int layout, int64_t C, int over_x,
     tu_buf_free(&dw2); tu_buf_free(&db2);
 }
 
+/* PYNORM_TEST_QUICK (testutil.h): the grid's rows of 768 values and more run
+ * each shape with one dtype, in turn over shapes and widths */
+static int quick_skip(int ci, int si, int di)
+{
+    return Cs[ci] >= 768 && tu_quick_skip(ci + si, di, NELEM(dtypes));
+}
+
 int main(void)
 {
     int ci, si, di, wm, mode;
@@ -613,7 +620,7 @@ int main(void)
     for (ci = 0; ci < NELEM(Cs); ci++)
         for (si = 0; si < NELEM(shapes); si++)
             for (di = 0; di < NELEM(dtypes); di++)
-                for (wm = 0; wm < 2; wm++)
+                for (wm = 0; wm < 2 && !quick_skip(ci, si, di); wm++)
                     run_forward(0, shapes[si].B, shapes[si].T, Cs[ci], shapes[si].layout,
                                 dtypes[di].dt, dtypes[di].wdt, wm, 1,
                                 (si % 2) ? 1e-6 : default_eps(dtypes[di].dt));
@@ -623,7 +630,7 @@ int main(void)
     for (ci = 0; ci < NELEM(Cs); ci++)
         for (si = 0; si < NELEM(shapes); si++)
             for (di = 0; di < NELEM(dtypes); di++)
-                for (wm = 0; wm < 2; wm++)
+                for (wm = 0; wm < 2 && !quick_skip(ci, si, di); wm++)
                     run_forward(1, shapes[si].B, shapes[si].T, Cs[ci], shapes[si].layout,
                                 dtypes[di].dt, dtypes[di].wdt, wm, 1,
                                 (si % 2) ? 1e-6 : default_eps(dtypes[di].dt));
@@ -633,7 +640,7 @@ int main(void)
     for (ci = 0; ci < NELEM(Cs); ci++)
         for (si = 0; si < NELEM(shapes); si++)
             for (di = 0; di < NELEM(dtypes); di++)
-                for (wm = 0; wm < 2; wm++)
+                for (wm = 0; wm < 2 && !quick_skip(ci, si, di); wm++)
                     for (mode = 0; mode < BW_NMODES; mode++)
                         run_backward(shapes[si].B, shapes[si].T, Cs[ci], shapes[si].layout,
                                      dtypes[di].dt, dtypes[di].wdt, wm, mode,
@@ -675,7 +682,7 @@ int main(void)
         }
 
     /* outputs of 8 MiB and more (the library streams those) */
-    for (di = 0; di < 4; di++) {
+    for (di = 0; di < 4 && !tu_quick(); di++) {
         const pn_dtype dt = (pn_dtype)di;
         const int64_t es = (int64_t)tu_dtype_size(dt), B = 16 / es, T = 129, C = 4097;
         const int64_t Cbig = (8 << 20) / (15 * es) + 1000; /* 3 x 5 rows of Cbig */

@@ -359,6 +359,8 @@ static void run_determinism(void)
                 const pn_layout l = li ? PN_NHWC : PN_NCHW;
                 blob ref;
                 int same = 1;
+                if (tu_quick_skip(2 * i + li, k, NELEM(dts)))
+                    continue; /* quick mode (testutil.h): one dtype per (shape, layout), in turn */
                 pn_set_num_threads(1);
                 ref = run_all(det[i].N, det[i].C, det[i].S, det[i].G, l, dts[k], 0);
                 for (int t = 2; t <= 3; t++) {
@@ -557,6 +559,13 @@ static void run_errors(void)
 #undef RESET
 }
 
+/* PYNORM_TEST_QUICK (testutil.h): shapes of 10000 values and more run with
+ * one dtype (k) per (op, shape, layout), in turn */
+static int quick_skip(shape_t sh, int i, int k)
+{
+    return sh.N * sh.C * sh.S >= 10000 && tu_quick_skip(i, k, NELEM(dtypes));
+}
+
 int main(void)
 {
     printf("pynorm %s, isa %s\n", pn_version(), pn_isa());
@@ -565,7 +574,7 @@ int main(void)
             for (int i = 0; i < NELEM(shapes); i++)
                 for (int li = 0; li < 2; li++)
                     for (int k = 0; k < NELEM(dtypes); k++)
-                        for (int affine = 0; affine < 2; affine++)
+                        for (int affine = 0; affine < 2 && !quick_skip(shapes[i], bn + train + i + li, k); affine++)
                             run_case(bn, train, shapes[i], li ? PN_NHWC : PN_NCHW, dtypes[k], affine);
     for (int bn = 0; bn < 2; bn++) {
         run_hostile(bn, PN_NCHW);
