@@ -49,4 +49,25 @@ static PN_ALWAYS_INLINE void pn_epilogue_apply(const pn_epilogue *e, real *y, in
     }
 }
 
+/* y[i] for i in [0, n) (columns i0 + i) from XHAT, an expression of i giving
+ * xhat: in one loop where xhat is not rounded (the common case: as fast as a
+ * norm without the epilogue), else xhat first, then pn_epilogue_apply. The
+ * bits are the same either way: without FMA contraction, xhat * w + b rounds
+ * xhat, the product and the sum each once in `real`. */
+#define PN_EPILOGUE_LOOP(e, y, i0, n, XHAT)                                              \
+    do {                                                                                 \
+        const pn_epilogue *e_ = (e);                                                     \
+        real *y_ = (y);                                                                  \
+        const real *w_ = e_->w + (i0);                                                   \
+        if (e_->llama) {                                                                 \
+            for (int64_t i = 0; i < (n); i++) y_[i] = (XHAT);                            \
+            pn_epilogue_apply(e_, y_, (i0), (n));                                        \
+        } else if (e_->b) {                                                              \
+            const real *b_ = e_->b + (i0);                                               \
+            for (int64_t i = 0; i < (n); i++) y_[i] = (XHAT) * w_[i] + b_[i];            \
+        } else {                                                                         \
+            for (int64_t i = 0; i < (n); i++) y_[i] = (XHAT) * w_[i];                    \
+        }                                                                                \
+    } while (0)
+
 #endif /* PYNORM_EPILOGUE_H */

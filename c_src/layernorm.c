@@ -69,9 +69,10 @@ static real layernorm_row_stats(const real *x, int64_t C, double inv_C, double e
     return (real)(1 / sqrt(ss * inv_C + eps));
 }
 
-/* xhat = ((x - shift) - m) * rstd over n values of a row (the epilogue makes it y) */
-static void layernorm_xhat(real *y, const real *x, real shift, real m, real rstd, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - shift) - m) * rstd;
+/* y = xhat * (offset + w) + b over n values of a row at column i0, xhat = ((x - shift) - m) * rstd */
+static void layernorm_y(real *y, const real *x, real shift, real m, real rstd, const pn_epilogue *e,
+                        int64_t i0, int64_t n) {
+    PN_EPILOGUE_LOOP(e, y, i0, n, ((x[i] - shift) - m) * rstd);
 }
 
 /* Row r of a forward, plain or fused. */
@@ -90,8 +91,7 @@ static void layernorm_forward_row(const pn_fwd_call *c, int64_t r) {
         const int64_t n = pn_piece_len(C, i0);
         real piece[PN_PIECE], tmp[PN_PIECE];
         real *y = c->in_place ? (real *)out.dst + i0 : piece;
-        layernorm_xhat(y, x + i0, shift, m, rs, n);
-        pn_epilogue_apply(&c->ep, y, i0, n);   /* y = xhat * (offset + w) + b */
+        layernorm_y(y, x + i0, shift, m, rs, &c->ep, i0, n);
         pn_put_piece(&out, i0, y, n, tmp, c->in_place);
     }
     const real mu = shift + m;

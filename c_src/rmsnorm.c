@@ -23,9 +23,9 @@ static real rmsnorm_rstd(const real *x, int64_t C, double inv_C, double eps) {
     return (real)(1 / sqrt(ss * inv_C + eps));
 }
 
-/* xhat = x * rstd over n values of a row (the epilogue makes it y) */
-static void rmsnorm_xhat(real *y, const real *x, real rstd, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] = x[i] * rstd;
+/* y = xhat * (offset + w) over n values of a row at column i0, xhat = x * rstd */
+static void rmsnorm_y(real *y, const real *x, real rstd, const pn_epilogue *e, int64_t i0, int64_t n) {
+    PN_EPILOGUE_LOOP(e, y, i0, n, x[i] * rstd);
 }
 
 /* Row r of a forward, plain or fused. */
@@ -43,8 +43,7 @@ static void rmsnorm_forward_row(const pn_fwd_call *c, int64_t r) {
         const int64_t n = pn_piece_len(C, i0);
         real piece[PN_PIECE], tmp[PN_PIECE];
         real *y = c->in_place ? (real *)out.dst + i0 : piece;
-        rmsnorm_xhat(y, x + i0, rs, n);
-        pn_epilogue_apply(&c->ep, y, i0, n);   /* y = xhat * (offset + w) */
+        rmsnorm_y(y, x + i0, rs, &c->ep, i0, n);
         pn_put_piece(&out, i0, y, n, tmp, c->in_place);
     }
     if (a->rstd) ((real *)a->rstd)[r] = rs;
