@@ -176,7 +176,7 @@ pn_status pn_check_token(pn_token_args *a, const pn_strides *strides, const pn_n
     if (backward) {
         if (!a->dout || !a->rstd || ((what & PN_CHECK_MEAN) && !a->mean)) return PN_ERR_NULL;
     } else {
-        if (!a->out) return PN_ERR_NULL;
+        if (!((what & PN_CHECK_QUANT) ? a->q : a->out)) return PN_ERR_NULL;
         if ((what & PN_CHECK_RESIDUAL) && (!a->residual || !a->h)) return PN_ERR_NULL;
     }
     if ((st = pn_check_dtypes(a->dtype, a->wdtype))) return st;
@@ -199,12 +199,35 @@ pn_status pn_check_token(pn_token_args *a, const pn_strides *strides, const pn_n
         if (!(a->dweight || a->dbias)) outs[3].v.ptr = NULL;   /* scratch unused */
         return check_views3(outs, 4, ins, 5, same_ok);
     } else {
-        pn_view3 outs[4] = {rows_view(a->out, a, a->s.out), rows_view(a->h, a, a->s.h),
-                           stats_view(a->mean, a), stats_view(a->rstd, a)};
+        const int64_t rows = a->B * a->T;
+        const int64_t ng = a->qscale == 0 && a->qgroup ? a->C / a->qgroup : 0;
+        pn_view3 outs[6] = {rows_view(a->out, a, a->s.out), rows_view(a->h, a, a->s.h),
+                            stats_view(a->mean, a), stats_view(a->rstd, a),
+                            {{a->q, 1, 1, {0, 0}, rows * a->C, 1}, 1, 0},
+                            {{a->qscales, 1, 1, {0, 0}, rows * ng, 4}, 1, 0}};
         pn_view3 ins[4] = {rows_view(a->inp, a, a->s.inp), rows_view(a->residual, a, a->s.residual),
                           param_view(a->weight, a), param_view(a->bias, a)};
         /* y and h may be written over x or the residual (in place). */
-        static const unsigned char same_ok[4 * 4] = {1, 1, 0, 0, 1, 1, 0, 0};
-        return check_views3(outs, 4, ins, 4, same_ok);
+        static const unsigned char same_ok[6 * 4] = {1, 1, 0, 0, 1, 1, 0, 0};
+        return check_views3(outs, 6, ins, 4, same_ok);
     }
+}
+
+pn_status pn_check_quant(pn_token_args *a, const pn_quant_params *quant) {
+    if (!quant) return PN_ERR_NULL;
+    const int fp8 = quant->qdtype == PN_QFLOAT8_E4M3FN;
+    if (quant->qdtype != PN_QINT8 && !fp8) return PN_ERR_ARG;
+    if (!(quant->scale >= 0 && quant->scale <= 3.4028234663852886e38)) return PN_ERR_ARG;   /* NaN fails */
+    if (!(quant->scale_ub >= 0 && isfinite(quant->scale_ub))) return PN_ERR_ARG;
+    const int dynamic = quant->scale == 0;
+    if (quant->scale_ub != 0 && (!fp8 || !dynamic)) return PN_ERR_ARG;   /* float8, dynamic only */
+    if (quant->group_size < 0 || (quant->group_size && (!dynamic || a->C % quant->group_size))) return PN_ERR_ARG;
+    if (dynamic && !a->qscales) return PN_ERR_NULL;
+    if ((float)quant->scale == 0 && !dynamic) return PN_ERR_ARG;       /* underflows float32 */
+    a->qfp8 = fp8;
+    a->qscale = (float)quant->scale;
+    a->qscale_ub = (float)quant->scale_ub;
+    a->qgroup = dynamic ? (quant->group_size ? quant->group_size : a->C) : 0;
+    if (!dynamic) a->qscales = NULL;
+    return PN_OK;
 }

@@ -41,6 +41,12 @@ typedef struct {
     int accumulate;
     pn_dtype dtype, wdtype;
     pn_rowmaps s;                         /* every field resolved (no {0, 0}) */
+    /* fused quantized output (pn_*_quant_forward): q replaces out */
+    void *q;                              /* dense rows x C bytes; NULL: no quantized output */
+    float *qscales;                       /* dynamic: dense rows x C/qgroup scales */
+    int qfp8;                             /* PN_QFLOAT8_E4M3FN */
+    float qscale, qscale_ub;              /* static scale (0: dynamic); amax bound (0: none) */
+    int64_t qgroup;                       /* dynamic: elements per scale (C: one per row) */
 } pn_token_args;
 
 typedef pn_status (*pn_token_kernel)(const pn_token_args *);
@@ -166,7 +172,10 @@ pn_status pn_run_backward(const pn_token_kernel table[3][2], pn_token_args *a, i
 /* Checks every argument of a token-norm call and resolves its strides.
  * `what` says which pointers the op needs; scratch_needed is the backward's
  * scratch size (checked only when a scratch buffer is given). */
-enum { PN_CHECK_RESIDUAL = 1, PN_CHECK_BACKWARD = 2, PN_CHECK_MEAN = 4 };
+enum { PN_CHECK_RESIDUAL = 1, PN_CHECK_BACKWARD = 2, PN_CHECK_MEAN = 4, PN_CHECK_QUANT = 8 };
+/* The quantization parameters of a *_quant_forward call into a (checked after
+ * pn_check_token's sizes); quant NULL is PN_ERR_NULL. */
+pn_status pn_check_quant(pn_token_args *a, const pn_quant_params *quant);
 /* opts: the *_ex options (NULL: defaults); on success a->T counts the heads
  * too (T*H) and a->H, a->weight_offset, a->llama hold the options. */
 pn_status pn_check_token(pn_token_args *a, const pn_strides *strides, const pn_norm_options *opts,

@@ -11,7 +11,8 @@
  *                   rounded again when stored. For float32/float64 data,
  *                   rounding to the dtype changes nothing: both modes agree.
  * RMSNorm has no bias (b NULL); LayerNorm always adds one (zeros when
- * absent), so its bits do not depend on whether a bias was given. Included by
+ * absent), so its bits do not depend on whether a bias was given. The
+ * quantized output (pn_quantize_row) takes the row's y from here. Included by
  * kernel.h. */
 #ifndef PYNORM_EPILOGUE_H
 #define PYNORM_EPILOGUE_H
@@ -69,5 +70,65 @@ static PN_ALWAYS_INLINE void pn_epilogue_apply(const pn_epilogue *e, real *y, in
             for (int64_t i = 0; i < (n); i++) y_[i] = (XHAT) * w_[i];                    \
         }                                                                                \
     } while (0)
+
+/* ---- quantized output (pn_*_quant_forward): y of a whole row -> q, scales ----
+ * See pynorm.h for the semantics; y is taken as float32. */
+
+/* int8: round half to even (the default rounding mode), saturated; NaN -> 0. */
+static inline int8_t pn_q_int8(float t) {
+    if (t != t) return 0;
+    if (t >= 127.0f) return 127;
+    if (t <= -128.0f) return -128;
+    return (int8_t)nearbyintf(t);
+}
+
+/* float8 e4m3fn bits: clamped to +-448, rounded to nearest even; NaN -> 0x7f.
+ * Normal values are 1.mmm * 2^(e - 7) (e = 1..15, 448 = 1.75 * 2^8 the
+ * largest), subnormals m * 2^-9. */
+static inline uint8_t pn_q_e4m3(float t) {
+    if (t != t) return 0x7f;
+    const uint8_t sign = t < 0 ? 0x80 : 0;
+    float v = fabsf(t);
+    if (v > 448.0f) v = 448.0f;
+    if (v < 0.015625f)                                       /* below 2^-6: subnormal (or zero) */
+        return (uint8_t)(sign | (uint8_t)nearbyintf(v * 512.0f));   /* 8 rounds up to the smallest normal */
+    int e;
+    frexpf(v, &e);                                           /* v = f * 2^e, f in [0.5, 1) */
+    const int E = e - 1;                                     /* v = 1.x * 2^E, E in [-6, 8] */
+    int m = (int)nearbyintf(ldexpf(v, -E) * 8.0f) - 8;       /* 3 mantissa bits, exact scaling */
+    int be = E + 7;
+    if (m == 8) { m = 0; be++; }                             /* rounded up to the next power of two */
+    return (uint8_t)(sign | (be << 3) | m);
+}
+
+/* Row r's y (C reals) quantized into a->q (and its scales into a->qscales). */
+static inline void pn_quantize_row(const pn_token_args *a, int64_t r, const real *y) {
+    const int64_t C = a->C;
+    const int64_t G = a->qscale != 0 ? C : a->qgroup;
+    const float qmax = a->qfp8 ? 448.0f : 127.0f;
+    const float min_scale = a->qfp8 ? 1.0f / (448.0f * 512.0f) : 1.1920928955078125e-7f;
+    uint8_t *q = (uint8_t *)a->q + r * C;
+    for (int64_t g0 = 0; g0 < C; g0 += G) {
+        float s = a->qscale;
+        if (s == 0) {                                        /* dynamic */
+            float amax = 0;
+            int nan = 0;
+            for (int64_t i = g0; i < g0 + G; i++) {
+                const float v = fabsf((float)y[i]);
+                nan |= v != v;
+                amax = v > amax ? v : amax;
+            }
+            if (nan) amax = NAN;
+            else if (a->qscale_ub > 0 && amax > a->qscale_ub) amax = a->qscale_ub;
+            s = amax / qmax;
+            if (s < min_scale) s = min_scale;                /* NaN stays NaN */
+            a->qscales[r * (C / G) + g0 / G] = s;
+        }
+        if (a->qfp8)
+            for (int64_t i = g0; i < g0 + G; i++) q[i] = pn_q_e4m3((float)y[i] / s);
+        else
+            for (int64_t i = g0; i < g0 + G; i++) q[i] = (uint8_t)pn_q_int8((float)y[i] / s);
+    }
+}
 
 #endif /* PYNORM_EPILOGUE_H */

@@ -223,7 +223,7 @@ typedef struct {
 
 static inline pn_row_out pn_row_out_init(const pn_token_args *a, int64_t r, int fused, int stream, pn_ahead ahead) {
     const size_t es = pn_dtype_size(a->dtype);
-    pn_row_out o = {(char *)pn_row(a->out, a->s.out, r, a->T, es), a->dtype, stream,
+    pn_row_out o = {a->out ? (char *)pn_row(a->out, a->s.out, r, a->T, es) : NULL, a->dtype, stream,
                     pn_next_rows_after(a, r, a->B * a->T, fused ? a->residual : NULL, a->s.residual,
                                        ahead, a->out, a->s.out)};
     if (fused && o.next.out[0])   /* h is written too */

@@ -34,6 +34,7 @@ static void rmsnorm_forward_row(const pn_fwd_call *c, int64_t r) {
     const int64_t C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
     real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL, *buf2 = c->wk->nbuf ? pn_work_row(c->wk, 1) : NULL;
+    real *qrow = a->q ? pn_work_row(c->wk, 2) : NULL;   /* quantized output: y of the row */
     const real *x = c->fused ? pn_residual_row(a, r, buf, buf2)
                              : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
     const real rs = rmsnorm_rstd(x, C, c->inv_C, c->eps);
@@ -42,23 +43,25 @@ static void rmsnorm_forward_row(const pn_fwd_call *c, int64_t r) {
     for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
         const int64_t n = pn_piece_len(C, i0);
         real piece[PN_PIECE], tmp[PN_PIECE];
-        real *y = c->in_place ? (real *)out.dst + i0 : piece;
+        real *y = qrow ? qrow + i0 : c->in_place ? (real *)out.dst + i0 : piece;
         rmsnorm_y(y, x + i0, rs, &c->ep, i0, n);
-        pn_put_piece(&out, i0, y, n, tmp, c->in_place);
+        if (qrow) pn_prefetch_share(&out.next, i0, n);
+        else pn_put_piece(&out, i0, y, n, tmp, c->in_place);
     }
+    if (qrow) pn_quantize_row(a, r, qrow);   /* the whole row's y: its groups' amax first */
     if (a->rstd) ((real *)a->rstd)[r] = rs;
 }
 
 /* The loop over rows shared by the plain and the fused forward. */
 static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
-    const int stream = rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
+    const int stream = !a->q && rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
+    pn_status st = pn_work_init(&wk, a, a->q ? 3 : a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
     if (st) return st;
     /* y computed in place in the output when it holds reals and is not streamed */
     const pn_fwd_call c = {a, &wk, pn_ahead_rows(a, fused ? 4 : 2, stream), a->eps, 1 / (double)C,
-                           fused, stream, a->dtype == PN_REAL_DTYPE && !stream, pn_epilogue_init(a, &wk, 0)};
+                           fused, stream, a->dtype == PN_REAL_DTYPE && !stream && !a->q, pn_epilogue_init(a, &wk, 0)};
     pn_fwd_rows(&c, rmsnorm_forward_row);
     if (stream) pn_stream_fence();
     pn_work_free(&wk);
@@ -210,6 +213,19 @@ pn_status pn_rmsnorm_backward_ex(void *dinp, void *dweight, void *scratch, size_
     pn_status st = pn_check_token(&a, strides, opts, PN_CHECK_BACKWARD, scratch_bytes,
                                   pn_rmsnorm_backward_scratch_size(B, rows_per_b(T, opts), C, dtype));
     return st ? st : pn_run_backward(backward_kernels, &a, 1);
+}
+
+pn_status pn_rmsnorm_quant_forward(void *q, float *scales, void *h, void *rstd,
+                                   const void *inp, const void *residual, const void *weight,
+                                   int64_t B, int64_t T, int64_t C, double eps,
+                                   pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                   const pn_norm_options *opts, const pn_quant_params *quant) {
+    pn_token_args a = {.q = q, .qscales = scales, .h = residual ? h : NULL, .rstd = rstd, .inp = inp,
+                       .residual = residual, .weight = weight, .B = B, .T = T, .C = C, .eps = eps,
+                       .dtype = dtype, .wdtype = wdtype};
+    pn_status st = pn_check_quant(&a, quant);
+    if (!st) st = pn_check_token(&a, strides, opts, PN_CHECK_QUANT | (residual ? PN_CHECK_RESIDUAL : 0), 0, 0);
+    return st ? st : pn_run(residual ? add_forward_kernels : forward_kernels, &a);
 }
 
 /* The 0.1 functions: the options' defaults. */

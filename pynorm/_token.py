@@ -4,6 +4,9 @@ NumPy arrays go to the C library; CUDA arrays (CuPy, or anything with
 __cuda_array_interface__) go to the CUDA library through pynorm._cuda.
 """
 
+import math
+
+import ml_dtypes
 import numpy as np
 
 from . import _cuda
@@ -372,3 +375,118 @@ def rms_norm_backward(dy, x, rstd, weight=None, *, weight_offset=0.0, rounding="
                                        out=out, accumulate=accumulate)
     dx, dweight, _ = _backward("rms", dy, x, None, rstd, weight, out, accumulate, weight_offset, rounding)
     return dx, dweight
+
+
+# ---- fused quantized output ---------------------------------------------------------
+
+_QDTYPES = {"int8": (0, np.dtype(np.int8)), "float8_e4m3fn": (1, np.dtype(ml_dtypes.float8_e4m3fn))}
+
+
+def _check_quant(x, qdtype, scale, scale_ub, group_size):
+    """(pn_quant_params*, q dtype, scales shape) of a *_quant call, or an error naming the argument."""
+    if not isinstance(qdtype, str):
+        raise TypeError(f"qdtype must be a str, \"int8\" or \"float8_e4m3fn\", got {type(qdtype).__name__}")
+    if qdtype not in _QDTYPES:
+        raise ValueError(f"qdtype must be \"int8\" or \"float8_e4m3fn\", got {qdtype!r}")
+    code, qdt = _QDTYPES[qdtype]
+    C = x.shape[-1]
+    p = ffi.new("pn_quant_params *")
+    p.qdtype = code
+    if scale is not None:
+        if isinstance(scale, np.ndarray):
+            if scale.size != 1:
+                raise ValueError(f"scale must be one positive number, got an array of shape {scale.shape}")
+            scale = float(scale.reshape(-1)[0])
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+        s = float(scale)
+        if not (math.isfinite(s) and s > 0 and float(np.float32(s)) > 0 and math.isfinite(float(np.float32(s)))):
+            raise ValueError(f"scale must be a positive, finite float32 value, got {s}")
+        if group_size is not None:
+            raise ValueError("group_size is for dynamic scales (scale=None); a static scale covers every element")
+        if scale_ub is not None:
+            raise ValueError("scale_ub bounds dynamic scales (scale=None); it has no meaning with a static scale")
+        p.scale = s
+        return p, qdt, (1,)
+    if scale_ub is not None:
+        if qdtype != "float8_e4m3fn":
+            raise ValueError("scale_ub is for qdtype=\"float8_e4m3fn\" only (as vLLM)")
+        if isinstance(scale_ub, bool) or not isinstance(scale_ub, (int, float, np.floating, np.integer)):
+            raise TypeError(f"scale_ub must be a real number or None, got {type(scale_ub).__name__}")
+        ub = float(scale_ub)
+        if not (math.isfinite(ub) and ub > 0):
+            raise ValueError(f"scale_ub must be finite and > 0, got {ub}")
+        p.scale_ub = ub
+    groups = 1
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        if group_size <= 0 or C % group_size:
+            raise ValueError(f"group_size must be a positive divisor of C = {C}, got {group_size}")
+        p.group_size = int(group_size)
+        groups = C // int(group_size)
+    return p, qdt, x.shape[:-1] + (groups,)
+
+
+def _quant(op, x, weight, bias, eps, qdtype, scale, scale_ub, group_size, residual, weight_offset, rounding):
+    x = check_input(x, "x")
+    if residual is not None:
+        residual = _check_same(residual, "residual", x)
+    weight = check_param(weight, "weight", x)
+    bias = check_param(bias, "bias", x)
+    wdtype = param_dtype(weight, bias)
+    eps = check_eps(eps, x.dtype)
+    offset, rmode = check_options(weight_offset, rounding, weight)
+    quant, qdt, sshape = _check_quant(x, qdtype, scale, scale_ub, group_size)
+    lead, C = x.shape[:-1], x.shape[-1]
+    q = empty(x.shape, np.uint8)
+    scales = empty(sshape, np.float32)
+    h = empty(x.shape, x.dtype) if residual is not None else None
+    if q.size:
+        if quant.scale:
+            scales[...] = np.float32(quant.scale)
+        buffers = [("inp", "x", x, IN)]
+        if residual is not None:
+            buffers += [("residual", "residual", residual, IN), ("h", "h", h, NEW)]
+        inputs = (("x", x), ("residual", residual), ("weight", weight), ("bias", bias))
+        B, T, strides, arrays, back, H, head = row_layout(lead, buffers, inputs, heads=True)
+        opts = _options(offset, rmode, H, head)
+        dt, wdt = PN_DTYPE[x.dtype], PN_DTYPE[wdtype]
+        res_p = ptr(arrays[1]) if residual is not None else _NULL
+        h_p = ptr(arrays[2]) if residual is not None else _NULL
+        sp = ffi.cast("float *", ptr(scales)) if not quant.scale else _NULL
+        if op == "layer":
+            status = lib.pn_layernorm_quant_forward(ptr(q), sp, h_p, _NULL, _NULL, ptr(arrays[0]), res_p,
+                                                    ptr(weight), ptr(bias), B, T, C, eps, dt, wdt, strides, opts,
+                                                    quant)
+        else:
+            status = lib.pn_rmsnorm_quant_forward(ptr(q), sp, h_p, _NULL, ptr(arrays[0]), res_p, ptr(weight),
+                                                  B, T, C, eps, dt, wdt, strides, opts, quant)
+        check_status(status, op, "_norm_quant")
+        if back:
+            write_back(back)
+    q = q.view(qdt)
+    return (q, scales) if residual is None else (q, scales, h)
+
+
+def rms_norm_quant(x, weight=None, eps=None, *, qdtype="int8", scale=None, scale_ub=None, group_size=None,
+                   residual=None, weight_offset=0.0, rounding="once"):
+    """RMSNorm with its output quantized as it is made: returns (q, scales), plus h =
+    x + residual (rounded to x's dtype) when a residual is given. y is the norm's output
+    in float32 (weight_offset, rounding as rms_norm's); qdtype "int8" (qmax 127) or
+    "float8_e4m3fn" (ml_dtypes, qmax 448).
+    Static (scale given): q = Q(y / scale), scales = [scale] (float32, shape (1,)).
+    Dynamic (scale=None): per row, or per group of group_size consecutive elements,
+    scale = max(min(amax, scale_ub) / qmax, min_scale) (scale_ub: float8 only; min_scale
+    1/(qmax*512) for float8, float32's epsilon for int8), scales of shape
+    x.shape[:-1] + (C/group,). Q: int8 round-half-even saturated to [-128, 127];
+    float8 round-to-nearest-even of y/scale clamped to +-448. docs/inference.md."""
+    return _quant("rms", x, weight, None, eps, qdtype, scale, scale_ub, group_size, residual, weight_offset,
+                  rounding)
+
+
+def layer_norm_quant(x, weight=None, bias=None, eps=1e-5, *, qdtype="int8", scale=None, scale_ub=None,
+                     group_size=None, residual=None, weight_offset=0.0, rounding="once"):
+    """LayerNorm with its output quantized as it is made: as rms_norm_quant."""
+    return _quant("layer", x, weight, bias, eps, qdtype, scale, scale_ub, group_size, residual, weight_offset,
+                  rounding)

@@ -223,6 +223,50 @@ pn_status pn_rmsnorm_backward_ex(void *dinp, void *dweight,
 /* The backward scratch of B x T x H rows is that of B x (T*H) rows:
  * pn_*_backward_scratch_size(B, T * H, C, dtype). */
 
+/* --- fused quantized output: the norm's y quantized as it is made ---------- */
+/* y is the norm's output as the options define it (weight_offset, rounding),
+ * in float32 (float64 data: rounded to float32), never stored in the data's
+ * dtype. Q(v) is:
+ *   PN_QINT8:          round-half-even of v, saturated to [-128, 127]; NaN -> 0.
+ *   PN_QFLOAT8_E4M3FN: v clamped to [-448, 448], then rounded to nearest even
+ *                      to float8 e4m3fn (bit pattern in a byte); NaN -> NaN (0x7f).
+ * Static (quant->scale > 0): q = Q(y / scale), scale as float32; `scales` is
+ * not written (may be NULL).
+ * Dynamic (quant->scale == 0): per group of `group_size` consecutive elements
+ * of a row (0: the whole row; else it must divide C), amax = max |y| (NaN if
+ * any y of the group is NaN), for float8 clamped to scale_ub when scale_ub > 0
+ * (scale_ub must be 0 for int8), scale = max(amax / qmax, min_scale) in
+ * float32 with qmax = 127 (int8) or 448 (float8) and min_scale = float32's
+ * epsilon (int8) or 1 / (qmax * 512) (float8); q = Q(y / scale) (a true
+ * division); scales (dense, rows x groups float32) receives each scale. A
+ * group with a NaN gets scale NaN (int8 q 0, float8 q NaN); with an Inf and no
+ * scale_ub, scale Inf (finite values give q 0, the Inf NaN -> 0 / NaN).
+ * q is dense B x T x C bytes. With a residual (the fused form; NULL: none),
+ * h = round(x + residual) is written to h, which may be the residual itself. */
+typedef enum {
+    PN_QINT8 = 0,
+    PN_QFLOAT8_E4M3FN = 1
+} pn_qdtype;
+
+typedef struct {
+    int qdtype;          /* a pn_qdtype */
+    double scale;        /* > 0 (finite): static scale; 0: dynamic */
+    double scale_ub;     /* dynamic float8 only: upper bound of amax (> 0), 0: none */
+    int64_t group_size;  /* dynamic: elements per scale (divides C); 0: one scale per row */
+} pn_quant_params;
+
+pn_status pn_rmsnorm_quant_forward(void *q, float *scales, void *h, void *rstd,
+                                   const void *inp, const void *residual, const void *weight,
+                                   int64_t B, int64_t T, int64_t C, double eps,
+                                   pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                   const pn_norm_options *opts, const pn_quant_params *quant);
+pn_status pn_layernorm_quant_forward(void *q, float *scales, void *h, void *mean, void *rstd,
+                                     const void *inp, const void *residual,
+                                     const void *weight, const void *bias,
+                                     int64_t B, int64_t T, int64_t C, double eps,
+                                     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                     const pn_norm_options *opts, const pn_quant_params *quant);
+
 /* --- spatial norms: GroupNorm, InstanceNorm, BatchNorm -------------------- */
 /* Activations of N samples, C channels and S = the product of the spatial
  * sizes (S = 1 when there are none, e.g. BatchNorm1d on (N, C)), as one dense
