@@ -87,7 +87,7 @@ static inline int8_t pn_q_int8(float t) {
  * largest), subnormals m * 2^-9. */
 static inline uint8_t pn_q_e4m3(float t) {
     if (t != t) return 0x7f;
-    const uint8_t sign = t < 0 ? 0x80 : 0;
+    const uint8_t sign = signbit(t) ? 0x80 : 0;   /* -0 stays -0 */
     float v = fabsf(t);
     if (v > 448.0f) v = 448.0f;
     if (v < 0.015625f)                                       /* below 2^-6: subnormal (or zero) */

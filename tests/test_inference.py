@@ -477,3 +477,175 @@ def test_c_heads_layout_and_overlapping_head_rows():
     st = lib.pn_rmsnorm_forward_ex(p(y2), ffi.NULL, p(buf), p(w), 1, T, D, 1e-6, lib.PN_FLOAT32, lib.PN_FLOAT32, s, o)
     assert st == lib.PN_ERR_STRIDE
     assert (y2 == 0).all()
+
+
+# ---- 4. fused quantized output ---------------------------------------------------------
+# For float32 data the norm's float32 y is rms_norm's/layer_norm's own output (nothing is
+# rounded on the way out), so the quantization is checked bit for bit against NumPy and
+# ml_dtypes applied to that y; other dtypes against y computed by the float32 path from
+# the same values, which is the same y (loads are exact, the arithmetic is float32).
+
+import ml_dtypes  # noqa: E402
+
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
+MIN_SCALE = {"int8": np.float32(np.finfo(np.float32).eps), "float8_e4m3fn": np.float32(1.0 / (448 * 512))}
+
+
+def _q_ref(y, qdtype, scale):
+    """Q(y / scale) with y, scale float32 (true division in float32)."""
+    t = (y / scale).astype(np.float32)
+    if qdtype == "int8":
+        with np.errstate(invalid="ignore"):
+            r = np.clip(np.rint(np.nan_to_num(t, nan=0.0, posinf=127.0, neginf=-128.0)), -128, 127)
+        return r.astype(np.int8)
+    return np.clip(t, -448, 448).astype(FP8)
+
+
+def _dyn_ref(y, qdtype, group, scale_ub=None):
+    lead, C = y.shape[:-1], y.shape[-1]
+    g = y.reshape(lead + (C // group, group))
+    with np.errstate(invalid="ignore"):
+        amax = np.abs(g).max(-1)
+    if scale_ub is not None:
+        amax = np.where(amax > np.float32(scale_ub), np.float32(scale_ub), amax)
+    s = (amax / np.float32(QMAX[qdtype])).astype(np.float32)
+    s = np.where(s < MIN_SCALE[qdtype], MIN_SCALE[qdtype], s).astype(np.float32)
+    return _q_ref(g, qdtype, s[..., None]).reshape(y.shape), s
+
+
+def _y32(op, x, w, b, **kw):
+    """The float32 y of the norm for x's values (float32 compute, no rounding to x's dtype
+    except where rounding="llama" asks for it)."""
+    if x.dtype == F32 or x.dtype == F64:
+        xf = x.astype(F32) if x.dtype == F32 else x
+        y = _run(op, xf, w, b, **kw)
+        return y.astype(F32)
+    return None
+
+
+def _bits_equal(got, exp, what):
+    g, e = np.asarray(got), np.asarray(exp)
+    assert g.dtype == e.dtype and g.shape == e.shape, f"{what}: {g.dtype}{g.shape} vs {e.dtype}{e.shape}"
+    gb, eb = g.view(np.uint8 if g.itemsize == 1 else np.uint32), e.view(np.uint8 if e.itemsize == 1 else np.uint32)
+    bad = gb != eb
+    if g.dtype == np.float32:
+        bad &= ~(np.isnan(g) & np.isnan(e))
+    assert not bad.any(), f"{what}: {int(bad.sum())} of {g.size} differ; first at {np.argwhere(bad)[0]}"
+
+
+@pytest.mark.parametrize("group", [None, 32, 128], ids=["row", "g32", "g128"])
+@pytest.mark.parametrize("qdtype", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("op", OPS)
+def test_quant_dynamic_bit_for_bit(op, qdtype, group):
+    x, _, w, b = _inputs(op, (3, 7, 256), F32, seed=30)
+    x[0, 0, :5] *= 1e3                                   # a hostile row: outliers
+    x[1, 1] = 0                                          # an all-zero row: min_scale
+    kw = dict(weight_offset=1.0)
+    fn = pynorm.rms_norm_quant if op == "rms" else pynorm.layer_norm_quant
+    args = (x, w) if op == "rms" else (x, w, b)
+    q, s = fn(*args, qdtype=qdtype, group_size=group, **kw)
+    y = _y32(op, x, w, b, **kw)
+    q_ref, s_ref = _dyn_ref(y, qdtype, group or 256)
+    _bits_equal(s, s_ref, f"{op} {qdtype} scales")
+    _bits_equal(q, q_ref, f"{op} {qdtype} q")
+    assert q.dtype == (np.int8 if qdtype == "int8" else FP8)
+    assert s.shape == x.shape[:-1] + (256 // (group or 256),)
+
+
+@pytest.mark.parametrize("qdtype", ["int8", "float8_e4m3fn"])
+def test_quant_static_saturates(qdtype):
+    x, _, w, _ = _inputs("rms", (16, 96), F32, seed=31)
+    q, s = pynorm.rms_norm_quant(x, w, qdtype=qdtype, scale=0.003)  # y / scale far beyond qmax
+    y = _y32("rms", x, w, None)
+    _bits_equal(q, _q_ref(y, qdtype, np.float32(0.003)), f"static {qdtype}")
+    assert s.shape == (1,) and s[0] == np.float32(0.003)
+    qa = q.astype(np.float32)
+    assert qa.max() == QMAX[qdtype] and qa.min() == (-128 if qdtype == "int8" else -448), "saturation"
+
+
+def test_quant_scale_ub_bounds_amax():
+    x, _, w, _ = _inputs("rms", (8, 64), F32, seed=32)
+    x[:, 0] = 1e4                                        # one huge value per row
+    q, s = pynorm.rms_norm_quant(x, w, qdtype="float8_e4m3fn", scale_ub=1.0)
+    y = _y32("rms", x, w, None)
+    q_ref, s_ref = _dyn_ref(y, "float8_e4m3fn", 64, scale_ub=1.0)
+    _bits_equal(s, s_ref, "scales with scale_ub")
+    _bits_equal(q, q_ref, "q with scale_ub (the huge values clamp to 448)")
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16, F64], ids=dname)
+@pytest.mark.parametrize("rounding", ["once", "llama"])
+def test_quant_other_dtypes_and_residual(dtype, rounding):
+    """y of half data quantized: the scales match the float32 y of the reference to a few ulps,
+    q within one step; the residual form returns h = round(x + residual)."""
+    x, res, w, _ = _inputs("rms", (6, 128), dtype, seed=33, fused=True)
+    q, s, h = pynorm.rms_norm_quant(x, w, qdtype="int8", group_size=64, residual=res, rounding=rounding)
+    assert_bitwise_equal(h, R.residual_add_ref(x, res), "h")
+    y = R.rms_norm_ref(h, w, None, rounding=rounding)[0].astype(np.float32)
+    q_ref, s_ref = _dyn_ref(y, "int8", 64)
+    assert np.allclose(s, s_ref, rtol=1e-5, atol=0), "scales vs the reference's"
+    assert np.abs(q.astype(np.int32) - q_ref.astype(np.int32)).max() <= 1
+
+
+@pytest.mark.parametrize("qdtype", ["int8", "float8_e4m3fn"])
+def test_quant_nan_and_inf(qdtype):
+    """A group holding a NaN gets scale NaN and q 0 (int8) / NaN (float8); other groups are
+    unaffected. Nothing crashes."""
+    x, _, w, _ = _inputs("rms", (3, 64), F32, seed=34)
+    x[1, 3] = np.nan
+    q, s = pynorm.rms_norm_quant(x, w, qdtype=qdtype, group_size=32)
+    assert np.isnan(s[1]).all()
+    if qdtype == "int8":
+        assert (q[1] == 0).all()
+    else:
+        assert np.isnan(q[1].astype(np.float32)).all()
+    clean, sc = pynorm.rms_norm_quant(x[[0, 2]], w, qdtype=qdtype, group_size=32)
+    _bits_equal(q[[0, 2]], clean, "rows without NaN")
+    x[2, 0] = np.inf                                     # an Inf row: rstd 0, y NaN there too
+    q, s = pynorm.rms_norm_quant(x, w, qdtype=qdtype)
+    assert q.shape == x.shape
+
+
+BAD_QUANT = [
+    (dict(qdtype="int4"), ValueError, "qdtype must be"),
+    (dict(qdtype=None), TypeError, "qdtype must be a str"),
+    (dict(scale=0.0), ValueError, "scale must be a positive"),
+    (dict(scale=-1.0), ValueError, "scale must be a positive"),
+    (dict(scale=float("nan")), ValueError, "scale must be a positive"),
+    (dict(scale=1e-50), ValueError, "scale must be a positive"),
+    (dict(scale="1"), TypeError, "scale must be a real number"),
+    (dict(scale=1.0, group_size=8), ValueError, "group_size is for dynamic"),
+    (dict(group_size=7), ValueError, "group_size must be a positive divisor"),
+    (dict(group_size=0), ValueError, "group_size must be a positive divisor"),
+    (dict(group_size=8.0), TypeError, "group_size must be an int"),
+    (dict(scale_ub=1.0), ValueError, "scale_ub is for qdtype"),
+    (dict(qdtype="float8_e4m3fn", scale_ub=-1.0), ValueError, "scale_ub must be finite and > 0"),
+    (dict(weight_offset=1.0, weight=None), ValueError, "weight_offset"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,msg", BAD_QUANT, ids=[str(k) for k, _, _ in BAD_QUANT])
+def test_quant_bad_arguments_name_them(kw, exc, msg):
+    x, _, w, _ = _inputs("rms", (2, 32), F32, seed=35)
+    kw = dict(kw)
+    w = kw.pop("weight", w)
+    with pytest.raises(exc, match=msg):
+        pynorm.rms_norm_quant(x, w, **kw)
+
+
+@pytest.mark.parametrize("qdtype", ["int8", "float8_e4m3fn"])
+def test_quant_conversion_on_every_tie_and_edge(qdtype):
+    """Q itself: with x a row of ones and eps 0, rstd is exactly 1 and y is the weight, so a
+    static scale of 1 quantizes chosen values: every float8 value, the midpoints between
+    neighbours (ties to even), subnormals, values beyond qmax, +-0, +-Inf and NaN."""
+    grid = np.arange(256, dtype=np.uint8).view(FP8).astype(np.float32)
+    grid = np.unique(grid[np.isfinite(grid)])
+    mids = ((grid[1:].astype(np.float64) + grid[:-1]) / 2).astype(np.float32)
+    ints = np.arange(-130, 131, dtype=np.float32)
+    vals = np.concatenate([grid, mids, ints, ints + 0.5, np.float32([0.0, -0.0, 1e-45, -3e-3, 448.5, 464.0,
+                                                                      1e30, -1e30, np.inf, -np.inf, np.nan])])
+    vals = vals.astype(np.float32)
+    x = np.ones((1, vals.size), np.float32)
+    q, _ = pynorm.rms_norm_quant(x, vals, 0.0, qdtype=qdtype, scale=1.0)
+    _bits_equal(q[0], _q_ref(vals, qdtype, np.float32(1.0)), f"Q for {qdtype}")
