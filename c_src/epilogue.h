@@ -84,21 +84,19 @@ static inline int8_t pn_q_int8(float t) {
 
 /* float8 e4m3fn bits: clamped to +-448, rounded to nearest even; NaN -> 0x7f.
  * Normal values are 1.mmm * 2^(e - 7) (e = 1..15, 448 = 1.75 * 2^8 the
- * largest), subnormals m * 2^-9. */
+ * largest), subnormals m * 2^-9. A normal value is the float32's bits with the
+ * 20 low mantissa bits rounded off (half to even; a carry into the exponent
+ * is right, and cannot pass 448, which the clamp leaves exact). */
 static inline uint8_t pn_q_e4m3(float t) {
     if (t != t) return 0x7f;
     const uint8_t sign = signbit(t) ? 0x80 : 0;   /* -0 stays -0 */
     float v = fabsf(t);
     if (v > 448.0f) v = 448.0f;
-    if (v < 0.015625f)                                       /* below 2^-6: subnormal (or zero) */
+    if (v < 0.015625f)                            /* below 2^-6: subnormal (or zero) */
         return (uint8_t)(sign | (uint8_t)nearbyintf(v * 512.0f));   /* 8 rounds up to the smallest normal */
-    int e;
-    frexpf(v, &e);                                           /* v = f * 2^e, f in [0.5, 1) */
-    const int E = e - 1;                                     /* v = 1.x * 2^E, E in [-6, 8] */
-    int m = (int)nearbyintf(ldexpf(v, -E) * 8.0f) - 8;       /* 3 mantissa bits, exact scaling */
-    int be = E + 7;
-    if (m == 8) { m = 0; be++; }                             /* rounded up to the next power of two */
-    return (uint8_t)(sign | (be << 3) | m);
+    uint32_t u = pn_float_to_bits(v);
+    u += 0x7ffffu + ((u >> 20) & 1u);
+    return (uint8_t)(sign | ((((u >> 23) - 120u) << 3) | ((u >> 20) & 7u)));   /* exponent: 127 - 7 */
 }
 
 /* Row r's y (C reals) quantized into a->q (and its scales into a->qscales). */
