@@ -17,16 +17,36 @@
 /* ---- the argument block of a token norm (LayerNorm, RMSNorm) --------------
  * The public function checks every argument, fills this block with dense
  * strides resolved, and hands it to the kernel variant for the CPU. */
+/* Where row r of a buffer starts: rows are B x T' (T' = T*H, the args' T),
+ * row (b, t') at b*b + t*t + k*h with t' = t*H + k. H is 1 unless the
+ * options asked for heads. */
+typedef struct {
+    int64_t b, t, h, H;
+} pn_rowmap;
+
+typedef struct {
+    pn_rowmap inp, out, residual, h, dout, dinp;
+} pn_rowmaps;
+
 typedef struct {
     void *out, *h, *mean, *rstd;          /* forward outputs (any may be NULL) */
     void *dinp, *dweight, *dbias;         /* backward outputs (any may be NULL) */
     void *scratch;                        /* backward partial sums, aligned */
     const void *inp, *residual, *weight, *bias, *dout;
-    int64_t B, T, C;
+    int64_t B, T, C;                      /* T: rows per b, heads included (T*H of the call) */
+    int64_t H;                            /* heads per (b, t) of the call: 1 unless opts->H > 1 */
     double eps;
+    double weight_offset;                 /* added to every weight (pn_work), 0 by default */
+    int llama;                            /* PN_ROUND_LLAMA */
     int accumulate;
     pn_dtype dtype, wdtype;
-    pn_strides s;                         /* every field resolved (no {0, 0}) */
+    pn_rowmaps s;                         /* every field resolved (no {0, 0}) */
+    /* fused quantized output (pn_*_quant_forward): q replaces out */
+    void *q;                              /* dense rows x C bytes; NULL: no quantized output */
+    float *qscales;                       /* dynamic: dense rows x C/qgroup scales */
+    int qfp8;                             /* PN_QFLOAT8_E4M3FN */
+    float qscale, qscale_ub;              /* static scale (0: dynamic); amax bound (0: none) */
+    int64_t qgroup;                       /* dynamic: elements per scale (C: one per row) */
 } pn_token_args;
 
 typedef pn_status (*pn_token_kernel)(const pn_token_args *);
@@ -97,10 +117,12 @@ static inline size_t pn_dtype_size(pn_dtype dt) {
     return dt == PN_FLOAT64 ? 8 : dt == PN_FLOAT32 ? 4 : 2;
 }
 
-/* Address of row r (= b*T + t) of a strided B x T x C buffer. */
-static inline void *pn_row(const void *base, pn_rows s, int64_t r, int64_t T, size_t esize) {
-    int64_t b = r / T, t = r - b * T;
-    return (char *)base + (b * s.b + t * s.t) * (int64_t)esize;
+/* Address of row r (= b*T + t) of a strided B x T x C buffer (T: the args'
+ * T, heads included). */
+static inline void *pn_row(const void *base, pn_rowmap s, int64_t r, int64_t T, size_t esize) {
+    int64_t b = r / T, t = r - b * T, k = 0;
+    if (s.H > 1) { k = t % s.H; t /= s.H; }
+    return (char *)base + (b * s.b + t * s.t + k * s.h) * (int64_t)esize;
 }
 
 /* Backward reductions over rows go through partial sums, one per chunk of
@@ -131,8 +153,9 @@ typedef struct {
 pn_status pn_check_sizes(int64_t B, int64_t T, int64_t C, pn_dtype dtype);
 pn_status pn_check_dtypes(pn_dtype dtype, pn_dtype wdtype);
 pn_status pn_check_eps(double eps);
-pn_rows pn_resolve(pn_rows s, int64_t T, int64_t C);
-pn_strides pn_resolve_all(const pn_strides *s, int64_t T, int64_t C);
+/* Strides resolved ({0, 0}: dense B x T x H x C) for T rows per b and H
+ * heads per (b, t); head: the third strides (NULL with H = 1). */
+pn_rowmaps pn_resolve_all(const pn_strides *s, const pn_head_strides *head, int64_t T, int64_t H, int64_t C);
 /* Every output's rows disjoint (PN_ERR_STRIDE); no output overlapping another
  * output, nor an input unless `same_ok` marks that exact pair as in-place
  * (same address, same strides) (PN_ERR_ALIAS). same_ok[o][i] is 1 where
@@ -149,8 +172,13 @@ pn_status pn_run_backward(const pn_token_kernel table[3][2], pn_token_args *a, i
 /* Checks every argument of a token-norm call and resolves its strides.
  * `what` says which pointers the op needs; scratch_needed is the backward's
  * scratch size (checked only when a scratch buffer is given). */
-enum { PN_CHECK_RESIDUAL = 1, PN_CHECK_BACKWARD = 2, PN_CHECK_MEAN = 4 };
-pn_status pn_check_token(pn_token_args *a, const pn_strides *strides, unsigned what,
-                         size_t scratch_bytes, size_t scratch_needed);
+enum { PN_CHECK_RESIDUAL = 1, PN_CHECK_BACKWARD = 2, PN_CHECK_MEAN = 4, PN_CHECK_QUANT = 8 };
+/* The quantization parameters of a *_quant_forward call into a (checked after
+ * pn_check_token's sizes); quant NULL is PN_ERR_NULL. */
+pn_status pn_check_quant(pn_token_args *a, const pn_quant_params *quant);
+/* opts: the *_ex options (NULL: defaults); on success a->T counts the heads
+ * too (T*H) and a->H, a->weight_offset, a->llama hold the options. */
+pn_status pn_check_token(pn_token_args *a, const pn_strides *strides, const pn_norm_options *opts,
+                         unsigned what, size_t scratch_bytes, size_t scratch_needed);
 
 #endif /* PYNORM_COMMON_H */

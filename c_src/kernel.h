@@ -14,7 +14,9 @@ typedef PN_REAL real;
 
 /* Working memory of one call, taken with a single malloc before any output is
  * written: weight and bias as `real` (ones and zeros when absent, so the inner
- * loops need no branches) and `nbuf` row buffers of C reals per thread. */
+ * loops need no branches), the weight with the call's weight_offset added
+ * (in `real`: float32 for half-precision weights, never in their own dtype),
+ * and `nbuf` row buffers of C reals per thread. */
 typedef struct {
     const real *w, *b;
     real *rows;
@@ -39,6 +41,12 @@ static inline pn_status pn_work_init(pn_work *wk, const pn_token_args *a, int nb
     if (!a->weight) for (int64_t i = 0; i < C; i++) w[i] = 1;
     if (!a->bias) for (int64_t i = 0; i < C; i++) b[i] = 0;
     wk->w = a->weight ? pn_row_as_real(a->weight, a->wdtype, w, C) : w;
+    if (a->weight_offset != 0) {   /* a weight is given (checked) */
+        const real off = (real)a->weight_offset;
+        if (wk->w != w) pn_load_row(w, a->weight, a->wdtype, C);
+        for (int64_t i = 0; i < C; i++) w[i] = off + w[i];
+        wk->w = w;
+    }
     wk->b = a->bias ? pn_row_as_real(a->bias, a->wdtype, b, C) : b;
     wk->rows = mem + 2 * stride;
     wk->mem = mem;
@@ -173,8 +181,8 @@ typedef struct {
  * forward, dy in a backward; NULL: none) when r + 1 < end, and the far rows
  * of `ahead` within the call's rows (out: the output buffer, NULL: none). */
 static inline pn_next_rows pn_next_rows_after(const pn_token_args *a, int64_t r, int64_t end,
-                                              const void *other, pn_rows other_s,
-                                              pn_ahead ahead, void *out, pn_rows out_s) {
+                                              const void *other, pn_rowmap other_s,
+                                              pn_ahead ahead, void *out, pn_rowmap out_s) {
     const size_t es = pn_dtype_size(a->dtype);
     const int64_t rows = a->B * a->T;
     pn_next_rows nx = {{NULL, NULL}, {NULL, NULL}, {NULL, NULL}, (int64_t)es};
@@ -215,7 +223,7 @@ typedef struct {
 
 static inline pn_row_out pn_row_out_init(const pn_token_args *a, int64_t r, int fused, int stream, pn_ahead ahead) {
     const size_t es = pn_dtype_size(a->dtype);
-    pn_row_out o = {(char *)pn_row(a->out, a->s.out, r, a->T, es), a->dtype, stream,
+    pn_row_out o = {a->out ? (char *)pn_row(a->out, a->s.out, r, a->T, es) : NULL, a->dtype, stream,
                     pn_next_rows_after(a, r, a->B * a->T, fused ? a->residual : NULL, a->s.residual,
                                        ahead, a->out, a->s.out)};
     if (fused && o.next.out[0])   /* h is written too */
@@ -240,6 +248,8 @@ static inline real *pn_scratch_reals(void *scratch) {
     return (real *)p;
 }
 
+#include "epilogue.h"
+
 /* The forward of one row, and what every row of one call shares. */
 typedef struct {
     const pn_token_args *a;
@@ -247,6 +257,7 @@ typedef struct {
     pn_ahead ahead;
     double eps, inv_C;
     int fused, stream, in_place;
+    pn_epilogue ep;         /* xhat -> y */
 } pn_fwd_call;
 typedef void (*pn_fwd_row)(const pn_fwd_call *c, int64_t r);
 

@@ -69,10 +69,10 @@ static real layernorm_row_stats(const real *x, int64_t C, double inv_C, double e
     return (real)(1 / sqrt(ss * inv_C + eps));
 }
 
-/* y = ((x - shift) - m) * rstd * w + b over n values of a row */
-static void layernorm_y(real *y, const real *x, const real *w, const real *b,
-                        real shift, real m, real rstd, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - shift) - m) * rstd * w[i] + b[i];
+/* y = xhat * (offset + w) + b over n values of a row at column i0, xhat = ((x - shift) - m) * rstd */
+static void layernorm_y(real *y, const real *x, real shift, real m, real rstd, const pn_epilogue *e,
+                        int64_t i0, int64_t n) {
+    PN_EPILOGUE_LOOP(e, y, i0, n, ((x[i] - shift) - m) * rstd);
 }
 
 /* Row r of a forward, plain or fused. */
@@ -80,21 +80,23 @@ static void layernorm_forward_row(const pn_fwd_call *c, int64_t r) {
     const pn_token_args *a = c->a;
     const int64_t C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
-    const real *w = c->wk->w, *b = c->wk->b;
     real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL, *buf2 = c->wk->nbuf ? pn_work_row(c->wk, 1) : NULL;
+    real *qrow = a->q ? pn_work_row(c->wk, 2) : NULL;   /* quantized output: y of the row */
     const real *x = c->fused ? pn_residual_row(a, r, buf, buf2)
                              : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
     real shift, m;
     const real rs = layernorm_row_stats(x, C, c->inv_C, c->eps, &shift, &m);
-    /* y in pieces: in the output itself, or rounded once after w and b */
+    /* y in pieces: in the output itself, or rounded when written */
     const pn_row_out out = pn_row_out_init(a, r, c->fused, c->stream, c->ahead);
     for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
         const int64_t n = pn_piece_len(C, i0);
         real piece[PN_PIECE], tmp[PN_PIECE];
-        real *y = c->in_place ? (real *)out.dst + i0 : piece;
-        layernorm_y(y, x + i0, w + i0, b + i0, shift, m, rs, n);
-        pn_put_piece(&out, i0, y, n, tmp, c->in_place);
+        real *y = qrow ? qrow + i0 : c->in_place ? (real *)out.dst + i0 : piece;
+        layernorm_y(y, x + i0, shift, m, rs, &c->ep, i0, n);
+        if (qrow) pn_prefetch_share(&out.next, i0, n);
+        else pn_put_piece(&out, i0, y, n, tmp, c->in_place);
     }
+    if (qrow) pn_quantize_row(a, r, qrow);   /* the whole row's y: its groups' amax first */
     const real mu = shift + m;
     if (a->mean) ((real *)a->mean)[r] = mu;
     if (a->rstd) ((real *)a->rstd)[r] = rs;
@@ -103,13 +105,13 @@ static void layernorm_forward_row(const pn_fwd_call *c, int64_t r) {
 /* The loop over rows shared by the plain and the fused forward. */
 static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
-    const int stream = rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
+    const int stream = !a->q && rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
+    pn_status st = pn_work_init(&wk, a, a->q ? 3 : a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
     if (st) return st;
     /* y computed in place in the output when it holds reals and is not streamed */
     const pn_fwd_call c = {a, &wk, pn_ahead_rows(a, fused ? 4 : 2, stream), a->eps, 1 / (double)C,
-                           fused, stream, a->dtype == PN_REAL_DTYPE && !stream};
+                           fused, stream, a->dtype == PN_REAL_DTYPE && !stream && !a->q, pn_epilogue_init(a, &wk, 1)};
     pn_fwd_rows(&c, layernorm_forward_row);
     if (stream) pn_stream_fence();
     pn_work_free(&wk);
@@ -244,14 +246,77 @@ static const pn_token_kernel forward_kernels[3][2] = PN_VARIANTS(layernorm_forwa
 static const pn_token_kernel add_forward_kernels[3][2] = PN_VARIANTS(add_layernorm_forward);
 static const pn_token_kernel backward_kernels[3][2] = PN_VARIANTS(layernorm_backward);
 
+/* T*H of a backward call for the scratch size (the check refuses what overflows). */
+static int64_t rows_per_b(int64_t T, const pn_norm_options *opts) {
+    return opts && opts->H > 1 && T > 0 && opts->H <= INT64_MAX / T ? T * opts->H : T;
+}
+
+pn_status pn_layernorm_forward_ex(void *out, void *mean, void *rstd,
+                                  const void *inp, const void *weight, const void *bias,
+                                  int64_t B, int64_t T, int64_t C, double eps,
+                                  pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                  const pn_norm_options *opts) {
+    pn_token_args a = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .weight = weight,
+                       .bias = bias, .B = B, .T = T, .C = C, .eps = eps, .dtype = dtype, .wdtype = wdtype};
+    pn_status st = pn_check_token(&a, strides, opts, 0, 0, 0);
+    return st ? st : pn_run(forward_kernels, &a);
+}
+
+pn_status pn_add_layernorm_forward_ex(void *out, void *h, void *mean, void *rstd,
+                                      const void *inp, const void *residual,
+                                      const void *weight, const void *bias,
+                                      int64_t B, int64_t T, int64_t C, double eps,
+                                      pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                      const pn_norm_options *opts) {
+    pn_token_args a = {.out = out, .h = h, .mean = mean, .rstd = rstd, .inp = inp, .residual = residual,
+                       .weight = weight, .bias = bias, .B = B, .T = T, .C = C, .eps = eps,
+                       .dtype = dtype, .wdtype = wdtype};
+    pn_status st = pn_check_token(&a, strides, opts, PN_CHECK_RESIDUAL, 0, 0);
+    return st ? st : pn_run(add_forward_kernels, &a);
+}
+
+size_t pn_layernorm_backward_scratch_size(int64_t B, int64_t T, int64_t C, pn_dtype dtype) {
+    return pn_token_scratch_size(B, T, C, dtype, 2);
+}
+
+pn_status pn_layernorm_backward_ex(void *dinp, void *dweight, void *dbias,
+                                   void *scratch, size_t scratch_bytes,
+                                   const void *dout, const void *inp, const void *weight,
+                                   const void *mean, const void *rstd,
+                                   int64_t B, int64_t T, int64_t C, int flags,
+                                   pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                   const pn_norm_options *opts) {
+    pn_token_args a = {.dinp = dinp, .dweight = dweight, .dbias = dbias, .scratch = scratch,
+                       .dout = dout, .inp = inp, .weight = weight, .mean = (void *)mean,
+                       .rstd = (void *)rstd, .B = B, .T = T, .C = C,
+                       .accumulate = (flags & PN_ACCUMULATE) != 0, .dtype = dtype, .wdtype = wdtype};
+    if (flags & ~PN_ACCUMULATE) return PN_ERR_ARG;
+    pn_status st = pn_check_token(&a, strides, opts, PN_CHECK_BACKWARD | PN_CHECK_MEAN, scratch_bytes,
+                                  pn_layernorm_backward_scratch_size(B, rows_per_b(T, opts), C, dtype));
+    return st ? st : pn_run_backward(backward_kernels, &a, 2);
+}
+
+pn_status pn_layernorm_quant_forward(void *q, float *scales, void *h, void *mean, void *rstd,
+                                     const void *inp, const void *residual,
+                                     const void *weight, const void *bias,
+                                     int64_t B, int64_t T, int64_t C, double eps,
+                                     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                     const pn_norm_options *opts, const pn_quant_params *quant) {
+    pn_token_args a = {.q = q, .qscales = scales, .h = residual ? h : NULL, .mean = mean, .rstd = rstd,
+                       .inp = inp, .residual = residual, .weight = weight, .bias = bias,
+                       .B = B, .T = T, .C = C, .eps = eps, .dtype = dtype, .wdtype = wdtype};
+    pn_status st = pn_check_quant(&a, quant);
+    if (!st) st = pn_check_token(&a, strides, opts, PN_CHECK_QUANT | (residual ? PN_CHECK_RESIDUAL : 0), 0, 0);
+    return st ? st : pn_run(residual ? add_forward_kernels : forward_kernels, &a);
+}
+
+/* The 0.1 functions: the options' defaults. */
 pn_status pn_layernorm_forward(void *out, void *mean, void *rstd,
                                const void *inp, const void *weight, const void *bias,
                                int64_t B, int64_t T, int64_t C, double eps,
                                pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
-    pn_token_args a = {.out = out, .mean = mean, .rstd = rstd, .inp = inp, .weight = weight,
-                       .bias = bias, .B = B, .T = T, .C = C, .eps = eps, .dtype = dtype, .wdtype = wdtype};
-    pn_status st = pn_check_token(&a, strides, 0, 0, 0);
-    return st ? st : pn_run(forward_kernels, &a);
+    return pn_layernorm_forward_ex(out, mean, rstd, inp, weight, bias, B, T, C, eps, dtype, wdtype,
+                                   strides, NULL);
 }
 
 pn_status pn_add_layernorm_forward(void *out, void *h, void *mean, void *rstd,
@@ -259,15 +324,8 @@ pn_status pn_add_layernorm_forward(void *out, void *h, void *mean, void *rstd,
                                    const void *weight, const void *bias,
                                    int64_t B, int64_t T, int64_t C, double eps,
                                    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
-    pn_token_args a = {.out = out, .h = h, .mean = mean, .rstd = rstd, .inp = inp, .residual = residual,
-                       .weight = weight, .bias = bias, .B = B, .T = T, .C = C, .eps = eps,
-                       .dtype = dtype, .wdtype = wdtype};
-    pn_status st = pn_check_token(&a, strides, PN_CHECK_RESIDUAL, 0, 0);
-    return st ? st : pn_run(add_forward_kernels, &a);
-}
-
-size_t pn_layernorm_backward_scratch_size(int64_t B, int64_t T, int64_t C, pn_dtype dtype) {
-    return pn_token_scratch_size(B, T, C, dtype, 2);
+    return pn_add_layernorm_forward_ex(out, h, mean, rstd, inp, residual, weight, bias, B, T, C, eps,
+                                       dtype, wdtype, strides, NULL);
 }
 
 pn_status pn_layernorm_backward(void *dinp, void *dweight, void *dbias,
@@ -276,14 +334,8 @@ pn_status pn_layernorm_backward(void *dinp, void *dweight, void *dbias,
                                 const void *mean, const void *rstd,
                                 int64_t B, int64_t T, int64_t C, int flags,
                                 pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
-    pn_token_args a = {.dinp = dinp, .dweight = dweight, .dbias = dbias, .scratch = scratch,
-                       .dout = dout, .inp = inp, .weight = weight, .mean = (void *)mean,
-                       .rstd = (void *)rstd, .B = B, .T = T, .C = C,
-                       .accumulate = (flags & PN_ACCUMULATE) != 0, .dtype = dtype, .wdtype = wdtype};
-    if (flags & ~PN_ACCUMULATE) return PN_ERR_ARG;
-    pn_status st = pn_check_token(&a, strides, PN_CHECK_BACKWARD | PN_CHECK_MEAN, scratch_bytes,
-                                  pn_layernorm_backward_scratch_size(B, T, C, dtype));
-    return st ? st : pn_run_backward(backward_kernels, &a, 2);
+    return pn_layernorm_backward_ex(dinp, dweight, dbias, scratch, scratch_bytes, dout, inp, weight,
+                                    mean, rstd, B, T, C, flags, dtype, wdtype, strides, NULL);
 }
 
 #endif

@@ -23,9 +23,9 @@ static real rmsnorm_rstd(const real *x, int64_t C, double inv_C, double eps) {
     return (real)(1 / sqrt(ss * inv_C + eps));
 }
 
-/* y = x * rstd * w over n values of a row */
-static void rmsnorm_y(real *y, const real *x, const real *w, real rstd, int64_t n) {
-    for (int64_t i = 0; i < n; i++) y[i] = x[i] * rstd * w[i];
+/* y = xhat * (offset + w) over n values of a row at column i0, xhat = x * rstd */
+static void rmsnorm_y(real *y, const real *x, real rstd, const pn_epilogue *e, int64_t i0, int64_t n) {
+    PN_EPILOGUE_LOOP(e, y, i0, n, x[i] * rstd);
 }
 
 /* Row r of a forward, plain or fused. */
@@ -33,33 +33,35 @@ static void rmsnorm_forward_row(const pn_fwd_call *c, int64_t r) {
     const pn_token_args *a = c->a;
     const int64_t C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
-    const real *w = c->wk->w;
     real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL, *buf2 = c->wk->nbuf ? pn_work_row(c->wk, 1) : NULL;
+    real *qrow = a->q ? pn_work_row(c->wk, 2) : NULL;   /* quantized output: y of the row */
     const real *x = c->fused ? pn_residual_row(a, r, buf, buf2)
                              : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
     const real rs = rmsnorm_rstd(x, C, c->inv_C, c->eps);
-    /* y in pieces: in the output itself, or rounded once after w */
+    /* y in pieces: in the output itself, or rounded when written */
     const pn_row_out out = pn_row_out_init(a, r, c->fused, c->stream, c->ahead);
     for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
         const int64_t n = pn_piece_len(C, i0);
         real piece[PN_PIECE], tmp[PN_PIECE];
-        real *y = c->in_place ? (real *)out.dst + i0 : piece;
-        rmsnorm_y(y, x + i0, w + i0, rs, n);
-        pn_put_piece(&out, i0, y, n, tmp, c->in_place);
+        real *y = qrow ? qrow + i0 : c->in_place ? (real *)out.dst + i0 : piece;
+        rmsnorm_y(y, x + i0, rs, &c->ep, i0, n);
+        if (qrow) pn_prefetch_share(&out.next, i0, n);
+        else pn_put_piece(&out, i0, y, n, tmp, c->in_place);
     }
+    if (qrow) pn_quantize_row(a, r, qrow);   /* the whole row's y: its groups' amax first */
     if (a->rstd) ((real *)a->rstd)[r] = rs;
 }
 
 /* The loop over rows shared by the plain and the fused forward. */
 static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
-    const int stream = rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
+    const int stream = !a->q && rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
+    pn_status st = pn_work_init(&wk, a, a->q ? 3 : a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
     if (st) return st;
     /* y computed in place in the output when it holds reals and is not streamed */
     const pn_fwd_call c = {a, &wk, pn_ahead_rows(a, fused ? 4 : 2, stream), a->eps, 1 / (double)C,
-                           fused, stream, a->dtype == PN_REAL_DTYPE && !stream};
+                           fused, stream, a->dtype == PN_REAL_DTYPE && !stream && !a->q, pn_epilogue_init(a, &wk, 0)};
     pn_fwd_rows(&c, rmsnorm_forward_row);
     if (stream) pn_stream_fence();
     pn_work_free(&wk);
@@ -168,23 +170,30 @@ static const pn_token_kernel forward_kernels[3][2] = PN_VARIANTS(rmsnorm_forward
 static const pn_token_kernel add_forward_kernels[3][2] = PN_VARIANTS(add_rmsnorm_forward);
 static const pn_token_kernel backward_kernels[3][2] = PN_VARIANTS(rmsnorm_backward);
 
-pn_status pn_rmsnorm_forward(void *out, void *rstd, const void *inp, const void *weight,
-                             int64_t B, int64_t T, int64_t C, double eps,
-                             pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+/* T*H of a backward call for the scratch size (the check refuses what overflows). */
+static int64_t rows_per_b(int64_t T, const pn_norm_options *opts) {
+    return opts && opts->H > 1 && T > 0 && opts->H <= INT64_MAX / T ? T * opts->H : T;
+}
+
+pn_status pn_rmsnorm_forward_ex(void *out, void *rstd, const void *inp, const void *weight,
+                                int64_t B, int64_t T, int64_t C, double eps,
+                                pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                const pn_norm_options *opts) {
     pn_token_args a = {.out = out, .rstd = rstd, .inp = inp, .weight = weight,
                        .B = B, .T = T, .C = C, .eps = eps, .dtype = dtype, .wdtype = wdtype};
-    pn_status st = pn_check_token(&a, strides, 0, 0, 0);
+    pn_status st = pn_check_token(&a, strides, opts, 0, 0, 0);
     return st ? st : pn_run(forward_kernels, &a);
 }
 
-pn_status pn_add_rmsnorm_forward(void *out, void *h, void *rstd,
-                                 const void *inp, const void *residual, const void *weight,
-                                 int64_t B, int64_t T, int64_t C, double eps,
-                                 pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+pn_status pn_add_rmsnorm_forward_ex(void *out, void *h, void *rstd,
+                                    const void *inp, const void *residual, const void *weight,
+                                    int64_t B, int64_t T, int64_t C, double eps,
+                                    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                    const pn_norm_options *opts) {
     pn_token_args a = {.out = out, .h = h, .rstd = rstd, .inp = inp, .residual = residual,
                        .weight = weight, .B = B, .T = T, .C = C, .eps = eps,
                        .dtype = dtype, .wdtype = wdtype};
-    pn_status st = pn_check_token(&a, strides, PN_CHECK_RESIDUAL, 0, 0);
+    pn_status st = pn_check_token(&a, strides, opts, PN_CHECK_RESIDUAL, 0, 0);
     return st ? st : pn_run(add_forward_kernels, &a);
 }
 
@@ -192,17 +201,54 @@ size_t pn_rmsnorm_backward_scratch_size(int64_t B, int64_t T, int64_t C, pn_dtyp
     return pn_token_scratch_size(B, T, C, dtype, 1);
 }
 
-pn_status pn_rmsnorm_backward(void *dinp, void *dweight, void *scratch, size_t scratch_bytes,
-                              const void *dout, const void *inp, const void *weight, const void *rstd,
-                              int64_t B, int64_t T, int64_t C, int flags,
-                              pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+pn_status pn_rmsnorm_backward_ex(void *dinp, void *dweight, void *scratch, size_t scratch_bytes,
+                                 const void *dout, const void *inp, const void *weight, const void *rstd,
+                                 int64_t B, int64_t T, int64_t C, int flags,
+                                 pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                 const pn_norm_options *opts) {
     pn_token_args a = {.dinp = dinp, .dweight = dweight, .scratch = scratch, .dout = dout,
                        .inp = inp, .weight = weight, .rstd = (void *)rstd, .B = B, .T = T, .C = C,
                        .accumulate = (flags & PN_ACCUMULATE) != 0, .dtype = dtype, .wdtype = wdtype};
     if (flags & ~PN_ACCUMULATE) return PN_ERR_ARG;
-    pn_status st = pn_check_token(&a, strides, PN_CHECK_BACKWARD, scratch_bytes,
-                                  pn_rmsnorm_backward_scratch_size(B, T, C, dtype));
+    pn_status st = pn_check_token(&a, strides, opts, PN_CHECK_BACKWARD, scratch_bytes,
+                                  pn_rmsnorm_backward_scratch_size(B, rows_per_b(T, opts), C, dtype));
     return st ? st : pn_run_backward(backward_kernels, &a, 1);
+}
+
+pn_status pn_rmsnorm_quant_forward(void *q, float *scales, void *h, void *rstd,
+                                   const void *inp, const void *residual, const void *weight,
+                                   int64_t B, int64_t T, int64_t C, double eps,
+                                   pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                   const pn_norm_options *opts, const pn_quant_params *quant) {
+    pn_token_args a = {.q = q, .qscales = scales, .h = residual ? h : NULL, .rstd = rstd, .inp = inp,
+                       .residual = residual, .weight = weight, .B = B, .T = T, .C = C, .eps = eps,
+                       .dtype = dtype, .wdtype = wdtype};
+    pn_status st = pn_check_quant(&a, quant);
+    if (!st) st = pn_check_token(&a, strides, opts, PN_CHECK_QUANT | (residual ? PN_CHECK_RESIDUAL : 0), 0, 0);
+    return st ? st : pn_run(residual ? add_forward_kernels : forward_kernels, &a);
+}
+
+/* The 0.1 functions: the options' defaults. */
+pn_status pn_rmsnorm_forward(void *out, void *rstd, const void *inp, const void *weight,
+                             int64_t B, int64_t T, int64_t C, double eps,
+                             pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+    return pn_rmsnorm_forward_ex(out, rstd, inp, weight, B, T, C, eps, dtype, wdtype, strides, NULL);
+}
+
+pn_status pn_add_rmsnorm_forward(void *out, void *h, void *rstd,
+                                 const void *inp, const void *residual, const void *weight,
+                                 int64_t B, int64_t T, int64_t C, double eps,
+                                 pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+    return pn_add_rmsnorm_forward_ex(out, h, rstd, inp, residual, weight, B, T, C, eps, dtype, wdtype,
+                                     strides, NULL);
+}
+
+pn_status pn_rmsnorm_backward(void *dinp, void *dweight, void *scratch, size_t scratch_bytes,
+                              const void *dout, const void *inp, const void *weight, const void *rstd,
+                              int64_t B, int64_t T, int64_t C, int flags,
+                              pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides) {
+    return pn_rmsnorm_backward_ex(dinp, dweight, scratch, scratch_bytes, dout, inp, weight, rstd,
+                                  B, T, C, flags, dtype, wdtype, strides, NULL);
 }
 
 #endif

@@ -28,8 +28,8 @@ static inline pn_status pn_run_shard(const pn_shard_kernel table[3][2], const pn
 #ifndef PN_KERNEL_BUILD
 /* ---- argument checks -------------------------------------------------------- */
 
-static inline pn_view pn_shard_rows_view(const void *p, const pn_token_args *a, pn_rows s) {
-    pn_view v = {p, a->B, a->T, s, a->C, pn_dtype_size(a->dtype)};
+static inline pn_view pn_shard_rows_view(const void *p, const pn_token_args *a, pn_rowmap m) {
+    pn_view v = {p, a->B, a->T, {m.b, m.t}, a->C, pn_dtype_size(a->dtype)};
     return v;
 }
 static inline pn_view pn_shard_flat(const void *p, int64_t n, size_t esize) {
@@ -43,7 +43,7 @@ static inline pn_status pn_shard_check_common(pn_token_args *a, const pn_strides
     if (!a->inp) return PN_ERR_NULL;
     if ((st = pn_check_dtypes(a->dtype, a->wdtype))) return st;
     if ((st = pn_check_sizes(a->B, a->T, a->C, a->dtype))) return st;
-    a->s = pn_resolve_all(strides, a->T, a->C);
+    a->s = pn_resolve_all(strides, NULL, a->T, 1, a->C);
     return PN_OK;
 }
 

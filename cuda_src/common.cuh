@@ -433,7 +433,42 @@ struct TokArgs {
     int64_t P, chunk;          /* backward: partitions, rows per partition */
     double eps;
     int vec, w_f32, accumulate;
+    double woff;               /* pn_norm_options.weight_offset: w' = woff + w (0: w as it is) */
+    int llama;                 /* PN_ROUND_LLAMA: xhat rounded to the dtype before w' */
 };
+
+/* ------------------------------------------------------------------------ */
+/* The epilogue of a token norm's forward (c_src/epilogue.h): the weight     */
+/* with the offset added in the compute type, and the llama rounding of xhat. */
+
+/* A chunk of the weight as float, the offset added (a.w == NULL: ones). */
+template <class D>
+__device__ __forceinline__ void load_weight_chunk(float (&o)[Vw<D>::V], const TokArgs &a, int c0, int C, bool vec)
+{
+    load_param_chunk<D>(o, a.w, a.w_f32 != 0, 1.0f, c0, C, vec);
+    if (a.woff != 0.0 && a.w != nullptr) {   /* never for offset 0: -0 + 0 would turn a -0 weight into +0 */
+        const float off = (float)a.woff;
+#pragma unroll
+        for (int i = 0; i < Vw<D>::V; ++i) o[i] = off + o[i];
+    }
+}
+
+/* Weight c in the compute type A, the offset added. */
+template <class D, class A>
+__device__ __forceinline__ A weight_at(const TokArgs &a, int64_t c)
+{
+    const A w = param_at<D>(a.w, a.w_f32 != 0, (A)1, c);
+    return (a.woff != 0.0 && a.w != nullptr) ? (A)a.woff + w : w;
+}
+
+/* xhat as the rounding mode wants it: rounded to the 2-byte dtype D for
+ * llama; as it is otherwise (and for float32/float64 data). */
+template <class D, class A>
+__device__ __forceinline__ A xhat_as(A v, bool llama)
+{
+    if constexpr (sizeof(typename D::raw) == 2) return llama ? (A)D::to(D::from((float)v)) : v;
+    else return v;
+}
 
 /* Final fixed-order reduction of partial sums: out[c] = (old out[c]) +
  * sum_p part[k][p][c] for k = blockIdx.y (0: dweight, 1: dbias). Block (32, 8):
@@ -669,6 +704,22 @@ inline pn_status check_dtypes(pn_dtype dtype, pn_dtype wdtype)
     return PN_OK;
 }
 
+/* The options of a *_ex call (NULL: defaults), as the C library checks them.
+ * Per-head layouts (H > 1) are the C library's only, for now: PN_ERR_ARG. */
+inline pn_status check_options(const pn_norm_options *o, const void *weight, double *woff, int *llama)
+{
+    *woff = 0.0;
+    *llama = 0;
+    if (o == nullptr) return PN_OK;
+    if (!isfinite(o->weight_offset) || o->rounding < PN_ROUND_ONCE || o->rounding > PN_ROUND_LLAMA) return PN_ERR_ARG;
+    if (o->weight_offset != 0.0 && weight == nullptr) return PN_ERR_ARG;
+    if (o->H < 0) return PN_ERR_SIZE;
+    if (o->H > 1) return PN_ERR_ARG;
+    *woff = o->weight_offset;
+    *llama = o->rounding == PN_ROUND_LLAMA;
+    return PN_OK;
+}
+
 inline pn_status check_eps(double eps) { return (eps >= 0.0 && eps <= DBL_MAX) ? PN_OK : PN_ERR_EPS; }
 
 /* One buffer a call touches, with its byte range [lo, hi). */
@@ -710,9 +761,11 @@ inline bool rows_disjoint(int64_t B, int64_t T, int64_t sb, int64_t st, int64_t 
  * *vec. Returns PN_ERR_ARG (misaligned), PN_ERR_SIZE (a stride overflows),
  * PN_ERR_STRIDE (output rows overlap) or PN_ERR_ALIAS. */
 inline pn_status prepare(int64_t B, int64_t T, int64_t C, int esize,
-                         RowBuf *rb, int nrb, Span *sp, int nsp, int64_t *T_eff, bool *vec)
+                         RowBuf *rb, int nrb, Span *sp, int nsp, int64_t *T_eff, bool *vec,
+                         const int *twin = nullptr)
 {
     Span spans[16];
+    int from[16];    /* the row buffer of each span (-1: a dense buffer) */
     int ns = 0;
     bool v = (C * esize) % 16 == 0;
     bool fold = true;
@@ -736,6 +789,7 @@ inline pn_status prepare(int64_t B, int64_t T, int64_t C, int esize,
         spans[ns].lo = p - below;
         spans[ns].hi = p + (uintptr_t)hi_b;
         spans[ns].out = r.out;
+        from[ns] = i;
         ++ns;
         if (r.out && !rows_disjoint(B, T, sb, st, C)) return PN_ERR_STRIDE;
         if (p % 16 != 0) v = false;
@@ -748,11 +802,20 @@ inline pn_status prepare(int64_t B, int64_t T, int64_t C, int esize,
     }
     for (int i = 0; i < nsp; ++i) {
         if (sp[i].lo == 0) continue;                      /* NULL buffer */
+        from[ns] = -1;
         spans[ns++] = sp[i];
     }
+    /* bit j of twin[i]: output row buffer i may be input j itself (in place:
+     * same address, same strides); no twin array: never */
+    auto in_place = [&](int i, int j) {
+        if (twin == nullptr || i < 0 || j < 0) return false;
+        if (!((twin[i] >> j) & 1) && !((twin[j] >> i) & 1)) return false;
+        return rb[i].p == rb[j].p && rb[i].sb == rb[j].sb && rb[i].st == rb[j].st;
+    };
     for (int i = 0; i < ns; ++i)
         for (int j = i + 1; j < ns; ++j)
-            if ((spans[i].out || spans[j].out) && spans[i].lo < spans[j].hi && spans[j].lo < spans[i].hi)
+            if ((spans[i].out || spans[j].out) && spans[i].lo < spans[j].hi && spans[j].lo < spans[i].hi &&
+                !(spans[i].out != spans[j].out && in_place(from[i], from[j])))
                 return PN_ERR_ALIAS;
     if (fold) {
         for (int i = 0; i < nrb; ++i) {

@@ -55,7 +55,7 @@ ln_fwd_reg(const TokArgs a)
     const int tid = WARP ? (int)(threadIdx.x & 31) : (int)threadIdx.x;
     const int64_t rpb = WARP ? (int64_t)(blockDim.x >> 5) : 1;
     const int64_t step = (int64_t)gridDim.x * rpb;
-    const bool vec = a.vec != 0, wf = a.w_f32 != 0;
+    const bool vec = a.vec != 0, wf = a.w_f32 != 0, llama = a.llama != 0;
     const double dC = (double)C;
 
     for (int64_t row = (int64_t)blockIdx.x * rpb + (WARP ? (threadIdx.x >> 5) : 0); row < a.rows; row += step) {
@@ -105,10 +105,10 @@ ln_fwd_reg(const TokArgs a)
             for (int j = 0; j < NV; ++j) {
                 const int c0 = (j * tpr + tid) * V;
                 float wv[V], bv[V], o[V];
-                load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
+                load_weight_chunk<D>(wv, a, c0, C, vec);
                 load_param_chunk<D>(bv, a.b, wf, 0.0f, c0, C, vec);
 #pragma unroll
-                for (int i = 0; i < V; ++i) o[i] = fmadd(((f.get(j * V + i) - sh) - m) * rs, wv[i], bv[i]);
+                for (int i = 0; i < V; ++i) o[i] = fmadd(xhat_as<D>(((f.get(j * V + i) - sh) - m) * rs, llama), wv[i], bv[i]);
                 store_chunk_f<D>(yr, o, c0, C, vec);
             }
             mean_o = (float)((double)sh + sd / dC);
@@ -137,11 +137,11 @@ ln_fwd_reg(const TokArgs a)
             for (int j = 0; j < NV; ++j) {
                 const int c0 = (j * tpr + tid) * V;
                 float wv[V], bv[V], o[V];
-                load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
+                load_weight_chunk<D>(wv, a, c0, C, vec);
                 load_param_chunk<D>(bv, a.b, wf, 0.0f, c0, C, vec);
 #pragma unroll
                 for (int i = 0; i < V; ++i)
-                    o[i] = (float)fmadd((((double)f.get(j * V + i) - x0d) - md) * rsd, (double)wv[i], (double)bv[i]);
+                    o[i] = (float)fmadd(xhat_as<D>((((double)f.get(j * V + i) - x0d) - md) * rsd, llama), (double)wv[i], (double)bv[i]);
                 store_chunk_f<D>(yr, o, c0, C, vec);
             }
             mean_o = (float)(x0d + md);
@@ -167,7 +167,7 @@ ln_fwd_stream(const TokArgs a)
     const int64_t C = a.C;
     const double dC = (double)C;
     const int nt = blockDim.x, tid = threadIdx.x;
-    const bool wf = a.w_f32 != 0;
+    const bool wf = a.w_f32 != 0, llama = a.llama != 0;
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
         const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
         R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
@@ -219,8 +219,8 @@ ln_fwd_stream(const TokArgs a)
         if (fast) {
             const A rs = (A)inv_sqrt(qd / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt) {
-                const A w = param_at<D>(a.w, wf, (A)1, c), b = param_at<D>(a.b, wf, (A)0, c);
-                yr[c] = D::from(fmadd(((D::to(src[c]) - sh) - m) * rs, w, b));
+                const A w = (weight_at<D, A>(a, c)), b = param_at<D>(a.b, wf, (A)0, c);
+                yr[c] = D::from(fmadd(xhat_as<D>(((D::to(src[c]) - sh) - m) * rs, llama), w, b));
             }
             mean_o = (A)mean_d;
             rstd_o = rs;
@@ -238,8 +238,8 @@ ln_fwd_stream(const TokArgs a)
             q2 = block_sum(q2, redd);
             const double rsd = inv_sqrt(q2 / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt) {
-                const double w = param_at<D>(a.w, wf, (A)1, c), b = param_at<D>(a.b, wf, (A)0, c);
-                yr[c] = D::from((A)fmadd((((double)D::to(src[c]) - x0d) - md) * rsd, w, b));
+                const double w = (weight_at<D, A>(a, c)), b = param_at<D>(a.b, wf, (A)0, c);
+                yr[c] = D::from((A)fmadd(xhat_as<D>((((double)D::to(src[c]) - x0d) - md) * rsd, llama), w, b));
             }
             mean_o = (A)(x0d + md);
             rstd_o = (A)rsd;
@@ -270,7 +270,7 @@ ln_bwd_reg(const TokArgs a)
     const int tid = WARP ? (int)(threadIdx.x & 31) : (int)threadIdx.x;
     const int nw = WARP ? (int)(blockDim.x >> 5) : 1;
     const int wid = WARP ? (int)(threadIdx.x >> 5) : 0;
-    const bool vec = a.vec != 0, wf = a.w_f32 != 0, acc = a.accumulate != 0;
+    const bool vec = a.vec != 0, acc = a.accumulate != 0;
     const float fC = (float)C;
     const float *meanp = static_cast<const float *>(a.mean);
     const float *rstdp = static_cast<const float *>(a.rstd);
@@ -293,7 +293,7 @@ ln_bwd_reg(const TokArgs a)
         for (int j = 0; j < NV; ++j) {
             const int c0 = (j * tpr + tid) * V;
             float wv[V];
-            load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
+            load_weight_chunk<D>(wv, a, c0, C, vec);
 #pragma unroll
             for (int i = 0; i < V; ++i) {
                 const int k = j * V + i;
@@ -322,7 +322,7 @@ ln_bwd_reg(const TokArgs a)
                 const int c0 = (j * tpr + tid) * V;
                 float wv[V], o[V];
                 uint32_t old[4];
-                load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
+                load_weight_chunk<D>(wv, a, c0, C, vec);
                 if (acc) load_chunk<D>(old, dxr, c0, C, vec);
 #pragma unroll
                 for (int i = 0; i < V; ++i) {
@@ -384,7 +384,7 @@ ln_bwd_stream(const TokArgs a)
     __shared__ A red[64];
     const int64_t C = a.C;
     const int nt = blockDim.x, tid = threadIdx.x;
-    const bool wf = a.w_f32 != 0, acc = a.accumulate != 0;
+    const bool acc = a.accumulate != 0;
     const A *meanp = static_cast<const A *>(a.mean);
     const A *rstdp = static_cast<const A *>(a.rstd);
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
@@ -395,7 +395,7 @@ ln_bwd_stream(const TokArgs a)
         A s1 = 0, s2 = 0;
         for (int64_t c = tid; c < C; c += nt) {
             const A xh = (D::to(xr[c]) - mu) * rs;
-            const A g = D::to(gr[c]) * param_at<D>(a.w, wf, (A)1, c);
+            const A g = D::to(gr[c]) * (weight_at<D, A>(a, c));
             s1 += g;
             s2 = fmadd(g, xh, s2);
         }
@@ -403,7 +403,7 @@ ln_bwd_stream(const TokArgs a)
         const A c1 = s1 / (A)C, c2 = s2 / (A)C;
         for (int64_t c = tid; c < C; c += nt) {
             const A xh = (D::to(xr[c]) - mu) * rs;
-            const A g = D::to(gr[c]) * param_at<D>(a.w, wf, (A)1, c);
+            const A g = D::to(gr[c]) * (weight_at<D, A>(a, c));
             A d = rs * fmadd(-xh, c2, g - c1);
             if (acc) d = D::to(dxr[c]) + d;
             dxr[c] = D::from(d);
@@ -467,7 +467,7 @@ pn_status ln_forward(void *out, void *h, void *mean, void *rstd,
                      const void *inp, const void *residual, const void *weight, const void *bias,
                      int64_t B, int64_t T, int64_t C, double eps,
                      pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
-                     cudaStream_t stream, bool fused)
+                     cudaStream_t stream, bool fused, const pn_norm_options *opts)
 {
     pn_status st;
     int64_t rows, T_eff;
@@ -475,6 +475,9 @@ pn_status ln_forward(void *out, void *h, void *mean, void *rstd,
     if (out == nullptr || inp == nullptr) return PN_ERR_NULL;
     if (fused && (h == nullptr || residual == nullptr)) return PN_ERR_NULL;
     if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
+    double woff;
+    int llama;
+    if ((st = check_options(opts, weight, &woff, &llama)) != PN_OK) return st;
     const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
     if ((st = check_sizes(B, T, C, es, &rows)) != PN_OK) return st;
     if ((st = check_eps(eps)) != PN_OK) return st;
@@ -492,7 +495,9 @@ pn_status ln_forward(void *out, void *h, void *mean, void *rstd,
     if ((st = dense_span(bias, C, wes, wes, false, &sp[1], &vec_w)) != PN_OK) return st;
     if ((st = dense_span(mean, rows, ss, ss, true, &sp[2], nullptr)) != PN_OK) return st;
     if ((st = dense_span(rstd, rows, ss, ss, true, &sp[3], nullptr)) != PN_OK) return st;
-    if ((st = prepare(B, T, C, es, rb, 4, sp, 4, &T_eff, &vec)) != PN_OK) return st;
+    /* in place: y and h each over x or the residual */
+    static const int twin[4] = {0, 0, 3, 3};
+    if ((st = prepare(B, T, C, es, rb, 4, sp, 4, &T_eff, &vec, twin)) != PN_OK) return st;
 
     TokArgs a = {};
     a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st;
@@ -502,6 +507,7 @@ pn_status ln_forward(void *out, void *h, void *mean, void *rstd,
     a.w = weight; a.b = bias; a.mean = mean; a.rstd = rstd;
     a.rows = rows; a.T = T_eff; a.C = C; a.eps = eps;
     a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
+    a.woff = woff; a.llama = llama;
 
     switch (dtype) {
     case PN_FLOAT32: ln_fwd_dispatch<F32>(a, stream); break;
@@ -526,7 +532,7 @@ pn_status pn_cuda_layernorm_forward(void *out, void *mean, void *rstd,
                                     cudaStream_t stream)
 {
     return ln_forward(out, nullptr, mean, rstd, inp, nullptr, weight, bias, B, T, C, eps,
-                      dtype, wdtype, strides, stream, false);
+                      dtype, wdtype, strides, stream, false, nullptr);
 }
 
 pn_status pn_cuda_add_layernorm_forward(void *out, void *h, void *mean, void *rstd,
@@ -537,7 +543,7 @@ pn_status pn_cuda_add_layernorm_forward(void *out, void *h, void *mean, void *rs
                                         cudaStream_t stream)
 {
     return ln_forward(out, h, mean, rstd, inp, residual, weight, bias, B, T, C, eps,
-                      dtype, wdtype, strides, stream, true);
+                      dtype, wdtype, strides, stream, true, nullptr);
 }
 
 size_t pn_cuda_layernorm_backward_scratch_size(int64_t B, int64_t T, int64_t C, pn_dtype dtype)
@@ -545,19 +551,22 @@ size_t pn_cuda_layernorm_backward_scratch_size(int64_t B, int64_t T, int64_t C, 
     return scratch_bytes_for(B, T, C, dtype, 2);
 }
 
-pn_status pn_cuda_layernorm_backward(void *dinp, void *dweight, void *dbias,
-                                     void *scratch, size_t scratch_bytes,
-                                     const void *dout, const void *inp, const void *weight,
-                                     const void *mean, const void *rstd,
-                                     int64_t B, int64_t T, int64_t C, int flags,
-                                     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
-                                     cudaStream_t stream)
+pn_status pn_cuda_layernorm_backward_ex(void *dinp, void *dweight, void *dbias,
+                                        void *scratch, size_t scratch_bytes,
+                                        const void *dout, const void *inp, const void *weight,
+                                        const void *mean, const void *rstd,
+                                        int64_t B, int64_t T, int64_t C, int flags,
+                                        pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                        const pn_norm_options *opts, cudaStream_t stream)
 {
     pn_status st;
     int64_t rows, T_eff;
     bool vec = true, vec_w = true;
     if (dout == nullptr || inp == nullptr || mean == nullptr || rstd == nullptr) return PN_ERR_NULL;
     if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
+    double woff;
+    int llama;   /* the backward of llama is that of once */
+    if ((st = check_options(opts, weight, &woff, &llama)) != PN_OK) return st;
     const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
     if ((st = check_sizes(B, T, C, es, &rows)) != PN_OK) return st;
     if (flags & ~PN_ACCUMULATE) return PN_ERR_ARG;
@@ -592,6 +601,7 @@ pn_status pn_cuda_layernorm_backward(void *dinp, void *dweight, void *dbias,
     a.rows = rows; a.T = T_eff; a.C = C;
     partition(rows, C, &a.P, &a.chunk);
     a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
+    a.woff = woff;
     a.accumulate = (flags & PN_ACCUMULATE) != 0;
 
     switch (dtype) {
@@ -611,5 +621,40 @@ pn_status pn_cuda_layernorm_backward(void *dinp, void *dweight, void *dbias,
     }
     return launch_status();
 }
+
+/* The *_ex functions (pynorm.h's pn_norm_options; opts NULL: the functions above). */
+pn_status pn_cuda_layernorm_forward_ex(void *out, void *mean, void *rstd,
+                                       const void *inp, const void *weight, const void *bias,
+                                       int64_t B, int64_t T, int64_t C, double eps,
+                                       pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                       const pn_norm_options *opts, cudaStream_t stream)
+{
+    return ln_forward(out, nullptr, mean, rstd, inp, nullptr, weight, bias, B, T, C, eps,
+                      dtype, wdtype, strides, stream, false, opts);
+}
+
+pn_status pn_cuda_add_layernorm_forward_ex(void *out, void *h, void *mean, void *rstd,
+                                           const void *inp, const void *residual,
+                                           const void *weight, const void *bias,
+                                           int64_t B, int64_t T, int64_t C, double eps,
+                                           pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                           const pn_norm_options *opts, cudaStream_t stream)
+{
+    return ln_forward(out, h, mean, rstd, inp, residual, weight, bias, B, T, C, eps,
+                      dtype, wdtype, strides, stream, true, opts);
+}
+
+pn_status pn_cuda_layernorm_backward(void *dinp, void *dweight, void *dbias,
+                                     void *scratch, size_t scratch_bytes,
+                                     const void *dout, const void *inp, const void *weight,
+                                     const void *mean, const void *rstd,
+                                     int64_t B, int64_t T, int64_t C, int flags,
+                                     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                     cudaStream_t stream)
+{
+    return pn_cuda_layernorm_backward_ex(dinp, dweight, dbias, scratch, scratch_bytes, dout, inp, weight,
+                                         mean, rstd, B, T, C, flags, dtype, wdtype, strides, nullptr, stream);
+}
+
 
 } /* extern "C" */

@@ -34,7 +34,7 @@ rms_fwd_reg(const TokArgs a)
     const int tid = WARP ? (int)(threadIdx.x & 31) : (int)threadIdx.x;
     const int64_t rpb = WARP ? (int64_t)(blockDim.x >> 5) : 1;
     const int64_t step = (int64_t)gridDim.x * rpb;
-    const bool vec = a.vec != 0, wf = a.w_f32 != 0;
+    const bool vec = a.vec != 0, llama = a.llama != 0;
     const double dC = (double)C;
 
     for (int64_t row = (int64_t)blockIdx.x * rpb + (WARP ? (threadIdx.x >> 5) : 0); row < a.rows; row += step) {
@@ -71,9 +71,9 @@ rms_fwd_reg(const TokArgs a)
             for (int j = 0; j < NV; ++j) {
                 const int c0 = (j * tpr + tid) * V;
                 float wv[V], o[V];
-                load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
+                load_weight_chunk<D>(wv, a, c0, C, vec);
 #pragma unroll
-                for (int i = 0; i < V; ++i) o[i] = f.get(j * V + i) * rs * wv[i];
+                for (int i = 0; i < V; ++i) o[i] = xhat_as<D>(f.get(j * V + i) * rs, llama) * wv[i];
                 store_chunk_f<D>(yr, o, c0, C, vec);
             }
             rstd_o = rs;
@@ -89,9 +89,9 @@ rms_fwd_reg(const TokArgs a)
             for (int j = 0; j < NV; ++j) {
                 const int c0 = (j * tpr + tid) * V;
                 float wv[V], o[V];
-                load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
+                load_weight_chunk<D>(wv, a, c0, C, vec);
 #pragma unroll
-                for (int i = 0; i < V; ++i) o[i] = (float)((double)f.get(j * V + i) * rsd * (double)wv[i]);
+                for (int i = 0; i < V; ++i) o[i] = (float)(xhat_as<D>((double)f.get(j * V + i) * rsd, llama) * (double)wv[i]);
                 store_chunk_f<D>(yr, o, c0, C, vec);
             }
             rstd_o = (float)rsd;
@@ -113,7 +113,7 @@ rms_fwd_stream(const TokArgs a)
     const int64_t C = a.C;
     const double dC = (double)C;
     const int nt = blockDim.x, tid = threadIdx.x;
-    const bool wf = a.w_f32 != 0;
+    const bool llama = a.llama != 0;
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
         const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
         R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
@@ -145,7 +145,7 @@ rms_fwd_stream(const TokArgs a)
         if (fast) {
             const A rs = (A)inv_sqrt(qd / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt)
-                yr[c] = D::from(D::to(src[c]) * rs * param_at<D>(a.w, wf, (A)1, c));
+                yr[c] = D::from(xhat_as<D>(D::to(src[c]) * rs, llama) * (weight_at<D, A>(a, c)));
             rstd_o = rs;
         } else {
             double q2 = 0.0;
@@ -156,7 +156,7 @@ rms_fwd_stream(const TokArgs a)
             q2 = block_sum(q2, redd);
             const double rsd = inv_sqrt(q2 / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt)
-                yr[c] = D::from((A)((double)D::to(src[c]) * rsd * (double)param_at<D>(a.w, wf, (A)1, c)));
+                yr[c] = D::from((A)(xhat_as<D>((double)D::to(src[c]) * rsd, llama) * (double)(weight_at<D, A>(a, c))));
             rstd_o = (A)rsd;
         }
         if (tid == 0 && a.rstd != nullptr) static_cast<A *>(a.rstd)[row] = rstd_o;
@@ -181,7 +181,7 @@ rms_bwd_reg(const TokArgs a)
     const int tid = WARP ? (int)(threadIdx.x & 31) : (int)threadIdx.x;
     const int nw = WARP ? (int)(blockDim.x >> 5) : 1;
     const int wid = WARP ? (int)(threadIdx.x >> 5) : 0;
-    const bool vec = a.vec != 0, wf = a.w_f32 != 0, acc = a.accumulate != 0;
+    const bool vec = a.vec != 0, acc = a.accumulate != 0;
     const float fC = (float)C;
     const float *rstdp = static_cast<const float *>(a.rstd);
     const int64_t r0 = (int64_t)blockIdx.x * a.chunk;
@@ -203,7 +203,7 @@ rms_bwd_reg(const TokArgs a)
         for (int j = 0; j < NV; ++j) {
             const int c0 = (j * tpr + tid) * V;
             float wv[V];
-            load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
+            load_weight_chunk<D>(wv, a, c0, C, vec);
 #pragma unroll
             for (int i = 0; i < V; ++i) {
                 const int k = j * V + i;
@@ -224,7 +224,7 @@ rms_bwd_reg(const TokArgs a)
                 const int c0 = (j * tpr + tid) * V;
                 float wv[V], o[V];
                 uint32_t old[4];
-                load_param_chunk<D>(wv, a.w, wf, 1.0f, c0, C, vec);
+                load_weight_chunk<D>(wv, a, c0, C, vec);
                 if (acc) load_chunk<D>(old, dxr, c0, C, vec);
 #pragma unroll
                 for (int i = 0; i < V; ++i) {
@@ -275,7 +275,7 @@ rms_bwd_stream(const TokArgs a)
     __shared__ A red[32];
     const int64_t C = a.C;
     const int nt = blockDim.x, tid = threadIdx.x;
-    const bool wf = a.w_f32 != 0, acc = a.accumulate != 0;
+    const bool acc = a.accumulate != 0;
     const A *rstdp = static_cast<const A *>(a.rstd);
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
         const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
@@ -285,13 +285,13 @@ rms_bwd_stream(const TokArgs a)
         A s2 = 0;
         for (int64_t c = tid; c < C; c += nt) {
             const A xh = D::to(xr[c]) * rs;
-            s2 = fmadd(D::to(gr[c]) * param_at<D>(a.w, wf, (A)1, c), xh, s2);
+            s2 = fmadd(D::to(gr[c]) * (weight_at<D, A>(a, c)), xh, s2);
         }
         s2 = block_sum(s2, red);
         const A c2 = s2 / (A)C;
         for (int64_t c = tid; c < C; c += nt) {
             const A xh = D::to(xr[c]) * rs;
-            const A g = D::to(gr[c]) * param_at<D>(a.w, wf, (A)1, c);
+            const A g = D::to(gr[c]) * (weight_at<D, A>(a, c));
             A d = rs * fmadd(-xh, c2, g);
             if (acc) d = D::to(dxr[c]) + d;
             dxr[c] = D::from(d);
@@ -355,7 +355,7 @@ pn_status rms_forward(void *out, void *h, void *rstd,
                       const void *inp, const void *residual, const void *weight,
                       int64_t B, int64_t T, int64_t C, double eps,
                       pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
-                      cudaStream_t stream, bool fused)
+                      cudaStream_t stream, bool fused, const pn_norm_options *opts)
 {
     pn_status st;
     int64_t rows, T_eff;
@@ -363,6 +363,9 @@ pn_status rms_forward(void *out, void *h, void *rstd,
     if (out == nullptr || inp == nullptr) return PN_ERR_NULL;
     if (fused && (h == nullptr || residual == nullptr)) return PN_ERR_NULL;
     if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
+    double woff;
+    int llama;
+    if ((st = check_options(opts, weight, &woff, &llama)) != PN_OK) return st;
     const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
     if ((st = check_sizes(B, T, C, es, &rows)) != PN_OK) return st;
     if ((st = check_eps(eps)) != PN_OK) return st;
@@ -378,7 +381,9 @@ pn_status rms_forward(void *out, void *h, void *rstd,
     Span sp[2];
     if ((st = dense_span(weight, C, wes, wes, false, &sp[0], &vec_w)) != PN_OK) return st;
     if ((st = dense_span(rstd, rows, ss, ss, true, &sp[1], nullptr)) != PN_OK) return st;
-    if ((st = prepare(B, T, C, es, rb, 4, sp, 2, &T_eff, &vec)) != PN_OK) return st;
+    /* in place: y and h each over x or the residual */
+    static const int twin[4] = {0, 0, 3, 3};
+    if ((st = prepare(B, T, C, es, rb, 4, sp, 2, &T_eff, &vec, twin)) != PN_OK) return st;
 
     TokArgs a = {};
     a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st;
@@ -388,6 +393,7 @@ pn_status rms_forward(void *out, void *h, void *rstd,
     a.w = weight; a.rstd = rstd;
     a.rows = rows; a.T = T_eff; a.C = C; a.eps = eps;
     a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
+    a.woff = woff; a.llama = llama;
 
     switch (dtype) {
     case PN_FLOAT32: rms_fwd_dispatch<F32>(a, stream); break;
@@ -411,7 +417,7 @@ pn_status pn_cuda_rmsnorm_forward(void *out, void *rstd,
                                   pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
                                   cudaStream_t stream)
 {
-    return rms_forward(out, nullptr, rstd, inp, nullptr, weight, B, T, C, eps, dtype, wdtype, strides, stream, false);
+    return rms_forward(out, nullptr, rstd, inp, nullptr, weight, B, T, C, eps, dtype, wdtype, strides, stream, false, nullptr);
 }
 
 pn_status pn_cuda_add_rmsnorm_forward(void *out, void *h, void *rstd,
@@ -420,7 +426,7 @@ pn_status pn_cuda_add_rmsnorm_forward(void *out, void *h, void *rstd,
                                       pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
                                       cudaStream_t stream)
 {
-    return rms_forward(out, h, rstd, inp, residual, weight, B, T, C, eps, dtype, wdtype, strides, stream, true);
+    return rms_forward(out, h, rstd, inp, residual, weight, B, T, C, eps, dtype, wdtype, strides, stream, true, nullptr);
 }
 
 size_t pn_cuda_rmsnorm_backward_scratch_size(int64_t B, int64_t T, int64_t C, pn_dtype dtype)
@@ -428,19 +434,22 @@ size_t pn_cuda_rmsnorm_backward_scratch_size(int64_t B, int64_t T, int64_t C, pn
     return scratch_bytes_for(B, T, C, dtype, 1);
 }
 
-pn_status pn_cuda_rmsnorm_backward(void *dinp, void *dweight,
-                                   void *scratch, size_t scratch_bytes,
-                                   const void *dout, const void *inp, const void *weight,
-                                   const void *rstd,
-                                   int64_t B, int64_t T, int64_t C, int flags,
-                                   pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
-                                   cudaStream_t stream)
+pn_status pn_cuda_rmsnorm_backward_ex(void *dinp, void *dweight,
+                                      void *scratch, size_t scratch_bytes,
+                                      const void *dout, const void *inp, const void *weight,
+                                      const void *rstd,
+                                      int64_t B, int64_t T, int64_t C, int flags,
+                                      pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                      const pn_norm_options *opts, cudaStream_t stream)
 {
     pn_status st;
     int64_t rows, T_eff;
     bool vec = true, vec_w = true;
     if (dout == nullptr || inp == nullptr || rstd == nullptr) return PN_ERR_NULL;
     if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
+    double woff;
+    int llama;   /* the backward of llama is that of once */
+    if ((st = check_options(opts, weight, &woff, &llama)) != PN_OK) return st;
     const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
     if ((st = check_sizes(B, T, C, es, &rows)) != PN_OK) return st;
     if (flags & ~PN_ACCUMULATE) return PN_ERR_ARG;
@@ -473,6 +482,7 @@ pn_status pn_cuda_rmsnorm_backward(void *dinp, void *dweight,
     a.rows = rows; a.T = T_eff; a.C = C;
     partition(rows, C, &a.P, &a.chunk);
     a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
+    a.woff = woff;
     a.accumulate = (flags & PN_ACCUMULATE) != 0;
 
     switch (dtype) {
@@ -492,5 +502,36 @@ pn_status pn_cuda_rmsnorm_backward(void *dinp, void *dweight,
     }
     return launch_status();
 }
+
+/* The *_ex functions (pynorm.h's pn_norm_options; opts NULL: the functions above). */
+pn_status pn_cuda_rmsnorm_forward_ex(void *out, void *rstd, const void *inp, const void *weight,
+                                     int64_t B, int64_t T, int64_t C, double eps,
+                                     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                     const pn_norm_options *opts, cudaStream_t stream)
+{
+    return rms_forward(out, nullptr, rstd, inp, nullptr, weight, B, T, C, eps, dtype, wdtype, strides, stream, false, opts);
+}
+
+pn_status pn_cuda_add_rmsnorm_forward_ex(void *out, void *h, void *rstd,
+                                         const void *inp, const void *residual, const void *weight,
+                                         int64_t B, int64_t T, int64_t C, double eps,
+                                         pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                         const pn_norm_options *opts, cudaStream_t stream)
+{
+    return rms_forward(out, h, rstd, inp, residual, weight, B, T, C, eps, dtype, wdtype, strides, stream, true, opts);
+}
+
+pn_status pn_cuda_rmsnorm_backward(void *dinp, void *dweight,
+                                   void *scratch, size_t scratch_bytes,
+                                   const void *dout, const void *inp, const void *weight,
+                                   const void *rstd,
+                                   int64_t B, int64_t T, int64_t C, int flags,
+                                   pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                   cudaStream_t stream)
+{
+    return pn_cuda_rmsnorm_backward_ex(dinp, dweight, scratch, scratch_bytes, dout, inp, weight, rstd,
+                                       B, T, C, flags, dtype, wdtype, strides, nullptr, stream);
+}
+
 
 } /* extern "C" */

@@ -7,8 +7,8 @@ library on this machine against PyTorch.
 """
 from ._arrays import PynormError, bfloat16, check_status as _check_status
 from ._lib import ffi as _ffi, lib as _clib
-from ._token import (add_layer_norm, add_rms_norm, layer_norm, layer_norm_backward,
-                     layer_norm_forward, rms_norm, rms_norm_backward, rms_norm_forward)
+from ._token import (add_layer_norm, add_rms_norm, layer_norm, layer_norm_backward, layer_norm_forward,
+                     layer_norm_quant, rms_norm, rms_norm_backward, rms_norm_forward, rms_norm_quant)
 from ._spatial import (batch_norm, batch_norm_backward, batch_norm_forward, group_norm, group_norm_backward,
                        group_norm_forward, instance_norm)
 
@@ -44,6 +44,7 @@ def copy_bandwidth(nbytes=256 << 20, repeats=5):
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
+           "rms_norm_quant", "layer_norm_quant",
            "group_norm", "instance_norm", "batch_norm", "group_norm_forward", "group_norm_backward",
            "batch_norm_forward", "batch_norm_backward",
            "isa", "set_num_threads", "get_num_threads", "copy_bandwidth", "bfloat16", "PynormError",

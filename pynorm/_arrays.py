@@ -93,6 +93,36 @@ def check_eps(eps, default_for=None):
     return eps
 
 
+ROUNDINGS = ("once", "llama")
+
+
+def check_options(weight_offset, rounding, weight):
+    """weight_offset and rounding of a token norm: (offset as a float, rounding code).
+    A non-zero offset needs a weight (weight=None means no scaling at all)."""
+    if type(weight_offset) is not float:
+        if isinstance(weight_offset, bool) or not isinstance(weight_offset, numbers.Real):
+            raise TypeError(f"weight_offset must be a real number, got {type(weight_offset).__name__}")
+        weight_offset = float(weight_offset)
+    if not math.isfinite(weight_offset):
+        raise ValueError(f"weight_offset must be finite, got {weight_offset}")
+    if weight_offset != 0.0 and weight is None:
+        raise ValueError(f"weight_offset={weight_offset} needs a weight: with weight=None there is no scaling "
+                         "to offset (pass the weight, e.g. zeros for Gemma's 1 + w)")
+    if not isinstance(rounding, str):
+        raise TypeError(f"rounding must be a str, \"once\" or \"llama\", got {type(rounding).__name__}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be \"once\" or \"llama\", got {rounding!r}")
+    return weight_offset, ROUNDINGS.index(rounding)
+
+
+def same_view(a, b):
+    """a and b are the same memory seen the same way (same start, shape, strides
+    and dtype): an output that may be written over that input (in place)."""
+    return (a is b or (a is not None and b is not None and a.shape == b.shape and a.strides == b.strides and
+                       a.dtype == b.dtype and
+                       a.__array_interface__["data"][0] == b.__array_interface__["data"][0]))
+
+
 def check_param(p, name, x):
     """weight/bias: None, or a 1-D array of C elements in x's dtype or float32.
     Returns (array or None, its pn_dtype) - dense, as the C API wants it."""
@@ -176,6 +206,38 @@ def split_rows(lead, strides_list):
     return None
 
 
+def split_rows3(lead, strides_list):
+    """A split of the leading axes into B x T x H (the third axis: heads) that every
+    buffer can be addressed with, for views no B x T split fits (a 4-D (B, S, H, D)
+    view of a buffer whose B and S axes do not fold into one):
+    (B, T, H, [(sb, st, sh) per buffer]) or None."""
+    n = len(lead)
+    for k1 in range(n + 1):
+        for k2 in range(k1, n + 1):
+            triples = []
+            for st in strides_list:
+                fb, ft, fh = _fold(lead[:k1], st[:k1]), _fold(lead[k1:k2], st[k1:k2]), _fold(lead[k2:], st[k2:])
+                if fb is None or ft is None or fh is None:
+                    break
+                triples.append((fb[1], ft[1], fh[1]))
+            else:
+                return math.prod(lead[:k1]), math.prod(lead[k1:k2]), math.prod(lead[k2:]), triples
+    return None
+
+
+def rows_disjoint3(counts, strides, C):
+    """The C library's test that rows of C elements along up to three axes
+    (counts, element strides) do not overlap: by increasing |stride|, each
+    stride clears the run of rows along the smaller ones."""
+    axes = sorted((abs(s), n) for n, s in zip(counts, strides) if n > 1)
+    run = C
+    for s, n in axes:
+        if s < run:
+            return False
+        run += (n - 1) * s
+    return True
+
+
 def rows_disjoint(B, T, sb, st, C):
     """The C library's test that B x T rows of C elements at element offsets
     b*sb + t*st do not overlap (what it requires of an output's rows)."""
@@ -222,7 +284,7 @@ def _replace(i, buffers, arrays, strides, back):
     strides[i] = _elem_strides(new)
 
 
-def row_layout(lead, buffers, others=()):
+def row_layout(lead, buffers, others=(), heads=False):
     """Lays B x T x C rows over buffers sharing the leading shape `lead`.
 
     buffers: list of (pn_strides field, argument name, array, role): IN (read;
@@ -232,17 +294,30 @@ def row_layout(lead, buffers, others=()):
     rows have no B x T split in common with the other buffers, or its extent
     meets another buffer's, which the library refuses as an alias) is replaced
     by a dense temporary: write_back() copies it into the output after the call.
-    others: (name, array or None) of every array the call reads, for that test.
+    An output that is the same view as an input (in place, same_view) is
+    written where it is, as long as that input is. others: (name, array or
+    None) of every array the call reads, for that test.
 
-    Returns (B, T, pn_strides* or NULL, arrays to pass, [(output, temporary)])."""
+    heads=True (the *_ex calls): where no B x T split fits every buffer, a
+    B x T x H split (pn_norm_options.H and head strides) is tried before any
+    copy. Returns (B, T, pn_strides* or NULL, arrays to pass, [(output,
+    temporary)]), plus (H, {field: head stride}) with heads=True."""
     arrays = [b[2] for b in buffers]
     for a in arrays:
         if not a.flags.c_contiguous:
             break
     else:                                                   # the common case, no struct
-        return 1, math.prod(lead), ffi.NULL, arrays, ()
+        done = (1, math.prod(lead), ffi.NULL, arrays, ())
+        return done + (1, {}) if heads else done
     back = []
     strides = [_elem_strides(a) for a in arrays]
+    # in place: output i is written over input twin[i], where both stay
+    twin = {}
+    for i, b in enumerate(buffers):
+        if b[3] == OUT:
+            for j, c in enumerate(buffers):
+                if c[3] == IN and same_view(b[2], c[2]):
+                    twin[i] = j
 
     # rows the kernels cannot address at all (a strided last axis) are copied; an
     # output is also written through a temporary when its extent meets another
@@ -251,37 +326,56 @@ def row_layout(lead, buffers, others=()):
         if b[3] == IN and strides[i] is None:
             _replace(i, buffers, arrays, strides, back)
     for i, b in enumerate(buffers):
+        if i in twin and arrays[twin[i]] is buffers[twin[i]][2] and strides[i] is not None:
+            continue                                        # in place: x itself is read there
         if (b[3] == OUT or b[3] == INOUT) and (
                 strides[i] is None or
                 any(j != i and np.may_share_memory(arrays[i], a) for j, a in enumerate(arrays)) or
                 any(a is not None and np.may_share_memory(arrays[i], a) for _, a in others)):
             _replace(i, buffers, arrays, strides, back)
-    # a B x T split common to every buffer; failing one, the strided inputs are
-    # copied, then the strided outputs written through temporaries (dense arrays fit any split)
-    split = split_rows(lead, strides)
+    # a B x T split common to every buffer (B x T x H with heads); failing one, the
+    # strided inputs are copied, then the strided outputs written through temporaries
+    # (dense arrays fit any split)
+    def find():
+        two = split_rows(lead, strides)
+        if two is not None:
+            return two[0], two[1], 1, [(sb, st, 0) for sb, st in two[2]]
+        return split_rows3(lead, strides) if heads else None
+    split = find()
     for copy_inputs in (True, False):
         if split is not None:
             break
         for i, b in enumerate(buffers):
             if (b[3] == IN) == copy_inputs and not arrays[i].flags.c_contiguous:
                 _replace(i, buffers, arrays, strides, back)
-        split = split_rows(lead, strides)
-    B, T, pairs = split
+        split = find()
+    B, T, H, triples = split
     C = arrays[0].shape[-1]
     s = ffi.new("pn_strides *")
-    for i, (sb, st) in enumerate(pairs):
+    head = {}
+    for i, (sb, st, sh) in enumerate(triples):
         if arrays[i].flags.c_contiguous:
             continue                                        # {0, 0}: dense, whatever the split
         field, role = buffers[i][0], buffers[i][3]
-        if (role == OUT or role == INOUT) and not rows_disjoint(B, T, sb, st, C):
+        if (role == OUT or role == INOUT) and not rows_disjoint3((B, T, H), (sb, st, sh), C):
             _replace(i, buffers, arrays, strides, back)    # rows the library would refuse to write
             continue
-        pair = repeated_row(sb, st, B, T)
-        if pair is None:           # one row for every (b, t) of a B x T split: min(B, T) dense copies of it
-            arrays[i], pair = repeat_row(arrays[i], B, T)
+        if H > 1:
+            if (sb, st) == (0, 0):                          # {0, 0} would read as dense
+                if B > 1 and T > 1:                         # one row for every (b, t): a dense copy
+                    _replace(i, buffers, arrays, strides, back)
+                    continue
+                sb, st = (1, 0) if B == 1 else (0, 1)
+            head[field] = sh
+            pair = (sb, st)
+        else:
+            pair = repeated_row(sb, st, B, T)
+            if pair is None:       # one row for every (b, t) of a B x T split: min(B, T) dense copies of it
+                arrays[i], pair = repeat_row(arrays[i], B, T)
         row = getattr(s, field)
         row.b, row.t = pair
-    return B, T, s, arrays, back
+    done = (B, T, s, arrays, back)
+    return done + (H, head) if heads else done
 
 
 def repeat_row(a, B, T):
@@ -346,10 +440,12 @@ def internal_overlap(a):
     return a.size > 1 and any(s == 0 and n > 1 for n, s in zip(a.shape, a.strides))
 
 
-def check_out(out, name, shape, dtype, inputs):
+def check_out(out, name, shape, dtype, inputs, inplace_ok=()):
     """An out= array: right shape and dtype, writable, no element written twice
-    and no memory shared with any input. Any strides: where the kernels cannot
-    write them, the call writes through a temporary (row_layout, dense_target)."""
+    and no memory shared with any input, except that it may be the very view of
+    an input named in inplace_ok (same memory, same strides: in place). Any
+    strides: where the kernels cannot write them, the call writes through a
+    temporary (row_layout, dense_target)."""
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != tuple(shape):
@@ -363,6 +459,11 @@ def check_out(out, name, shape, dtype, inputs):
                          "its elements overlap")
     for arg, a in inputs:
         if a is not None and np.may_share_memory(out, a) and shares_memory(out, a):
+            if arg in inplace_ok and same_view(out, a):
+                continue
+            if arg in inplace_ok:
+                raise ValueError(f"{name} overlaps {arg} without being the same view of it: in place, "
+                                 f"{name} must be {arg} itself (same memory, same strides)")
             raise ValueError(f"{name} overlaps {arg}: outputs must not share memory with inputs")
     return out
 

@@ -24,8 +24,8 @@ import threading
 import ml_dtypes
 import numpy as np
 
-from ._arrays import (IN, INOUT, NEW, OUT, check_eps, gradient_outs, param_dtype, repeated_row, rows_disjoint,
-                      shares_memory, split_rows)
+from ._arrays import (IN, INOUT, NEW, OUT, check_eps, check_options, gradient_outs, param_dtype, repeated_row,
+                      rows_disjoint, shares_memory, split_rows)
 
 __all__ = ["is_cuda_array", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
@@ -54,6 +54,8 @@ typedef struct { int64_t b; int64_t t; } pn_rows;
 typedef struct { pn_rows inp; pn_rows out; pn_rows residual; pn_rows h; pn_rows dout; pn_rows dinp; } pn_strides;
 typedef void *cudaStream_t;
 #define PN_CUDA_ERR_LAUNCH 100
+typedef struct { int64_t inp, out, residual, h, dout, dinp; } pn_head_strides;
+typedef struct { double weight_offset; int rounding; int64_t H; pn_head_strides head; } pn_norm_options;
 
 const char *pn_cuda_version(void);
 const char *pn_cuda_status_string(int status);
@@ -90,6 +92,32 @@ pn_status pn_cuda_rmsnorm_backward(void *dinp, void *dweight,
     const void *dout, const void *inp, const void *weight, const void *rstd,
     int64_t B, int64_t T, int64_t C, int flags,
     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, cudaStream_t stream);
+pn_status pn_cuda_layernorm_forward_ex(void *out, void *mean, void *rstd,
+    const void *inp, const void *weight, const void *bias,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, const pn_norm_options *opts, cudaStream_t stream);
+pn_status pn_cuda_add_layernorm_forward_ex(void *out, void *h, void *mean, void *rstd,
+    const void *inp, const void *residual, const void *weight, const void *bias,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, const pn_norm_options *opts, cudaStream_t stream);
+pn_status pn_cuda_layernorm_backward_ex(void *dinp, void *dweight, void *dbias,
+    void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight, const void *mean, const void *rstd,
+    int64_t B, int64_t T, int64_t C, int flags,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, const pn_norm_options *opts, cudaStream_t stream);
+pn_status pn_cuda_rmsnorm_forward_ex(void *out, void *rstd,
+    const void *inp, const void *weight,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, const pn_norm_options *opts, cudaStream_t stream);
+pn_status pn_cuda_add_rmsnorm_forward_ex(void *out, void *h, void *rstd,
+    const void *inp, const void *residual, const void *weight,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, const pn_norm_options *opts, cudaStream_t stream);
+pn_status pn_cuda_rmsnorm_backward_ex(void *dinp, void *dweight,
+    void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight, const void *rstd,
+    int64_t B, int64_t T, int64_t C, int flags,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, const pn_norm_options *opts, cudaStream_t stream);
 typedef enum { PN_NCHW = 0, PN_NHWC = 1 } pn_layout;
 #define PN_BN_TRAINING 2
 #define PN_BN_CUMULATIVE 4
@@ -409,9 +437,16 @@ def _elem_strides(d):
     return [s // item for s in d.strides[:-1]]
 
 
-def _check_out(o, name, shape, dtype, inputs, x, call):
+def _same_view(a, b):
+    """a and b are the same device memory seen the same way (in place)."""
+    return (a is not None and b is not None and a.ptr == b.ptr and a.shape == b.shape and
+            a.strides == b.strides and a.dtype == b.dtype)
+
+
+def _check_out(o, name, shape, dtype, inputs, x, call, inplace_ok=()):
     """An out= array: right shape, dtype and device, writable, no element written
-    twice and no memory shared with an input. Any strides: where the kernels
+    twice and no memory shared with an input, except that it may be the very view
+    of an input named in inplace_ok (in place). Any strides: where the kernels
     cannot write them, the call writes through a temporary (_row_layout, _dense_target)."""
     d = _dev(o, name, call)
     if d.shape != tuple(shape):
@@ -426,6 +461,11 @@ def _check_out(o, name, shape, dtype, inputs, x, call):
                          "its elements overlap")
     for arg, a in inputs:
         if a is not None and _shares(d, a):
+            if arg in inplace_ok and _same_view(d, a):
+                continue
+            if arg in inplace_ok:
+                raise ValueError(f"{name} overlaps {arg} without being the same view of it: in place, "
+                                 f"{name} must be {arg} itself (same memory, same strides)")
             raise ValueError(f"{name} overlaps {arg}: outputs must not share memory with inputs")
     return d
 
@@ -516,7 +556,13 @@ def _row_layout(lead, buffers, others, ffi, cp):
     for i, b in enumerate(buffers):
         if b[3] == IN and strides[i] is None:
             replace(i)
+    # in place: an output that is the same view as an input stays where it is while
+    # that input does (the library allows exactly that pair)
+    twin = {i: j for i, b in enumerate(buffers) if b[3] == OUT
+            for j, c in enumerate(buffers) if c[3] == IN and _same_view(b[2], c[2])}
     for i, b in enumerate(buffers):
+        if i in twin and devs[twin[i]] is buffers[twin[i]][2] and strides[i] is not None:
+            continue
         if (b[3] == OUT or b[3] == INOUT) and (
                 strides[i] is None or
                 any(j != i and _overlap(devs[i], d) for j, d in enumerate(devs)) or
@@ -620,7 +666,13 @@ def _result(d):
     return d.obj
 
 
-def _forward(op, x, residual, weight, bias, eps, out, want_stats):
+def _options(ffi, weight_offset, rounding):
+    o = ffi.new("pn_norm_options *")
+    o.weight_offset, o.rounding = weight_offset, rounding
+    return o
+
+
+def _forward(op, x, residual, weight, bias, eps, out, want_stats, weight_offset=0.0, rounding="once"):
     fused = residual is not None
     with _Call(x) as call:
         ffi, lib, cp, x = call.ffi, call.lib, call.cp, call.x
@@ -630,6 +682,7 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats):
         bias = _check_param(bias, "bias", x, call)
         wdtype = param_dtype(weight, bias)
         eps = _check_eps(eps, x.dtype)
+        opts = _options(ffi, *check_options(weight_offset, rounding, weight))
         lead, C = x.shape[:-1], x.shape[-1]
         inputs = (("x", x), ("residual", residual), ("weight", weight), ("bias", bias))
         if fused:
@@ -640,10 +693,11 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats):
             y_out, h_out = out
         else:
             y_out, h_out = out, None
+        inplace = ("x", "residual")      # y and h each over x or the residual, as the same views
         if y_out is not None:
-            y_out = _check_out(y_out, "out", x.shape, x.dtype, inputs, x, call)
+            y_out = _check_out(y_out, "out", x.shape, x.dtype, inputs, x, call, inplace)
         if h_out is not None:
-            h_out = _check_out(h_out, "h out", x.shape, x.dtype, inputs, x, call)
+            h_out = _check_out(h_out, "h out", x.shape, x.dtype, inputs, x, call, inplace)
             _check_distinct([("out", y_out), ("h out", h_out)])
         y = y_out if y_out is not None else _wrap_new(_empty(x.shape, x.dtype, cp))
         h = (h_out if h_out is not None else _wrap_new(_empty(x.shape, x.dtype, cp))) if fused else None
@@ -660,34 +714,35 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats):
             xp, yp, s = _p(ffi, devs[0]), _p(ffi, devs[1]), call.stream_ptr()
             if op == "layer":
                 if fused:
-                    status = lib.pn_cuda_add_layernorm_forward(
+                    status = lib.pn_cuda_add_layernorm_forward_ex(
                         yp, _p(ffi, devs[3]), _p(ffi, mean), _p(ffi, rstd), xp, _p(ffi, devs[2]),
-                        _p(ffi, weight), _p(ffi, bias), B, T, C, eps, dt, wdt, strides, s)
+                        _p(ffi, weight), _p(ffi, bias), B, T, C, eps, dt, wdt, strides, opts, s)
                 else:
-                    status = lib.pn_cuda_layernorm_forward(
+                    status = lib.pn_cuda_layernorm_forward_ex(
                         yp, _p(ffi, mean), _p(ffi, rstd), xp, _p(ffi, weight), _p(ffi, bias),
-                        B, T, C, eps, dt, wdt, strides, s)
+                        B, T, C, eps, dt, wdt, strides, opts, s)
             else:
                 if fused:
-                    status = lib.pn_cuda_add_rmsnorm_forward(
+                    status = lib.pn_cuda_add_rmsnorm_forward_ex(
                         yp, _p(ffi, devs[3]), _p(ffi, rstd), xp, _p(ffi, devs[2]), _p(ffi, weight),
-                        B, T, C, eps, dt, wdt, strides, s)
+                        B, T, C, eps, dt, wdt, strides, opts, s)
                 else:
-                    status = lib.pn_cuda_rmsnorm_forward(
-                        yp, _p(ffi, rstd), xp, _p(ffi, weight), B, T, C, eps, dt, wdt, strides, s)
+                    status = lib.pn_cuda_rmsnorm_forward_ex(
+                        yp, _p(ffi, rstd), xp, _p(ffi, weight), B, T, C, eps, dt, wdt, strides, opts, s)
             _check_status(ffi, lib, status, f"{'add_' if fused else ''}{op}_norm")
             _write_back(back, cp)
         return (_result(y), _result(h) if h is not None else None,
                 _result(mean) if mean is not None else None, _result(rstd) if rstd is not None else None)
 
 
-def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
+def _backward(op, dy, x, mean, rstd, weight, out, accumulate, weight_offset=0.0, rounding="once"):
     with _Call(x) as call:
         ffi, lib, cp, x = call.ffi, call.lib, call.cp, call.x
         dy = _check_same(dy, "dy", x, call)
         mean = _check_stats(mean, "mean", x, call) if op == "layer" else None
         rstd = _check_stats(rstd, "rstd", x, call)
         weight = _check_param(weight, "weight", x, call)
+        opts = _options(ffi, *check_options(weight_offset, rounding, weight))
         wdtype = weight.dtype if weight is not None else _F32
         lead, C = x.shape[:-1], x.shape[-1]
         names = ("dx", "dweight", "dbias") if op == "layer" else ("dx", "dweight")
@@ -728,15 +783,15 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
             scratch = cp.empty(max(int(nbytes), 16), dtype=cp.uint8)
             sp, s = ffi.cast("void *", scratch.data.ptr), call.stream_ptr()
             if op == "layer":
-                status = lib.pn_cuda_layernorm_backward(
+                status = lib.pn_cuda_layernorm_backward_ex(
                     _p(ffi, targets[0]), _p(ffi, targets[1]), _p(ffi, targets[2]), sp, scratch.nbytes,
                     _p(ffi, devs[0]), _p(ffi, devs[1]), _p(ffi, weight), _p(ffi, mean), _p(ffi, rstd),
-                    B, T, C, flags, dt, wdt, strides, s)
+                    B, T, C, flags, dt, wdt, strides, opts, s)
             else:
-                status = lib.pn_cuda_rmsnorm_backward(
+                status = lib.pn_cuda_rmsnorm_backward_ex(
                     _p(ffi, targets[0]), _p(ffi, targets[1]), sp, scratch.nbytes,
                     _p(ffi, devs[0]), _p(ffi, devs[1]), _p(ffi, weight), _p(ffi, rstd),
-                    B, T, C, flags, dt, wdt, strides, s)
+                    B, T, C, flags, dt, wdt, strides, opts, s)
             _check_status(ffi, lib, status, f"{op}_norm_backward")
             _write_back(back, cp)
         res = tuple(_result(g) for g in grads)
@@ -745,50 +800,53 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
 
 # ---- the public functions (same signatures as pynorm's) ----------------------------------
 
-def layer_norm(x, weight=None, bias=None, eps=1e-5, *, out=None):
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, weight_offset=0.0, rounding="once", out=None):
     """LayerNorm over the last axis of a CUDA array."""
-    return _forward("layer", x, None, weight, bias, eps, out, False)[0]
+    return _forward("layer", x, None, weight, bias, eps, out, False, weight_offset, rounding)[0]
 
 
-def rms_norm(x, weight=None, eps=None, *, out=None):
+def rms_norm(x, weight=None, eps=None, *, weight_offset=0.0, rounding="once", out=None):
     """RMSNorm over the last axis of a CUDA array."""
-    return _forward("rms", x, None, weight, None, eps, out, False)[0]
+    return _forward("rms", x, None, weight, None, eps, out, False, weight_offset, rounding)[0]
 
 
-def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, *, out=None):
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, *, weight_offset=0.0, rounding="once",
+                   out=None):
     """h = x + residual, y = layer_norm(h): returns (y, h)."""
     if residual is None:
         raise TypeError("residual must be a CUDA array like x, got None")
-    y, h, _, _ = _forward("layer", x, residual, weight, bias, eps, out, False)
+    y, h, _, _ = _forward("layer", x, residual, weight, bias, eps, out, False, weight_offset, rounding)
     return y, h
 
 
-def add_rms_norm(x, residual, weight=None, eps=None, *, out=None):
+def add_rms_norm(x, residual, weight=None, eps=None, *, weight_offset=0.0, rounding="once", out=None):
     """h = x + residual, y = rms_norm(h): returns (y, h)."""
     if residual is None:
         raise TypeError("residual must be a CUDA array like x, got None")
-    y, h, _, _ = _forward("rms", x, residual, weight, None, eps, out, False)
+    y, h, _, _ = _forward("rms", x, residual, weight, None, eps, out, False, weight_offset, rounding)
     return y, h
 
 
-def layer_norm_forward(x, weight=None, bias=None, eps=1e-5):
+def layer_norm_forward(x, weight=None, bias=None, eps=1e-5, *, weight_offset=0.0, rounding="once"):
     """Returns (y, mean, rstd)."""
-    y, _, mean, rstd = _forward("layer", x, None, weight, bias, eps, None, True)
+    y, _, mean, rstd = _forward("layer", x, None, weight, bias, eps, None, True, weight_offset, rounding)
     return y, mean, rstd
 
 
-def layer_norm_backward(dy, x, mean, rstd, weight=None, *, out=None, accumulate=False):
+def layer_norm_backward(dy, x, mean, rstd, weight=None, *, weight_offset=0.0, rounding="once", out=None,
+                        accumulate=False):
     """Returns (dx, dweight, dbias)."""
-    return _backward("layer", dy, x, mean, rstd, weight, out, accumulate)
+    return _backward("layer", dy, x, mean, rstd, weight, out, accumulate, weight_offset, rounding)
 
 
-def rms_norm_forward(x, weight=None, eps=None):
+def rms_norm_forward(x, weight=None, eps=None, *, weight_offset=0.0, rounding="once"):
     """Returns (y, rstd)."""
-    y, _, _, rstd = _forward("rms", x, None, weight, None, eps, None, True)
+    y, _, _, rstd = _forward("rms", x, None, weight, None, eps, None, True, weight_offset, rounding)
     return y, rstd
 
 
-def rms_norm_backward(dy, x, rstd, weight=None, *, out=None, accumulate=False):
+def rms_norm_backward(dy, x, rstd, weight=None, *, weight_offset=0.0, rounding="once", out=None,
+                      accumulate=False):
     """Returns (dx, dweight)."""
-    dx, dweight, _ = _backward("rms", dy, x, None, rstd, weight, out, accumulate)
+    dx, dweight, _ = _backward("rms", dy, x, None, rstd, weight, out, accumulate, weight_offset, rounding)
     return dx, dweight

@@ -4,12 +4,15 @@ NumPy arrays go to the C library; CUDA arrays (CuPy, or anything with
 __cuda_array_interface__) go to the CUDA library through pynorm._cuda.
 """
 
+import math
+
+import ml_dtypes
 import numpy as np
 
 from . import _cuda
 from ._arrays import (CACHED_ALLOC_MIN, IN, INOUT, NEW, OUT, check_distinct_outputs, check_eps, check_input,
-                      check_out, check_param, check_status, dense_target, empty, gradient_outs, param_dtype,
-                      PN_DTYPE, ptr, row_layout, stats_dtype, write_back)
+                      check_options, check_out, check_param, check_status, dense_target, empty, gradient_outs,
+                      param_dtype, PN_DTYPE, ptr, row_layout, stats_dtype, write_back)
 from ._lib import ffi, lib
 
 _F32 = np.dtype(np.float32)
@@ -39,7 +42,8 @@ _FAST_DTYPE = {dt: (code, check_eps(None, dt), stats_dtype(dt)) for dt, code in 
 
 def _fast_forward(op, x, weight, bias, eps, out, want_stats):
     """The forward of _forward for the common call (x an ndarray, no residual):
-    (y, mean, rstd), or None where _forward must take the call."""
+    (y, mean, rstd), or None where _forward must take the call. The default options
+    only (weight_offset 0, rounding "once"); out may be x itself (in place)."""
     xdt = x.dtype
     facts = _FAST_DTYPE.get(xdt)
     shape = x.shape
@@ -88,7 +92,7 @@ def _fast_forward(op, x, weight, bias, eps, out, want_stats):
             if type(out) is not _NDARRAY or out.shape != shape or (out.dtype is not xdt and out.dtype != xdt):
                 return None
             yp = _FROM_BUFFER(out, require_writable=True)
-            if (_MAY_SHARE(out, x) or (weight is not None and _MAY_SHARE(out, weight)) or
+            if ((out is not x and _MAY_SHARE(out, x)) or (weight is not None and _MAY_SHARE(out, weight)) or
                     (bias is not None and _MAY_SHARE(out, bias))):
                 return None
             y = out
@@ -120,7 +124,18 @@ def _check_same(a, name, x):
     return a
 
 
-def _forward(op, x, residual, weight, bias, eps, out, want_stats):
+def _options(weight_offset, rounding, H=1, head=None):
+    """A pn_norm_options for the *_ex functions."""
+    o = ffi.new("pn_norm_options *")
+    o.weight_offset = weight_offset
+    o.rounding = rounding
+    o.H = H
+    for field, stride in (head or {}).items():
+        setattr(o.head, field, stride)
+    return o
+
+
+def _forward(op, x, residual, weight, bias, eps, out, want_stats, weight_offset=0.0, rounding="once"):
     """Every forward: op is "layer" or "rms"; residual given for the fused ops.
     Returns (y, h, mean, rstd) with None for what was not asked."""
     fused = residual is not None
@@ -131,6 +146,7 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats):
     bias = check_param(bias, "bias", x)
     wdtype = param_dtype(weight, bias)
     eps = check_eps(eps, x.dtype)
+    offset, rmode = check_options(weight_offset, rounding, weight)
     lead, C = x.shape[:-1], x.shape[-1]
     inputs = (("x", x), ("residual", residual), ("weight", weight), ("bias", bias))
 
@@ -142,10 +158,12 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats):
         y_out, h_out = out
     else:
         y_out, h_out = out, None
+    # in place: y over x (or the residual), h over the residual (or x), as the same views
+    inplace = ("x", "residual")
     if y_out is not None:
-        check_out(y_out, "out", x.shape, x.dtype, inputs)
+        check_out(y_out, "out", x.shape, x.dtype, inputs, inplace)
     if h_out is not None:
-        check_out(h_out, "h out", x.shape, x.dtype, inputs)
+        check_out(h_out, "h out", x.shape, x.dtype, inputs, inplace)
         check_distinct_outputs([("out", y_out), ("h out", h_out)])
     y = y_out if y_out is not None else empty(x.shape, x.dtype)
     h = (h_out if h_out is not None else empty(x.shape, x.dtype)) if fused else None
@@ -158,22 +176,23 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats):
     buffers = [("inp", "x", x, IN), ("out", "out", y, NEW if y_out is None else OUT)]
     if fused:
         buffers += [("residual", "residual", residual, IN), ("h", "h out", h, NEW if h_out is None else OUT)]
-    B, T, strides, arrays, back = row_layout(lead, buffers, inputs)
+    B, T, strides, arrays, back, H, head = row_layout(lead, buffers, inputs, heads=True)
+    opts = _options(offset, rmode, H, head)
     dt, wdt = PN_DTYPE[x.dtype], PN_DTYPE[wdtype]
     xp, yp = ptr(arrays[0]), ptr(arrays[1])
     if op == "layer":
         if fused:
-            status = lib.pn_add_layernorm_forward(yp, ptr(arrays[3]), ptr(mean), ptr(rstd), xp, ptr(arrays[2]),
-                                                  ptr(weight), ptr(bias), B, T, C, eps, dt, wdt, strides)
+            status = lib.pn_add_layernorm_forward_ex(yp, ptr(arrays[3]), ptr(mean), ptr(rstd), xp, ptr(arrays[2]),
+                                                     ptr(weight), ptr(bias), B, T, C, eps, dt, wdt, strides, opts)
         else:
-            status = lib.pn_layernorm_forward(yp, ptr(mean), ptr(rstd), xp, ptr(weight), ptr(bias),
-                                              B, T, C, eps, dt, wdt, strides)
+            status = lib.pn_layernorm_forward_ex(yp, ptr(mean), ptr(rstd), xp, ptr(weight), ptr(bias),
+                                                 B, T, C, eps, dt, wdt, strides, opts)
     else:
         if fused:
-            status = lib.pn_add_rmsnorm_forward(yp, ptr(arrays[3]), ptr(rstd), xp, ptr(arrays[2]), ptr(weight),
-                                                B, T, C, eps, dt, wdt, strides)
+            status = lib.pn_add_rmsnorm_forward_ex(yp, ptr(arrays[3]), ptr(rstd), xp, ptr(arrays[2]), ptr(weight),
+                                                   B, T, C, eps, dt, wdt, strides, opts)
         else:
-            status = lib.pn_rmsnorm_forward(yp, ptr(rstd), xp, ptr(weight), B, T, C, eps, dt, wdt, strides)
+            status = lib.pn_rmsnorm_forward_ex(yp, ptr(rstd), xp, ptr(weight), B, T, C, eps, dt, wdt, strides, opts)
     check_status(status, "add_" if fused else "", op, "_norm")
     if back:
         write_back(back)
@@ -191,13 +210,15 @@ def _stats(s, name, x):
     return np.ascontiguousarray(s)
 
 
-def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
-    """Every backward: returns (dx, dweight, dbias) (dbias None for RMSNorm)."""
+def _backward(op, dy, x, mean, rstd, weight, out, accumulate, weight_offset=0.0, rounding="once"):
+    """Every backward: returns (dx, dweight, dbias) (dbias None for RMSNorm).
+    rounding is checked and otherwise ignored: the gradients of "llama" are those of "once"."""
     x = check_input(x, "x")
     dy = _check_same(dy, "dy", x)
     mean = _stats(mean, "mean", x) if op == "layer" else None
     rstd = _stats(rstd, "rstd", x)
     weight = check_param(weight, "weight", x)
+    offset, rmode = check_options(weight_offset, rounding, weight)
     wdtype = weight.dtype if weight is not None else _F32
     lead, C = x.shape[:-1], x.shape[-1]
     names = ("dx", "dweight", "dbias") if op == "layer" else ("dx", "dweight")
@@ -220,9 +241,10 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
 
     dx_role = INOUT if accumulate else (OUT if out[0] is not None else NEW)
     params_given = out[1] is not None or out[-1] is not None
-    B, T, strides, arrays, back = row_layout(
+    B, T, strides, arrays, back, H, head = row_layout(
         lead, [("dout", "dy", dy, IN), ("inp", "x", x, IN), ("dinp", "out (dx)", grads[0], dx_role)],
-        inputs + tuple(zip(names[1:], grads[1:])) if params_given else inputs)
+        inputs + tuple(zip(names[1:], grads[1:])) if params_given else inputs, heads=True)
+    opts = _options(offset, rmode, H, head)
     targets = [arrays[2], *grads[1:]]
     if params_given:        # dweight/dbias given in out=: dense C values apart from every other buffer
         back = list(back)
@@ -233,13 +255,13 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
     flags = lib.PN_ACCUMULATE if accumulate else 0
     dt, wdt = PN_DTYPE[x.dtype], PN_DTYPE[wdtype]
     if op == "layer":
-        status = lib.pn_layernorm_backward(ptr(targets[0]), ptr(targets[1]), ptr(targets[2]), ptr(None), 0,
-                                           ptr(arrays[0]), ptr(arrays[1]), ptr(weight), ptr(mean),
-                                           ptr(rstd), B, T, C, flags, dt, wdt, strides)
+        status = lib.pn_layernorm_backward_ex(ptr(targets[0]), ptr(targets[1]), ptr(targets[2]), ptr(None), 0,
+                                              ptr(arrays[0]), ptr(arrays[1]), ptr(weight), ptr(mean),
+                                              ptr(rstd), B, T, C, flags, dt, wdt, strides, opts)
     else:
-        status = lib.pn_rmsnorm_backward(ptr(targets[0]), ptr(targets[1]), ptr(None), 0,
-                                         ptr(arrays[0]), ptr(arrays[1]), ptr(weight), ptr(rstd),
-                                         B, T, C, flags, dt, wdt, strides)
+        status = lib.pn_rmsnorm_backward_ex(ptr(targets[0]), ptr(targets[1]), ptr(None), 0,
+                                            ptr(arrays[0]), ptr(arrays[1]), ptr(weight), ptr(rstd),
+                                            B, T, C, flags, dt, wdt, strides, opts)
     check_status(status, op, "_norm_backward")
     if back:
         write_back(back)
@@ -247,88 +269,226 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate):
 
 
 # ---- the public functions ---------------------------------------------------------
+# Options of every token norm (docs/inference.md):
+#   weight_offset: y = xhat * (weight_offset + weight) (+ bias), the offset added in float32
+#       (float64 for float64 data), never in a half-precision weight's dtype: Gemma's 1 + w.
+#       A non-zero offset needs a weight. The backward's dx uses (offset + w).
+#   rounding: "once" (float32 throughout, y rounded once) or "llama" (xhat rounded to x's
+#       dtype, then times the weight, rounded again: Hugging Face LlamaRMSNorm). The backward
+#       of "llama" is that of "once".
+#   out: may be x itself (in place); for the fused ops (y_out, h_out), e.g. (x, residual).
+# The default options take _fast_forward; any other value the checked path.
 
-def layer_norm(x, weight=None, bias=None, eps=1e-5, *, out=None):
-    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * weight + bias."""
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, weight_offset=0.0, rounding="once", out=None):
+    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * (weight_offset + weight) + bias."""
     if type(x) is _NDARRAY:
-        r = _fast_forward("layer", x, weight, bias, eps, out, False)
-        if r is not None:
-            return r[0]
+        if weight_offset == 0.0 and rounding == "once":
+            r = _fast_forward("layer", x, weight, bias, eps, out, False)
+            if r is not None:
+                return r[0]
     elif _cuda.is_cuda_array(x):
-        return _cuda.layer_norm(x, weight, bias, eps, out=out)
-    return _forward("layer", x, None, weight, bias, eps, out, False)[0]
+        return _cuda.layer_norm(x, weight, bias, eps, weight_offset=weight_offset, rounding=rounding, out=out)
+    return _forward("layer", x, None, weight, bias, eps, out, False, weight_offset, rounding)[0]
 
 
-def rms_norm(x, weight=None, eps=None, *, out=None):
-    """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * weight.
+def rms_norm(x, weight=None, eps=None, *, weight_offset=0.0, rounding="once", out=None):
+    """RMSNorm over the last axis: x / sqrt(mean(x^2) + eps) * (weight_offset + weight).
     eps=None: the machine epsilon of float32 (of float64 for float64 x)."""
     if type(x) is _NDARRAY:
-        r = _fast_forward("rms", x, weight, None, eps, out, False)
-        if r is not None:
-            return r[0]
+        if weight_offset == 0.0 and rounding == "once":
+            r = _fast_forward("rms", x, weight, None, eps, out, False)
+            if r is not None:
+                return r[0]
     elif _cuda.is_cuda_array(x):
-        return _cuda.rms_norm(x, weight, eps, out=out)
-    return _forward("rms", x, None, weight, None, eps, out, False)[0]
+        return _cuda.rms_norm(x, weight, eps, weight_offset=weight_offset, rounding=rounding, out=out)
+    return _forward("rms", x, None, weight, None, eps, out, False, weight_offset, rounding)[0]
 
 
-def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, *, out=None):
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, *, weight_offset=0.0, rounding="once",
+                   out=None):
     """h = x + residual (in x's dtype), y = layer_norm(h) in one pass: returns (y, h).
-    out: optional (y_out, h_out)."""
+    out: optional (y_out, h_out); out=(x, residual) writes y over x and h over residual."""
     if _cuda.is_cuda_array(x):
-        return _cuda.add_layer_norm(x, residual, weight, bias, eps, out=out)
+        return _cuda.add_layer_norm(x, residual, weight, bias, eps, weight_offset=weight_offset,
+                                    rounding=rounding, out=out)
     if residual is None:
         raise TypeError("residual must be an array, got None")
-    y, h, _, _ = _forward("layer", x, residual, weight, bias, eps, out, False)
+    y, h, _, _ = _forward("layer", x, residual, weight, bias, eps, out, False, weight_offset, rounding)
     return y, h
 
 
-def add_rms_norm(x, residual, weight=None, eps=None, *, out=None):
+def add_rms_norm(x, residual, weight=None, eps=None, *, weight_offset=0.0, rounding="once", out=None):
     """h = x + residual (in x's dtype), y = rms_norm(h) in one pass: returns (y, h).
-    out: optional (y_out, h_out)."""
+    out: optional (y_out, h_out); out=(x, residual) writes y over x and h over residual
+    (vLLM's fused_add_rms_norm)."""
     if _cuda.is_cuda_array(x):
-        return _cuda.add_rms_norm(x, residual, weight, eps, out=out)
+        return _cuda.add_rms_norm(x, residual, weight, eps, weight_offset=weight_offset, rounding=rounding,
+                                  out=out)
     if residual is None:
         raise TypeError("residual must be an array, got None")
-    y, h, _, _ = _forward("rms", x, residual, weight, None, eps, out, False)
+    y, h, _, _ = _forward("rms", x, residual, weight, None, eps, out, False, weight_offset, rounding)
     return y, h
 
 
-def layer_norm_forward(x, weight=None, bias=None, eps=1e-5):
+def layer_norm_forward(x, weight=None, bias=None, eps=1e-5, *, weight_offset=0.0, rounding="once"):
     """LayerNorm saving its statistics for the backward: returns (y, mean, rstd)."""
     if type(x) is _NDARRAY:
-        r = _fast_forward("layer", x, weight, bias, eps, None, True)
-        if r is not None:
-            return r
+        if weight_offset == 0.0 and rounding == "once":
+            r = _fast_forward("layer", x, weight, bias, eps, None, True)
+            if r is not None:
+                return r
     elif _cuda.is_cuda_array(x):
-        return _cuda.layer_norm_forward(x, weight, bias, eps)
-    y, _, mean, rstd = _forward("layer", x, None, weight, bias, eps, None, True)
+        return _cuda.layer_norm_forward(x, weight, bias, eps, weight_offset=weight_offset, rounding=rounding)
+    y, _, mean, rstd = _forward("layer", x, None, weight, bias, eps, None, True, weight_offset, rounding)
     return y, mean, rstd
 
 
-def layer_norm_backward(dy, x, mean, rstd, weight=None, *, out=None, accumulate=False):
+def layer_norm_backward(dy, x, mean, rstd, weight=None, *, weight_offset=0.0, rounding="once", out=None,
+                        accumulate=False):
     """Gradients of layer_norm: returns (dx, dweight, dbias).
     out=(dx, dweight, dbias) writes into given arrays; accumulate=True adds to them."""
     if _cuda.is_cuda_array(x):
-        return _cuda.layer_norm_backward(dy, x, mean, rstd, weight, out=out, accumulate=accumulate)
-    return _backward("layer", dy, x, mean, rstd, weight, out, accumulate)
+        return _cuda.layer_norm_backward(dy, x, mean, rstd, weight, weight_offset=weight_offset,
+                                         rounding=rounding, out=out, accumulate=accumulate)
+    return _backward("layer", dy, x, mean, rstd, weight, out, accumulate, weight_offset, rounding)
 
 
-def rms_norm_forward(x, weight=None, eps=None):
+def rms_norm_forward(x, weight=None, eps=None, *, weight_offset=0.0, rounding="once"):
     """RMSNorm saving its statistics for the backward: returns (y, rstd)."""
     if type(x) is _NDARRAY:
-        r = _fast_forward("rms", x, weight, None, eps, None, True)
-        if r is not None:
-            return r[0], r[2]
+        if weight_offset == 0.0 and rounding == "once":
+            r = _fast_forward("rms", x, weight, None, eps, None, True)
+            if r is not None:
+                return r[0], r[2]
     elif _cuda.is_cuda_array(x):
-        return _cuda.rms_norm_forward(x, weight, eps)
-    y, _, _, rstd = _forward("rms", x, None, weight, None, eps, None, True)
+        return _cuda.rms_norm_forward(x, weight, eps, weight_offset=weight_offset, rounding=rounding)
+    y, _, _, rstd = _forward("rms", x, None, weight, None, eps, None, True, weight_offset, rounding)
     return y, rstd
 
 
-def rms_norm_backward(dy, x, rstd, weight=None, *, out=None, accumulate=False):
+def rms_norm_backward(dy, x, rstd, weight=None, *, weight_offset=0.0, rounding="once", out=None,
+                      accumulate=False):
     """Gradients of rms_norm: returns (dx, dweight).
     out=(dx, dweight) writes into given arrays; accumulate=True adds to them."""
     if _cuda.is_cuda_array(x):
-        return _cuda.rms_norm_backward(dy, x, rstd, weight, out=out, accumulate=accumulate)
-    dx, dweight, _ = _backward("rms", dy, x, None, rstd, weight, out, accumulate)
+        return _cuda.rms_norm_backward(dy, x, rstd, weight, weight_offset=weight_offset, rounding=rounding,
+                                       out=out, accumulate=accumulate)
+    dx, dweight, _ = _backward("rms", dy, x, None, rstd, weight, out, accumulate, weight_offset, rounding)
     return dx, dweight
+
+
+# ---- fused quantized output ---------------------------------------------------------
+
+_QDTYPES = {"int8": (0, np.dtype(np.int8)), "float8_e4m3fn": (1, np.dtype(ml_dtypes.float8_e4m3fn))}
+
+
+def _check_quant(x, qdtype, scale, scale_ub, group_size):
+    """(pn_quant_params*, q dtype, scales shape) of a *_quant call, or an error naming the argument."""
+    if not isinstance(qdtype, str):
+        raise TypeError(f"qdtype must be a str, \"int8\" or \"float8_e4m3fn\", got {type(qdtype).__name__}")
+    if qdtype not in _QDTYPES:
+        raise ValueError(f"qdtype must be \"int8\" or \"float8_e4m3fn\", got {qdtype!r}")
+    code, qdt = _QDTYPES[qdtype]
+    C = x.shape[-1]
+    p = ffi.new("pn_quant_params *")
+    p.qdtype = code
+    if scale is not None:
+        if isinstance(scale, np.ndarray):
+            if scale.size != 1:
+                raise ValueError(f"scale must be one positive number, got an array of shape {scale.shape}")
+            scale = float(scale.reshape(-1)[0])
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+            raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+        s = float(scale)
+        if not (math.isfinite(s) and s > 0 and float(np.float32(s)) > 0 and math.isfinite(float(np.float32(s)))):
+            raise ValueError(f"scale must be a positive, finite float32 value, got {s}")
+        if group_size is not None:
+            raise ValueError("group_size is for dynamic scales (scale=None); a static scale covers every element")
+        if scale_ub is not None:
+            raise ValueError("scale_ub bounds dynamic scales (scale=None); it has no meaning with a static scale")
+        p.scale = s
+        return p, qdt, (1,)
+    if scale_ub is not None:
+        if qdtype != "float8_e4m3fn":
+            raise ValueError("scale_ub is for qdtype=\"float8_e4m3fn\" only (as vLLM)")
+        if isinstance(scale_ub, bool) or not isinstance(scale_ub, (int, float, np.floating, np.integer)):
+            raise TypeError(f"scale_ub must be a real number or None, got {type(scale_ub).__name__}")
+        ub = float(scale_ub)
+        if not (math.isfinite(ub) and ub > 0):
+            raise ValueError(f"scale_ub must be finite and > 0, got {ub}")
+        p.scale_ub = ub
+    groups = 1
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
+            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+        if group_size <= 0 or C % group_size:
+            raise ValueError(f"group_size must be a positive divisor of C = {C}, got {group_size}")
+        p.group_size = int(group_size)
+        groups = C // int(group_size)
+    return p, qdt, x.shape[:-1] + (groups,)
+
+
+def _quant(op, x, weight, bias, eps, qdtype, scale, scale_ub, group_size, residual, weight_offset, rounding):
+    if _cuda.is_cuda_array(x):
+        raise NotImplementedError(f"{op}_norm_quant runs on NumPy arrays only for now (no CUDA twin yet)")
+    x = check_input(x, "x")
+    if residual is not None:
+        residual = _check_same(residual, "residual", x)
+    weight = check_param(weight, "weight", x)
+    bias = check_param(bias, "bias", x)
+    wdtype = param_dtype(weight, bias)
+    eps = check_eps(eps, x.dtype)
+    offset, rmode = check_options(weight_offset, rounding, weight)
+    quant, qdt, sshape = _check_quant(x, qdtype, scale, scale_ub, group_size)
+    lead, C = x.shape[:-1], x.shape[-1]
+    q = empty(x.shape, np.uint8)
+    scales = empty(sshape, np.float32)
+    h = empty(x.shape, x.dtype) if residual is not None else None
+    if q.size:
+        if quant.scale:
+            scales[...] = np.float32(quant.scale)
+        buffers = [("inp", "x", x, IN)]
+        if residual is not None:
+            buffers += [("residual", "residual", residual, IN), ("h", "h", h, NEW)]
+        inputs = (("x", x), ("residual", residual), ("weight", weight), ("bias", bias))
+        B, T, strides, arrays, back, H, head = row_layout(lead, buffers, inputs, heads=True)
+        opts = _options(offset, rmode, H, head)
+        dt, wdt = PN_DTYPE[x.dtype], PN_DTYPE[wdtype]
+        res_p = ptr(arrays[1]) if residual is not None else _NULL
+        h_p = ptr(arrays[2]) if residual is not None else _NULL
+        sp = ffi.cast("float *", ptr(scales)) if not quant.scale else _NULL
+        if op == "layer":
+            status = lib.pn_layernorm_quant_forward(ptr(q), sp, h_p, _NULL, _NULL, ptr(arrays[0]), res_p,
+                                                    ptr(weight), ptr(bias), B, T, C, eps, dt, wdt, strides, opts,
+                                                    quant)
+        else:
+            status = lib.pn_rmsnorm_quant_forward(ptr(q), sp, h_p, _NULL, ptr(arrays[0]), res_p, ptr(weight),
+                                                  B, T, C, eps, dt, wdt, strides, opts, quant)
+        check_status(status, op, "_norm_quant")
+        if back:
+            write_back(back)
+    q = q.view(qdt)
+    return (q, scales) if residual is None else (q, scales, h)
+
+
+def rms_norm_quant(x, weight=None, eps=None, *, qdtype="int8", scale=None, scale_ub=None, group_size=None,
+                   residual=None, weight_offset=0.0, rounding="once"):
+    """RMSNorm with its output quantized as it is made: returns (q, scales), plus h =
+    x + residual (rounded to x's dtype) when a residual is given. y is the norm's output
+    in float32 (weight_offset, rounding as rms_norm's); qdtype "int8" (qmax 127) or
+    "float8_e4m3fn" (ml_dtypes, qmax 448).
+    Static (scale given): q = Q(y / scale), scales = [scale] (float32, shape (1,)).
+    Dynamic (scale=None): per row, or per group of group_size consecutive elements,
+    scale = max(min(amax, scale_ub) / qmax, min_scale) (scale_ub: float8 only; min_scale
+    1/(qmax*512) for float8, float32's epsilon for int8), scales of shape
+    x.shape[:-1] + (C/group,). Q: int8 round-half-even saturated to [-128, 127];
+    float8 round-to-nearest-even of y/scale clamped to +-448. docs/inference.md."""
+    return _quant("rms", x, weight, None, eps, qdtype, scale, scale_ub, group_size, residual, weight_offset,
+                  rounding)
+
+
+def layer_norm_quant(x, weight=None, bias=None, eps=1e-5, *, qdtype="int8", scale=None, scale_ub=None,
+                     group_size=None, residual=None, weight_offset=0.0, rounding="once"):
+    """LayerNorm with its output quantized as it is made: as rms_norm_quant."""
+    return _quant("layer", x, weight, bias, eps, qdtype, scale, scale_ub, group_size, residual, weight_offset,
+                  rounding)

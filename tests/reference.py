@@ -35,6 +35,7 @@ __all__ = [
     "layer_norm_backward_ref",
     "rms_norm_backward_ref",
     "round_to",
+    "offset_weight_ref",
     "residual_add_ref",
     "max_abs_err",
     "rel_err",
@@ -94,13 +95,40 @@ def _rstd_from_scaled(ms_scaled, s, eps):
         return rstd, srstd
 
 
-def layer_norm_ref(x, weight=None, bias=None, eps=1e-5):
+def offset_weight_ref(weight, weight_offset=0.0, data_dtype=np.float32):
+    """weight_offset + weight as the semantics define it, in float64: the sum is
+    taken in float32 (float64 for float64 data), never in the weight's own dtype
+    (a bfloat16 weight of 15.8125 plus 1 is 16.8125, not 16.75 or 17)."""
+    if weight is None:
+        return None
+    if weight_offset == 0.0:
+        return _f64(weight)
+    if np.dtype(data_dtype) == np.float64:
+        return float(weight_offset) + _f64(weight)
+    return (np.float32(weight_offset) + np.asarray(weight).astype(np.float32)).astype(np.float64)
+
+
+def _apply_weight(xhat, x_dtype, weight, bias, weight_offset, rounding):
+    """y from the float64 xhat: rounding "once" keeps xhat exact; "llama" rounds it
+    to the data dtype first (then y = xhat * (offset + w) + b, exact in float64)."""
+    if rounding == "llama":
+        xhat = round_to(xhat, x_dtype).astype(np.float64)
+    elif rounding != "once":
+        raise ValueError(rounding)
+    w = offset_weight_ref(weight, weight_offset, x_dtype)
+    y = xhat * w if w is not None else xhat
+    return y + _f64(bias) if bias is not None else y
+
+
+def layer_norm_ref(x, weight=None, bias=None, eps=1e-5, weight_offset=0.0, rounding="once"):
     """LayerNorm over the last axis in float64.
 
     Returns (y, mean, rstd): y has x's shape, mean/rstd have shape x.shape[:-1].
     mean = sum(x)/C, var = sum((x-mean)^2)/C (biased), rstd = 1/sqrt(var+eps),
-    y = (x-mean)*rstd*weight + bias.
+    y = (x-mean)*rstd*(weight_offset + weight) + bias; rounding="llama" rounds
+    (x-mean)*rstd to x's dtype before the weight.
     """
+    x = np.asarray(x)
     xd = _f64(x)
     s = _row_scale(xd)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -111,17 +139,15 @@ def layer_norm_ref(x, weight=None, bias=None, eps=1e-5):
         rstd, srstd = _rstd_from_scaled(var_s, s, float(eps))
         mean = mean_s * s
         y = d * srstd  # (x-mean)*rstd without overflowing (x-mean)
-        if weight is not None:
-            y = y * _f64(weight)
-        if bias is not None:
-            y = y + _f64(bias)
+        y = _apply_weight(y, x.dtype, weight, bias, weight_offset, rounding)
     return y, mean[..., 0], rstd[..., 0]
 
 
-def rms_norm_ref(x, weight=None, eps=None):
+def rms_norm_ref(x, weight=None, eps=None, weight_offset=0.0, rounding="once"):
     """RMSNorm over the last axis in float64.
 
-    Returns (y, rstd): rstd = 1/sqrt(mean(x^2) + eps), y = x*rstd*weight.
+    Returns (y, rstd): rstd = 1/sqrt(mean(x^2) + eps), y = x*rstd*(weight_offset +
+    weight); rounding="llama" rounds x*rstd to x's dtype before the weight.
     eps=None means default_rms_eps(x.dtype).
     """
     x = np.asarray(x)
@@ -133,9 +159,7 @@ def rms_norm_ref(x, weight=None, eps=None):
         xs = xd / s
         ms_s = (xs * xs).mean(axis=-1, keepdims=True)
         rstd, srstd = _rstd_from_scaled(ms_s, s, float(eps))
-        y = xs * srstd
-        if weight is not None:
-            y = y * _f64(weight)
+        y = _apply_weight(xs * srstd, x.dtype, weight, None, weight_offset, rounding)
     return y, rstd[..., 0]
 
 
@@ -169,12 +193,13 @@ def _sum_rows(a, C):
     return a.reshape(-1, C).sum(axis=0)
 
 
-def layer_norm_backward_ref(dy, x, weight=None, eps=1e-5, mean=None, rstd=None):
+def layer_norm_backward_ref(dy, x, weight=None, eps=1e-5, mean=None, rstd=None, weight_offset=0.0):
     """Gradients of LayerNorm in float64.
 
     Statistics are recomputed exactly from x and eps unless mean and rstd are
     given. Returns (dx, dweight, dbias) with dweight = sum(dy*xhat) and
     dbias = sum(dy) over all rows (returned whether or not weight is None).
+    dx uses (weight_offset + weight); dweight does not depend on the offset.
     """
     xd = _f64(x)
     C = xd.shape[-1]
@@ -187,16 +212,16 @@ def layer_norm_backward_ref(dy, x, weight=None, eps=1e-5, mean=None, rstd=None):
     dyd = _f64(dy)
     with np.errstate(invalid="ignore", over="ignore"):
         xhat = (xd - m) * r
-        g = dyd * _f64(weight) if weight is not None else dyd
+        g = dyd * offset_weight_ref(weight, weight_offset, np.asarray(x).dtype) if weight is not None else dyd
         dx = r * (g - g.mean(axis=-1, keepdims=True) - xhat * (g * xhat).mean(axis=-1, keepdims=True))
         dweight = _sum_rows(dyd * xhat, C)
         dbias = _sum_rows(dyd, C)
     return dx, dweight, dbias
 
 
-def rms_norm_backward_ref(dy, x, weight=None, eps=None, rstd=None):
+def rms_norm_backward_ref(dy, x, weight=None, eps=None, rstd=None, weight_offset=0.0):
     """Gradients of RMSNorm in float64. Returns (dx, dweight), dweight =
-    sum(dy*x*rstd) over all rows."""
+    sum(dy*x*rstd) over all rows; dx uses (weight_offset + weight)."""
     x = np.asarray(x)
     xd = _f64(x)
     C = xd.shape[-1]
@@ -206,7 +231,7 @@ def rms_norm_backward_ref(dy, x, weight=None, eps=None, rstd=None):
     dyd = _f64(dy)
     with np.errstate(invalid="ignore", over="ignore"):
         xhat = xd * r
-        g = dyd * _f64(weight) if weight is not None else dyd
+        g = dyd * offset_weight_ref(weight, weight_offset, x.dtype) if weight is not None else dyd
         dx = r * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))
         dweight = _sum_rows(dyd * xhat, C)
     return dx, dweight

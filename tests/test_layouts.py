@@ -313,6 +313,7 @@ def run_numpy_case(case, call):
 LEAD_SIZES = [2, 3, 1, 4, 2, 3, 1, 4, 0]     # empty arrays too, now and then
 C_SIZES = [8, 1, 3, 17]
 TOKEN_FWD = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "layer_norm_forward", "rms_norm_forward"]
+TOKEN_QUANT = ["rms_norm_quant", "layer_norm_quant"]      # NumPy only (no CUDA twin yet)
 
 
 def _draw_dtypes(data, dtypes):
@@ -328,12 +329,15 @@ def _lead(data):
 
 
 def token_forward_case(data, space, dtypes, negative=True, repeat_rows=()):
-    op = data.draw(st.sampled_from(TOKEN_FWD), label="op")
+    ops = TOKEN_FWD + (TOKEN_QUANT if isinstance(space, NumpyLike) else [])
+    op = data.draw(st.sampled_from(ops), label="op")
     dtype, wdtype = _draw_dtypes(data, dtypes)
     shape = _lead(data) + (data.draw(st.sampled_from(C_SIZES), label="C"),)
     C = shape[-1]
     rng = np.random.default_rng(data.draw(st.integers(0, 2 ** 16), label="seed"))
-    layer, fused = "layer" in op, op.startswith("add_")
+    quant = op in TOKEN_QUANT
+    layer = "layer" in op
+    fused = op.startswith("add_") or (quant and data.draw(st.booleans(), label="residual"))
     case = Case(data, space, negative, repeat_rows)
     case.input("x", values(rng, shape, dtype, 0.3, 2.0))
     if fused:
@@ -349,6 +353,11 @@ def token_forward_case(data, space, dtypes, negative=True, repeat_rows=()):
 
     def call(a):
         w, b = a.get("weight"), a.get("bias")
+        if quant:
+            kw = {"residual": a["residual"]} if fused else {}
+            if layer:
+                return pynorm.layer_norm_quant(a["x"], w, b, qdtype="float8_e4m3fn", **kw)
+            return pynorm.rms_norm_quant(a["x"], w, **kw)
         if fused:
             kw = {"out": (a.get("out"), a.get("h_out"))} if "out" in a or "h_out" in a else {}
             if layer:
@@ -509,7 +518,7 @@ def test_every_array_function_is_covered():
     """The cases here call every function of pynorm.__all__ that takes arrays."""
     takes_arrays = {n for n in pynorm.__all__ if callable(getattr(pynorm, n))} - {
         "isa", "set_num_threads", "get_num_threads", "copy_bandwidth", "bfloat16", "PynormError"}
-    covered = set(TOKEN_FWD) | {"layer_norm_backward", "rms_norm_backward", "group_norm_backward",
+    covered = set(TOKEN_FWD) | set(TOKEN_QUANT) | {"layer_norm_backward", "rms_norm_backward", "group_norm_backward",
                                 "batch_norm_backward"} | set(SPATIAL_FWD)
     assert takes_arrays <= covered, f"not covered by the layout tests: {sorted(takes_arrays - covered)}"
 

@@ -548,9 +548,12 @@ def test_out_argument(problem, op, where):
         assert res is y_out
         np.testing.assert_array_equal(y_out.astype(np.float64), want.astype(np.float64))
     assert (base[0].astype(np.float64) == 7).all(), "out= wrote outside its own rows"
-    # out= overlapping an input: refused, nothing written
+    # out= overlapping an input other than as that very view (in place, allowed: see
+    # tests/test_inference.py): refused, nothing written
     victim = x if where % 2 == 0 or not fused else r
-    alias = victim.reshape(-1)[::-1].reshape(victim.shape) if where >= 4 else victim
+    if victim.size < 2:
+        return                       # one element: every view of it is the same view
+    alias = victim.reshape(-1)[::-1].reshape(victim.shape)
     before = [a.copy() for a in (x, r)]
     with pytest.raises(ValueError):
         if fused:

@@ -13,6 +13,11 @@
  *     call, for every thread count and for every instruction set the library
  *     picks (generic, AVX2, AVX-512), except for the payload bits of NaNs.
  *
+ *   - Forward outputs may be written over their inputs (in place): y over x;
+ *     in a fused forward y and h each over x or the residual (vLLM's
+ *     fused_add_rms_norm: y over x, h over the residual). "Over" means the
+ *     same address and the same strides; any other overlap is PN_ERR_ALIAS.
+ *
  * Everything between PN_CDEF_BEGIN and PN_CDEF_END is plain declarations: the
  * Python bindings feed that block to cffi as it stands.
  */
@@ -138,6 +143,129 @@ pn_status pn_rmsnorm_backward(void *dinp, void *dweight,
                               const void *rstd,
                               int64_t B, int64_t T, int64_t C, int flags,
                               pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides);
+
+/* --- token-norm options: the *_ex functions ------------------------------ */
+/* The *_ex functions are the six token-norm functions above with one more
+ * argument, `opts` (NULL: every field's default, which is exactly the
+ * function without _ex). A field out of range gives PN_ERR_ARG (PN_ERR_SIZE
+ * for H) before anything is written. */
+
+typedef enum {
+    PN_ROUND_ONCE = 0,    /* the compute type (float32; float64 for float64 data) throughout, y rounded
+                             once to the dtype (Hugging Face Gemma RMSNorm, FlashInfer) */
+    PN_ROUND_LLAMA = 1    /* xhat = (x - mean) * rstd (x * rstd for RMSNorm) rounded to the dtype
+                             first, then y = xhat * (weight_offset + w) (+ b) in the compute type,
+                             rounded to the dtype again (Hugging Face LlamaRMSNorm, Qwen3). The same
+                             as PN_ROUND_ONCE for float32 and float64 data. */
+} pn_rounding;
+
+/* The third outer stride of each buffer (elements, may be negative) when the
+ * rows are B x T x H (opts->H > 1): row (b, t, k) of a buffer starts at
+ * b*rows.b + t*rows.t + k*head, its pn_rows being {b, t}. Ignored for a
+ * buffer whose pn_rows is {0, 0}: that buffer is dense B x T x H x C. */
+typedef struct {
+    int64_t inp, out, residual, h, dout, dinp;
+} pn_head_strides;
+
+typedef struct {
+    /* y = xhat * (weight_offset + w) (+ b): Gemma's (1 + w), zero-centred
+     * gamma. The offset (rounded to the compute type) is added to each weight
+     * in the compute type, never in a half-precision weight's own dtype. The
+     * backward's dx uses (weight_offset + w); dweight does not change.
+     * Finite; non-zero needs a weight. Default 0. */
+    double weight_offset;
+    /* A pn_rounding: PN_ROUND_ONCE (0, the default) or PN_ROUND_LLAMA. The
+     * backward ignores it (its gradients are those of PN_ROUND_ONCE). */
+    int rounding;
+    /* Rows per (b, t): 0 or 1 (default) for B x T rows; H > 1 for B x T x H
+     * rows (per-head norms: q or k heads of a fused qkv buffer), with each
+     * buffer's third stride in `head`. Statistics (mean, rstd) are then dense
+     * B x T x H arrays. */
+    int64_t H;
+    pn_head_strides head;
+} pn_norm_options;
+
+pn_status pn_layernorm_forward_ex(void *out, void *mean, void *rstd,
+                                  const void *inp, const void *weight, const void *bias,
+                                  int64_t B, int64_t T, int64_t C, double eps,
+                                  pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                  const pn_norm_options *opts);
+pn_status pn_add_layernorm_forward_ex(void *out, void *h, void *mean, void *rstd,
+                                      const void *inp, const void *residual,
+                                      const void *weight, const void *bias,
+                                      int64_t B, int64_t T, int64_t C, double eps,
+                                      pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                      const pn_norm_options *opts);
+pn_status pn_layernorm_backward_ex(void *dinp, void *dweight, void *dbias,
+                                   void *scratch, size_t scratch_bytes,
+                                   const void *dout, const void *inp, const void *weight,
+                                   const void *mean, const void *rstd,
+                                   int64_t B, int64_t T, int64_t C, int flags,
+                                   pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                   const pn_norm_options *opts);
+pn_status pn_rmsnorm_forward_ex(void *out, void *rstd,
+                                const void *inp, const void *weight,
+                                int64_t B, int64_t T, int64_t C, double eps,
+                                pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                const pn_norm_options *opts);
+pn_status pn_add_rmsnorm_forward_ex(void *out, void *h, void *rstd,
+                                    const void *inp, const void *residual, const void *weight,
+                                    int64_t B, int64_t T, int64_t C, double eps,
+                                    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                    const pn_norm_options *opts);
+pn_status pn_rmsnorm_backward_ex(void *dinp, void *dweight,
+                                 void *scratch, size_t scratch_bytes,
+                                 const void *dout, const void *inp, const void *weight,
+                                 const void *rstd,
+                                 int64_t B, int64_t T, int64_t C, int flags,
+                                 pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                 const pn_norm_options *opts);
+/* The backward scratch of B x T x H rows is that of B x (T*H) rows:
+ * pn_*_backward_scratch_size(B, T * H, C, dtype). */
+
+/* --- fused quantized output: the norm's y quantized as it is made ---------- */
+/* y is the norm's output as the options define it (weight_offset, rounding),
+ * in float32 (float64 data: rounded to float32), never stored in the data's
+ * dtype. Q(v) is:
+ *   PN_QINT8:          round-half-even of v, saturated to [-128, 127]; NaN -> 0.
+ *   PN_QFLOAT8_E4M3FN: v clamped to [-448, 448], then rounded to nearest even
+ *                      to float8 e4m3fn (bit pattern in a byte); NaN -> NaN (0x7f).
+ * Static (quant->scale > 0): q = Q(y / scale), scale as float32; `scales` is
+ * not written (may be NULL).
+ * Dynamic (quant->scale == 0): per group of `group_size` consecutive elements
+ * of a row (0: the whole row; else it must divide C), amax = max |y| (NaN if
+ * any y of the group is NaN), for float8 clamped to scale_ub when scale_ub > 0
+ * (scale_ub must be 0 for int8), scale = max(amax / qmax, min_scale) in
+ * float32 with qmax = 127 (int8) or 448 (float8) and min_scale = float32's
+ * epsilon (int8) or 1 / (qmax * 512) (float8); q = Q(y / scale) (a true
+ * division); scales (dense, rows x groups float32) receives each scale. A
+ * group with a NaN gets scale NaN (int8 q 0, float8 q NaN); with an Inf and no
+ * scale_ub, scale Inf (finite values give q 0, the Inf NaN -> 0 / NaN).
+ * q is dense B x T x C bytes. With a residual (the fused form; NULL: none),
+ * h = round(x + residual) is written to h, which may be the residual itself. */
+typedef enum {
+    PN_QINT8 = 0,
+    PN_QFLOAT8_E4M3FN = 1
+} pn_qdtype;
+
+typedef struct {
+    int qdtype;          /* a pn_qdtype */
+    double scale;        /* > 0 (finite): static scale; 0: dynamic */
+    double scale_ub;     /* dynamic float8 only: upper bound of amax (> 0), 0: none */
+    int64_t group_size;  /* dynamic: elements per scale (divides C); 0: one scale per row */
+} pn_quant_params;
+
+pn_status pn_rmsnorm_quant_forward(void *q, float *scales, void *h, void *rstd,
+                                   const void *inp, const void *residual, const void *weight,
+                                   int64_t B, int64_t T, int64_t C, double eps,
+                                   pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                   const pn_norm_options *opts, const pn_quant_params *quant);
+pn_status pn_layernorm_quant_forward(void *q, float *scales, void *h, void *mean, void *rstd,
+                                     const void *inp, const void *residual,
+                                     const void *weight, const void *bias,
+                                     int64_t B, int64_t T, int64_t C, double eps,
+                                     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                     const pn_norm_options *opts, const pn_quant_params *quant);
 
 /* --- spatial norms: GroupNorm, InstanceNorm, BatchNorm -------------------- */
 /* Activations of N samples, C channels and S = the product of the spatial

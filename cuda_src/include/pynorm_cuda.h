@@ -251,6 +251,53 @@ PN_CUDA_API pn_status pn_cuda_batchnorm_shard_backward(void *dinp, void *dweight
     const double *sums, int64_t count, int64_t N, int64_t C, int64_t S, int flags, pn_layout layout,
     pn_dtype dtype, pn_dtype wdtype, cudaStream_t stream);
 
+/* --- token-norm options: the *_ex functions ------------------------------ */
+/* As pynorm.h's *_ex functions (pn_norm_options: weight_offset, rounding;
+ * opts NULL: the functions above). In place: y and h may each be written
+ * over x or the residual (same address, same strides), as in the C library.
+ * Per-head layouts (opts->H > 1) are the C library's only for now:
+ * PN_ERR_ARG here. */
+PN_CUDA_API pn_status pn_cuda_layernorm_forward_ex(
+    void *out, void *mean, void *rstd,
+    const void *inp, const void *weight, const void *bias,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    const pn_norm_options *opts, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_add_layernorm_forward_ex(
+    void *out, void *h, void *mean, void *rstd,
+    const void *inp, const void *residual, const void *weight, const void *bias,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    const pn_norm_options *opts, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_layernorm_backward_ex(
+    void *dinp, void *dweight, void *dbias,
+    void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight,
+    const void *mean, const void *rstd,
+    int64_t B, int64_t T, int64_t C, int flags,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    const pn_norm_options *opts, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_rmsnorm_forward_ex(
+    void *out, void *rstd,
+    const void *inp, const void *weight,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    const pn_norm_options *opts, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_add_rmsnorm_forward_ex(
+    void *out, void *h, void *rstd,
+    const void *inp, const void *residual, const void *weight,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    const pn_norm_options *opts, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_rmsnorm_backward_ex(
+    void *dinp, void *dweight,
+    void *scratch, size_t scratch_bytes,
+    const void *dout, const void *inp, const void *weight,
+    const void *rstd,
+    int64_t B, int64_t T, int64_t C, int flags,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    const pn_norm_options *opts, cudaStream_t stream);
+
 /* PN_CUDA_CDEF_END */
 
 #ifdef __cplusplus

@@ -1,0 +1,153 @@
+"""The inference options (docs/inference.md) on CUDA arrays: weight_offset,
+rounding="llama", in place. Checked against the float64 reference, the CPU
+library, and the Hugging Face formulas on torch CUDA. Marked `cuda` and
+skipped, with the reason, where tests/test_cuda.py's are (no CuPy, no device,
+no CUDA torch or no libpynorm_cuda).
+"""
+import numpy as np
+import pytest
+
+import pynorm
+import reference as R
+from pynorm import _cuda
+from test_cuda import BF16, DNAME, DTYPES, F16, F32, F64, HAVE_BF16, _SKIP_REASON, cp, torch
+
+try:
+    _CUDA_MARK = [pytest.mark.cuda]
+except pytest.fail.Exception:
+    _CUDA_MARK = []
+pytestmark = _CUDA_MARK + [pytest.mark.skipif(_SKIP_REASON is not None, reason=str(_SKIP_REASON))]
+
+OPS = ["rms", "layer"]
+HALF = [F16, BF16]
+_EPS = {F32: 2.0 ** -23, F16: 2.0 ** -10, BF16: 2.0 ** -7, F64: 2.0 ** -52}
+
+
+def _host(shape, dtype, seed, loc=0.0, scale=1.0):
+    return (np.random.default_rng(seed).standard_normal(shape) * scale + loc).astype(dtype)
+
+
+def _dev(a):
+    return cp.asarray(a)
+
+
+def _np(d):
+    return cp.asnumpy(d)
+
+
+def _inputs(op, shape, dtype, seed=0):
+    x = _host(shape, dtype, seed, 0.3, 2.0)
+    w = _host(shape[-1:], dtype, seed + 1, 0.0, 0.5)
+    b = _host(shape[-1:], dtype, seed + 2, 0.0, 0.5) if op == "layer" else None
+    return x, w, b
+
+
+def _run(op, x, w, b, res=None, **kw):
+    if op == "rms":
+        return pynorm.add_rms_norm(x, res, w, **kw) if res is not None else pynorm.rms_norm(x, w, **kw)
+    return pynorm.add_layer_norm(x, res, w, b, **kw) if res is not None else pynorm.layer_norm(x, w, b, **kw)
+
+
+def _close(what, got, ref, dtype, ulps):
+    got = np.asarray(got).astype(np.float64)
+    ref = np.asarray(ref, np.float64)
+    ulps = ulps * 4 if dtype in (F32, F64) else ulps
+    tol = ulps * _EPS[dtype] * float(np.abs(ref[np.isfinite(ref)]).max())
+    err = np.abs(got - ref).max()
+    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g} ({DNAME[dtype]})"
+
+
+@pytest.mark.parametrize("rounding", ["once", "llama"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DNAME[d])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("C", [64, 768, 5000, 20000])
+def test_cuda_options_forward_matches_reference(op, dtype, rounding, C):
+    if dtype == BF16 and not HAVE_BF16:
+        pytest.skip("this CuPy has no bfloat16 arrays")
+    x, w, b = _inputs(op, (9, C), dtype, seed=C)
+    got = _np(_run(op, _dev(x), _dev(w), None if b is None else _dev(b), weight_offset=1.0, rounding=rounding))
+    if op == "rms":
+        ref = R.rms_norm_ref(x, w, None, weight_offset=1.0, rounding=rounding)[0]
+    else:
+        ref = R.layer_norm_ref(x, w, b, 1e-5, weight_offset=1.0, rounding=rounding)[0]
+    _close(f"{op} {rounding} offset 1 (CUDA)", got, ref, dtype, 3)
+    cpu = _run(op, x, w, b, weight_offset=1.0, rounding=rounding)
+    _close(f"{op} {rounding} offset 1 (CUDA vs CPU)", got, cpu.astype(np.float64), dtype, 3)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda d: DNAME[d])
+def test_cuda_llama_and_gemma_formulas(dtype):
+    """Hugging Face's LlamaRMSNorm and GemmaRMSNorm on torch CUDA, bit for bit on rows whose
+    rstd agree, within one ulp elsewhere."""
+    if dtype == BF16 and not HAVE_BF16:
+        pytest.skip("this CuPy has no bfloat16 arrays")
+    x, w, _ = _inputs("rms", (256, 1024), dtype, seed=5)
+    eps = 1e-6
+    T = {F16: torch.float16, BF16: torch.bfloat16}[dtype]
+    xt = torch.as_tensor(x.astype(np.float32), device="cuda")
+    wt = torch.as_tensor(w.astype(np.float32), device="cuda").to(T)
+    r_hf = torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + eps)
+    forms = {"llama": (dict(rounding="llama"), wt * (xt * r_hf).to(T)),
+             "gemma": (dict(weight_offset=1.0), ((xt * r_hf) * (1.0 + wt.float())).to(T))}
+    for name, (kw, hf) in forms.items():
+        y, rstd = pynorm.rms_norm_forward(_dev(x), _dev(w), eps, **kw)
+        y, rstd = _np(y), _np(rstd)
+        hf = hf.float().cpu().numpy().astype(dtype)
+        agree = rstd == r_hf[:, 0].cpu().numpy()
+        assert (y[agree].view(np.uint16) == hf[agree].view(np.uint16)).all(), f"{name}: rows with equal rstd"
+        _close(f"{name}: other rows", y[~agree], hf[~agree].astype(np.float64), dtype, 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DNAME[d])
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_in_place(op, dtype):
+    if dtype == BF16 and not HAVE_BF16:
+        pytest.skip("this CuPy has no bfloat16 arrays")
+    x, w, b = _inputs(op, (33, 1000), dtype, seed=7)
+    res = _host(x.shape, dtype, 8)
+    dw, db = _dev(w), None if b is None else _dev(b)
+    y = _np(_run(op, _dev(x), dw, db))
+    xd = _dev(x)
+    assert _run(op, xd, dw, db, out=xd) is xd
+    assert (_np(xd).tobytes() == y.tobytes()), f"{op} out=x"
+    y2, h2 = (_np(a) for a in _run(op, _dev(x), dw, db, _dev(res)))
+    xd, rd = _dev(x), _dev(res)
+    _run(op, xd, dw, db, rd, out=(xd, rd))
+    assert _np(xd).tobytes() == y2.tobytes() and _np(rd).tobytes() == h2.tobytes(), f"{op} out=(x, residual)"
+    with pytest.raises(ValueError, match="out overlaps x"):
+        _run(op, xd, dw, db, out=xd[::-1])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_weight_offset_backward(op):
+    x, w, b = _inputs(op, (6, 300), F32, seed=9)
+    dy = _host(x.shape, F32, 10)
+    xd, wd, dyd = _dev(x), _dev(w), _dev(dy)
+    if op == "rms":
+        rstd = pynorm.rms_norm_forward(xd, wd, weight_offset=1.0)[1]
+        dx, dw = pynorm.rms_norm_backward(dyd, xd, rstd, wd, weight_offset=1.0)
+        dw0 = pynorm.rms_norm_backward(dyd, xd, rstd, wd)[1]
+        ref_dx = R.rms_norm_backward_ref(dy, x, w, rstd=_np(rstd), weight_offset=1.0)[0]
+    else:
+        _, mean, rstd = pynorm.layer_norm_forward(xd, wd, _dev(b), weight_offset=1.0)
+        dx, dw, _ = pynorm.layer_norm_backward(dyd, xd, mean, rstd, wd, weight_offset=1.0)
+        dw0 = pynorm.layer_norm_backward(dyd, xd, mean, rstd, wd)[1]
+        ref_dx = R.layer_norm_backward_ref(dy, x, w, mean=_np(mean), rstd=_np(rstd), weight_offset=1.0)[0]
+    assert _np(dw).tobytes() == _np(dw0).tobytes(), "dweight must not depend on the offset"
+    _close(f"{op} dx with offset (CUDA)", _np(dx), ref_dx, F32, 16)
+
+
+def test_cuda_options_checked():
+    xd = _dev(np.ones((2, 8), np.float32))
+    with pytest.raises(ValueError, match="weight_offset"):
+        pynorm.rms_norm(xd, None, weight_offset=1.0)
+    with pytest.raises(ValueError, match="rounding"):
+        pynorm.rms_norm(xd, _dev(np.ones(8, np.float32)), rounding="gemma")
+    ffi, lib = _cuda.library()
+    o = ffi.new("pn_norm_options *")
+    o.H = 2
+    y = cp.full((2, 8), 7.0, np.float32)
+    p = lambda a: ffi.cast("void *", a.data.ptr)
+    st = lib.pn_cuda_rmsnorm_forward_ex(p(y), ffi.NULL, p(xd), ffi.NULL, 1, 2, 8, 1e-6, 0, 0, ffi.NULL, o, ffi.NULL)
+    assert st == lib.PN_ERR_ARG, "H > 1 is the C library's only"
+    assert (_np(y) == 7.0).all()
