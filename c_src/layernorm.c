@@ -39,33 +39,39 @@ static void layernorm_stats_two_pass(const real *x, int64_t C, real *shift, real
  * little cancellation. Taken only when the mean of d is within a std of zero
  * (at most a bit lost) and the float squares neither overflowed nor
  * underflowed; other rows (outliers first, NaN, Inf, extreme magnitudes) go
- * the two-pass way. */
-static void layernorm_stats(const real *x, int64_t C, double inv_C, real *shift, real *m, double *ss) {
-    const real x0 = x[0];
+ * the two-pass way. The row is read in its own dtype (src, dt): a half
+ * precision row is converted block by block as the sums go (simd.h), and
+ * into buf (C reals) only for the two-pass way. */
+static void layernorm_stats(const void *src, pn_dtype dt, int64_t C, double inv_C, real *buf,
+                            real *shift, real *m, double *ss) {
+    real head[16] = {0};   /* (every value set by the conversion; GCC cannot tell) */
     const int64_t k = C < 16 ? C : 16;
+    const real *xh = pn_row_as_real(src, dt, head, k);
+    const real x0 = xh[0];
     real d[16];   /* added as a tree: a chain of 16 additions held up every row */
     if (k == 16)
-        for (int i = 0; i < 16; i++) d[i] = x[i] - x0;
+        for (int i = 0; i < 16; i++) d[i] = xh[i] - x0;
     else
-        for (int i = 0; i < 16; i++) d[i] = i < k ? x[i] - x0 : 0;
+        for (int i = 0; i < 16; i++) d[i] = i < k ? xh[i] - x0 : 0;
     PN_TREE_16(d);
     const real sh = x0 + (k == 16 ? d[0] * (real)0.0625 : d[0] / (real)k);   /* * 1/16: exactly / 16 */
     double sd, ssd;
-    pn_moments_shifted(x, C, sh, &sd, &ssd);
+    pn_moments_shifted_row(src, dt, C, sh, &sd, &ssd);
     const double md = sd * inv_C, q = ssd - sd * md;
     if (md * md * (double)C <= q && (sizeof(real) == sizeof(double) || (q >= 1e-20 && q <= 1e36))) {
         *shift = sh;
         *m = (real)md;
         *ss = q;
     } else {
-        layernorm_stats_two_pass(x, C, shift, m, ss);
+        layernorm_stats_two_pass(pn_row_as_real(src, dt, buf, C), C, shift, m, ss);
     }
 }
 
 /* The row's statistics for y: shift, m (mean = shift + m) and rstd. */
-static real layernorm_row_stats(const real *x, int64_t C, double inv_C, double eps, real *shift, real *m) {
+static real layernorm_row_stats(const void *src, pn_dtype dt, int64_t C, double inv_C, double eps, real *buf,
+                                real *shift, real *m) {
     double ss;
-    layernorm_stats(x, C, inv_C, shift, m, &ss);
+    layernorm_stats(src, dt, C, inv_C, buf, shift, m, &ss);
     return (real)(1 / sqrt(ss * inv_C + eps));
 }
 
@@ -81,18 +87,21 @@ static void layernorm_forward_row(const pn_fwd_call *c, int64_t r) {
     const int64_t C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
     const real *w = c->wk->w, *b = c->wk->b;
-    real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL, *buf2 = c->wk->nbuf ? pn_work_row(c->wk, 1) : NULL;
-    const real *x = c->fused ? pn_residual_row(a, r, buf, buf2)
-                             : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
+    real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL;
+    real xp[PN_PIECE], rp[PN_PIECE];
+    /* the row in its dtype (x, or h as stored); half precision is converted piece by piece */
+    const char *src = c->fused ? (const char *)pn_residual_row(a, r, xp, rp)
+                               : (const char *)pn_row(a->inp, a->s.inp, r, a->T, es);
     real shift, m;
-    const real rs = layernorm_row_stats(x, C, c->inv_C, c->eps, &shift, &m);
+    const real rs = layernorm_row_stats(src, a->dtype, C, c->inv_C, c->eps, buf, &shift, &m);
     /* y in pieces: in the output itself, or rounded once after w and b */
     const pn_row_out out = pn_row_out_init(a, r, c->fused, c->stream, c->ahead);
     for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
         const int64_t n = pn_piece_len(C, i0);
         real piece[PN_PIECE], tmp[PN_PIECE];
+        const real *x = pn_row_as_real(src + i0 * (int64_t)es, a->dtype, xp, n);
         real *y = c->in_place ? (real *)out.dst + i0 : piece;
-        layernorm_y(y, x + i0, w + i0, b + i0, shift, m, rs, n);
+        layernorm_y(y, x, w + i0, b + i0, shift, m, rs, n);
         pn_put_piece(&out, i0, y, n, tmp, c->in_place);
     }
     const real mu = shift + m;
@@ -105,7 +114,8 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
     const int stream = rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
+    /* a row buffer for the two-pass statistics of a half precision row */
+    pn_status st = pn_work_init(&wk, a, a->dtype == PN_REAL_DTYPE ? 0 : 1);
     if (st) return st;
     /* y computed in place in the output when it holds reals and is not streamed */
     const pn_fwd_call c = {a, &wk, pn_ahead_rows(a, fused ? 4 : 2, stream), a->eps, 1 / (double)C,

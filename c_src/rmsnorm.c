@@ -16,10 +16,12 @@
 
 /* 1/sqrt(mean(x^2) + eps): squares in the compute type, again in double where
  * a float square may have overflowed or lost its bits (sums beyond 1e36 or
- * below 1e-20, NaN and Inf among them). */
-static real rmsnorm_rstd(const real *x, int64_t C, double inv_C, double eps) {
-    double ss = pn_sumsq_folded(x, C);
-    if (sizeof(real) < sizeof(double) && !(ss >= 1e-20 && ss <= 1e36)) ss = pn_sumsq(x, C);
+ * below 1e-20, NaN and Inf among them). The row is read in its own dtype
+ * (src, dt: half precision converted block by block, simd.h), and converted
+ * into buf (C reals) only for the sum in double. */
+static real rmsnorm_rstd(const void *src, pn_dtype dt, int64_t C, double inv_C, double eps, real *buf) {
+    double ss = pn_sumsq_folded_row(src, dt, C);
+    if (sizeof(real) < sizeof(double) && !(ss >= 1e-20 && ss <= 1e36)) ss = pn_sumsq(pn_row_as_real(src, dt, buf, C), C);
     return (real)(1 / sqrt(ss * inv_C + eps));
 }
 
@@ -34,17 +36,20 @@ static void rmsnorm_forward_row(const pn_fwd_call *c, int64_t r) {
     const int64_t C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
     const real *w = c->wk->w;
-    real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL, *buf2 = c->wk->nbuf ? pn_work_row(c->wk, 1) : NULL;
-    const real *x = c->fused ? pn_residual_row(a, r, buf, buf2)
-                             : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
-    const real rs = rmsnorm_rstd(x, C, c->inv_C, c->eps);
+    real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL;
+    real xp[PN_PIECE], rp[PN_PIECE];
+    /* the row in its dtype (x, or h as stored); half precision is converted piece by piece */
+    const char *src = c->fused ? (const char *)pn_residual_row(a, r, xp, rp)
+                               : (const char *)pn_row(a->inp, a->s.inp, r, a->T, es);
+    const real rs = rmsnorm_rstd(src, a->dtype, C, c->inv_C, c->eps, buf);
     /* y in pieces: in the output itself, or rounded once after w */
     const pn_row_out out = pn_row_out_init(a, r, c->fused, c->stream, c->ahead);
     for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
         const int64_t n = pn_piece_len(C, i0);
         real piece[PN_PIECE], tmp[PN_PIECE];
+        const real *x = pn_row_as_real(src + i0 * (int64_t)es, a->dtype, xp, n);
         real *y = c->in_place ? (real *)out.dst + i0 : piece;
-        rmsnorm_y(y, x + i0, w + i0, rs, n);
+        rmsnorm_y(y, x, w + i0, rs, n);
         pn_put_piece(&out, i0, y, n, tmp, c->in_place);
     }
     if (a->rstd) ((real *)a->rstd)[r] = rs;
@@ -55,7 +60,8 @@ static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
     const int stream = rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
+    /* a row buffer for the double sum of a half precision row */
+    pn_status st = pn_work_init(&wk, a, a->dtype == PN_REAL_DTYPE ? 0 : 1);
     if (st) return st;
     /* y computed in place in the output when it holds reals and is not streamed */
     const pn_fwd_call c = {a, &wk, pn_ahead_rows(a, fused ? 4 : 2, stream), a->eps, 1 / (double)C,
