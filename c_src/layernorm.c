@@ -129,21 +129,28 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
 pn_status PN_KERNEL(layernorm_forward)(const pn_token_args *a) { return layernorm_forward_rows(a, 0); }
 pn_status PN_KERNEL(add_layernorm_forward)(const pn_token_args *a) { return layernorm_forward_rows(a, 1); }
 
-/* A row's sums for dx: sum(g) and sum(g * xhat), g = dy * w, in fixed-order lanes. */
-static void layernorm_backward_sums(const real *x, const real *dy, const real *w, real mean, real rstd,
-                                    int64_t C, real *sum_g, real *sum_gx) {
-    real sg[PN_LANES] = {0}, sgx[PN_LANES] = {0};
-    int64_t i = 0;
-    for (; i + PN_LANES <= C; i += PN_LANES)
-        for (int j = 0; j < PN_LANES; j++) {
-            real g = dy[i + j] * w[i + j], xhat = (x[i + j] - mean) * rstd;
+/* A row's sums for dx: sum(g) and sum(g * xhat), g = dy * w, in fixed-order
+ * lanes. x and dy are read in their dtype (half precision converted block by
+ * block, as in simd.h: the lanes and their order are those of the whole row). */
+static void layernorm_backward_sums(const void *xs, const void *dys, pn_dtype dt, const real *w, real mean,
+                                    real rstd, int64_t C, real *sum_g, real *sum_gx) {
+    real sg[PN_LANES] = {0}, sgx[PN_LANES] = {0}, xblk[PN_BLOCK], dyblk[PN_BLOCK];
+    for (int64_t i0 = 0; i0 < C; i0 += PN_BLOCK) {
+        const int64_t m = C - i0 < PN_BLOCK ? C - i0 : PN_BLOCK;
+        const real *x = pn_block_as_real(xs, dt, i0, m, xblk), *dy = pn_block_as_real(dys, dt, i0, m, dyblk);
+        const real *wb = w + i0;
+        int64_t i = 0;
+        for (; i + PN_LANES <= m; i += PN_LANES)
+            for (int j = 0; j < PN_LANES; j++) {
+                real g = dy[i + j] * wb[i + j], xhat = (x[i + j] - mean) * rstd;
+                sg[j] += g;
+                sgx[j] += g * xhat;
+            }
+        for (int j = 0; i + j < m; j++) {
+            real g = dy[i + j] * wb[i + j], xhat = (x[i + j] - mean) * rstd;
             sg[j] += g;
             sgx[j] += g * xhat;
         }
-    for (int j = 0; i + j < C; j++) {
-        real g = dy[i + j] * w[i + j], xhat = (x[i + j] - mean) * rstd;
-        sg[j] += g;
-        sgx[j] += g * xhat;
     }
     *sum_g = pn_lanes_total(sg);
     *sum_gx = pn_lanes_total(sgx);
@@ -193,7 +200,7 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
     const int64_t pstride = 2 * ((C + 15) & ~(int64_t)15);   /* dw partial, then db partial */
     real *part = params ? pn_scratch_reals(a->scratch) : NULL;
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, 2);
+    pn_status st = pn_work_init(&wk, a, 0);   /* rows are read in their dtype: no row buffers */
     if (st) return st;
     const real *w = wk.w;
     const real *mean = (const real *)a->mean, *rstd = (const real *)a->rstd;
@@ -204,13 +211,12 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
     /* Chunks of consecutive rows; each chunk's dw/db partial is its own. */
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t c = 0; c < nchunks; c++) {
-        real *xb = pn_work_row(&wk, 0), *dyb = pn_work_row(&wk, 1);
         real *dw = params ? part + c * pstride : NULL, *db = params ? dw + pstride / 2 : NULL;
         if (params) for (int64_t i = 0; i < pstride; i++) dw[i] = 0;
         const int64_t r1 = (c + 1) * per < rows ? (c + 1) * per : rows;
         for (int64_t r = c * per; r < r1; r++) {
-            const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
-            const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
+            const char *xs = (const char *)pn_row(a->inp, a->s.inp, r, a->T, es);
+            const char *dys = (const char *)pn_row(a->dout, a->s.dout, r, a->T, es);
             real hi, lo, rs, mg, mgx;
             if (sh) {
                 pn_shard_split(sh->mean[r], &hi, &lo);
@@ -219,7 +225,7 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
                 mgx = (real)(sh->sums[2 * r + 1] * inv_total);
             } else {
                 hi = mean[r], lo = 0, rs = rstd[r];
-                layernorm_backward_sums(x, dy, w, hi, rs, C, &mg, &mgx);
+                layernorm_backward_sums(xs, dys, a->dtype, w, hi, rs, C, &mg, &mgx);
                 mg *= invC;
                 mgx *= invC;
             }
@@ -227,9 +233,11 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
             const pn_next_rows next = pn_next_rows_after(a, r, r1, a->dout, a->s.dout, ahead, a->dinp, a->s.dinp);
             for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
                 const int64_t n = pn_piece_len(C, i0);
-                real piece[PN_PIECE], tmp[PN_PIECE];
+                real piece[PN_PIECE], tmp[PN_PIECE], xp[PN_PIECE], dyp[PN_PIECE];
+                const real *x = pn_row_as_real(xs + i0 * (int64_t)es, a->dtype, xp, n);
+                const real *dy = pn_row_as_real(dys + i0 * (int64_t)es, a->dtype, dyp, n);
                 real *dx = a->dinp ? pn_dx_piece(a, r, i0, piece, stream) : NULL;
-                layernorm_backward_piece(dx, dw ? dw + i0 : NULL, db ? db + i0 : NULL, x + i0, dy + i0, w + i0,
+                layernorm_backward_piece(dx, dw ? dw + i0 : NULL, db ? db + i0 : NULL, x, dy, w + i0,
                                          hi, lo, rs, mg, mgx, n);
                 if (dx) pn_finish_dx_piece(a, r, i0, dx, n, tmp, stream);
                 pn_prefetch_share(&next, i0, n);
