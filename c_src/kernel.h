@@ -60,24 +60,34 @@ static inline real *pn_work_row(const pn_work *wk, int k) {
 
 static inline void pn_work_free(pn_work *wk) { free(wk->mem); }
 
+/* Rows are written in pieces of PN_PIECE values (see pn_put_piece below). */
+#define PN_PIECE 256
+
 /* h = x + residual for row r of a fused forward, rounded to the dtype and
- * written to a->h; returns h as reals (the row of a->h itself, or `buf`). */
-static inline const real *pn_residual_row(const pn_token_args *a, int64_t r, real *buf, real *buf2) {
+ * written to a->h, in pieces of PN_PIECE values (x and the residual of a
+ * piece converted into xp and rp, PN_PIECE reals each). Returns h's row:
+ * the norm reads h as stored, in its dtype, from there (in L1 or L2 now).
+ * h may be x's or the residual's row: each piece is read before it is
+ * written. */
+static inline const void *pn_residual_row(const pn_token_args *a, int64_t r, real *xp, real *rp) {
     const size_t es = pn_dtype_size(a->dtype);
     const int64_t C = a->C;
-    const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
-    const real *res = pn_row_as_real(pn_row(a->residual, a->s.residual, r, a->T, es), a->dtype, buf2, C);
-    void *hrow = pn_row(a->h, a->s.h, r, a->T, es);
-    if (a->dtype == PN_REAL_DTYPE) {
-        real *h = (real *)hrow;
-        for (int64_t i = 0; i < C; i++) h[i] = x[i] + res[i];
-        return h;
+    const char *xrow = (const char *)pn_row(a->inp, a->s.inp, r, a->T, es);
+    const char *rrow = (const char *)pn_row(a->residual, a->s.residual, r, a->T, es);
+    char *hrow = (char *)pn_row(a->h, a->s.h, r, a->T, es);
+    for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
+        const int64_t n = C - i0 < PN_PIECE ? C - i0 : PN_PIECE, off = i0 * (int64_t)es;
+        const real *x = pn_row_as_real(xrow + off, a->dtype, xp, n);
+        const real *res = pn_row_as_real(rrow + off, a->dtype, rp, n);
+        if (a->dtype == PN_REAL_DTYPE) {
+            real *h = (real *)(hrow + off);
+            for (int64_t i = 0; i < n; i++) h[i] = x[i] + res[i];
+        } else {
+            for (int64_t i = 0; i < n; i++) xp[i] = x[i] + res[i];
+            pn_store_row(hrow + off, xp, a->dtype, n);
+        }
     }
-    /* Half precision: the norm must see h as stored, so round it and read it back. */
-    for (int64_t i = 0; i < C; i++) buf[i] = x[i] + res[i];
-    pn_store_row(hrow, buf, a->dtype, C);
-    pn_load_row(buf, hrow, a->dtype, C);
-    return buf;
+    return hrow;
 }
 
 /* Ask for data that comes next while this is computed: rows are read once,
@@ -136,7 +146,6 @@ static inline void pn_write_row(void *dst, const real *y, pn_dtype dt, int64_t C
  * row at once instead stalls the core on its own prefetches. Keep the per-row
  * work in small functions: inlined into one large loop body, GCC allocated
  * registers badly and the same loops ran up to 40% slower. */
-#define PN_PIECE 256
 
 /* Far prefetch. When a call's buffers take more than 3/4 of the last-level
  * cache (which holds other data too), its rows come from memory, and the

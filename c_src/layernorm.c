@@ -39,33 +39,39 @@ static void layernorm_stats_two_pass(const real *x, int64_t C, real *shift, real
  * little cancellation. Taken only when the mean of d is within a std of zero
  * (at most a bit lost) and the float squares neither overflowed nor
  * underflowed; other rows (outliers first, NaN, Inf, extreme magnitudes) go
- * the two-pass way. */
-static void layernorm_stats(const real *x, int64_t C, double inv_C, real *shift, real *m, double *ss) {
-    const real x0 = x[0];
+ * the two-pass way. The row is read in its own dtype (src, dt): a half
+ * precision row is converted block by block as the sums go (simd.h), and
+ * into buf (C reals) only for the two-pass way. */
+static void layernorm_stats(const void *src, pn_dtype dt, int64_t C, double inv_C, real *buf,
+                            real *shift, real *m, double *ss) {
+    real head[16] = {0};   /* (every value set by the conversion; GCC cannot tell) */
     const int64_t k = C < 16 ? C : 16;
+    const real *xh = pn_row_as_real(src, dt, head, k);
+    const real x0 = xh[0];
     real d[16];   /* added as a tree: a chain of 16 additions held up every row */
     if (k == 16)
-        for (int i = 0; i < 16; i++) d[i] = x[i] - x0;
+        for (int i = 0; i < 16; i++) d[i] = xh[i] - x0;
     else
-        for (int i = 0; i < 16; i++) d[i] = i < k ? x[i] - x0 : 0;
+        for (int i = 0; i < 16; i++) d[i] = i < k ? xh[i] - x0 : 0;
     PN_TREE_16(d);
     const real sh = x0 + (k == 16 ? d[0] * (real)0.0625 : d[0] / (real)k);   /* * 1/16: exactly / 16 */
     double sd, ssd;
-    pn_moments_shifted(x, C, sh, &sd, &ssd);
+    pn_moments_shifted_row(src, dt, C, sh, &sd, &ssd);
     const double md = sd * inv_C, q = ssd - sd * md;
     if (md * md * (double)C <= q && (sizeof(real) == sizeof(double) || (q >= 1e-20 && q <= 1e36))) {
         *shift = sh;
         *m = (real)md;
         *ss = q;
     } else {
-        layernorm_stats_two_pass(x, C, shift, m, ss);
+        layernorm_stats_two_pass(pn_row_as_real(src, dt, buf, C), C, shift, m, ss);
     }
 }
 
 /* The row's statistics for y: shift, m (mean = shift + m) and rstd. */
-static real layernorm_row_stats(const real *x, int64_t C, double inv_C, double eps, real *shift, real *m) {
+static real layernorm_row_stats(const void *src, pn_dtype dt, int64_t C, double inv_C, double eps, real *buf,
+                                real *shift, real *m) {
     double ss;
-    layernorm_stats(x, C, inv_C, shift, m, &ss);
+    layernorm_stats(src, dt, C, inv_C, buf, shift, m, &ss);
     return (real)(1 / sqrt(ss * inv_C + eps));
 }
 
@@ -80,19 +86,22 @@ static void layernorm_forward_row(const pn_fwd_call *c, int64_t r) {
     const pn_token_args *a = c->a;
     const int64_t C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
-    real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL, *buf2 = c->wk->nbuf ? pn_work_row(c->wk, 1) : NULL;
-    real *qrow = a->q ? pn_work_row(c->wk, 2) : NULL;   /* quantized output: y of the row */
-    const real *x = c->fused ? pn_residual_row(a, r, buf, buf2)
-                             : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
+    real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL;
+    real *qrow = a->q ? pn_work_row(c->wk, 1) : NULL;   /* quantized output: y of the row */
+    real xp[PN_PIECE], rp[PN_PIECE];
+    /* the row in its dtype (x, or h as stored); half precision is converted piece by piece */
+    const char *src = c->fused ? (const char *)pn_residual_row(a, r, xp, rp)
+                               : (const char *)pn_row(a->inp, a->s.inp, r, a->T, es);
     real shift, m;
-    const real rs = layernorm_row_stats(x, C, c->inv_C, c->eps, &shift, &m);
+    const real rs = layernorm_row_stats(src, a->dtype, C, c->inv_C, c->eps, buf, &shift, &m);
     /* y in pieces: in the output itself, or rounded when written */
     const pn_row_out out = pn_row_out_init(a, r, c->fused, c->stream, c->ahead);
     for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
         const int64_t n = pn_piece_len(C, i0);
         real piece[PN_PIECE], tmp[PN_PIECE];
+        const real *x = pn_row_as_real(src + i0 * (int64_t)es, a->dtype, xp, n);
         real *y = qrow ? qrow + i0 : c->in_place ? (real *)out.dst + i0 : piece;
-        layernorm_y(y, x + i0, shift, m, rs, &c->ep, i0, n);
+        layernorm_y(y, x, shift, m, rs, &c->ep, i0, n);
         if (qrow) pn_prefetch_share(&out.next, i0, n);
         else pn_put_piece(&out, i0, y, n, tmp, c->in_place);
     }
@@ -107,7 +116,9 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
     const int stream = !a->q && rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, a->q ? 3 : a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
+    /* row buffers: 0 for the two-pass statistics of a half precision row,
+     * 1 for the whole row's y of a quantized output */
+    pn_status st = pn_work_init(&wk, a, a->q ? 2 : a->dtype == PN_REAL_DTYPE ? 0 : 1);
     if (st) return st;
     /* y computed in place in the output when it holds reals and is not streamed */
     const pn_fwd_call c = {a, &wk, pn_ahead_rows(a, fused ? 4 : 2, stream), a->eps, 1 / (double)C,
@@ -121,21 +132,28 @@ static pn_status layernorm_forward_rows(const pn_token_args *a, int fused) {
 pn_status PN_KERNEL(layernorm_forward)(const pn_token_args *a) { return layernorm_forward_rows(a, 0); }
 pn_status PN_KERNEL(add_layernorm_forward)(const pn_token_args *a) { return layernorm_forward_rows(a, 1); }
 
-/* A row's sums for dx: sum(g) and sum(g * xhat), g = dy * w, in fixed-order lanes. */
-static void layernorm_backward_sums(const real *x, const real *dy, const real *w, real mean, real rstd,
-                                    int64_t C, real *sum_g, real *sum_gx) {
-    real sg[PN_LANES] = {0}, sgx[PN_LANES] = {0};
-    int64_t i = 0;
-    for (; i + PN_LANES <= C; i += PN_LANES)
-        for (int j = 0; j < PN_LANES; j++) {
-            real g = dy[i + j] * w[i + j], xhat = (x[i + j] - mean) * rstd;
+/* A row's sums for dx: sum(g) and sum(g * xhat), g = dy * w, in fixed-order
+ * lanes. x and dy are read in their dtype (half precision converted block by
+ * block, as in simd.h: the lanes and their order are those of the whole row). */
+static void layernorm_backward_sums(const void *xs, const void *dys, pn_dtype dt, const real *w, real mean,
+                                    real rstd, int64_t C, real *sum_g, real *sum_gx) {
+    real sg[PN_LANES] = {0}, sgx[PN_LANES] = {0}, xblk[PN_BLOCK], dyblk[PN_BLOCK];
+    for (int64_t i0 = 0; i0 < C; i0 += PN_BLOCK) {
+        const int64_t m = C - i0 < PN_BLOCK ? C - i0 : PN_BLOCK;
+        const real *x = pn_block_as_real(xs, dt, i0, m, xblk), *dy = pn_block_as_real(dys, dt, i0, m, dyblk);
+        const real *wb = w + i0;
+        int64_t i = 0;
+        for (; i + PN_LANES <= m; i += PN_LANES)
+            for (int j = 0; j < PN_LANES; j++) {
+                real g = dy[i + j] * wb[i + j], xhat = (x[i + j] - mean) * rstd;
+                sg[j] += g;
+                sgx[j] += g * xhat;
+            }
+        for (int j = 0; i + j < m; j++) {
+            real g = dy[i + j] * wb[i + j], xhat = (x[i + j] - mean) * rstd;
             sg[j] += g;
             sgx[j] += g * xhat;
         }
-    for (int j = 0; i + j < C; j++) {
-        real g = dy[i + j] * w[i + j], xhat = (x[i + j] - mean) * rstd;
-        sg[j] += g;
-        sgx[j] += g * xhat;
     }
     *sum_g = pn_lanes_total(sg);
     *sum_gx = pn_lanes_total(sgx);
@@ -185,7 +203,7 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
     const int64_t pstride = 2 * ((C + 15) & ~(int64_t)15);   /* dw partial, then db partial */
     real *part = params ? pn_scratch_reals(a->scratch) : NULL;
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, 2);
+    pn_status st = pn_work_init(&wk, a, 0);   /* rows are read in their dtype: no row buffers */
     if (st) return st;
     const real *w = wk.w;
     const real *mean = (const real *)a->mean, *rstd = (const real *)a->rstd;
@@ -196,13 +214,12 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
     /* Chunks of consecutive rows; each chunk's dw/db partial is its own. */
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t c = 0; c < nchunks; c++) {
-        real *xb = pn_work_row(&wk, 0), *dyb = pn_work_row(&wk, 1);
         real *dw = params ? part + c * pstride : NULL, *db = params ? dw + pstride / 2 : NULL;
         if (params) for (int64_t i = 0; i < pstride; i++) dw[i] = 0;
         const int64_t r1 = (c + 1) * per < rows ? (c + 1) * per : rows;
         for (int64_t r = c * per; r < r1; r++) {
-            const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
-            const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
+            const char *xs = (const char *)pn_row(a->inp, a->s.inp, r, a->T, es);
+            const char *dys = (const char *)pn_row(a->dout, a->s.dout, r, a->T, es);
             real hi, lo, rs, mg, mgx;
             if (sh) {
                 pn_shard_split(sh->mean[r], &hi, &lo);
@@ -211,7 +228,7 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
                 mgx = (real)(sh->sums[2 * r + 1] * inv_total);
             } else {
                 hi = mean[r], lo = 0, rs = rstd[r];
-                layernorm_backward_sums(x, dy, w, hi, rs, C, &mg, &mgx);
+                layernorm_backward_sums(xs, dys, a->dtype, w, hi, rs, C, &mg, &mgx);
                 mg *= invC;
                 mgx *= invC;
             }
@@ -219,9 +236,11 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
             const pn_next_rows next = pn_next_rows_after(a, r, r1, a->dout, a->s.dout, ahead, a->dinp, a->s.dinp);
             for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
                 const int64_t n = pn_piece_len(C, i0);
-                real piece[PN_PIECE], tmp[PN_PIECE];
+                real piece[PN_PIECE], tmp[PN_PIECE], xp[PN_PIECE], dyp[PN_PIECE];
+                const real *x = pn_row_as_real(xs + i0 * (int64_t)es, a->dtype, xp, n);
+                const real *dy = pn_row_as_real(dys + i0 * (int64_t)es, a->dtype, dyp, n);
                 real *dx = a->dinp ? pn_dx_piece(a, r, i0, piece, stream) : NULL;
-                layernorm_backward_piece(dx, dw ? dw + i0 : NULL, db ? db + i0 : NULL, x + i0, dy + i0, w + i0,
+                layernorm_backward_piece(dx, dw ? dw + i0 : NULL, db ? db + i0 : NULL, x, dy, w + i0,
                                          hi, lo, rs, mg, mgx, n);
                 if (dx) pn_finish_dx_piece(a, r, i0, dx, n, tmp, stream);
                 pn_prefetch_share(&next, i0, n);

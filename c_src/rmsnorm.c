@@ -16,10 +16,12 @@
 
 /* 1/sqrt(mean(x^2) + eps): squares in the compute type, again in double where
  * a float square may have overflowed or lost its bits (sums beyond 1e36 or
- * below 1e-20, NaN and Inf among them). */
-static real rmsnorm_rstd(const real *x, int64_t C, double inv_C, double eps) {
-    double ss = pn_sumsq_folded(x, C);
-    if (sizeof(real) < sizeof(double) && !(ss >= 1e-20 && ss <= 1e36)) ss = pn_sumsq(x, C);
+ * below 1e-20, NaN and Inf among them). The row is read in its own dtype
+ * (src, dt: half precision converted block by block, simd.h), and converted
+ * into buf (C reals) only for the sum in double. */
+static real rmsnorm_rstd(const void *src, pn_dtype dt, int64_t C, double inv_C, double eps, real *buf) {
+    double ss = pn_sumsq_folded_row(src, dt, C);
+    if (sizeof(real) < sizeof(double) && !(ss >= 1e-20 && ss <= 1e36)) ss = pn_sumsq(pn_row_as_real(src, dt, buf, C), C);
     return (real)(1 / sqrt(ss * inv_C + eps));
 }
 
@@ -33,18 +35,21 @@ static void rmsnorm_forward_row(const pn_fwd_call *c, int64_t r) {
     const pn_token_args *a = c->a;
     const int64_t C = a->C;
     const size_t es = pn_dtype_size(a->dtype);
-    real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL, *buf2 = c->wk->nbuf ? pn_work_row(c->wk, 1) : NULL;
-    real *qrow = a->q ? pn_work_row(c->wk, 2) : NULL;   /* quantized output: y of the row */
-    const real *x = c->fused ? pn_residual_row(a, r, buf, buf2)
-                             : pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, buf, C);
-    const real rs = rmsnorm_rstd(x, C, c->inv_C, c->eps);
+    real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL;
+    real *qrow = a->q ? pn_work_row(c->wk, 1) : NULL;   /* quantized output: y of the row */
+    real xp[PN_PIECE], rp[PN_PIECE];
+    /* the row in its dtype (x, or h as stored); half precision is converted piece by piece */
+    const char *src = c->fused ? (const char *)pn_residual_row(a, r, xp, rp)
+                               : (const char *)pn_row(a->inp, a->s.inp, r, a->T, es);
+    const real rs = rmsnorm_rstd(src, a->dtype, C, c->inv_C, c->eps, buf);
     /* y in pieces: in the output itself, or rounded when written */
     const pn_row_out out = pn_row_out_init(a, r, c->fused, c->stream, c->ahead);
     for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
         const int64_t n = pn_piece_len(C, i0);
         real piece[PN_PIECE], tmp[PN_PIECE];
+        const real *x = pn_row_as_real(src + i0 * (int64_t)es, a->dtype, xp, n);
         real *y = qrow ? qrow + i0 : c->in_place ? (real *)out.dst + i0 : piece;
-        rmsnorm_y(y, x + i0, rs, &c->ep, i0, n);
+        rmsnorm_y(y, x, rs, &c->ep, i0, n);
         if (qrow) pn_prefetch_share(&out.next, i0, n);
         else pn_put_piece(&out, i0, y, n, tmp, c->in_place);
     }
@@ -57,7 +62,9 @@ static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
     const int64_t rows = a->B * a->T, C = a->C;
     const int stream = !a->q && rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, a->q ? 3 : a->dtype == PN_REAL_DTYPE && !fused ? 0 : 2);
+    /* row buffers: 0 for the double sum of a half precision row, 1 for the
+     * whole row's y of a quantized output */
+    pn_status st = pn_work_init(&wk, a, a->q ? 2 : a->dtype == PN_REAL_DTYPE ? 0 : 1);
     if (st) return st;
     /* y computed in place in the output when it holds reals and is not streamed */
     const pn_fwd_call c = {a, &wk, pn_ahead_rows(a, fused ? 4 : 2, stream), a->eps, 1 / (double)C,
@@ -71,13 +78,19 @@ static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
 pn_status PN_KERNEL(rmsnorm_forward)(const pn_token_args *a) { return rmsnorm_forward_rows(a, 0); }
 pn_status PN_KERNEL(add_rmsnorm_forward)(const pn_token_args *a) { return rmsnorm_forward_rows(a, 1); }
 
-/* A row's sum for dx: sum(g * xhat), g = dy * w, in fixed-order lanes. */
-static real rmsnorm_backward_sum(const real *x, const real *dy, const real *w, real rstd, int64_t C) {
-    real sgx[PN_LANES] = {0};
-    int64_t i = 0;
-    for (; i + PN_LANES <= C; i += PN_LANES)
-        for (int j = 0; j < PN_LANES; j++) sgx[j] += dy[i + j] * w[i + j] * (x[i + j] * rstd);
-    for (int j = 0; i + j < C; j++) sgx[j] += dy[i + j] * w[i + j] * (x[i + j] * rstd);
+/* A row's sum for dx: sum(g * xhat), g = dy * w, in fixed-order lanes; x and
+ * dy read in their dtype, block by block (the lanes of the whole row). */
+static real rmsnorm_backward_sum(const void *xs, const void *dys, pn_dtype dt, const real *w, real rstd, int64_t C) {
+    real sgx[PN_LANES] = {0}, xblk[PN_BLOCK], dyblk[PN_BLOCK];
+    for (int64_t i0 = 0; i0 < C; i0 += PN_BLOCK) {
+        const int64_t m = C - i0 < PN_BLOCK ? C - i0 : PN_BLOCK;
+        const real *x = pn_block_as_real(xs, dt, i0, m, xblk), *dy = pn_block_as_real(dys, dt, i0, m, dyblk);
+        const real *wb = w + i0;
+        int64_t i = 0;
+        for (; i + PN_LANES <= m; i += PN_LANES)
+            for (int j = 0; j < PN_LANES; j++) sgx[j] += dy[i + j] * wb[i + j] * (x[i + j] * rstd);
+        for (int j = 0; i + j < m; j++) sgx[j] += dy[i + j] * wb[i + j] * (x[i + j] * rstd);
+    }
     return pn_lanes_total(sgx);
 }
 
@@ -115,7 +128,7 @@ pn_status PN_KERNEL(rmsnorm_backward_rows)(const pn_token_args *a, const pn_shar
     const int64_t pstride = (C + 15) & ~(int64_t)15;
     real *part = params ? pn_scratch_reals(a->scratch) : NULL;
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, 2);
+    pn_status st = pn_work_init(&wk, a, 0);   /* rows are read in their dtype: no row buffers */
     if (st) return st;
     const real *w = wk.w;
     const real *rstd = (const real *)a->rstd;
@@ -126,28 +139,29 @@ pn_status PN_KERNEL(rmsnorm_backward_rows)(const pn_token_args *a, const pn_shar
     /* Chunks of consecutive rows; each chunk's dw partial is its own. */
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t c = 0; c < nchunks; c++) {
-        real *xb = pn_work_row(&wk, 0), *dyb = pn_work_row(&wk, 1);
         real *dw = params ? part + c * pstride : NULL;
         if (params) for (int64_t i = 0; i < pstride; i++) dw[i] = 0;
         const int64_t r1 = (c + 1) * per < rows ? (c + 1) * per : rows;
         for (int64_t r = c * per; r < r1; r++) {
-            const real *x = pn_row_as_real(pn_row(a->inp, a->s.inp, r, a->T, es), a->dtype, xb, C);
-            const real *dy = pn_row_as_real(pn_row(a->dout, a->s.dout, r, a->T, es), a->dtype, dyb, C);
+            const char *xs = (const char *)pn_row(a->inp, a->s.inp, r, a->T, es);
+            const char *dys = (const char *)pn_row(a->dout, a->s.dout, r, a->T, es);
             real rs, mgx;
             if (sh) {
                 rs = (real)sh->rstd[r];
                 mgx = (real)(sh->sums[r] * inv_total);
             } else {
                 rs = rstd[r];
-                mgx = rmsnorm_backward_sum(x, dy, w, rs, C) * invC;
+                mgx = rmsnorm_backward_sum(xs, dys, a->dtype, w, rs, C) * invC;
             }
             /* in pieces, each prefetching the same share of the next rows' x and dy (and dx) */
             const pn_next_rows next = pn_next_rows_after(a, r, r1, a->dout, a->s.dout, ahead, a->dinp, a->s.dinp);
             for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
                 const int64_t n = pn_piece_len(C, i0);
-                real piece[PN_PIECE], tmp[PN_PIECE];
+                real piece[PN_PIECE], tmp[PN_PIECE], xp[PN_PIECE], dyp[PN_PIECE];
+                const real *x = pn_row_as_real(xs + i0 * (int64_t)es, a->dtype, xp, n);
+                const real *dy = pn_row_as_real(dys + i0 * (int64_t)es, a->dtype, dyp, n);
                 real *dx = a->dinp ? pn_dx_piece(a, r, i0, piece, stream) : NULL;
-                rmsnorm_backward_piece(dx, dw ? dw + i0 : NULL, x + i0, dy + i0, w + i0, rs, mgx, n);
+                rmsnorm_backward_piece(dx, dw ? dw + i0 : NULL, x, dy, w + i0, rs, mgx, n);
                 if (dx) pn_finish_dx_piece(a, r, i0, dx, n, tmp, stream);
                 pn_prefetch_share(&next, i0, n);
             }

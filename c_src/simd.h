@@ -11,6 +11,8 @@
 
 #include <stdint.h>
 
+#include "dtype.h"   /* rows of half precision read block by block */
+
 #define PN_LANES 64
 
 /* The fixed tree: lane j adds lane j + w for w = 32, 16, ..., 1. The steps
@@ -98,43 +100,77 @@ static inline double pn_dlanes_total(double *t) {
     return t[0];
 }
 
-static inline void pn_moments_shifted(const real *x, int64_t n, real shift, double *sum, double *sumsq) {
-    real a1[PN_LANES] = {0}, a2[PN_LANES] = {0};
+/* Rows in another dtype than `real` (half precision) are summed straight
+ * from their own storage: each block of PN_BLOCK_VECS * PN_LANES values is
+ * converted into a buffer on the stack (4 KiB of float, in L1) and summed
+ * from there. The lanes, blocks and flushes are those of the converted row,
+ * so the sums have the bits they have on a converted row, while the row
+ * needs no row-sized buffer of reals that competes with w and b for L1. */
+#define PN_BLOCK (PN_BLOCK_VECS * PN_LANES)
+
+/* the values [i, i + n) of row src (dtype dt) as reals: in place when the
+ * row holds reals, else converted into blk */
+static inline const real *pn_block_as_real(const void *src, pn_dtype dt, int64_t i, int64_t n, real *blk) {
+    return pn_row_as_real((const char *)src + i * (int64_t)pn_dtype_size(dt), dt, blk, n);
+}
+
+/* pn_moments_shifted on row src of dtype dt */
+static inline void pn_moments_shifted_row(const void *src, pn_dtype dt, int64_t n, real shift,
+                                          double *sum, double *sumsq) {
+    real a1[PN_LANES] = {0}, a2[PN_LANES] = {0}, blk[PN_BLOCK];
     double t1[PN_DLANES] = {0}, t2[PN_DLANES] = {0};
     int64_t i = 0;
-    for (; i + PN_BLOCK_VECS * PN_LANES <= n; i += PN_BLOCK_VECS * PN_LANES) {
+    for (; i + PN_BLOCK <= n; i += PN_BLOCK) {
+        const real *x = pn_block_as_real(src, dt, i, PN_BLOCK, blk);
         for (int v = 0; v < PN_BLOCK_VECS; v++)
-            for (int j = 0; j < PN_LANES; j++) { real d = x[i + v * PN_LANES + j] - shift; a1[j] += d; a2[j] += d * d; }
+            for (int j = 0; j < PN_LANES; j++) { real d = x[v * PN_LANES + j] - shift; a1[j] += d; a2[j] += d * d; }
         pn_flush_lanes(t1, a1);
         pn_flush_lanes(t2, a2);
     }
-    for (; i + PN_LANES <= n; i += PN_LANES)
-        for (int j = 0; j < PN_LANES; j++) { real d = x[i + j] - shift; a1[j] += d; a2[j] += d * d; }
-    for (int j = 0; i + j < n; j++) { real d = x[i + j] - shift; a1[j] += d; a2[j] += d * d; }
+    if (i < n) {
+        const int64_t m = n - i;
+        const real *x = pn_block_as_real(src, dt, i, m, blk);
+        int64_t k = 0;
+        for (; k + PN_LANES <= m; k += PN_LANES)
+            for (int j = 0; j < PN_LANES; j++) { real d = x[k + j] - shift; a1[j] += d; a2[j] += d * d; }
+        for (int j = 0; k + j < m; j++) { real d = x[k + j] - shift; a1[j] += d; a2[j] += d * d; }
+    }
     pn_flush_lanes(t1, a1);
     pn_flush_lanes(t2, a2);
     *sum = pn_dlanes_total(t1);
     *sumsq = pn_dlanes_total(t2);
 }
 
+static inline void pn_moments_shifted(const real *x, int64_t n, real shift, double *sum, double *sumsq) {
+    pn_moments_shifted_row(x, PN_REAL_DTYPE, n, shift, sum, sumsq);
+}
+
 /* sum of x[i]^2 the same way: squares and blocks in the compute type, folded
  * into double lanes; no conversions, and twice the values per vector of
  * pn_sumsq. Float squares overflow above 1.8e19 and lose bits below 1e-19,
  * so a caller checks the sum's range and falls back to pn_sumsq. */
-static inline double pn_sumsq_folded(const real *x, int64_t n) {
-    real a[PN_LANES] = {0};
+static inline double pn_sumsq_folded_row(const void *src, pn_dtype dt, int64_t n) {
+    real a[PN_LANES] = {0}, blk[PN_BLOCK];
     double t[PN_DLANES] = {0};
     int64_t i = 0;
-    for (; i + PN_BLOCK_VECS * PN_LANES <= n; i += PN_BLOCK_VECS * PN_LANES) {
+    for (; i + PN_BLOCK <= n; i += PN_BLOCK) {
+        const real *x = pn_block_as_real(src, dt, i, PN_BLOCK, blk);
         for (int v = 0; v < PN_BLOCK_VECS; v++)
-            for (int j = 0; j < PN_LANES; j++) { real d = x[i + v * PN_LANES + j]; a[j] += d * d; }
+            for (int j = 0; j < PN_LANES; j++) { real d = x[v * PN_LANES + j]; a[j] += d * d; }
         pn_flush_lanes(t, a);
     }
-    for (; i + PN_LANES <= n; i += PN_LANES)
-        for (int j = 0; j < PN_LANES; j++) { real d = x[i + j]; a[j] += d * d; }
-    for (int j = 0; i + j < n; j++) { real d = x[i + j]; a[j] += d * d; }
+    if (i < n) {
+        const int64_t m = n - i;
+        const real *x = pn_block_as_real(src, dt, i, m, blk);
+        int64_t k = 0;
+        for (; k + PN_LANES <= m; k += PN_LANES)
+            for (int j = 0; j < PN_LANES; j++) { real d = x[k + j]; a[j] += d * d; }
+        for (int j = 0; k + j < m; j++) { real d = x[k + j]; a[j] += d * d; }
+    }
     pn_flush_lanes(t, a);
     return pn_dlanes_total(t);
 }
+
+static inline double pn_sumsq_folded(const real *x, int64_t n) { return pn_sumsq_folded_row(x, PN_REAL_DTYPE, n); }
 
 #endif /* PYNORM_SIMD_H */

@@ -500,11 +500,34 @@ def add_malloc_argument(parser):
                              "against kernel), as-is (depends on the process's history)")
 
 
-def benchmark_cases(quick):
-    """[(Op, dtype, shape)]: every op in float32 at every shape, plus half types."""
+# LLM token norms: bf16 and f16 rows of LLM_TOKENS tokens at the hidden sizes of
+# decoder models. The default run has the few rows of LLM_DEFAULT; --llm all runs
+# every hidden size, dtype and op of LLM_OPS (60 rows per thread count, minutes).
+LLM_HIDDEN = (2048, 2560, 4096, 5120, 8192)
+LLM_TOKENS, QUICK_LLM_TOKENS = 4096, 256
+LLM_OPS = ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "layer_norm_fwd_bwd", "rms_norm_fwd_bwd")
+LLM_DEFAULT = [(BF16, 4096, "rms_norm"), (BF16, 4096, "add_rms_norm"), (BF16, 4096, "rms_norm_fwd_bwd"),
+               (F16, 2560, "layer_norm"), (F16, 2560, "add_layer_norm"), (BF16, 8192, "layer_norm_fwd_bwd")]
+LLM_CHOICES = ("few", "all", "none")
+
+
+def llm_cases(quick, llm="few"):
+    """[(Op, dtype, shape)] of the LLM rows: LLM_DEFAULT (few), the whole grid (all) or none."""
+    tokens = QUICK_LLM_TOKENS if quick else LLM_TOKENS
+    if llm == "all":
+        picked = [(dtype, hidden, key) for hidden in LLM_HIDDEN for dtype in (BF16, F16) for key in LLM_OPS]
+    else:
+        picked = LLM_DEFAULT if llm == "few" else []
+    return [(OPS_BY_KEY[key], dtype, (tokens, hidden)) for dtype, hidden, key in picked]
+
+
+def benchmark_cases(quick, llm="few"):
+    """[(Op, dtype, shape)]: every op in float32 at every shape, plus half types
+    (LayerNorm at HALF_SHAPE, and the LLM rows of llm_cases)."""
     shapes, half_shape = (QUICK_SHAPES, QUICK_HALF_SHAPE) if quick else (SHAPES, HALF_SHAPE)
     cases = [(op, F32, shape) for shape in shapes for op in OPS]
     cases += [(OPS_BY_KEY["layer_norm"], dtype, half_shape) for dtype in (BF16, F16)]
+    cases += [case for case in llm_cases(quick, llm) if case not in cases]
     cases += [(OPS_BY_KEY[key], dtype, shape) for dtype, shape in CALL_CASES
               for key in ("layer_norm", "layer_norm_out")]
     return cases
@@ -791,6 +814,11 @@ def parse_args(argv):
                    help="which rows to run: token (LayerNorm, RMSNorm), spatial (GroupNorm, "
                         "BatchNorm), torch (pynorm.torch modules and transformer blocks; "
                         "needs torch) (default: all)")
+    p.add_argument("--llm", choices=LLM_CHOICES, default="few",
+                   help="token suite's bf16/f16 rows at LLM hidden sizes "
+                        f"({', '.join(map(str, LLM_HIDDEN))}; {LLM_TOKENS} tokens): few (default: "
+                        f"{len(LLM_DEFAULT)} rows), all (every size, dtype and op: "
+                        f"{len(LLM_HIDDEN) * 2 * len(LLM_OPS)} rows per thread count), none")
     add_malloc_argument(p)
     return p.parse_args(argv)
 
@@ -856,7 +884,7 @@ def main(argv=None):
         copy_start = measure_copy_bandwidth(args.threads, torch_mod, progress)
         rows = []
         if "token" in args.suites:
-            rows += run_benchmark(benchmark_cases(args.quick), args.threads, baseline, torch_mod,
+            rows += run_benchmark(benchmark_cases(args.quick, args.llm), args.threads, baseline, torch_mod,
                                   warmup, repeats, progress, adjacent=not args.quick)
         if "spatial" in args.suites:
             rows += bench_spatial.run_spatial_benchmark(args.threads, baseline, torch_mod, warmup,

@@ -185,5 +185,24 @@ def test_copy_fractions():
     assert [round(r["pct_peak"]) for r in rows] == [60, 60, 80]
 
 
+@pytest.mark.parametrize("llm", ["few", "all", "none"])
+def test_llm_rows(llm):
+    """--llm picks the bf16/f16 rows at LLM hidden sizes: a few by default, the whole
+    grid (every hidden size, dtype and op) with all, none with none; the rows of
+    the rest of the token suite stay as they are."""
+    from pynorm.bench import LLM_DEFAULT, LLM_HIDDEN, LLM_OPS, LLM_TOKENS, benchmark_cases
+    cases = benchmark_cases(False, llm)
+    got = {(op.key, dtype.name, shape) for op, dtype, shape in cases if shape[0] == LLM_TOKENS
+           and shape[1] in LLM_HIDDEN and dtype.name in ("bfloat16", "float16")}
+    grid = {(key, dtype, (LLM_TOKENS, hidden)) for key in LLM_OPS for dtype in ("bfloat16", "float16")
+            for hidden in LLM_HIDDEN}
+    few = {(key, dtype.name, (LLM_TOKENS, hidden)) for dtype, hidden, key in LLM_DEFAULT}
+    half_rows = {("layer_norm", dtype, (4096, 4096)) for dtype in ("bfloat16", "float16")}
+    expected = {"all": grid, "few": few | half_rows, "none": half_rows}[llm]
+    assert got == expected, f"--llm {llm}: rows {sorted(got ^ expected)} differ"
+    assert len(cases) == len(set(cases)), "no row twice"
+    assert len(benchmark_cases(False, "none")) + len(expected - half_rows) == len(cases)
+
+
 def test_copy_bandwidth_positive():
     assert pynorm.copy_bandwidth(nbytes=1 << 22, repeats=2) > 0

@@ -1,9 +1,10 @@
 /* test_isa.c - the library promises the same bits for every instruction set
  * it picks (and for every compiler that builds it). This program runs a fixed
  * set of cases (every token-norm op, dtype, weight dtype, a few shapes and
- * layouts, a row with NaN/Inf; GroupNorm and training BatchNorm, forward and
- * backward, in both layouts) and hashes every output bit (NaN payloads
- * canonicalized).
+ * layouts, a row with NaN/Inf, half-precision rows of conversion edge values;
+ * GroupNorm and training BatchNorm, forward and backward, in both layouts) and
+ * hashes every output bit (NaN payloads canonicalized, except in h of the
+ * edge-value cases, where they must agree too).
  *
  *   test_isa write FILE          one "case hash" line per case, under the ISA
  *                                the library picked (set PYNORM_ISA to force)
@@ -66,17 +67,52 @@ typedef struct {
     int layout;
     int nonfinite;
     int big; /* outputs of 8 MiB and more (streamed): f32 and f64 only, weights only */
+    int edge; /* half precision: conversion edge values (see fill_edge); skipped for other dtypes */
 } cfg_t;
 
 static const cfg_t cfgs[] = {
-    {1, 1, 1, TU_DENSE, 0, 0},     {3, 5, 3, TU_DENSE, 0, 0},      {1, 7, 7, TU_PADDED, 0, 0},
-    {2, 3, 15, TU_DENSE, 0, 0},    {2, 3, 16, TU_DENSE, 0, 0},     {2, 3, 17, TU_NEGATIVE, 0, 0},
-    {3, 1, 31, TU_DENSE, 0, 0},    {1, 3, 33, TU_DENSE, 0, 0},     {3, 3, 64, TU_EXPLICIT, 0, 0},
-    {2, 2, 65, TU_DENSE, 0, 0},    {1, 5, 127, TU_DENSE, 0, 0},    {3, 5, 768, TU_DENSE, 0, 0},
-    {3, 5, 768, TU_NEGATIVE, 0, 0}, {1, 3, 4097, TU_DENSE, 0, 0},  {5, 3, 4097, TU_PADDED, 0, 0},
-    {2, 1, 16384, TU_DENSE, 0, 0}, {1, 4, 300, TU_DENSE, 1, 0},    {7, 143, 64, TU_DENSE, 0, 0},
-    {4, 129, 4097, TU_DENSE, 0, 1}, {4, 129, 4097, TU_NEGATIVE, 0, 1},
+    {1, 1, 1, TU_DENSE, 0, 0, 0},     {3, 5, 3, TU_DENSE, 0, 0, 0},      {1, 7, 7, TU_PADDED, 0, 0, 0},
+    {2, 3, 15, TU_DENSE, 0, 0, 0},    {2, 3, 16, TU_DENSE, 0, 0, 0},     {2, 3, 17, TU_NEGATIVE, 0, 0, 0},
+    {3, 1, 31, TU_DENSE, 0, 0, 0},    {1, 3, 33, TU_DENSE, 0, 0, 0},     {3, 3, 64, TU_EXPLICIT, 0, 0, 0},
+    {2, 2, 65, TU_DENSE, 0, 0, 0},    {1, 5, 127, TU_DENSE, 0, 0, 0},    {3, 5, 768, TU_DENSE, 0, 0, 0},
+    {3, 5, 768, TU_NEGATIVE, 0, 0, 0}, {1, 3, 4097, TU_DENSE, 0, 0, 0},  {5, 3, 4097, TU_PADDED, 0, 0, 0},
+    {2, 1, 16384, TU_DENSE, 0, 0, 0}, {1, 4, 300, TU_DENSE, 1, 0, 0},    {7, 143, 64, TU_DENSE, 0, 0, 0},
+    {4, 129, 4097, TU_DENSE, 0, 1, 0}, {4, 129, 4097, TU_NEGATIVE, 0, 1, 0},
+    {2, 4, 1500, TU_DENSE, 0, 0, 1}, {1, 3, 37, TU_PADDED, 0, 0, 1},
 };
+
+static int is_half(pn_dtype dt) { return dt == PN_FLOAT16 || dt == PN_BFLOAT16; }
+
+/* Conversion edge values in a half-precision buffer, as raw bits: every bit
+ * pattern is as likely, so rows hold subnormals, the largest finite values
+ * (whose sums overflow to Inf when rounded), values whose float sums fall
+ * exactly halfway between two halves (ties to even), zeros of both signs,
+ * and, where `specials`, Inf and NaNs with every payload. Rows of such values
+ * also take the statistics' fallback paths (squares beyond float's range). */
+static void fill_edge(tu_buf *b, tu_rng *rng, int specials)
+{
+    const uint16_t expmask = b->dt == PN_FLOAT16 ? 0x7c00 : 0x7f80;
+    int64_t N = b->B * b->T, n, k;
+    for (n = 0; n < N; n++)
+        for (k = 0; k < b->C; k++) {
+            uint16_t v = (uint16_t)(tu_next(rng) >> 48);
+            if (!specials && (v & expmask) == expmask) v ^= (uint16_t)(expmask & (expmask >> 1)); /* finite */
+            memcpy(b->mem + tu_idx(b, n / b->T, n % b->T, k) * (int64_t)b->es, &v, 2);
+        }
+}
+
+/* Hashes every bit of the rows, NaN payloads included (h of a fused
+ * forward: x + residual rounded, where only x holds NaNs, so the payload is
+ * x's, quieted, under every ISA). */
+static void hash_buf_raw(hash_t *h, const tu_buf *b)
+{
+    int64_t N = b->B * b->T, n, k;
+    if (!b->mem)
+        return;
+    for (n = 0; n < N; n++)
+        for (k = 0; k < b->C; k++)
+            hash_bytes(h, b->mem + tu_idx(b, n / b->T, n % b->T, k) * (int64_t)b->es, b->es);
+}
 
 typedef struct {
     pn_dtype dt, wdt;
@@ -120,6 +156,15 @@ static uint64_t run_case(int op, const cfg_t *c, pn_dtype dt, pn_dtype wdt, int 
     if (b.mem) tu_fill_normal(&b, &rng, 0.0, 0.4);
     r = fused ? tu_buf_layout(c->layout, 2, 1, B, T, C, dt) : tu_buf_none();
     if (fused) tu_fill_normal(&r, &rng, 0.0, 1.0);
+    if (c->edge) {   /* NaN and Inf in x's first row only: the other rows keep finite statistics */
+        fill_edge(&x, &rng, 0);
+        for (n = 0; n < C; n++) {
+            uint16_t v = (uint16_t)(tu_next(&rng) >> 48);
+            if (n % 3 == 0) v |= dt == PN_FLOAT16 ? 0x7c00 : 0x7f80;   /* Inf or a NaN */
+            memcpy(x.mem + tu_idx(&x, 0, 0, n) * (int64_t)x.es, &v, 2);
+        }
+        if (fused) fill_edge(&r, &rng, 0);
+    }
     y = bwd ? tu_buf_none() : tu_buf_layout(c->layout, 1, 0, B, T, C, dt);
     h = fused ? tu_buf_layout(c->layout, 3, 0, B, T, C, dt) : tu_buf_none();
     mean = rms ? tu_buf_none() : tu_buf_vec(N, sdt);
@@ -183,7 +228,8 @@ static uint64_t run_case(int op, const cfg_t *c, pn_dtype dt, pn_dtype wdt, int 
             break;
         }
         hash_buf(&hh, &y);
-        hash_buf(&hh, &h);
+        if (c->edge) hash_buf_raw(&hh, &h);
+        else hash_buf(&hh, &h);
         hash_buf(&hh, &mean);
         hash_buf(&hh, &rstd);
     }
@@ -312,13 +358,15 @@ static int do_write(const char *path)
                     uint64_t hv;
                     if (c->big && (tu_quick() || !wi || (dtypes[di].dt != PN_FLOAT32 && dtypes[di].wdt != PN_FLOAT64)))
                         continue;
+                    if (c->edge && !is_half(dtypes[di].dt))
+                        continue;
                     hv = run_case(op, c, dtypes[di].dt, dtypes[di].wdt, wi);
                     if (hv == 0) zero++;
                     ncases++;
                     fprintf(f, "%s %s/%s B=%lld T=%lld C=%lld %s%s %s %016llx\n", op_names[op],
                             tu_dtype_name(dtypes[di].dt), tu_dtype_name(dtypes[di].wdt),
                             (long long)c->B, (long long)c->T, (long long)c->C,
-                            tu_layout_name(c->layout), c->nonfinite ? "+nan" : "",
+                            tu_layout_name(c->layout), c->nonfinite ? "+nan" : c->edge ? "+edge" : "",
                             wi ? "w" : "no-w", (unsigned long long)hv);
                 }
     for (op = 0; op < SP_N; op++)
