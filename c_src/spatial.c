@@ -850,8 +850,9 @@ static inline int64_t pn_sp_nhwc_piece_rows(const pn_sp_nhwc *h, int64_t set, in
  * fixed by the sizes alone. */
 #define PN_SP_CB ((int)(128 / sizeof(real)))   /* channels per block: two cache lines */
 
-static inline void pn_sp_colsum_block(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
-                                      const real *sh, const real *mv, real *out, real *out2) {
+static PN_ALWAYS_INLINE void pn_sp_colsum_block(int kind, pn_dtype dt, const char *x, const char *dy, int64_t nr,
+                                                int64_t C, const real *sh, const real *mv, real *out, real *out2) {
+    const int64_t rs = C * (int64_t)pn_dtype_size(dt);   /* bytes per row */
     real a0[PN_SP_CB], a1[PN_SP_CB], a2[PN_SP_CB], a3[PN_SP_CB];
     real b0[PN_SP_CB], b1[PN_SP_CB], b2[PN_SP_CB], b3[PN_SP_CB];
     real s[PN_SP_CB], m[PN_SP_CB];
@@ -861,12 +862,27 @@ static inline void pn_sp_colsum_block(int kind, const real *x, const real *dy, i
         m[j] = kind == 1 ? mv[j] : 0;
     }
     int64_t r = 0;
+    /* the block's values of a row as reals: in place, or converted in registers */
+#define PN_SP_ROW(v, base, row)                                                                \
+    real v##_c[PN_SP_CB];                                                                      \
+    const real *v = (const real *)((base) + (row) * rs);                                       \
+    if (dt != PN_REAL_DTYPE) { pn_sp_load_run(v##_c, (base) + (row) * rs, dt, PN_SP_CB); v = v##_c; }
 #define PN_SP_TERM(acc, bcc, row)                                                              \
-    for (int j = 0; j < PN_SP_CB; j++) {                                                       \
-        const real d = (x[(row) * C + j] - s[j]) - m[j];                                       \
-        if (kind == 0) acc[j] += d;                                                            \
-        else if (kind == 1) acc[j] += d * d;                                                   \
-        else { acc[j] += dy[(row) * C + j]; bcc[j] += dy[(row) * C + j] * d; }                 \
+    {                                                                                          \
+        PN_SP_ROW(xv, x, row)                                                                  \
+        if (kind == 2) {                                                                       \
+            PN_SP_ROW(dv, dy, row)                                                             \
+            for (int j = 0; j < PN_SP_CB; j++) {                                               \
+                acc[j] += dv[j];                                                               \
+                bcc[j] += dv[j] * (xv[j] - s[j]);                                              \
+            }                                                                                  \
+        } else {                                                                               \
+            for (int j = 0; j < PN_SP_CB; j++) {                                               \
+                const real d = (xv[j] - s[j]) - m[j];                                          \
+                if (kind == 0) acc[j] += d;                                                    \
+                else acc[j] += d * d;                                                          \
+            }                                                                                  \
+        }                                                                                      \
     }
     for (; r + 4 <= nr; r += 4) {
         PN_SP_TERM(a0, b0, r)
@@ -878,11 +894,40 @@ static inline void pn_sp_colsum_block(int kind, const real *x, const real *dy, i
     if (r < nr) { PN_SP_TERM(a1, b1, r) r++; }
     if (r < nr) { PN_SP_TERM(a2, b2, r) r++; }
 #undef PN_SP_TERM
+#undef PN_SP_ROW
     for (int j = 0; j < PN_SP_CB; j++) {
         out[j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);
         if (kind == 2) out2[j] = (b0[j] + b1[j]) + (b2[j] + b3[j]);
     }
 }
+
+/* The blocks of a piece (C a multiple of PN_SP_CB), each kind and dtype its
+ * own loop: half-precision rows are converted a block row at a time in
+ * registers, not into a buffer first (a piece's buffer of reals overflowed
+ * L1, and was written once and read twice). */
+static PN_ALWAYS_INLINE void pn_sp_colsum_blocks_k(int kind, pn_dtype dt, const char *x, const char *dy, int64_t nr,
+                                                   int64_t C, const real *sh, const real *mv, real *out,
+                                                   real *out2) {
+    const int64_t es = (int64_t)pn_dtype_size(dt);
+    for (int64_t c = 0; c + PN_SP_CB <= C; c += PN_SP_CB)
+        pn_sp_colsum_block(kind, dt, x + c * es, dy ? dy + c * es : NULL, nr, C, sh + c, mv ? mv + c : NULL,
+                           out + c, out2 ? out2 + c : NULL);
+}
+
+#define PN_SP_BLOCKS_DT(kind)                                                                  \
+    switch (dt) {                                                                              \
+    case PN_FLOAT32: pn_sp_colsum_blocks_k(kind, PN_FLOAT32, x, dy, nr, C, sh, mv, out, out2); break; \
+    case PN_FLOAT64: pn_sp_colsum_blocks_k(kind, PN_FLOAT64, x, dy, nr, C, sh, mv, out, out2); break; \
+    case PN_BFLOAT16: pn_sp_colsum_blocks_k(kind, PN_BFLOAT16, x, dy, nr, C, sh, mv, out, out2); break; \
+    case PN_FLOAT16: pn_sp_colsum_blocks_k(kind, PN_FLOAT16, x, dy, nr, C, sh, mv, out, out2); break; \
+    }
+static void pn_sp_colsum_blocks(int kind, pn_dtype dt, const char *x, const char *dy, int64_t nr, int64_t C,
+                                const real *sh, const real *mv, real *out, real *out2) {
+    if (kind == 0) { PN_SP_BLOCKS_DT(0) }
+    else if (kind == 1) { PN_SP_BLOCKS_DT(1) }
+    else { PN_SP_BLOCKS_DT(2) }
+}
+#undef PN_SP_BLOCKS_DT
 
 /* The same for the last, partial block of n < PN_SP_CB channels, same order. */
 static inline void pn_sp_colsum_tail(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
@@ -900,8 +945,8 @@ static inline void pn_sp_colsum_tail(int kind, const real *x, const real *dy, in
     }
 }
 
-static inline void pn_sp_colsum(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
-                                const real *sh, const real *mv, real *out, real *out2) {
+static inline void pn_sp_colsum_reals(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
+                                      const real *sh, const real *mv, real *out, real *out2) {
     if (nr < 4) {   /* a piece of 1-3 rows (short sets): plain sums down the rows */
         for (int64_t c = 0; c < C; c++) {
             out[c] = 0;
@@ -916,13 +961,26 @@ static inline void pn_sp_colsum(int kind, const real *x, const real *dy, int64_t
             }
         return;
     }
-    int64_t c = 0;
-    for (; c + PN_SP_CB <= C; c += PN_SP_CB)
-        pn_sp_colsum_block(kind, x + c, dy ? dy + c : NULL, nr, C, sh + c, mv ? mv + c : NULL, out + c,
-                           out2 ? out2 + c : NULL);
+    const int64_t c = C - C % PN_SP_CB;
+    pn_sp_colsum_blocks(kind, PN_REAL_DTYPE, (const char *)x, (const char *)dy, nr, C, sh, mv, out, out2);
     if (c < C)
         pn_sp_colsum_tail(kind, x + c, dy ? dy + c : NULL, nr, C, (int)(C - c), sh + c, mv ? mv + c : NULL,
                           out + c, out2 ? out2 + c : NULL);
+}
+
+/* The column sums of nr rows of dtype dt at x (and dy): straight from the
+ * rows when every channel is in a whole block and there are 4 rows or more;
+ * else from the rows as reals (converted into xb, dyb: nr*C reals). The
+ * same additions in the same order either way. */
+static inline void pn_sp_colsum(int kind, pn_dtype dt, const void *x, const void *dy, int64_t nr, int64_t C,
+                                const real *sh, const real *mv, real *out, real *out2, real *xb, real *dyb) {
+    if (nr >= 4 && C % PN_SP_CB == 0) {
+        pn_sp_colsum_blocks(kind, dt, (const char *)x, (const char *)dy, nr, C, sh, mv, out, out2);
+        return;
+    }
+    const real *xr = pn_row_as_real(x, dt, xb, nr * C);
+    const real *dr = kind == 2 ? pn_row_as_real(dy, dt, dyb, nr * C) : NULL;
+    pn_sp_colsum_reals(kind, xr, dr, nr, C, sh, mv, out, out2);
 }
 
 /* The sum of n reals (a group's column sums) in double. A sum in reals, one
@@ -955,10 +1013,16 @@ static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_
     const int64_t C = a->C, Cg = h->Cg, G = h->G, Gp = pn_sp_pad(G);
     int64_t r0;
     const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
-    const real *x = pn_row_as_real((const char *)a->inp + r0 * C * (int64_t)pn_dtype_size(a->dtype),
-                                   a->dtype, buf, nr * C);
+    const char *x = (const char *)a->inp + r0 * C * (int64_t)pn_dtype_size(a->dtype);
     const real cnt = (real)(nr * Cg);
-    pn_sp_colsum(0, x, NULL, nr, C, sh, NULL, acc, NULL);
+    /* buf converts the rows once for both passes when they need it */
+    const int conv = a->dtype != PN_REAL_DTYPE && !(nr >= 4 && C % PN_SP_CB == 0);
+    if (conv) {
+        pn_load_row(buf, x, a->dtype, nr * C);
+        x = (const char *)buf;
+    }
+    const pn_dtype dt = conv ? PN_REAL_DTYPE : a->dtype;
+    pn_sp_colsum(0, dt, x, NULL, nr, C, sh, NULL, acc, NULL, buf, NULL);
     if (Cg == 1) {   /* one channel per group (BatchNorm, InstanceNorm): vectors */
         for (int64_t c = 0; c < C; c++) {
             st[c] = (double)acc[c];
@@ -971,7 +1035,7 @@ static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_
             for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) mv[c] = m;
         }
     }
-    pn_sp_colsum(1, x, NULL, nr, C, sh, mv, acc, NULL);
+    pn_sp_colsum(1, dt, x, NULL, nr, C, sh, mv, acc, NULL, buf, NULL);
     if (Cg == 1) {
         for (int64_t c = 0; c < C; c++) st[Gp + c] = (double)acc[c];
     } else {
@@ -1139,9 +1203,8 @@ static inline void pn_sp_nhwc_bwd_piece(const pn_spatial_args *a, const pn_sp_nh
     const size_t es = pn_dtype_size(a->dtype);
     int64_t r0;
     const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
-    const real *x = pn_row_as_real((const char *)a->inp + r0 * C * (int64_t)es, a->dtype, xb, nr * C);
-    const real *dy = pn_row_as_real((const char *)a->dout + r0 * C * (int64_t)es, a->dtype, dyb, nr * C);
-    pn_sp_colsum(2, x, dy, nr, C, mu, NULL, part, part + Cp);
+    pn_sp_colsum(2, a->dtype, (const char *)a->inp + r0 * C * (int64_t)es, (const char *)a->dout + r0 * C * (int64_t)es,
+                 nr, C, mu, NULL, part, part + Cp, xb, dyb);
 }
 
 /* dx for piece p's rows: rs[c] * ((dy * w[c] - k1[c]) - (x - mu[c]) * k2[c]),
