@@ -1,7 +1,10 @@
-"""Benchmark and self-check cases for the spatial norms (GroupNorm, BatchNorm).
+"""Benchmark and self-check cases for the spatial norms (GroupNorm, InstanceNorm,
+BatchNorm).
 
 Used by ``python -m pynorm`` (pynorm.bench) and runnable on its own:
-``python -m pynorm.bench_spatial [--quick] [--threads 2,1] [--repeats K]``.
+``python -m pynorm.bench_spatial [--quick] [--models] [--threads 2,1] [--repeats K]``.
+Rows: every op and layout in float32 at SHAPES, then rows of real models
+(MODEL_CASES: a few by default, all with --models).
 
 Rows have the format of pynorm.bench.run_benchmark (plus a "layout" key): torch
 and pynorm run in one process on the same NumPy buffers, alternating call by
@@ -10,7 +13,7 @@ a channels_last (N, C, H, W) tensor.
 
 Byte model (% of copy bandwidth): the passes over memory of x's size that the
 algorithm needs in that layout, N = N*C*H*W values:
-  GroupNorm fwd: NCHW 2N (read x, write y: a group of a sample is one block
+  GroupNorm (and InstanceNorm) fwd: NCHW 2N (read x, write y: a group of a sample is one block
   that stays in cache), NHWC 3N (a group spans the whole sample, interleaved
   with the other groups: x is read for the statistics, then again for y);
   GroupNorm bwd: NCHW 3N (read dy and x, write dx), NHWC 5N;
