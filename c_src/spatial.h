@@ -54,7 +54,7 @@ static inline pn_status pn_run_spatial(const pn_spatial_kernel table[3][2], cons
 
 /* ---- pieces (shared by the kernels and the scratch-size queries) ---------- */
 #define PN_SP_PIECE 4096          /* NCHW: at most this many values per piece */
-#define PN_SP_PIECE_ROWS 16384    /* NHWC: about this many values per piece of rows */
+#define PN_SP_PIECE_ROWS 32768    /* NHWC: about this many values per piece of rows */
 #define PN_SP_GB 64               /* groups or channels per block of lanes in the merges */
 
 static inline int64_t pn_sp_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
