@@ -391,6 +391,31 @@ static inline void pn_sp_nchw_bwd_sums(const pn_spatial_args *a, int64_t r, int6
     pn_sp_row_bwd_sums(x, dy, n, mu, out);
 }
 
+/* dx = rs * ((dy * w - k1) - (x - mu) * k2) for n half-precision values of
+ * dtype dt, overwritten and not streamed: runs of PN_SP_CB converted,
+ * computed and rounded in registers (dx may be x or dy: a run is read before
+ * it is written). */
+static PN_ALWAYS_INLINE void pn_sp_dx_run_dt(pn_dtype dt, const char *x, const char *dy, char *dx, int64_t n,
+                                             real mu, real rs, real w, real k1, real k2) {
+    const int64_t es = (int64_t)pn_dtype_size(dt);
+    int64_t i = 0;
+    for (; i + PN_SP_CB <= n; i += PN_SP_CB) {
+        real xv[PN_SP_CB], dv[PN_SP_CB];
+        pn_sp_load_run(xv, x + i * es, dt, PN_SP_CB);
+        pn_sp_load_run(dv, dy + i * es, dt, PN_SP_CB);
+        for (int j = 0; j < PN_SP_CB; j++) xv[j] = rs * ((dv[j] * w - k1) - (xv[j] - mu) * k2);
+        pn_sp_store_run(dx + i * es, xv, dt, PN_SP_CB);
+    }
+    if (i < n) {   /* the last, partial run: dtype.h's conversions */
+        real xv[PN_SP_CB], dv[PN_SP_CB];
+        const int k = (int)(n - i);
+        pn_load_row(xv, x + i * es, dt, k);
+        pn_load_row(dv, dy + i * es, dt, k);
+        for (int j = 0; j < k; j++) xv[j] = rs * ((dv[j] * w - k1) - (xv[j] - mu) * k2);
+        pn_store_row(dx + i * es, xv, dt, k);
+    }
+}
+
 /* dx for values i0..i1-1 of row r: rs * ((dy * w - k1) - (x - mu) * k2),
  * added to the old dx when accumulating. xb, dyb, tmp: PN_SP_PIECE reals. */
 static inline void pn_sp_nchw_dx(const pn_spatial_args *a, int64_t r, int64_t i0, int64_t i1, real mu,
@@ -398,6 +423,13 @@ static inline void pn_sp_nchw_dx(const pn_spatial_args *a, int64_t r, int64_t i0
                                  real *tmp) {
     const size_t es = pn_dtype_size(a->dtype);
     const int64_t n = i1 - i0, off = (r * a->S + i0) * (int64_t)es;
+    if (!stream && !a->accumulate && (a->dtype == PN_BFLOAT16 || a->dtype == PN_FLOAT16)) {
+        const char *x = (const char *)a->inp + off, *dy = (const char *)a->dout + off;
+        char *dx = (char *)a->dinp + off;
+        if (a->dtype == PN_BFLOAT16) pn_sp_dx_run_dt(PN_BFLOAT16, x, dy, dx, n, mu, rs, w, k1, k2);
+        else pn_sp_dx_run_dt(PN_FLOAT16, x, dy, dx, n, mu, rs, w, k1, k2);
+        return;
+    }
     const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
     const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
     void *row = (char *)a->dinp + off;
@@ -700,12 +732,19 @@ static inline void pn_sp_nchw_dx_rows(const pn_spatial_args *a, const pn_sp_sets
                                       const real *mu, const real *rsv, const real *k1, const real *k2,
                                       const real *w, int stream, real *xb, real *dyb, real *tmp) {
     const int64_t S = a->S, n = (r1 - r0) * S, off = r0 * S * (int64_t)pn_dtype_size(a->dtype);
+    int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
+    if (!stream && !a->accumulate && S >= PN_SP_SHORT_MAX && (a->dtype == PN_BFLOAT16 || a->dtype == PN_FLOAT16)) {
+        for (int64_t r = r0; r < r1; r++) {   /* row by row, in registers (as pn_sp_nchw_dx) */
+            pn_sp_nchw_dx(a, r, 0, S, mu[set], rsv[set], w[c], k1[set], k2[set], 0, xb, dyb, tmp);
+            pn_sp_next_row(ss, a->C, &set, &c, &j);
+        }
+        return;
+    }
     const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
     const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
     void *dst = (char *)a->dinp + off;
     const int direct = a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream;
     real *dx = direct ? (real *)dst : xb;   /* xb: x is read before dx is written */
-    int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
     for (int64_t r = r0; r < r1; r++) {
         const real m = mu[set], rs = rsv[set], wc = w[c], c1 = k1[set], c2 = k2[set];
         const real *xr = x + (r - r0) * S, *dr = dy + (r - r0) * S;
