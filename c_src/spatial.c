@@ -154,10 +154,6 @@ static inline real pn_sp_finish(const pn_spatial_args *a, int64_t k, real shift,
 #define PN_SP_STREAM_BLOCK 4096
 static inline int pn_sp_stream(const pn_spatial_args *a, int64_t block) {
     const int64_t es = (int64_t)pn_dtype_size(a->dtype);
-    /* BatchNorm's eval forward is one elementwise pass: the pass through a
-     * buffer that streaming needs costs it more than the stores save
-     * (measured at 64 MiB: 45 against 35 GB/s on one thread, 70 against 65 on two) */
-    if (a->batchnorm && !a->training && !a->dout) return 0;
     return a->N * a->C * a->S * es >= pn_stream_min_bytes() && block * es >= PN_SP_STREAM_BLOCK;
 }
 
@@ -290,18 +286,59 @@ static inline void pn_sp_nchw_piece_stats(const pn_spatial_args *a, const pn_sp_
     st[1] = M2;
 }
 
+/* y = ((x - shift) - m) * scale + bias for n values of dtype dt, rounded once
+ * and not streamed: half-precision values in runs of PN_SP_CB converted in
+ * registers (y may be x itself: a run is read before it is written). */
+static PN_ALWAYS_INLINE void pn_sp_norm_run_dt(pn_dtype dt, const char *x, char *y, int64_t n, real shift, real m,
+                                               real scale, real bias) {
+    if (dt == PN_REAL_DTYPE) {
+        const real *xs = (const real *)x;
+        real *ys = (real *)y;
+        for (int64_t i = 0; i < n; i++) ys[i] = ((xs[i] - shift) - m) * scale + bias;
+        return;
+    }
+    const int64_t es = (int64_t)pn_dtype_size(dt);
+    int64_t i = 0;
+    for (; i + PN_SP_CB <= n; i += PN_SP_CB) {
+        real v[PN_SP_CB];
+        pn_sp_load_run(v, x + i * es, dt, PN_SP_CB);
+        for (int j = 0; j < PN_SP_CB; j++) v[j] = ((v[j] - shift) - m) * scale + bias;
+        pn_sp_store_run(y + i * es, v, dt, PN_SP_CB);
+    }
+    if (i < n) {   /* the last, partial run: dtype.h's conversions (vectors of 8 where they can) */
+        real v[PN_SP_CB];
+        const int k = (int)(n - i);
+        pn_load_row(v, x + i * es, dt, k);
+        for (int j = 0; j < k; j++) v[j] = ((v[j] - shift) - m) * scale + bias;
+        pn_store_row(y + i * es, v, dt, k);
+    }
+}
+
+static void pn_sp_norm_run(pn_dtype dt, const char *x, char *y, int64_t n, real shift, real m, real scale,
+                           real bias) {
+    switch (dt) {
+    case PN_FLOAT32: pn_sp_norm_run_dt(PN_FLOAT32, x, y, n, shift, m, scale, bias); break;
+    case PN_FLOAT64: pn_sp_norm_run_dt(PN_FLOAT64, x, y, n, shift, m, scale, bias); break;
+    case PN_BFLOAT16: pn_sp_norm_run_dt(PN_BFLOAT16, x, y, n, shift, m, scale, bias); break;
+    case PN_FLOAT16: pn_sp_norm_run_dt(PN_FLOAT16, x, y, n, shift, m, scale, bias); break;
+    }
+}
+
 /* y for values i0..i1-1 of row r: ((x - shift) - m) * scale + bias, rounded
- * once. buf, tmp: PN_SP_PIECE reals each. */
+ * once; streamed through buf (tmp: the rounded values). buf, tmp:
+ * PN_SP_PIECE reals each. */
 static inline void pn_sp_nchw_norm(const pn_spatial_args *a, int64_t r, int64_t i0, int64_t i1,
                                    real shift, real m, real scale, real bias, int stream,
                                    real *buf, real *tmp) {
     const size_t es = pn_dtype_size(a->dtype);
     const int64_t n = i1 - i0, off = (r * a->S + i0) * (int64_t)es;
+    if (!stream) {
+        pn_sp_norm_run(a->dtype, (const char *)a->inp + off, (char *)a->out + off, n, shift, m, scale, bias);
+        return;
+    }
     const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, buf, n);
-    void *yrow = (char *)a->out + off;
-    real *y = (a->dtype == PN_REAL_DTYPE && !stream) ? (real *)yrow : buf;
-    for (int64_t i = 0; i < n; i++) y[i] = ((x[i] - shift) - m) * scale + bias;
-    if (y == buf) pn_write_row(yrow, y, a->dtype, n, stream, tmp);
+    for (int64_t i = 0; i < n; i++) buf[i] = ((x[i] - shift) - m) * scale + bias;
+    pn_write_row((char *)a->out + off, buf, a->dtype, n, stream, tmp);
 }
 
 /* Backward partial sums over n values of a row: sum(dy) and
@@ -354,6 +391,31 @@ static inline void pn_sp_nchw_bwd_sums(const pn_spatial_args *a, int64_t r, int6
     pn_sp_row_bwd_sums(x, dy, n, mu, out);
 }
 
+/* dx = rs * ((dy * w - k1) - (x - mu) * k2) for n half-precision values of
+ * dtype dt, overwritten and not streamed: runs of PN_SP_CB converted,
+ * computed and rounded in registers (dx may be x or dy: a run is read before
+ * it is written). */
+static PN_ALWAYS_INLINE void pn_sp_dx_run_dt(pn_dtype dt, const char *x, const char *dy, char *dx, int64_t n,
+                                             real mu, real rs, real w, real k1, real k2) {
+    const int64_t es = (int64_t)pn_dtype_size(dt);
+    int64_t i = 0;
+    for (; i + PN_SP_CB <= n; i += PN_SP_CB) {
+        real xv[PN_SP_CB], dv[PN_SP_CB];
+        pn_sp_load_run(xv, x + i * es, dt, PN_SP_CB);
+        pn_sp_load_run(dv, dy + i * es, dt, PN_SP_CB);
+        for (int j = 0; j < PN_SP_CB; j++) xv[j] = rs * ((dv[j] * w - k1) - (xv[j] - mu) * k2);
+        pn_sp_store_run(dx + i * es, xv, dt, PN_SP_CB);
+    }
+    if (i < n) {   /* the last, partial run: dtype.h's conversions */
+        real xv[PN_SP_CB], dv[PN_SP_CB];
+        const int k = (int)(n - i);
+        pn_load_row(xv, x + i * es, dt, k);
+        pn_load_row(dv, dy + i * es, dt, k);
+        for (int j = 0; j < k; j++) xv[j] = rs * ((dv[j] * w - k1) - (xv[j] - mu) * k2);
+        pn_store_row(dx + i * es, xv, dt, k);
+    }
+}
+
 /* dx for values i0..i1-1 of row r: rs * ((dy * w - k1) - (x - mu) * k2),
  * added to the old dx when accumulating. xb, dyb, tmp: PN_SP_PIECE reals. */
 static inline void pn_sp_nchw_dx(const pn_spatial_args *a, int64_t r, int64_t i0, int64_t i1, real mu,
@@ -361,6 +423,13 @@ static inline void pn_sp_nchw_dx(const pn_spatial_args *a, int64_t r, int64_t i0
                                  real *tmp) {
     const size_t es = pn_dtype_size(a->dtype);
     const int64_t n = i1 - i0, off = (r * a->S + i0) * (int64_t)es;
+    if (!stream && !a->accumulate && (a->dtype == PN_BFLOAT16 || a->dtype == PN_FLOAT16)) {
+        const char *x = (const char *)a->inp + off, *dy = (const char *)a->dout + off;
+        char *dx = (char *)a->dinp + off;
+        if (a->dtype == PN_BFLOAT16) pn_sp_dx_run_dt(PN_BFLOAT16, x, dy, dx, n, mu, rs, w, k1, k2);
+        else pn_sp_dx_run_dt(PN_FLOAT16, x, dy, dx, n, mu, rs, w, k1, k2);
+        return;
+    }
     const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
     const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
     void *row = (char *)a->dinp + off;
@@ -407,11 +476,21 @@ static inline void pn_sp_nchw_norm_unit(const pn_spatial_args *a, int64_t r, int
 static inline void pn_sp_nchw_norm_rows(const pn_spatial_args *a, const pn_sp_sets *ss, int64_t r0, int64_t r1,
                                         const real *shift, const real *m, const real *rs, const real *w,
                                         const real *b, int stream, real *buf, real *tmp) {
-    const int64_t S = a->S, n = (r1 - r0) * S, off = r0 * S * (int64_t)pn_dtype_size(a->dtype);
+    const int64_t S = a->S, n = (r1 - r0) * S, es = (int64_t)pn_dtype_size(a->dtype), off = r0 * S * es;
+    int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
+    if (!stream && S >= PN_SP_SHORT_MAX) {   /* row by row, straight from x to y */
+        for (int64_t r = r0; r < r1; r++) {
+            const int64_t o = off + (r - r0) * S * es;
+            pn_sp_norm_run(a->dtype, (const char *)a->inp + o, (char *)a->out + o, S, shift[set], m[set],
+                           rs[set] * w[c], b[c]);
+            pn_sp_next_row(ss, a->C, &set, &c, &j);
+        }
+        return;
+    }
+    /* short rows (7x7 maps): the block converted at once, computed in buf */
     const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, buf, n);
     void *dst = (char *)a->out + off;
     real *y = (a->dtype == PN_REAL_DTYPE && !stream) ? (real *)dst : buf;
-    int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
     for (int64_t r = r0; r < r1; r++) {
         const real sh = shift[set], mm = m[set], scale = rs[set] * w[c], bias = b[c];
         const real *xr = x + (r - r0) * S;
@@ -422,11 +501,10 @@ static inline void pn_sp_nchw_norm_rows(const pn_spatial_args *a, const pn_sp_se
     if (y == buf) pn_write_row(dst, y, a->dtype, n, stream, tmp);
 }
 
-/* The whole forward over NCHW rows: statistics per set (batch statistics), or
- * the running statistics (BatchNorm eval, a->training == 0). */
+/* The whole forward over NCHW rows with statistics per set (GroupNorm,
+ * InstanceNorm, BatchNorm training; BatchNorm eval is sp_eval_forward). */
 pn_status PN_KERNEL(sp_nchw_forward)(const pn_spatial_args *a, const pn_sp_sets *ss) {
     const int64_t C = a->C, S = a->S, nsets = ss->nsets, rows = a->N * C;
-    const int stats = !a->batchnorm || a->training;
     const pn_sp_nchw_pieces q = pn_sp_nchw_layout(a, ss);
     /* y is written in sub-rows of long rows (rp per row), or in blocks of bpr
      * consecutive short rows (bpr = 0: long rows) */
@@ -436,29 +514,20 @@ pn_status PN_KERNEL(sp_nchw_forward)(const pn_spatial_args *a, const pn_sp_sets 
     const int nt = pn_sp_threads(a->N * C * S);
     pn_sp_mem mem;
     const int64_t per_thread = 2 * pn_sp_pad(PN_SP_PIECE);
-    pn_status st = pn_sp_alloc(&mem, 2 * pn_sp_pad(C) + 3 * pn_sp_pad(nsets) +
-                                         (stats ? pn_sp_pad(pn_sp_dreals(nsets * q.np * 2)) : 0) + nt * per_thread);
+    pn_status st = pn_sp_alloc(&mem, 2 * pn_sp_pad(C) + 3 * pn_sp_pad(nsets) + pn_sp_pad(pn_sp_dreals(nsets * q.np * 2)) +
+                                         nt * per_thread);
     if (st) return st;
     real *w = pn_sp_take(&mem, C), *b = pn_sp_take(&mem, C);
     real *shift = pn_sp_take(&mem, nsets), *m = pn_sp_take(&mem, nsets), *rs = pn_sp_take(&mem, nsets);
-    double *pst = stats ? pn_sp_take_d(&mem, nsets * q.np * 2) : NULL;
+    double *pst = pn_sp_take_d(&mem, nsets * q.np * 2);
     real *bufs = pn_sp_take(&mem, nt * per_thread);
     pn_sp_params(a, w, b);
-    if (!stats) {   /* BatchNorm eval: the running statistics, set = channel */
-        for (int64_t c = 0; c < C; c++) {
-            shift[c] = pn_sp_value(a->running_mean, a->rdtype, c);
-            m[c] = 0;
-            rs[c] = (real)(1.0 / sqrt((double)pn_sp_value(a->running_var, a->rdtype, c) + a->eps));
-            if (a->mean) ((real *)a->mean)[c] = shift[c];
-            if (a->rstd) ((real *)a->rstd)[c] = rs[c];
-        }
-    } else {   /* each set's shift: its first value */
-        for (int64_t set = 0; set < nsets; set++) shift[set] = pn_sp_value(a->inp, a->dtype, pn_sp_first(ss, set) * S);
-    }
+    /* each set's shift: its first value */
+    for (int64_t set = 0; set < nsets; set++) shift[set] = pn_sp_value(a->inp, a->dtype, pn_sp_first(ss, set) * S);
     /* set-local when there are sets enough to keep every thread busy, but not
      * for BatchNorm's short rows (its sets' rows are scattered: y is better
      * written in memory order) */
-    const int local = stats && nsets >= 4 * (int64_t)nt && !(S < PN_SP_SHORT_MAX && ss->step != 1);
+    const int local = nsets >= 4 * (int64_t)nt && !(S < PN_SP_SHORT_MAX && ss->step != 1);
     const int64_t lchunk = pn_sp_local_chunk(nsets, nt), uchunk = pn_sp_unit_chunk(S);
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -485,14 +554,12 @@ pn_status PN_KERNEL(sp_nchw_forward)(const pn_spatial_args *a, const pn_sp_sets 
                 }
             }
         } else {
-            if (stats) {
 #pragma omp for schedule(dynamic, 4)
-                for (int64_t t = 0; t < nsets * q.np; t++)
-                    pn_sp_nchw_piece_stats(a, ss, &q, t / q.np, t % q.np, shift[t / q.np], buf, pst + t * 2);
+            for (int64_t t = 0; t < nsets * q.np; t++)
+                pn_sp_nchw_piece_stats(a, ss, &q, t / q.np, t % q.np, shift[t / q.np], buf, pst + t * 2);
 #pragma omp for schedule(static)
-                for (int64_t set = 0; set < nsets; set++)
-                    pn_sp_nchw_set_stats(a, ss, &q, set, pst, shift, m, rs);
-            }
+            for (int64_t set = 0; set < nsets; set++)
+                pn_sp_nchw_set_stats(a, ss, &q, set, pst, shift, m, rs);
             /* rows in memory order: blocks of short rows, or sub-rows of long ones */
             if (bpr) {
                 const int64_t nblk = pn_sp_cdiv(rows, bpr);
@@ -517,8 +584,8 @@ pn_status PN_KERNEL(sp_nchw_forward)(const pn_spatial_args *a, const pn_sp_sets 
 
 /* ==== BatchNorm eval forward ==================================================
  * With the running statistics y = (x - mean[c]) * (rstd[c] * w[c]) + b[c]:
- * one elementwise pass, the same arithmetic the engines above do with their
- * sets' statistics (their m is 0 here), so the bits are theirs. Each thread
+ * one elementwise pass (the engines above, which take each set's statistics
+ * from x, are for training). Each thread
  * takes one contiguous share of the flat array and walks it in blocks of
  * PN_SP_PIECE values: one sequential stream per thread, as the hardware
  * prefetchers like it. Handing out blocks dynamically interleaved the two
@@ -665,12 +732,19 @@ static inline void pn_sp_nchw_dx_rows(const pn_spatial_args *a, const pn_sp_sets
                                       const real *mu, const real *rsv, const real *k1, const real *k2,
                                       const real *w, int stream, real *xb, real *dyb, real *tmp) {
     const int64_t S = a->S, n = (r1 - r0) * S, off = r0 * S * (int64_t)pn_dtype_size(a->dtype);
+    int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
+    if (!stream && !a->accumulate && S >= PN_SP_SHORT_MAX && (a->dtype == PN_BFLOAT16 || a->dtype == PN_FLOAT16)) {
+        for (int64_t r = r0; r < r1; r++) {   /* row by row, in registers (as pn_sp_nchw_dx) */
+            pn_sp_nchw_dx(a, r, 0, S, mu[set], rsv[set], w[c], k1[set], k2[set], 0, xb, dyb, tmp);
+            pn_sp_next_row(ss, a->C, &set, &c, &j);
+        }
+        return;
+    }
     const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, xb, n);
     const real *dy = pn_row_as_real((const char *)a->dout + off, a->dtype, dyb, n);
     void *dst = (char *)a->dinp + off;
     const int direct = a->dtype == PN_REAL_DTYPE && !a->accumulate && !stream;
     real *dx = direct ? (real *)dst : xb;   /* xb: x is read before dx is written */
-    int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
     for (int64_t r = r0; r < r1; r++) {
         const real m = mu[set], rs = rsv[set], wc = w[c], c1 = k1[set], c2 = k2[set];
         const real *xr = x + (r - r0) * S, *dr = dy + (r - r0) * S;
@@ -848,10 +922,11 @@ static inline int64_t pn_sp_nhwc_piece_rows(const pn_sp_nhwc *h, int64_t set, in
  * interleaved running sums (rows 0, 1, 2, 3 mod 4) added together at the end:
  * short chains of additions, one load per value. The order of additions is
  * fixed by the sizes alone. */
-#define PN_SP_CB ((int)(128 / sizeof(real)))   /* channels per block: two cache lines */
+/* PN_SP_CB (spatial.h): channels per block, two cache lines */
 
-static inline void pn_sp_colsum_block(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
-                                      const real *sh, const real *mv, real *out, real *out2) {
+static PN_ALWAYS_INLINE void pn_sp_colsum_block(int kind, pn_dtype dt, const char *x, const char *dy, int64_t nr,
+                                                int64_t C, const real *sh, const real *mv, real *out, real *out2) {
+    const int64_t rs = C * (int64_t)pn_dtype_size(dt);   /* bytes per row */
     real a0[PN_SP_CB], a1[PN_SP_CB], a2[PN_SP_CB], a3[PN_SP_CB];
     real b0[PN_SP_CB], b1[PN_SP_CB], b2[PN_SP_CB], b3[PN_SP_CB];
     real s[PN_SP_CB], m[PN_SP_CB];
@@ -861,12 +936,27 @@ static inline void pn_sp_colsum_block(int kind, const real *x, const real *dy, i
         m[j] = kind == 1 ? mv[j] : 0;
     }
     int64_t r = 0;
+    /* the block's values of a row as reals: in place, or converted in registers */
+#define PN_SP_ROW(v, base, row)                                                                \
+    real v##_c[PN_SP_CB];                                                                      \
+    const real *v = (const real *)((base) + (row) * rs);                                       \
+    if (dt != PN_REAL_DTYPE) { pn_sp_load_run(v##_c, (base) + (row) * rs, dt, PN_SP_CB); v = v##_c; }
 #define PN_SP_TERM(acc, bcc, row)                                                              \
-    for (int j = 0; j < PN_SP_CB; j++) {                                                       \
-        const real d = (x[(row) * C + j] - s[j]) - m[j];                                       \
-        if (kind == 0) acc[j] += d;                                                            \
-        else if (kind == 1) acc[j] += d * d;                                                   \
-        else { acc[j] += dy[(row) * C + j]; bcc[j] += dy[(row) * C + j] * d; }                 \
+    {                                                                                          \
+        PN_SP_ROW(xv, x, row)                                                                  \
+        if (kind == 2) {                                                                       \
+            PN_SP_ROW(dv, dy, row)                                                             \
+            for (int j = 0; j < PN_SP_CB; j++) {                                               \
+                acc[j] += dv[j];                                                               \
+                bcc[j] += dv[j] * (xv[j] - s[j]);                                              \
+            }                                                                                  \
+        } else {                                                                               \
+            for (int j = 0; j < PN_SP_CB; j++) {                                               \
+                const real d = (xv[j] - s[j]) - m[j];                                          \
+                if (kind == 0) acc[j] += d;                                                    \
+                else acc[j] += d * d;                                                          \
+            }                                                                                  \
+        }                                                                                      \
     }
     for (; r + 4 <= nr; r += 4) {
         PN_SP_TERM(a0, b0, r)
@@ -878,11 +968,40 @@ static inline void pn_sp_colsum_block(int kind, const real *x, const real *dy, i
     if (r < nr) { PN_SP_TERM(a1, b1, r) r++; }
     if (r < nr) { PN_SP_TERM(a2, b2, r) r++; }
 #undef PN_SP_TERM
+#undef PN_SP_ROW
     for (int j = 0; j < PN_SP_CB; j++) {
         out[j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);
         if (kind == 2) out2[j] = (b0[j] + b1[j]) + (b2[j] + b3[j]);
     }
 }
+
+/* The blocks of a piece (C a multiple of PN_SP_CB), each kind and dtype its
+ * own loop: half-precision rows are converted a block row at a time in
+ * registers, not into a buffer first (a piece's buffer of reals overflowed
+ * L1, and was written once and read twice). */
+static PN_ALWAYS_INLINE void pn_sp_colsum_blocks_k(int kind, pn_dtype dt, const char *x, const char *dy, int64_t nr,
+                                                   int64_t C, const real *sh, const real *mv, real *out,
+                                                   real *out2) {
+    const int64_t es = (int64_t)pn_dtype_size(dt);
+    for (int64_t c = 0; c + PN_SP_CB <= C; c += PN_SP_CB)
+        pn_sp_colsum_block(kind, dt, x + c * es, dy ? dy + c * es : NULL, nr, C, sh + c, mv ? mv + c : NULL,
+                           out + c, out2 ? out2 + c : NULL);
+}
+
+#define PN_SP_BLOCKS_DT(kind)                                                                  \
+    switch (dt) {                                                                              \
+    case PN_FLOAT32: pn_sp_colsum_blocks_k(kind, PN_FLOAT32, x, dy, nr, C, sh, mv, out, out2); break; \
+    case PN_FLOAT64: pn_sp_colsum_blocks_k(kind, PN_FLOAT64, x, dy, nr, C, sh, mv, out, out2); break; \
+    case PN_BFLOAT16: pn_sp_colsum_blocks_k(kind, PN_BFLOAT16, x, dy, nr, C, sh, mv, out, out2); break; \
+    case PN_FLOAT16: pn_sp_colsum_blocks_k(kind, PN_FLOAT16, x, dy, nr, C, sh, mv, out, out2); break; \
+    }
+static void pn_sp_colsum_blocks(int kind, pn_dtype dt, const char *x, const char *dy, int64_t nr, int64_t C,
+                                const real *sh, const real *mv, real *out, real *out2) {
+    if (kind == 0) { PN_SP_BLOCKS_DT(0) }
+    else if (kind == 1) { PN_SP_BLOCKS_DT(1) }
+    else { PN_SP_BLOCKS_DT(2) }
+}
+#undef PN_SP_BLOCKS_DT
 
 /* The same for the last, partial block of n < PN_SP_CB channels, same order. */
 static inline void pn_sp_colsum_tail(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
@@ -900,8 +1019,8 @@ static inline void pn_sp_colsum_tail(int kind, const real *x, const real *dy, in
     }
 }
 
-static inline void pn_sp_colsum(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
-                                const real *sh, const real *mv, real *out, real *out2) {
+static inline void pn_sp_colsum_reals(int kind, const real *x, const real *dy, int64_t nr, int64_t C,
+                                      const real *sh, const real *mv, real *out, real *out2) {
     if (nr < 4) {   /* a piece of 1-3 rows (short sets): plain sums down the rows */
         for (int64_t c = 0; c < C; c++) {
             out[c] = 0;
@@ -916,13 +1035,26 @@ static inline void pn_sp_colsum(int kind, const real *x, const real *dy, int64_t
             }
         return;
     }
-    int64_t c = 0;
-    for (; c + PN_SP_CB <= C; c += PN_SP_CB)
-        pn_sp_colsum_block(kind, x + c, dy ? dy + c : NULL, nr, C, sh + c, mv ? mv + c : NULL, out + c,
-                           out2 ? out2 + c : NULL);
+    const int64_t c = C - C % PN_SP_CB;
+    pn_sp_colsum_blocks(kind, PN_REAL_DTYPE, (const char *)x, (const char *)dy, nr, C, sh, mv, out, out2);
     if (c < C)
         pn_sp_colsum_tail(kind, x + c, dy ? dy + c : NULL, nr, C, (int)(C - c), sh + c, mv ? mv + c : NULL,
                           out + c, out2 ? out2 + c : NULL);
+}
+
+/* The column sums of nr rows of dtype dt at x (and dy): straight from the
+ * rows when every channel is in a whole block and there are 4 rows or more;
+ * else from the rows as reals (converted into xb, dyb: nr*C reals). The
+ * same additions in the same order either way. */
+static inline void pn_sp_colsum(int kind, pn_dtype dt, const void *x, const void *dy, int64_t nr, int64_t C,
+                                const real *sh, const real *mv, real *out, real *out2, real *xb, real *dyb) {
+    if (nr >= 4 && C % PN_SP_CB == 0) {
+        pn_sp_colsum_blocks(kind, dt, (const char *)x, (const char *)dy, nr, C, sh, mv, out, out2);
+        return;
+    }
+    const real *xr = pn_row_as_real(x, dt, xb, nr * C);
+    const real *dr = kind == 2 ? pn_row_as_real(dy, dt, dyb, nr * C) : NULL;
+    pn_sp_colsum_reals(kind, xr, dr, nr, C, sh, mv, out, out2);
 }
 
 /* The sum of n reals (a group's column sums) in double. A sum in reals, one
@@ -955,10 +1087,16 @@ static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_
     const int64_t C = a->C, Cg = h->Cg, G = h->G, Gp = pn_sp_pad(G);
     int64_t r0;
     const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
-    const real *x = pn_row_as_real((const char *)a->inp + r0 * C * (int64_t)pn_dtype_size(a->dtype),
-                                   a->dtype, buf, nr * C);
+    const char *x = (const char *)a->inp + r0 * C * (int64_t)pn_dtype_size(a->dtype);
     const real cnt = (real)(nr * Cg);
-    pn_sp_colsum(0, x, NULL, nr, C, sh, NULL, acc, NULL);
+    /* buf converts the rows once for both passes when they need it */
+    const int conv = a->dtype != PN_REAL_DTYPE && !(nr >= 4 && C % PN_SP_CB == 0);
+    if (conv) {
+        pn_load_row(buf, x, a->dtype, nr * C);
+        x = (const char *)buf;
+    }
+    const pn_dtype dt = conv ? PN_REAL_DTYPE : a->dtype;
+    pn_sp_colsum(0, dt, x, NULL, nr, C, sh, NULL, acc, NULL, buf, NULL);
     if (Cg == 1) {   /* one channel per group (BatchNorm, InstanceNorm): vectors */
         for (int64_t c = 0; c < C; c++) {
             st[c] = (double)acc[c];
@@ -971,7 +1109,7 @@ static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_
             for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) mv[c] = m;
         }
     }
-    pn_sp_colsum(1, x, NULL, nr, C, sh, mv, acc, NULL);
+    pn_sp_colsum(1, dt, x, NULL, nr, C, sh, mv, acc, NULL, buf, NULL);
     if (Cg == 1) {
         for (int64_t c = 0; c < C; c++) st[Gp + c] = (double)acc[c];
     } else {
@@ -983,25 +1121,70 @@ static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_
  * a block computed in a buffer is still in L1 when it is stored. */
 static inline int64_t pn_sp_nhwc_block_rows(int64_t C) { return C >= PN_SP_PIECE ? 1 : PN_SP_PIECE / C; }
 
-/* y for piece p's rows: ((x - sh[c]) - mm[c]) * sc[c] + b[c], rounded once,
- * written (or streamed) in contiguous blocks of rows. buf, tmp: rpp*C reals. */
+/* y for nr rows of C values of dtype dt (not streamed): runs of PN_SP_CB
+ * channels converted in registers, computed and rounded back, row by row (y
+ * may be x itself: a run is read before it is written). The channels past
+ * the last whole run one at a time. */
+static PN_ALWAYS_INLINE void pn_sp_nhwc_norm_dt(pn_dtype dt, const char *x, char *y, int64_t nr, int64_t C,
+                                                const real *sh, const real *mm, const real *sc, const real *b) {
+    const int64_t es = (int64_t)pn_dtype_size(dt), cw = C - C % PN_SP_CB;
+    for (int64_t r = 0; r < nr; r++) {
+        const char *xr = x + r * C * es;
+        char *yr = y + r * C * es;
+        if (dt == PN_REAL_DTYPE) {   /* no conversion: one loop over the row */
+            const real *xs = (const real *)xr;
+            real *ys = (real *)yr;
+            for (int64_t c = 0; c < C; c++) ys[c] = ((xs[c] - sh[c]) - mm[c]) * sc[c] + b[c];
+            continue;
+        }
+        for (int64_t c = 0; c < cw; c += PN_SP_CB) {
+            real xv[PN_SP_CB], yv[PN_SP_CB];
+            pn_sp_load_run(xv, xr + c * es, dt, PN_SP_CB);
+            for (int j = 0; j < PN_SP_CB; j++) yv[j] = ((xv[j] - sh[c + j]) - mm[c + j]) * sc[c + j] + b[c + j];
+            pn_sp_store_run(yr + c * es, yv, dt, PN_SP_CB);
+        }
+        for (int64_t c = cw; c < C; c++) {
+            real xv, yv;
+            pn_sp_load_run(&xv, xr + c * es, dt, 1);
+            yv = ((xv - sh[c]) - mm[c]) * sc[c] + b[c];
+            pn_sp_store_run(yr + c * es, &yv, dt, 1);
+        }
+    }
+}
+
+static void pn_sp_nhwc_norm_rows(pn_dtype dt, const char *x, char *y, int64_t nr, int64_t C, const real *sh,
+                                 const real *mm, const real *sc, const real *b) {
+    switch (dt) {
+    case PN_FLOAT32: pn_sp_nhwc_norm_dt(PN_FLOAT32, x, y, nr, C, sh, mm, sc, b); break;
+    case PN_FLOAT64: pn_sp_nhwc_norm_dt(PN_FLOAT64, x, y, nr, C, sh, mm, sc, b); break;
+    case PN_BFLOAT16: pn_sp_nhwc_norm_dt(PN_BFLOAT16, x, y, nr, C, sh, mm, sc, b); break;
+    case PN_FLOAT16: pn_sp_nhwc_norm_dt(PN_FLOAT16, x, y, nr, C, sh, mm, sc, b); break;
+    }
+}
+
+/* y for piece p's rows: ((x - sh[c]) - mm[c]) * sc[c] + b[c], rounded once;
+ * streamed in contiguous blocks of rows computed in buf (tmp: the rounded
+ * block), else written run by run. buf, tmp: rpp*C reals. */
 static inline void pn_sp_nhwc_norm(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t p,
                                    const real *sh, const real *mm, const real *sc, const real *b,
                                    int stream, real *buf, real *tmp) {
     const int64_t C = a->C, es = (int64_t)pn_dtype_size(a->dtype), br = pn_sp_nhwc_block_rows(C);
     int64_t r0;
     const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
+    if (!stream) {
+        pn_sp_nhwc_norm_rows(a->dtype, (const char *)a->inp + r0 * C * es, (char *)a->out + r0 * C * es, nr, C, sh,
+                             mm, sc, b);
+        return;
+    }
     for (int64_t q0 = 0; q0 < nr; q0 += br) {
         const int64_t q1 = q0 + br < nr ? q0 + br : nr, off = (r0 + q0) * C * es;
         const real *x = pn_row_as_real((const char *)a->inp + off, a->dtype, buf, (q1 - q0) * C);
-        void *dst = (char *)a->out + off;
-        real *y = (a->dtype == PN_REAL_DTYPE && !stream) ? (real *)dst : buf;
         for (int64_t r = 0; r < q1 - q0; r++) {
             const real *xr = x + r * C;
-            real *yr = y + r * C;
+            real *yr = buf + r * C;
             for (int64_t c = 0; c < C; c++) yr[c] = ((xr[c] - sh[c]) - mm[c]) * sc[c] + b[c];
         }
-        if (y == buf) pn_write_row(dst, y, a->dtype, (q1 - q0) * C, stream, tmp);
+        pn_write_row((char *)a->out + off, buf, a->dtype, (q1 - q0) * C, stream, tmp);
     }
 }
 
@@ -1049,14 +1232,15 @@ static inline void pn_sp_nhwc_merge(const pn_spatial_args *a, const pn_sp_nhwc *
     }
 }
 
+/* The whole forward over NHWC rows with statistics per set (GroupNorm,
+ * InstanceNorm, BatchNorm training; BatchNorm eval is sp_eval_forward). */
 pn_status PN_KERNEL(sp_nhwc_forward)(const pn_spatial_args *a) {
     const int64_t C = a->C;
     const pn_sp_nhwc h = pn_sp_nhwc_layout(a);
     const int64_t ns = h.nsets, np = h.np, G = h.G, Cp = pn_sp_pad(C);
     const int stream = pn_sp_stream(a, (h.rpp < pn_sp_nhwc_block_rows(C) ? h.rpp : pn_sp_nhwc_block_rows(C)) * C);
-    const int stats = !a->batchnorm || a->training;
     const int nt = pn_sp_threads(a->N * C * a->S);
-    const int local = stats && ns >= 4 * (int64_t)nt;
+    const int local = ns >= 4 * (int64_t)nt;
     const int64_t lchunk = pn_sp_local_chunk(ns, nt), pchunk = pn_sp_local_chunk(ns * h.np, nt);
     const int64_t Gp = pn_sp_pad(G), nblk = pn_sp_cdiv(G, PN_SP_GB);
     /* the vectors sh (shift), mm (mean of x - shift), sc (rstd * w): per
@@ -1066,24 +1250,14 @@ pn_status PN_KERNEL(sp_nhwc_forward)(const pn_spatial_args *a) {
     const int64_t per_thread = 2 * Cp + 2 * bufn;
     pn_sp_mem mem;
     /* [w | b | sh, mm, sc per set or thread | piece stats | per thread: acc, mv, buf, tmp] */
-    pn_status st = pn_sp_alloc(&mem, 2 * Cp + 3 * nvec * Cp + (stats ? pn_sp_dreals(ns * np * 2 * Gp) : 0) +
-                                         nt * per_thread);
+    pn_status st = pn_sp_alloc(&mem, 2 * Cp + 3 * nvec * Cp + pn_sp_dreals(ns * np * 2 * Gp) + nt * per_thread);
     if (st) return st;
     real *w = pn_sp_take(&mem, C), *b = pn_sp_take(&mem, C);
     real *shv = pn_sp_take(&mem, nvec * Cp), *mmv = pn_sp_take(&mem, nvec * Cp), *scv = pn_sp_take(&mem, nvec * Cp);
-    double *pst = stats ? pn_sp_take_d(&mem, ns * np * 2 * Gp) : NULL;
+    double *pst = pn_sp_take_d(&mem, ns * np * 2 * Gp);
     real *bufs = pn_sp_take(&mem, nt * per_thread);
     pn_sp_params(a, w, b);
-    if (!stats) {   /* BatchNorm eval: the running statistics */
-        for (int64_t c = 0; c < C; c++) {
-            const real rs = (real)(1.0 / sqrt((double)pn_sp_value(a->running_var, a->rdtype, c) + a->eps));
-            shv[c] = pn_sp_value(a->running_mean, a->rdtype, c);
-            mmv[c] = 0;
-            scv[c] = rs * w[c];
-            if (a->mean) ((real *)a->mean)[c] = shv[c];
-            if (a->rstd) ((real *)a->rstd)[c] = rs;
-        }
-    } else if (!local) {
+    if (!local) {
         for (int64_t set = 0; set < ns; set++) pn_sp_nhwc_shift(a, &h, set, shv + set * Cp);
     }
 
@@ -1104,16 +1278,14 @@ pn_status PN_KERNEL(sp_nhwc_forward)(const pn_spatial_args *a) {
                 for (int64_t p = 0; p < np; p++) pn_sp_nhwc_norm(a, &h, set, p, sh, mm, sc, b, stream, buf, tmp);
             }
         } else {
-            if (stats) {
 #pragma omp for schedule(dynamic, pchunk)
-                for (int64_t t = 0; t < ns * np; t++) {
-                    pn_sp_nhwc_piece_stats(a, &h, t / np, t % np, shv + (t / np) * Cp, acc, mv, buf, pst + t * 2 * Gp);
-                }
+            for (int64_t t = 0; t < ns * np; t++) {
+                pn_sp_nhwc_piece_stats(a, &h, t / np, t % np, shv + (t / np) * Cp, acc, mv, buf, pst + t * 2 * Gp);
+            }
 #pragma omp for schedule(static)
-                for (int64_t t = 0; t < ns * nblk; t++) {
-                    const int64_t set = t / nblk, g0 = (t % nblk) * PN_SP_GB, g1 = g0 + PN_SP_GB < G ? g0 + PN_SP_GB : G;
-                    pn_sp_nhwc_merge(a, &h, set, g0, g1, pst, shv + set * Cp, w, mmv + set * Cp, scv + set * Cp);
-                }
+            for (int64_t t = 0; t < ns * nblk; t++) {
+                const int64_t set = t / nblk, g0 = (t % nblk) * PN_SP_GB, g1 = g0 + PN_SP_GB < G ? g0 + PN_SP_GB : G;
+                pn_sp_nhwc_merge(a, &h, set, g0, g1, pst, shv + set * Cp, w, mmv + set * Cp, scv + set * Cp);
             }
 #pragma omp for schedule(dynamic, 1)
             for (int64_t t = 0; t < ns * np; t++) {
@@ -1139,9 +1311,8 @@ static inline void pn_sp_nhwc_bwd_piece(const pn_spatial_args *a, const pn_sp_nh
     const size_t es = pn_dtype_size(a->dtype);
     int64_t r0;
     const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
-    const real *x = pn_row_as_real((const char *)a->inp + r0 * C * (int64_t)es, a->dtype, xb, nr * C);
-    const real *dy = pn_row_as_real((const char *)a->dout + r0 * C * (int64_t)es, a->dtype, dyb, nr * C);
-    pn_sp_colsum(2, x, dy, nr, C, mu, NULL, part, part + Cp);
+    pn_sp_colsum(2, a->dtype, (const char *)a->inp + r0 * C * (int64_t)es, (const char *)a->dout + r0 * C * (int64_t)es,
+                 nr, C, mu, NULL, part, part + Cp, xb, dyb);
 }
 
 /* dx for piece p's rows: rs[c] * ((dy * w[c] - k1[c]) - (x - mu[c]) * k2[c]),

@@ -1,7 +1,10 @@
-"""Benchmark and self-check cases for the spatial norms (GroupNorm, BatchNorm).
+"""Benchmark and self-check cases for the spatial norms (GroupNorm, InstanceNorm,
+BatchNorm).
 
 Used by ``python -m pynorm`` (pynorm.bench) and runnable on its own:
-``python -m pynorm.bench_spatial [--quick] [--threads 2,1] [--repeats K]``.
+``python -m pynorm.bench_spatial [--quick] [--models] [--threads 2,1] [--repeats K]``.
+Rows: every op and layout in float32 at SHAPES, then rows of real models
+(MODEL_CASES: a few by default, all with --models).
 
 Rows have the format of pynorm.bench.run_benchmark (plus a "layout" key): torch
 and pynorm run in one process on the same NumPy buffers, alternating call by
@@ -10,7 +13,7 @@ a channels_last (N, C, H, W) tensor.
 
 Byte model (% of copy bandwidth): the passes over memory of x's size that the
 algorithm needs in that layout, N = N*C*H*W values:
-  GroupNorm fwd: NCHW 2N (read x, write y: a group of a sample is one block
+  GroupNorm (and InstanceNorm) fwd: NCHW 2N (read x, write y: a group of a sample is one block
   that stays in cache), NHWC 3N (a group spans the whole sample, interleaved
   with the other groups: x is read for the statistics, then again for y);
   GroupNorm bwd: NCHW 3N (read dy and x, write dx), NHWC 5N;
@@ -190,33 +193,35 @@ def self_check(out=sys.stdout):
 # ---------------------------------------------------------------------------
 
 class Data:
-    """Buffers of one (shape, layout) in float32, and torch views of the same memory."""
+    """Buffers of one (shape, layout, dtype), and torch views of the same memory.
+    Weight, bias and running statistics have x's dtype (a model cast to bfloat16
+    casts them all)."""
 
-    def __init__(self, shape, layout, with_torch):
+    def __init__(self, shape, layout, with_torch, dtype=B.F32):
         rng = np.random.default_rng(1)
         N, C = shape[:2]
-        self.layout, self.C = layout, C
+        self.layout, self.C, self.dtype = layout, C, dtype
         mem_shape = shape if layout == "NCHW" else (N,) + shape[2:] + (C,)
-        self.x = (rng.standard_normal(mem_shape, dtype=np.float32) * 2 + 0.5)
-        self.dy = rng.standard_normal(mem_shape, dtype=np.float32)
-        self.w = (rng.standard_normal(C) * 0.1 + 1).astype(np.float32)
-        self.b = (rng.standard_normal(C) * 0.1).astype(np.float32)
-        self.rm, self.rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+        self.x = (rng.standard_normal(mem_shape, dtype=np.float32) * 2 + 0.5).astype(dtype)
+        self.dy = rng.standard_normal(mem_shape, dtype=np.float32).astype(dtype)
+        self.w = (rng.standard_normal(C) * 0.1 + 1).astype(dtype)
+        self.b = (rng.standard_normal(C) * 0.1).astype(dtype)
+        self.rm, self.rv = np.zeros(C, dtype), np.ones(C, dtype)
         self.t = None
         if with_torch:
             import torch
             self.torch, self.F = torch, torch.nn.functional
 
             def t(a):   # (N, C, H, W) over the same memory: channels_last for NHWC
-                ta = torch.from_numpy(a)
+                ta = B.to_torch(a)
                 return ta if layout == "NCHW" else ta.permute(0, ta.dim() - 1, *range(1, ta.dim() - 1))
 
-            self.t = argparse.Namespace(x=t(self.x), dy=t(self.dy), w=torch.from_numpy(self.w),
-                                        b=torch.from_numpy(self.b), rm=torch.zeros(C), rv=torch.ones(C))
+            self.t = argparse.Namespace(x=t(self.x), dy=t(self.dy), w=B.to_torch(self.w), b=B.to_torch(self.b),
+                                        rm=B.to_torch(self.rm.copy()), rv=B.to_torch(self.rv.copy()))
 
 
-def _np_group_norm(d):
-    y, _, _ = ref_group_norm(_nchw(d.x, d.layout), GROUPS, d.w, d.b, dtype=np.float32)
+def _np_group_norm(d, G=GROUPS):
+    y, _, _ = ref_group_norm(_nchw(d.x, d.layout), G, d.w, d.b, dtype=np.float32)
     return y
 
 
@@ -224,6 +229,12 @@ def fns_group_norm(d):
     return {"torch": lambda: d.F.group_norm(d.t.x, GROUPS, d.t.w, d.t.b),
             "numpy": lambda: _np_group_norm(d),
             "pynorm": lambda: pynorm.group_norm(d.x, GROUPS, d.w, d.b, layout=d.layout)}
+
+
+def fns_instance_norm(d):
+    return {"torch": lambda: d.F.instance_norm(d.t.x, weight=d.t.w, bias=d.t.b),
+            "numpy": lambda: _np_group_norm(d, d.C),
+            "pynorm": lambda: pynorm.instance_norm(d.x, d.w, d.b, layout=d.layout)}
 
 
 def fns_group_norm_bwd(d):
@@ -268,39 +279,81 @@ def fns_batch_norm_eval(d):
 OPS = [
     ("group_norm", "GroupNorm(32) fwd", {"NCHW": 2, "NHWC": 3}, fns_group_norm),
     ("group_norm_bwd", "GroupNorm(32) bwd", {"NCHW": 3, "NHWC": 5}, fns_group_norm_bwd),
+    ("instance_norm", "InstanceNorm fwd", {"NCHW": 2, "NHWC": 3}, fns_instance_norm),
     ("batch_norm_train", "BatchNorm train fwd", {"NCHW": 2, "NHWC": 3}, fns_batch_norm),
     ("batch_norm_bwd", "BatchNorm train bwd", {"NCHW": 3, "NHWC": 5}, fns_batch_norm_bwd),
     ("batch_norm_eval", "BatchNorm eval fwd", {"NCHW": 2, "NHWC": 2}, fns_batch_norm_eval),
 ]
+OPS_BY_KEY = {op[0]: op for op in OPS}
+
+# Shapes of real models. Stable Diffusion's UNet: GroupNorm(32) over 320, 640
+# and 1280 channels at 128x128 (SDXL's first level) down to 16x16 latents, batch
+# 2 (classifier-free guidance). ResNet-50 at batch 32: BatchNorm after the stem
+# (64 x 56x56), in the stages (256 x 56x56, 512 x 28x28) and at the last
+# (2048 x 7x7). InstanceNorm of style-transfer networks (64-256 channels).
+UNET_SHAPES = [(2, 320, 128, 128), (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16)]
+RESNET_SHAPES = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 2048, 7, 7)]
+INSTANCE_SHAPES = [(4, 64, 128, 128), (4, 256, 32, 32)]
+HALF_DTYPES = (B.BF16, B.F16)
+
+
+def _cases(keys, dtypes, shapes, layouts=LAYOUTS):
+    return [(key, layout, dtype, shape) for shape in shapes for dtype in dtypes for key in keys
+            for layout in layouts]
+
+
+# `--models`: every model row. Without it a few of them run after the
+# float32 rows at SHAPES (the run time of `python -m pynorm` stays modest).
+MODEL_CASES = (_cases(["group_norm", "group_norm_bwd"], (B.F32,) + HALF_DTYPES, UNET_SHAPES)
+               + _cases(["batch_norm_train", "batch_norm_bwd", "batch_norm_eval"], (B.F32,), RESNET_SHAPES)
+               + _cases(["instance_norm"], (B.F32,), INSTANCE_SHAPES))
+DEFAULT_MODEL_CASES = (_cases(["group_norm"], HALF_DTYPES, [(2, 640, 32, 32)])
+                       + _cases(["batch_norm_train", "batch_norm_bwd"], (B.F32,), [(32, 64, 56, 56)]))
+
+
+def benchmark_cases(quick=False, shapes=None, ops=None, layouts=LAYOUTS, models=False, dtypes=None):
+    """[(op key, layout, dtype, shape)] of a run: every op and layout in float32
+    at `shapes` (default SHAPES, QUICK_SHAPES with quick), then model rows
+    (none with quick or explicit shapes, a few by default, all with models),
+    filtered by ops, layouts and dtypes."""
+    keys = [op[0] for op in OPS if ops is None or op[0] in ops]
+    cases = _cases(keys, (B.F32,), shapes or (QUICK_SHAPES if quick else SHAPES), layouts)
+    if models:
+        cases += MODEL_CASES
+    elif not quick and not shapes:
+        cases += DEFAULT_MODEL_CASES
+    if dtypes is not None:
+        cases = [c for c in cases if c[2].name in dtypes]
+    return [c for c in cases if c[0] in keys and c[1] in layouts]
 
 
 def run_spatial_benchmark(thread_counts, baseline, torch_mod, warmup, repeats, progress, quick=False,
-                          shapes=None, ops=None, layouts=LAYOUTS, adjacent=True):
+                          shapes=None, ops=None, layouts=LAYOUTS, adjacent=True, models=False, dtypes=None):
     """Rows in pynorm.bench.run_benchmark's format (add_copy_fraction and
-    format_table apply to them), float32, every op x layout x shape x thread count."""
-    shapes = shapes or (QUICK_SHAPES if quick else SHAPES)
-    ops = [op for op in OPS if ops is None or op[0] in ops]
+    format_table apply to them): every case of benchmark_cases x thread count."""
+    cases = benchmark_cases(quick, shapes, ops, layouts, models, dtypes)
     rows = []
-    total = len(shapes) * len(layouts) * len(ops) * len(thread_counts)
-    for shape in shapes:
-        for layout in layouts:
-            data = Data(shape, layout, with_torch=baseline == "torch")
-            for key, label, passes, make in ops:
-                fns = make(data)
-                nbytes = passes[layout] * data.x.nbytes
-                for threads in thread_counts:
-                    progress.show(f"[{len(rows) + 1}/{total}] {label} {layout} {shape} threads={threads}")
-                    B.set_threads(threads, torch_mod)
-                    copy_gbps = B.copy_probe() if adjacent else None
-                    t_base, t_pn = B.time_pair(fns[baseline], fns["pynorm"], warmup, repeats)
-                    rows.append(dict(
-                        op=f"{key}_{layout.lower()}", label=f"{label} {layout}", layout=layout, dtype="float32",
-                        shape=list(shape), threads=threads, baseline=baseline,
-                        baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3, speedup=t_base / t_pn,
-                        bytes=nbytes, pynorm_gbps=nbytes / t_pn / 1e9, copy_gbps=copy_gbps,
-                        baseline_allocating_only=False))
-                del fns
-            del data
+    total = len(cases) * len(thread_counts)
+    data, data_key = None, None
+    for key, layout, dtype, shape in cases:
+        if data_key != (layout, dtype, shape):   # consecutive cases share their buffers
+            data = None
+            data, data_key = Data(shape, layout, with_torch=baseline == "torch", dtype=dtype), (layout, dtype, shape)
+        _, label, passes, make = OPS_BY_KEY[key]
+        fns = make(data)
+        nbytes = passes[layout] * data.x.nbytes
+        for threads in thread_counts:
+            progress.show(f"[{len(rows) + 1}/{total}] {label} {layout} {dtype.name} {shape} threads={threads}")
+            B.set_threads(threads, torch_mod)
+            copy_gbps = B.copy_probe() if adjacent else None
+            t_base, t_pn = B.time_pair(fns[baseline], fns["pynorm"], warmup, repeats)
+            rows.append(dict(
+                op=f"{key}_{layout.lower()}", label=f"{label} {layout}", layout=layout, dtype=dtype.name,
+                shape=list(shape), threads=threads, baseline=baseline,
+                baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3, speedup=t_base / t_pn,
+                bytes=nbytes, pynorm_gbps=nbytes / t_pn / 1e9, copy_gbps=copy_gbps,
+                baseline_allocating_only=False))
+        del fns
     return rows
 
 
@@ -314,6 +367,10 @@ def main(argv=None):
     p.add_argument("--shapes", type=B.shapes_arg(4, ",", ";"), default=None, metavar="N,C,H,W[;...]",
                    help="shapes (default: the two above)")
     p.add_argument("--layouts", default="NCHW,NHWC")
+    p.add_argument("--models", action="store_true",
+                   help="every model row (UNet GroupNorm in float32/bfloat16/float16, ResNet BatchNorm, "
+                        "InstanceNorm); default: a few")
+    p.add_argument("--dtypes", default=None, help="comma-separated dtypes of the rows to run (default: all)")
     p.add_argument("--baseline", choices=["auto", "torch", "numpy"], default="auto")
     p.add_argument("--no-check", action="store_true", help="skip the self-check")
     B.add_malloc_argument(p)
@@ -334,7 +391,9 @@ def main(argv=None):
         copy_start = B.measure_copy_bandwidth(args.threads, torch_mod, progress)
         rows = run_spatial_benchmark(args.threads, baseline, torch_mod, warmup, repeats, progress, args.quick,
                                      shapes=args.shapes, ops=args.ops.split(",") if args.ops else None,
-                                     layouts=tuple(args.layouts.split(",")), adjacent=not args.quick)
+                                     layouts=tuple(args.layouts.split(",")), adjacent=not args.quick,
+                                     models=args.models,
+                                     dtypes=args.dtypes.split(",") if args.dtypes else None)
         copy_end = B.measure_copy_bandwidth(args.threads, torch_mod, progress)
     finally:
         progress.clear()
