@@ -50,7 +50,8 @@ _FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
 _BOUND_FUNCTIONS = ("pn_layernorm_forward", "pn_layernorm_backward", "pn_rmsnorm_forward",
                     "pn_rmsnorm_backward", "pn_buffer_alloc", "pn_buffer_free", "pn_status_string")
 
-ops = None              # torch.ops.pynorm_ext once loaded, else None
+ops = None              # torch.ops.pynorm_ext once loaded (the modules use it), else None
+_loaded = None          # the namespace once loaded into this process (a file loads once)
 _warned = False
 
 
@@ -143,13 +144,13 @@ def _addresses():
 
 def load(path):
     """Loads the built file at path and binds it to the loaded libpynorm."""
-    global ops
-    if ops is not None:
-        return ops
-    torch.ops.load_library(path)
-    ns = getattr(torch.ops, NAMESPACE)
-    ns.bind(_addresses())
-    ops = ns
+    global ops, _loaded
+    if _loaded is None:
+        torch.ops.load_library(path)
+        ns = getattr(torch.ops, NAMESPACE)
+        ns.bind(_addresses())
+        _loaded = ns
+    ops = _loaded
     return ops
 
 
@@ -160,13 +161,13 @@ def _warn_once(message):
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def build_and_load(quiet=False):
+def build_and_load(quiet=False, force=False):
     """Builds (when missing) and loads the extension; None (with one warning) when
     that fails or PYNORM_TORCH_EXT=0."""
     if not enabled():
         return None
     try:
-        return load(build(quiet=quiet))
+        return load(build(force=force, quiet=quiet))
     except Exception as e:           # never break the caller: the Python path remains
         _warn_once(f"{e}\npynorm.torch: running without the C++ extension (the Python path)")
         return None

@@ -9,7 +9,12 @@ wrapping policies) still finds these.
 
 import torch
 
-from . import _fast, _functional as F
+from . import _ext, _fast, _functional as F
+
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_F64 = torch.float64
+_EPS32, _EPS64 = torch.finfo(torch.float32).eps, torch.finfo(_F64).eps
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -17,6 +22,11 @@ class LayerNorm(torch.nn.LayerNorm):
     trailing axes are flattened into one row)."""
 
     def forward(self, input):
+        ops = _ext.ops
+        if (ops is not None and input.is_cpu and input.shape[-1:] == self.normalized_shape
+                and (_is_compiling() or not _functorch_active())):
+            # the C++ extension's operator: the whole call in C++ (see _ext)
+            return ops.layer_norm(input, self.weight, self.bias, self.eps)
         y = _fast.token_norm(self, input, False)
         if y is None:
             y = F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -28,6 +38,13 @@ class RMSNorm(torch.nn.RMSNorm):
     compute type, as torch)."""
 
     def forward(self, x):
+        ops = _ext.ops
+        if (ops is not None and x.is_cpu and x.shape[-1:] == self.normalized_shape
+                and (_is_compiling() or not _functorch_active())):
+            eps = self.eps
+            if eps is None:
+                eps = _EPS64 if x.dtype is _F64 else _EPS32
+            return ops.rms_norm(x, self.weight, eps)
         y = _fast.token_norm(self, x, True)
         if y is None:
             y = F.rms_norm(x, self.normalized_shape, self.weight, self.eps)

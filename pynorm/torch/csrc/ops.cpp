@@ -349,22 +349,53 @@ const c10::TypedOperatorHandle<decltype(rms_norm_bwd_cpu)> &rms_bwd_op() {
 }
 
 Tensor or_undefined(const OptTensor &t) { return t.has_value() ? *t : Tensor(); }
+bool given(const OptTensor &t) { return t.has_value() && t->defined(); }
 
-// First-order only, as the Python path: the backward operators have no autograd
-// kernel, so a double backward raises instead of treating these gradients as constants.
+// Whether the backward must compute the gradient of forward argument i. The node's
+// edges are its tensor arguments only (an absent optional has none): edge[i] is
+// that argument's edge index, or -1.
+bool needed(AutogradContext *ctx, int64_t edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
+
+// First-order only, as the Python path: with create_graph=True the gradients are
+// returned through this node, whose backward raises (a double backward must not treat
+// them as constants).
+struct FirstOrderOnly : public torch::autograd::Function<FirstOrderOnly> {
+    static Tensor forward(AutogradContext *, const Tensor &grad, const Tensor &dy, const Tensor &x,
+                          const Tensor &w) {
+        return grad.clone();
+    }
+    static variable_list backward(AutogradContext *, variable_list) {
+        TORCH_CHECK(false, "pynorm.torch: the norms' backward is not differentiable (no double backward)");
+    }
+};
+
+variable_list first_order(variable_list grads, const Tensor &dy, const Tensor &x, const Tensor &w) {
+    if (c10::GradMode::is_enabled())
+        for (auto &g : grads)
+            if (g.defined()) g = FirstOrderOnly::apply(g, dy, x, w);
+    return grads;
+}
+
 struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
     static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptTensor &w, const OptTensor &b,
                           double eps) {
         at::AutoDispatchBelowADInplaceOrView guard;
         auto [y, st] = ln_fwd_op().call(x, w, b, eps);
         ctx->save_for_backward({x, or_undefined(w), st});
+        int64_t we = given(w) ? 1 : -1, be = given(b) ? (given(w) ? 2 : 1) : -1;
+        ctx->saved_data["edges"] = std::vector<int64_t>{we, be};
         return y;
     }
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
         auto saved = ctx->get_saved_variables();
-        std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
-        auto [dx, dw, db] = ln_bwd_op().call(grads[0], saved[0], saved[1], saved[2], mask);
-        return {dx, dw, db, Tensor()};
+        auto edges = ctx->saved_data["edges"].toIntVector();
+        std::array<bool, 3> mask{ctx->needs_input_grad(0), needed(ctx, edges[0]), needed(ctx, edges[1])};
+        Tensor dx, dw, db;
+        {
+            at::AutoGradMode no_grad(false);
+            std::tie(dx, dw, db) = ln_bwd_op().call(grads[0], saved[0], saved[1], saved[2], mask);
+        }
+        return first_order({dx, dw, db, Tensor()}, grads[0], saved[0], saved[1]);
     }
 };
 
@@ -377,9 +408,13 @@ struct RMSNormFn : public torch::autograd::Function<RMSNormFn> {
     }
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
         auto saved = ctx->get_saved_variables();
-        std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
-        auto [dx, dw] = rms_bwd_op().call(grads[0], saved[0], saved[1], saved[2], mask);
-        return {dx, dw, Tensor()};
+        std::array<bool, 2> mask{ctx->needs_input_grad(0), saved[1].defined() && ctx->needs_input_grad(1)};
+        Tensor dx, dw;
+        {
+            at::AutoGradMode no_grad(false);
+            std::tie(dx, dw) = rms_bwd_op().call(grads[0], saved[0], saved[1], saved[2], mask);
+        }
+        return first_order({dx, dw, Tensor()}, grads[0], saved[0], saved[1]);
     }
 };
 
