@@ -16,8 +16,8 @@ How it is built and used:
   stderr when it starts and when it is done. ``$CXX`` picks the compiler.
 - Cached in ``$PYNORM_CACHE_DIR`` (default ``$XDG_CACHE_HOME/pynorm``, else
   ``~/.cache/pynorm``), the file named by torch's version and a hash of
-  everything the binary depends on (ops.cpp, pynorm.h, torch's version and C++
-  ABI, the compiler and flags). The file appears by an atomic rename, so two
+  what the binary depends on (ops.cpp, pynorm.h, torch's version and C++ ABI,
+  the flags). The file appears by an atomic rename, so two
   processes building at once both end with a complete file.
 - Loaded by ``import pynorm.torch`` when the file for this torch and this source
   exists; then the modules use it (eager and under torch.compile) for CPU input.
@@ -77,12 +77,14 @@ def _abi_flag():
 
 
 def cache_key():
-    """A hash of everything the built file depends on."""
+    """A hash of what the built file depends on: the source, pynorm.h, torch's version
+    and C++ ABI, the flags (not the compiler: any that builds it gives a usable file,
+    and the cache is found again whatever $CXX is set to later)."""
     with open(SOURCE, "rb") as f:
         source = f.read()
     h = hashlib.sha256()
     for part in (source, _lib.header_source.encode(), torch.__version__.encode(), _abi_flag().encode(),
-                 _compiler().encode(), " ".join(_FLAGS).encode(), sys.platform.encode()):
+                 " ".join(_FLAGS).encode(), sys.platform.encode()):
         h.update(len(part).to_bytes(8, "little"))
         h.update(part)
     return h.hexdigest()[:20]
