@@ -65,6 +65,8 @@ class _InstanceNormMixin:
     # torch's _InstanceNorm.forward checks the input and handles unbatched input,
     # then calls this.
     def _apply_instance_norm(self, input):
+        if self.training or not self.track_running_stats:
+            F.check_instance_spatial_size(input)
         if self.running_mean is None and self.running_var is None and input.dim() > 1:
             y = _fast.group_norm(self, input, input.shape[1])
             if y is not None:
