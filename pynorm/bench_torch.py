@@ -242,6 +242,9 @@ def decode_case(module, size, dtype, mode, compile=False):
     base.train(train)
     twin.train(train)
     if compile:
+        # every row compiles fresh modules of the same classes: without a reset Dynamo's
+        # recompile limit stops fullgraph compilation after a few rows
+        torch._dynamo.reset()
         base = torch.compile(base, fullgraph=True)
         twin = torch.compile(twin, fullgraph=True)
     x = torch.randn(shape, dtype=dt).requires_grad_(train)

@@ -37,14 +37,21 @@ def ext(tmp_path_factory):
         path = _ext.build()          # a failed build fails these tests: CI must build it
         ops = _ext.load(path)
     finally:
-        _ext.ops = None
+        _ext._activate(None)
         mp.undo()
     return ops, path
 
 
+def _switch(monkeypatch, ops):
+    """The modules' path for this test: the extension's operators, or None (Python)."""
+    monkeypatch.setattr(_ext, "ops", ops)
+    monkeypatch.setattr(_ext, "eager_layer_norm", None if ops is None else ops.layer_norm.default._op)
+    monkeypatch.setattr(_ext, "eager_rms_norm", None if ops is None else ops.rms_norm.default._op)
+
+
 @pytest.fixture
 def use_ext(ext, monkeypatch):
-    monkeypatch.setattr(_ext, "ops", ext[0])
+    _switch(monkeypatch, ext[0])
     return ext[0]
 
 
@@ -59,9 +66,9 @@ def _pynorm_ops(fn):
 def test_modules_take_the_extension_when_loaded(ext, monkeypatch):
     x = rand((3, 16), torch.float32, 1).requires_grad_(True)
     for mod, op in ((pnt.LayerNorm(16), "pynorm_ext::layer_norm"), (pnt.RMSNorm(16), "pynorm_ext::rms_norm")):
-        monkeypatch.setattr(_ext, "ops", None)
+        _switch(monkeypatch, None)
         assert op not in _pynorm_ops(lambda: mod(x).sum().backward())
-        monkeypatch.setattr(_ext, "ops", ext[0])
+        _switch(monkeypatch, ext[0])
         names = _pynorm_ops(lambda: mod(x).sum().backward())
         assert op in names and f"{op}_bwd" in names, f"{type(mod).__name__} did not run {op}: {names}"
     assert pnt.extension_loaded()
@@ -72,9 +79,9 @@ def test_modules_take_the_extension_when_loaded(ext, monkeypatch):
 @pytest.mark.parametrize("name", TOKEN_MODULES)
 def test_extension_gives_the_python_paths_bits(ext, monkeypatch, name, dtype, grad):
     """Outputs, input and parameter gradients: bit for bit the Python path's."""
-    monkeypatch.setattr(_ext, "ops", None)
+    _switch(monkeypatch, None)
     python = _straight_run(STRAIGHT_MODULES[name], name, dtype, grad, 3)
-    monkeypatch.setattr(_ext, "ops", ext[0])
+    _switch(monkeypatch, ext[0])
     extension = _straight_run(STRAIGHT_MODULES[name], name, dtype, grad, 3)
     assert len(python) == len(extension)
     for i, (a, b) in enumerate(zip(python, extension)):
@@ -98,7 +105,7 @@ def test_extension_unusual_input_matches_python_path(ext, monkeypatch, case):
         x = x[:, ::2, ::2]
     results = []
     for ops in (None, ext[0]):
-        monkeypatch.setattr(_ext, "ops", ops)
+        _switch(monkeypatch, ops)
         mod.zero_grad()
         xi = x.clone().requires_grad_(case != "weight_grad_only")
         y = mod(xi)
@@ -345,3 +352,18 @@ def test_build_command_line(ext, pynorm_env):
     proc = subprocess.run([sys.executable, "-m", "pynorm.torch.build"], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == ext[1], proc.stdout + proc.stderr
+
+
+def test_benchmarks_load_the_extension_first(ext, monkeypatch, capfd):
+    """The torch benchmarks (python -m pynorm --suites torch, python -m pynorm.bench_torch)
+    build or load the extension before their rows and say which path they measure."""
+    from pynorm import bench_torch
+    monkeypatch.setenv("PYNORM_CACHE_DIR", os.path.dirname(ext[1]))
+    monkeypatch.delenv("PYNORM_TORCH_EXT")
+    _switch(monkeypatch, None)
+    assert bench_torch.prepare_extension() and _ext.ops is ext[0]
+    assert "the rows use the C++ extension" in capfd.readouterr().err
+    monkeypatch.setenv("PYNORM_TORCH_EXT", "0")
+    _switch(monkeypatch, None)
+    assert not bench_torch.prepare_extension() and _ext.ops is None
+    assert "the rows measure the Python path" in capfd.readouterr().err

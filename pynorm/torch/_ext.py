@@ -51,6 +51,10 @@ _BOUND_FUNCTIONS = ("pn_layernorm_forward", "pn_layernorm_backward", "pn_rmsnorm
                     "pn_rmsnorm_backward", "pn_buffer_alloc", "pn_buffer_free", "pn_status_string")
 
 ops = None              # torch.ops.pynorm_ext once loaded (the modules use it), else None
+# eager calls: the operators' C++ entry points (OpOverload._op), without the Python
+# __call__ frames of torch.ops' packets and overloads (a visible share at one row);
+# under torch.compile the modules call `ops`, which Dynamo traces
+eager_layer_norm = eager_rms_norm = None
 _loaded = None          # the namespace once loaded into this process (a file loads once)
 _warned = False
 
@@ -146,14 +150,22 @@ def _addresses():
 
 def load(path):
     """Loads the built file at path and binds it to the loaded libpynorm."""
-    global ops, _loaded
+    global _loaded
     if _loaded is None:
         torch.ops.load_library(path)
         ns = getattr(torch.ops, NAMESPACE)
         ns.bind(_addresses())
         _loaded = ns
-    ops = _loaded
+    _activate(_loaded)
     return ops
+
+
+def _activate(ns):
+    """Makes ns (the loaded operators, or None) the modules' path."""
+    global ops, eager_layer_norm, eager_rms_norm
+    ops = ns
+    eager_layer_norm = None if ns is None else ns.layer_norm.default._op
+    eager_rms_norm = None if ns is None else ns.rms_norm.default._op
 
 
 def _warn_once(message):

@@ -23,10 +23,12 @@ class LayerNorm(torch.nn.LayerNorm):
 
     def forward(self, input):
         ops = _ext.ops
-        if (ops is not None and input.is_cpu and input.shape[-1:] == self.normalized_shape
-                and (_is_compiling() or not _functorch_active())):
+        if ops is not None and input.is_cpu and input.shape[-1:] == self.normalized_shape:
             # the C++ extension's operator: the whole call in C++ (see _ext)
-            return ops.layer_norm(input, self.weight, self.bias, self.eps)
+            if _is_compiling():
+                return ops.layer_norm(input, self.weight, self.bias, self.eps)
+            if not _functorch_active():
+                return _ext.eager_layer_norm(input, self.weight, self.bias, self.eps)
         y = _fast.token_norm(self, input, False)
         if y is None:
             y = F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -39,12 +41,14 @@ class RMSNorm(torch.nn.RMSNorm):
 
     def forward(self, x):
         ops = _ext.ops
-        if (ops is not None and x.is_cpu and x.shape[-1:] == self.normalized_shape
-                and (_is_compiling() or not _functorch_active())):
+        if ops is not None and x.is_cpu and x.shape[-1:] == self.normalized_shape:
             eps = self.eps
             if eps is None:
                 eps = _EPS64 if x.dtype is _F64 else _EPS32
-            return ops.rms_norm(x, self.weight, eps)
+            if _is_compiling():
+                return ops.rms_norm(x, self.weight, eps)
+            if not _functorch_active():
+                return _ext.eager_rms_norm(x, self.weight, eps)
         y = _fast.token_norm(self, x, True)
         if y is None:
             y = F.rms_norm(x, self.normalized_shape, self.weight, self.eps)

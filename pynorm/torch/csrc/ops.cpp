@@ -154,7 +154,7 @@ std::tuple<Tensor, Tensor> ln_fwd_impl(const Tensor &x_, const OptTensor &w, con
     Tensor st = stats ? at::empty({2, rows}, x.options().dtype(stats_type(x.scalar_type()))) : Tensor();
     if (n == 0) return {y, st};
     void *mean = stats ? st.data_ptr() : nullptr;
-    void *rstd = stats ? st[1].data_ptr() : nullptr;
+    void *rstd = stats ? static_cast<char *>(st.data_ptr()) + rows * st.element_size() : nullptr;
     check_status(lib.ln_fwd(y.data_ptr(), mean, rstd, x.data_ptr(), ptr(p.w), ptr(p.b), 1, rows, C, eps,
                             code(x.scalar_type()), p.wdt, nullptr),
                  "layer_norm");
@@ -381,18 +381,19 @@ struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
                           double eps) {
         at::AutoDispatchBelowADInplaceOrView guard;
         auto [y, st] = ln_fwd_op().call(x, w, b, eps);
-        ctx->save_for_backward({x, or_undefined(w), st});
-        int64_t we = given(w) ? 1 : -1, be = given(b) ? (given(w) ? 2 : 1) : -1;
-        ctx->saved_data["edges"] = std::vector<int64_t>{we, be};
+        // b is saved only to know, in the backward, whether it has an edge
+        ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
         return y;
     }
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
         auto saved = ctx->get_saved_variables();
-        auto edges = ctx->saved_data["edges"].toIntVector();
-        std::array<bool, 3> mask{ctx->needs_input_grad(0), needed(ctx, edges[0]), needed(ctx, edges[1])};
+        bool has_w = saved[1].defined(), has_b = saved[3].defined();
+        std::array<bool, 3> mask{ctx->needs_input_grad(0), needed(ctx, has_w ? 1 : -1),
+                                 needed(ctx, has_b ? (has_w ? 2 : 1) : -1)};
         Tensor dx, dw, db;
         {
-            at::AutoGradMode no_grad(false);
+            // below autograd: no boxed autograd fallback for an operator without a formula
+            at::AutoDispatchBelowADInplaceOrView guard;
             std::tie(dx, dw, db) = ln_bwd_op().call(grads[0], saved[0], saved[1], saved[2], mask);
         }
         return first_order({dx, dw, db, Tensor()}, grads[0], saved[0], saved[1]);
@@ -411,7 +412,8 @@ struct RMSNormFn : public torch::autograd::Function<RMSNormFn> {
         std::array<bool, 2> mask{ctx->needs_input_grad(0), saved[1].defined() && ctx->needs_input_grad(1)};
         Tensor dx, dw;
         {
-            at::AutoGradMode no_grad(false);
+            // below autograd: no boxed autograd fallback for an operator without a formula
+            at::AutoDispatchBelowADInplaceOrView guard;
             std::tie(dx, dw) = rms_bwd_op().call(grads[0], saved[0], saved[1], saved[2], mask);
         }
         return first_order({dx, dw, Tensor()}, grads[0], saved[0], saved[1]);
