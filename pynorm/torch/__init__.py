@@ -26,7 +26,10 @@ torch.compile, torch.export, fake tensors, tensor subclasses, dispatch or functi
 modes and functorch transforms they call the operators. The modules go one step
 further on plain contiguous CPU input (see _fast): one output allocation and one C
 call through integer pointers, no statistics without gradients, and a lean
-autograd.Function with them; same kernels, same bits.
+autograd.Function with them; same kernels, same bits. With the optional C++
+extension built (``python -m pynorm.torch.build`` or ``build_extension()``; see
+_ext and docs/torch.md), LayerNorm and RMSNorm run on its C++ operators
+``torch.ops.pynorm_ext.*`` instead, eager and compiled: the whole call in C++.
 
 Differences from torch.nn worth knowing: outputs always have the input's dtype
 (parameters of another dtype than the input's or float32 are cast); an NHWC-dense
