@@ -22,7 +22,7 @@ import pynorm.torch as pnt
 from pynorm.torch import _ext
 from test_torch import DNAME, DTYPES, STRAIGHT_MODULES, _straight_run, _swap_one, perturb_params, rand
 
-TOKEN_MODULES = [n for n in STRAIGHT_MODULES if n.startswith(("LayerNorm", "RMSNorm"))]
+EXT_MODULES = [n for n in STRAIGHT_MODULES if n.startswith(("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"))]
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +47,7 @@ def _switch(monkeypatch, ops):
     monkeypatch.setattr(_ext, "ops", ops)
     monkeypatch.setattr(_ext, "eager_layer_norm", None if ops is None else ops.layer_norm.default._op)
     monkeypatch.setattr(_ext, "eager_rms_norm", None if ops is None else ops.rms_norm.default._op)
+    monkeypatch.setattr(_ext, "eager_group_norm", None if ops is None else ops.group_norm.default._op)
 
 
 @pytest.fixture
@@ -64,8 +65,11 @@ def _pynorm_ops(fn):
 # ---- the modules on the extension -------------------------------------------------------------
 
 def test_modules_take_the_extension_when_loaded(ext, monkeypatch):
-    x = rand((3, 16), torch.float32, 1).requires_grad_(True)
-    for mod, op in ((pnt.LayerNorm(16), "pynorm_ext::layer_norm"), (pnt.RMSNorm(16), "pynorm_ext::rms_norm")):
+    for mod, op in ((pnt.LayerNorm(16), "pynorm_ext::layer_norm"), (pnt.RMSNorm(16), "pynorm_ext::rms_norm"),
+                    (pnt.GroupNorm(4, 16), "pynorm_ext::group_norm"),
+                    (pnt.InstanceNorm1d(16, affine=True), "pynorm_ext::group_norm")):
+        x = rand((3, 16) if isinstance(mod, (pnt.LayerNorm, pnt.RMSNorm)) else (3, 16, 4), torch.float32, 1)
+        x.requires_grad_(True)
         _switch(monkeypatch, None)
         assert op not in _pynorm_ops(lambda: mod(x).sum().backward())
         _switch(monkeypatch, ext[0])
@@ -76,7 +80,7 @@ def test_modules_take_the_extension_when_loaded(ext, monkeypatch):
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "fwd_bwd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DNAME.get)
-@pytest.mark.parametrize("name", TOKEN_MODULES)
+@pytest.mark.parametrize("name", EXT_MODULES)
 def test_extension_gives_the_python_paths_bits(ext, monkeypatch, name, dtype, grad):
     """Outputs, input and parameter gradients: bit for bit the Python path's."""
     _switch(monkeypatch, None)
@@ -116,11 +120,12 @@ def test_extension_unusual_input_matches_python_path(ext, monkeypatch, case):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{case}: result {i} differs from the Python path"
 
 
-@pytest.mark.parametrize("name", ["LayerNorm", "LayerNorm_no_affine", "RMSNorm"])
+@pytest.mark.parametrize("name", ["LayerNorm", "LayerNorm_no_affine", "RMSNorm", "GroupNorm", "InstanceNorm2d"])
 def test_extension_gradcheck_float64(use_ext, name):
     mod = _swap_one(STRAIGHT_MODULES[name](torch.float64))
     perturb_params(mod, 6)
-    x = rand((3, 24), torch.float64, 7).requires_grad_(True)
+    shape = (2, 6, 3, 2) if name.startswith(("Group", "Instance")) else (3, 24)
+    x = rand(shape, torch.float64, 7).requires_grad_(True)
     params = tuple(mod.parameters())
 
     def fn(x, *ps):
@@ -148,6 +153,15 @@ def _ext_opcheck_cases():
         cases.append((f"layer_norm_bwd-{tag}", "layer_norm_bwd",
                       lambda ops, x=x, dy=dy, w=w, b=b: (dy, x, w, ops.layer_norm_fwd(x, w, b, 1e-5)[1],
                                                          [True, True, True])))
+        xs, dys = rand((2, 6, 3, 4), dt, 6), rand((2, 6, 3, 4), dt, 7)
+        w6, b6 = rand((6,), dt, 8), rand((6,), dt, 9)
+        cases += [(f"group_norm-{tag}", "group_norm", (xs, 3, w6, b6, 1e-5)),
+                  (f"group_norm_grad-{tag}", "group_norm",
+                   (xs.clone().requires_grad_(), 2, w6.clone().requires_grad_(), None, 1e-5)),
+                  (f"group_norm_fwd-{tag}", "group_norm_fwd", (xs, 6, None, None, 1e-5))]
+        cases.append((f"group_norm_bwd-{tag}", "group_norm_bwd",
+                      lambda ops, x=xs, dy=dys, w=w6, b=b6: (dy, x, 3, w, ops.group_norm_fwd(x, 3, w, b, 1e-5)[1],
+                                                             [True, True, True])))
         cases.append((f"rms_norm_bwd-{tag}", "rms_norm_bwd",
                       lambda ops, x=x, dy=dy, w=w: (dy, x, w, ops.rms_norm_fwd(x, w, 1e-6)[1], [True, True])))
     return cases
@@ -164,7 +178,8 @@ def test_extension_torch_compile_fullgraph(use_ext):
     """Under torch.compile(fullgraph=True) the modules call the extension's operators
     (the graph holds them) and give eager's bits, gradients included."""
     torch._dynamo.reset()
-    for make in (lambda: pnt.LayerNorm(32), lambda: pnt.RMSNorm(32)):
+    for make, shape in ((lambda: pnt.LayerNorm(32), (4, 32)), (lambda: pnt.RMSNorm(32), (4, 32)),
+                        (lambda: pnt.GroupNorm(4, 8), (2, 8, 2, 2))):
         mod = make()
         perturb_params(mod, 8)
         graphs = []
@@ -173,13 +188,13 @@ def test_extension_torch_compile_fullgraph(use_ext):
             graphs.append({str(n.target) for n in gm.graph.nodes})
             return gm.forward
         compiled = torch.compile(mod, fullgraph=True, backend=backend)
-        x = rand((4, 32), torch.float32, 9).requires_grad_(True)
+        x = rand(shape, torch.float32, 9).requires_grad_(True)
         results = []
         for fn in (mod, compiled):
             mod.zero_grad()
             xi = x.detach().clone().requires_grad_(True)
             y = fn(xi)
-            y.backward(rand((4, 32), torch.float32, 10))
+            y.backward(rand(shape, torch.float32, 10))
             results.append([y.detach(), xi.grad] + [p.grad for p in mod.parameters()])
         assert any(any("pynorm_ext" in t for t in g) for g in graphs), graphs
         for i, (a, b) in enumerate(zip(*results)):
@@ -226,6 +241,8 @@ def test_extension_errors_are_clear(use_ext):
         pnt.LayerNorm(8)(torch.randn(3, 7))                    # the module: torch's message
     with pytest.raises(ValueError, match="weight must hold 7 values"):
         ops.layer_norm(torch.randn(3, 7), torch.ones(8), None, 1e-5)
+    with pytest.raises(ValueError, match="num_groups"):
+        ops.group_norm(torch.randn(2, 6, 3), 4, None, None, 1e-5)
     with pytest.raises(TypeError, match="float32, float16, bfloat16 or float64"):
         ops.rms_norm(torch.ones(3, 7, dtype=torch.int32), None, 1e-5)
     with pytest.raises(ValueError, match="eps"):

@@ -1,4 +1,5 @@
-"""The optional C++ extension: LayerNorm and RMSNorm as C++ torch operators.
+"""The optional C++ extension: LayerNorm, RMSNorm and GroupNorm (InstanceNorm without
+running statistics) as C++ torch operators.
 
 At one row a norm's kernel takes a few microseconds, less than a Python
 torch.autograd.Function costs on its own. The operators in csrc/ops.cpp
@@ -48,13 +49,14 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "ops.c
 NAMESPACE = "pynorm_ext"
 _FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
 _BOUND_FUNCTIONS = ("pn_layernorm_forward", "pn_layernorm_backward", "pn_rmsnorm_forward",
-                    "pn_rmsnorm_backward", "pn_buffer_alloc", "pn_buffer_free", "pn_status_string")
+                    "pn_rmsnorm_backward", "pn_buffer_alloc", "pn_buffer_free", "pn_status_string",
+                    "pn_groupnorm_forward", "pn_groupnorm_backward")
 
 ops = None              # torch.ops.pynorm_ext once loaded (the modules use it), else None
 # eager calls: the operators' C++ entry points (OpOverload._op), without the Python
 # __call__ frames of torch.ops' packets and overloads (a visible share at one row);
 # under torch.compile the modules call `ops`, which Dynamo traces
-eager_layer_norm = eager_rms_norm = None
+eager_layer_norm = eager_rms_norm = eager_group_norm = None
 _loaded = None          # the namespace once loaded into this process (a file loads once)
 _warned = False
 
@@ -162,8 +164,9 @@ def load(path):
 
 def _activate(ns):
     """Makes ns (the loaded operators, or None) the modules' path."""
-    global ops, eager_layer_norm, eager_rms_norm
+    global ops, eager_layer_norm, eager_rms_norm, eager_group_norm
     ops = ns
+    eager_group_norm = None if ns is None else ns.group_norm.default._op
     eager_layer_norm = None if ns is None else ns.layer_norm.default._op
     eager_rms_norm = None if ns is None else ns.rms_norm.default._op
 

@@ -59,6 +59,12 @@ class GroupNorm(torch.nn.GroupNorm):
     """torch.nn.GroupNorm on pynorm's kernels (channels_last input: NHWC kernels)."""
 
     def forward(self, input):
+        ops = _ext.ops
+        if ops is not None and input.is_cpu and input.is_contiguous():
+            if _is_compiling():
+                return ops.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+            if not _functorch_active():
+                return _ext.eager_group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
         y = _fast.group_norm(self, input, self.num_groups)
         if y is None:
             y = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
@@ -72,6 +78,13 @@ class _InstanceNormMixin:
         if self.training or not self.track_running_stats:
             F.check_instance_spatial_size(input)
         if self.running_mean is None and self.running_var is None and input.dim() > 1:
+            ops = _ext.ops
+            if ops is not None and input.is_cpu and input.is_contiguous():
+                C = input.shape[1]
+                if _is_compiling():
+                    return ops.group_norm(input, C, self.weight, self.bias, self.eps)
+                if not _functorch_active():
+                    return _ext.eager_group_norm(input, C, self.weight, self.bias, self.eps)
             y = _fast.group_norm(self, input, input.shape[1])
             if y is not None:
                 return y

@@ -1,4 +1,4 @@
-// pynorm's LayerNorm and RMSNorm as C++ torch operators (namespace pynorm_ext).
+// pynorm's LayerNorm, RMSNorm and GroupNorm as C++ torch operators (namespace pynorm_ext).
 //
 // The modules' per-call cost at small sizes is the glue around the kernels, not
 // the kernels: a Python autograd.Function alone costs more than a one-row norm.
@@ -11,10 +11,12 @@
 //   rms_norm(x, w?, eps) -> y
 //   rms_norm_fwd(x, w?, eps) -> (y, rstd)
 //   rms_norm_bwd(dy, x, w?, rstd, mask) -> (dx, dw)
+//   group_norm(x, G, w?, b?, eps) -> y         and its _fwd/_bwd, st 2 x N*G (InstanceNorm: G = C)
 //
 // Every operator has a CPU and a Meta kernel (fake tensors and torch.compile use the
-// Meta ones); layer_norm and rms_norm have a C++ autograd kernel. Rows are the last
-// axis (C = x.size(-1)); weight and bias hold C values.
+// Meta ones); layer_norm, rms_norm and group_norm have a C++ autograd kernel. Token
+// norms: rows are the last axis (C = x.size(-1)); group_norm: (N, C, *spatial) read as
+// NCHW-contiguous; weight and bias hold C values.
 //
 // libpynorm is not linked: Python hands over the addresses of the functions of the
 // library it loaded (pynorm_ext::bind), so both use one copy of the library (one
@@ -49,12 +51,14 @@ struct Lib {
     decltype(&pn_buffer_alloc) buf_alloc = nullptr;
     decltype(&pn_buffer_free) buf_free = nullptr;
     decltype(&pn_status_string) status_string = nullptr;
+    decltype(&pn_groupnorm_forward) gn_fwd = nullptr;
+    decltype(&pn_groupnorm_backward) gn_bwd = nullptr;
 };
 Lib lib;
 std::atomic<bool> bound{false};
 
 void bind(at::IntArrayRef addresses) {
-    TORCH_CHECK_VALUE(addresses.size() == 7, "pynorm_ext::bind: expected 7 function addresses, got ",
+    TORCH_CHECK_VALUE(addresses.size() == 9, "pynorm_ext::bind: expected 9 function addresses, got ",
                       addresses.size());
     for (int64_t a : addresses) TORCH_CHECK_VALUE(a != 0, "pynorm_ext::bind: a function address is 0");
     auto at = [&](size_t i) { return reinterpret_cast<void *>(static_cast<uintptr_t>(addresses[i])); };
@@ -65,6 +69,8 @@ void bind(at::IntArrayRef addresses) {
     lib.buf_alloc = reinterpret_cast<decltype(lib.buf_alloc)>(at(4));
     lib.buf_free = reinterpret_cast<decltype(lib.buf_free)>(at(5));
     lib.status_string = reinterpret_cast<decltype(lib.status_string)>(at(6));
+    lib.gn_fwd = reinterpret_cast<decltype(lib.gn_fwd)>(at(7));
+    lib.gn_bwd = reinterpret_cast<decltype(lib.gn_bwd)>(at(8));
     bound.store(true, std::memory_order_release);
 }
 
@@ -250,6 +256,79 @@ std::tuple<Tensor, Tensor> rms_norm_bwd_cpu(const Tensor &dy_, const Tensor &x_,
     return {dx, dw};
 }
 
+// GroupNorm (InstanceNorm: G = C) on (N, C, *spatial), read as NCHW-contiguous.
+struct Spatial {
+    int64_t N, C, S;
+};
+
+Spatial spatial_sizes(const Tensor &x, int64_t G, const char *op) {
+    TORCH_CHECK_VALUE(x.dim() >= 2, "pynorm.torch ", op, ": input must have at least 2 axes (N, C, ...), got ",
+                      x.dim());
+    code(x.scalar_type());
+    int64_t N = x.size(0), C = x.size(1);
+    TORCH_CHECK_VALUE(G > 0 && C % G == 0, "pynorm.torch ", op, ": num_groups (", G,
+                      ") must be positive and divide the number of channels (", C, ")");
+    return {N, C, N * C ? x.numel() / (N * C) : 0};
+}
+
+std::tuple<Tensor, Tensor> gn_fwd_impl(const Tensor &x_, int64_t G, const OptTensor &w, const OptTensor &b,
+                                       double eps, bool stats) {
+    check_bound();
+    Spatial sz = spatial_sizes(x_, G, "group_norm");
+    Tensor x = x_.contiguous();
+    Params p = params(w, b, x, sz.C, "group_norm");
+    Tensor y = out_like(x);
+    int64_t k = sz.N * G;
+    Tensor st = stats ? at::empty({2, k}, x.options().dtype(stats_type(x.scalar_type()))) : Tensor();
+    if (x.numel() == 0) return {y, st};
+    void *mean = stats ? st.data_ptr() : nullptr;
+    void *rstd = stats ? static_cast<char *>(st.data_ptr()) + k * st.element_size() : nullptr;
+    check_status(lib.gn_fwd(y.data_ptr(), mean, rstd, x.data_ptr(), ptr(p.w), ptr(p.b), sz.N, sz.C, sz.S, G, eps,
+                            PN_NCHW, code(x.scalar_type()), p.wdt),
+                 "group_norm");
+    return {y, st};
+}
+
+Tensor group_norm_cpu(const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b, double eps) {
+    return std::get<0>(gn_fwd_impl(x, G, w, b, eps, false));
+}
+
+std::tuple<Tensor, Tensor> group_norm_fwd_cpu(const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b,
+                                              double eps) {
+    return gn_fwd_impl(x, G, w, b, eps, true);
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_bwd_cpu(const Tensor &dy_, const Tensor &x_, int64_t G,
+                                                      const OptTensor &w, const Tensor &st,
+                                                      std::array<bool, 3> mask) {
+    check_bound();
+    Spatial sz = spatial_sizes(x_, G, "group_norm_backward");
+    Tensor x = x_.contiguous(), dy = dy_.contiguous();
+    TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+                      "pynorm.torch group_norm_backward: grad_out must be shaped and typed as input");
+    int64_t k = sz.N * G;
+    TORCH_CHECK_VALUE(st.numel() == 2 * k && st.scalar_type() == stats_type(x.scalar_type()) && st.is_contiguous(),
+                      "pynorm.torch group_norm_backward: stats must be the forward's (2 x N*num_groups)");
+    Params p = params(w, OptTensor(), x, sz.C, "group_norm_backward");
+    bool has_w = p.w.defined();
+    Tensor dx = mask[0] ? out_like(x) : Tensor();
+    Tensor dw = mask[1] && has_w ? at::empty({sz.C}, p.w.options()) : Tensor();
+    Tensor db = mask[2] && has_w ? at::empty({sz.C}, p.w.options()) : Tensor();
+    if (x.numel() == 0) {
+        if (dw.defined()) dw.zero_();
+        if (db.defined()) db.zero_();
+        return {dx, dw, db};
+    }
+    if (dx.defined() || dw.defined() || db.defined()) {
+        const char *sp = static_cast<const char *>(st.data_ptr());
+        check_status(lib.gn_bwd(mptr(dx), mptr(dw), mptr(db), nullptr, 0, dy.data_ptr(), x.data_ptr(), ptr(p.w), sp,
+                                sp + k * st.element_size(), sz.N, sz.C, sz.S, G, 0, PN_NCHW,
+                                code(x.scalar_type()), p.wdt),
+                     "group_norm_backward");
+    }
+    return {dx, dw, db};
+}
+
 // ---- Meta kernels (shapes and dtypes only) -----------------------------------------------------
 
 at::ScalarType meta_wtype(const OptTensor &w, const OptTensor &b, const Tensor &x) {
@@ -304,6 +383,30 @@ std::tuple<Tensor, Tensor> rms_norm_bwd_meta(const Tensor &, const Tensor &x, co
     return {mask[0] ? dense_like(x) : Tensor(), mask[1] && has_w ? at::empty_symint({x.sym_size(-1)}, wo) : Tensor()};
 }
 
+Tensor group_norm_meta(const Tensor &x, int64_t G, const OptTensor &, const OptTensor &, double) {
+    TORCH_CHECK_VALUE(x.dim() >= 2, "pynorm.torch group_norm: input must have at least 2 axes (N, C, ...)");
+    check_input(x, "group_norm");
+    return dense_like(x);
+}
+
+std::tuple<Tensor, Tensor> group_norm_fwd_meta(const Tensor &x, int64_t G, const OptTensor &, const OptTensor &,
+                                               double) {
+    TORCH_CHECK_VALUE(x.dim() >= 2, "pynorm.torch group_norm: input must have at least 2 axes (N, C, ...)");
+    check_input(x, "group_norm");
+    return {dense_like(x), at::empty_symint({c10::SymInt(2), x.sym_size(0) * G},
+                                           x.options().dtype(stats_type(x.scalar_type())))};
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_bwd_meta(const Tensor &, const Tensor &x, int64_t, const OptTensor &w,
+                                                       const Tensor &, std::array<bool, 3> mask) {
+    check_input(x, "group_norm_backward");
+    bool has_w = w.has_value() && w->defined();
+    at::TensorOptions wo = x.options().dtype(meta_wtype(w, OptTensor(), x));
+    c10::SymInt C = x.sym_size(1);
+    return {mask[0] ? dense_like(x) : Tensor(), mask[1] && has_w ? at::empty_symint({C}, wo) : Tensor(),
+            mask[2] && has_w ? at::empty_symint({C}, wo) : Tensor()};
+}
+
 // ---- autograd ----------------------------------------------------------------------------------
 
 bool wants_grad(const Tensor &x, const OptTensor &w, const OptTensor &b) {
@@ -345,6 +448,25 @@ const c10::TypedOperatorHandle<decltype(rms_norm_bwd_cpu)> &rms_bwd_op() {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("pynorm_ext::rms_norm_bwd", "")
                          .typed<decltype(rms_norm_bwd_cpu)>();
+    return op;
+}
+
+const c10::TypedOperatorHandle<decltype(group_norm_cpu)> &gn_op() {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pynorm_ext::group_norm", "")
+                         .typed<decltype(group_norm_cpu)>();
+    return op;
+}
+const c10::TypedOperatorHandle<decltype(group_norm_fwd_cpu)> &gn_fwd_op() {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pynorm_ext::group_norm_fwd", "")
+                         .typed<decltype(group_norm_fwd_cpu)>();
+    return op;
+}
+const c10::TypedOperatorHandle<decltype(group_norm_bwd_cpu)> &gn_bwd_op() {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pynorm_ext::group_norm_bwd", "")
+                         .typed<decltype(group_norm_bwd_cpu)>();
     return op;
 }
 
@@ -420,6 +542,38 @@ struct RMSNormFn : public torch::autograd::Function<RMSNormFn> {
     }
 };
 
+struct GroupNormFn : public torch::autograd::Function<GroupNormFn> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b,
+                          double eps) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        auto [y, st] = gn_fwd_op().call(x, G, w, b, eps);
+        ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
+        ctx->saved_data["G"] = G;
+        return y;
+    }
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        auto saved = ctx->get_saved_variables();
+        bool has_w = saved[1].defined(), has_b = saved[3].defined();
+        std::array<bool, 3> mask{ctx->needs_input_grad(0), needed(ctx, has_w ? 1 : -1),
+                                 needed(ctx, has_b ? (has_w ? 2 : 1) : -1)};
+        int64_t G = ctx->saved_data["G"].toInt();
+        Tensor dx, dw, db;
+        {
+            at::AutoDispatchBelowADInplaceOrView guard;
+            std::tie(dx, dw, db) = gn_bwd_op().call(grads[0], saved[0], G, saved[1], saved[2], mask);
+        }
+        return first_order({dx, Tensor(), dw, db, Tensor()}, grads[0], saved[0], saved[1]);
+    }
+};
+
+Tensor group_norm_autograd(const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b, double eps) {
+    if (!wants_grad(x, w, b)) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        return gn_op().call(x, G, w, b, eps);
+    }
+    return GroupNormFn::apply(x, G, w, b, eps);
+}
+
 Tensor layer_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, double eps) {
     if (!wants_grad(x, w, b)) {
         at::AutoDispatchBelowADInplaceOrView guard;
@@ -448,6 +602,11 @@ TORCH_LIBRARY(pynorm_ext, m) {
     m.def("rms_norm_fwd(Tensor input, Tensor? weight, float eps) -> (Tensor, Tensor)");
     m.def("rms_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor rstd, bool[2] output_mask)"
           " -> (Tensor, Tensor)");
+    m.def("group_norm(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+    m.def("group_norm_fwd(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps)"
+          " -> (Tensor, Tensor)");
+    m.def("group_norm_bwd(Tensor grad_out, Tensor input, int num_groups, Tensor? weight, Tensor stats,"
+          " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pynorm_ext, CPU, m) {
@@ -457,6 +616,9 @@ TORCH_LIBRARY_IMPL(pynorm_ext, CPU, m) {
     m.impl("rms_norm", &rms_norm_cpu);
     m.impl("rms_norm_fwd", &rms_norm_fwd_cpu);
     m.impl("rms_norm_bwd", &rms_norm_bwd_cpu);
+    m.impl("group_norm", &group_norm_cpu);
+    m.impl("group_norm_fwd", &group_norm_fwd_cpu);
+    m.impl("group_norm_bwd", &group_norm_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(pynorm_ext, Meta, m) {
@@ -466,9 +628,13 @@ TORCH_LIBRARY_IMPL(pynorm_ext, Meta, m) {
     m.impl("rms_norm", &rms_norm_meta);
     m.impl("rms_norm_fwd", &rms_norm_fwd_meta);
     m.impl("rms_norm_bwd", &rms_norm_bwd_meta);
+    m.impl("group_norm", &group_norm_meta);
+    m.impl("group_norm_fwd", &group_norm_fwd_meta);
+    m.impl("group_norm_bwd", &group_norm_bwd_meta);
 }
 
 TORCH_LIBRARY_IMPL(pynorm_ext, Autograd, m) {
     m.impl("layer_norm", &layer_norm_autograd);
     m.impl("rms_norm", &rms_norm_autograd);
+    m.impl("group_norm", &group_norm_autograd);
 }
