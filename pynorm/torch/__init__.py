@@ -28,7 +28,8 @@ further on plain contiguous CPU input (see _fast): one output allocation and one
 call through integer pointers, no statistics without gradients, and a lean
 autograd.Function with them; same kernels, same bits. With the optional C++
 extension built (``python -m pynorm.torch.build`` or ``build_extension()``; see
-_ext and docs/torch.md), LayerNorm and RMSNorm run on its C++ operators
+_ext and docs/torch.md), LayerNorm, RMSNorm, GroupNorm and InstanceNorm (without
+running statistics) run on its C++ operators
 ``torch.ops.pynorm_ext.*`` instead, eager and compiled: the whole call in C++.
 
 Differences from torch.nn worth knowing: outputs always have the input's dtype

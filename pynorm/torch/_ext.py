@@ -3,7 +3,7 @@ running statistics) as C++ torch operators.
 
 At one row a norm's kernel takes a few microseconds, less than a Python
 torch.autograd.Function costs on its own. The operators in csrc/ops.cpp
-(``torch.ops.pynorm_ext.layer_norm``, ``rms_norm``; CPU and Meta kernels, a C++
+(``torch.ops.pynorm_ext.layer_norm``, ``rms_norm``, ``group_norm``; CPU and Meta kernels, a C++
 autograd kernel) do the whole call in C++, so the modules cost what torch's own
 do. They call the same library functions with the same arguments as the Python
 path: the same bits.
