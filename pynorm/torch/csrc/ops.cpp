@@ -471,7 +471,6 @@ const c10::TypedOperatorHandle<decltype(group_norm_bwd_cpu)> &gn_bwd_op() {
 }
 
 Tensor or_undefined(const OptTensor &t) { return t.has_value() ? *t : Tensor(); }
-bool given(const OptTensor &t) { return t.has_value() && t->defined(); }
 
 // Whether the backward must compute the gradient of forward argument i. The node's
 // edges are its tensor arguments only (an absent optional has none): edge[i] is
