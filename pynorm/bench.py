@@ -892,6 +892,8 @@ def main(argv=None):
                                                         adjacent=not args.quick)
         if "torch" in args.suites and torch_mod is not None:
             from . import bench_torch
+            progress.clear()
+            bench_torch.prepare_extension()
             progress.show("pynorm.torch modules and transformer blocks, forward + backward ...")
             rows += bench_torch.module_rows(args.threads, args.quick, warmup, repeats)
             rows += bench_torch.decode_rows(args.threads, args.quick)

@@ -242,6 +242,9 @@ def decode_case(module, size, dtype, mode, compile=False):
     base.train(train)
     twin.train(train)
     if compile:
+        # every row compiles fresh modules of the same classes: without a reset Dynamo's
+        # recompile limit stops fullgraph compilation after a few rows
+        torch._dynamo.reset()
         base = torch.compile(base, fullgraph=True)
         twin = torch.compile(twin, fullgraph=True)
     x = torch.randn(shape, dtype=dt).requires_grad_(train)
@@ -311,6 +314,21 @@ NOTE = ("Transformer block rows: forward + backward of a whole block (matrix pro
         "there the Python and torch calls around a kernel are most of the time.")
 
 
+def prepare_extension():
+    """Builds (when missing) and loads pynorm.torch's C++ extension before the rows,
+    saying so on stderr; the rows then measure the path a user gets after
+    `python -m pynorm.torch.build`. PYNORM_TORCH_EXT=0: the Python path."""
+    import pynorm.torch as pnt
+    from pynorm.torch import _ext
+    if not _ext.enabled():
+        print("pynorm.torch: PYNORM_TORCH_EXT=0: the rows measure the Python path", file=sys.stderr)
+        return False
+    loaded = pnt.build_extension() is not None
+    print("pynorm.torch: " + ("the rows use the C++ extension" if loaded
+                              else "no C++ extension: the rows measure the Python path"), file=sys.stderr)
+    return loaded
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m pynorm.bench_torch", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -323,6 +341,7 @@ def main(argv=None):
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     import pynorm
     from pynorm.bench import Progress, add_copy_fraction, format_table, measure_copy_bandwidth
+    prepare_extension()
     rows = module_rows(threads, quick=args.quick, repeats=args.repeats)
     rows += decode_rows(threads, quick=args.quick, repeats=args.repeats)
     if args.compiled:

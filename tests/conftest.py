@@ -26,6 +26,11 @@ import torch.nn.functional as F
 import pynorm
 import reference as R
 
+# pynorm.torch's optional C++ extension is never picked up from the user's cache:
+# the torch tests run the Python path, and tests/test_torch_ext.py builds the
+# extension once per session (into a session directory) and switches to it.
+os.environ["PYNORM_TORCH_EXT"] = "0"
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 F32 = np.dtype(np.float32)

@@ -6,6 +6,7 @@ same data plus a few ulps of the dtype at the data's scale.
 """
 
 import copy
+import re
 import subprocess
 import sys
 import zlib
@@ -413,6 +414,29 @@ def test_spatial_state_dict_round_trip(cls, kw):
     for k, v in t.state_dict().items():
         assert torch.equal(back.state_dict()[k], v)
     assert repr(p) == repr(t)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kw", [{}, {"affine": True}, {"track_running_stats": True}], ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (2, 3, 1)], ids=["2d", "1d"])
+def test_instance_norm_one_spatial_element_as_torch(kw, train, shape):
+    """torch raises ValueError when instance statistics would come from one element
+    (training, or no running statistics); pynorm raises the same, else agrees."""
+    cls = {4: (nn.InstanceNorm2d, pnt.InstanceNorm2d), 3: (nn.InstanceNorm1d, pnt.InstanceNorm1d)}[len(shape)]
+    base, twin = cls[0](3, **kw).train(train), cls[1](3, **kw).train(train)
+    x = rand(shape, torch.float32, 1)
+    try:
+        expected = base(x)
+    except ValueError as e:
+        with pytest.raises(ValueError, match=re.escape(str(e))):
+            twin(x)
+        with pytest.raises(ValueError, match="more than 1 spatial element"):
+            pnt.instance_norm(x)
+        assert twin.state_dict().keys() == base.state_dict().keys()
+        for a, b in zip(twin.buffers(), base.buffers()):
+            assert torch.equal(a, b), "a failed call changed the running statistics"
+        return
+    torch.testing.assert_close(twin(x), expected)
 
 
 def test_spatial_errors():

@@ -164,6 +164,17 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return y
 
 
+def check_instance_spatial_size(input):
+    """torch's check: statistics over one spatial element per instance are undefined
+    (a zero output, NaN running variance), so training on such input is an error."""
+    size = input.shape
+    n = 1
+    for s in size[2:]:
+        n *= s
+    if n == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size {size}")
+
+
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5):
     """As torch.nn.functional.instance_norm: GroupNorm with one group per channel.
@@ -171,6 +182,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     as torch does (the batch average of the per-instance mean and unbiased variance);
     without use_input_stats, the running statistics normalize (BatchNorm's eval)."""
     _spatial_input("instance_norm", input)
+    if use_input_stats:
+        check_instance_spatial_size(input)
     weight, bias = _param_dtypes(input, weight, bias)
     if not use_input_stats:
         y, _, _, _, _ = run("batch_norm_fwd", input, weight, bias, running_mean, running_var,

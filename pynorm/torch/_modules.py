@@ -9,7 +9,12 @@ wrapping policies) still finds these.
 
 import torch
 
-from . import _fast, _functional as F
+from . import _ext, _fast, _functional as F
+
+_is_compiling = torch.compiler.is_compiling
+_functorch_active = torch._C._are_functorch_transforms_active
+_F64 = torch.float64
+_EPS32, _EPS64 = torch.finfo(torch.float32).eps, torch.finfo(_F64).eps
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -17,6 +22,13 @@ class LayerNorm(torch.nn.LayerNorm):
     trailing axes are flattened into one row)."""
 
     def forward(self, input):
+        ops = _ext.ops
+        if ops is not None and input.is_cpu and input.shape[-1:] == self.normalized_shape:
+            # the C++ extension's operator: the whole call in C++ (see _ext)
+            if _is_compiling():
+                return ops.layer_norm(input, self.weight, self.bias, self.eps)
+            if not _functorch_active():
+                return _ext.eager_layer_norm(input, self.weight, self.bias, self.eps)
         y = _fast.token_norm(self, input, False)
         if y is None:
             y = F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
@@ -28,6 +40,15 @@ class RMSNorm(torch.nn.RMSNorm):
     compute type, as torch)."""
 
     def forward(self, x):
+        ops = _ext.ops
+        if ops is not None and x.is_cpu and x.shape[-1:] == self.normalized_shape:
+            eps = self.eps
+            if eps is None:
+                eps = _EPS64 if x.dtype is _F64 else _EPS32
+            if _is_compiling():
+                return ops.rms_norm(x, self.weight, eps)
+            if not _functorch_active():
+                return _ext.eager_rms_norm(x, self.weight, eps)
         y = _fast.token_norm(self, x, True)
         if y is None:
             y = F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
@@ -38,6 +59,12 @@ class GroupNorm(torch.nn.GroupNorm):
     """torch.nn.GroupNorm on pynorm's kernels (channels_last input: NHWC kernels)."""
 
     def forward(self, input):
+        ops = _ext.ops
+        if ops is not None and input.is_cpu and input.is_contiguous():
+            if _is_compiling():
+                return ops.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+            if not _functorch_active():
+                return _ext.eager_group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
         y = _fast.group_norm(self, input, self.num_groups)
         if y is None:
             y = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
@@ -48,7 +75,16 @@ class _InstanceNormMixin:
     # torch's _InstanceNorm.forward checks the input and handles unbatched input,
     # then calls this.
     def _apply_instance_norm(self, input):
+        if self.training or not self.track_running_stats:
+            F.check_instance_spatial_size(input)
         if self.running_mean is None and self.running_var is None and input.dim() > 1:
+            ops = _ext.ops
+            if ops is not None and input.is_cpu and input.is_contiguous():
+                C = input.shape[1]
+                if _is_compiling():
+                    return ops.group_norm(input, C, self.weight, self.bias, self.eps)
+                if not _functorch_active():
+                    return _ext.eager_group_norm(input, C, self.weight, self.bias, self.eps)
             y = _fast.group_norm(self, input, input.shape[1])
             if y is not None:
                 return y

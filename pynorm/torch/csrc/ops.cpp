@@ -1,0 +1,639 @@
+// pynorm's LayerNorm, RMSNorm and GroupNorm as C++ torch operators (namespace pynorm_ext).
+//
+// The modules' per-call cost at small sizes is the glue around the kernels, not
+// the kernels: a Python autograd.Function alone costs more than a one-row norm.
+// Here the whole call (argument checks, outputs, the C call, the autograd node)
+// is C++, dispatched by torch like its own operators:
+//
+//   layer_norm(x, w?, b?, eps) -> y            CPU: no statistics; Autograd: the node below
+//   layer_norm_fwd(x, w?, b?, eps) -> (y, st)  st = [mean; rstd], 2 x rows (float32; float64 for float64)
+//   layer_norm_bwd(dy, x, w?, st, mask) -> (dx, dw, db)   undefined where mask is false
+//   rms_norm(x, w?, eps) -> y
+//   rms_norm_fwd(x, w?, eps) -> (y, rstd)
+//   rms_norm_bwd(dy, x, w?, rstd, mask) -> (dx, dw)
+//   group_norm(x, G, w?, b?, eps) -> y         and its _fwd/_bwd, st 2 x N*G (InstanceNorm: G = C)
+//
+// Every operator has a CPU and a Meta kernel (fake tensors and torch.compile use the
+// Meta ones); layer_norm, rms_norm and group_norm have a C++ autograd kernel. Token
+// norms: rows are the last axis (C = x.size(-1)); group_norm: (N, C, *spatial) read as
+// NCHW-contiguous; weight and bias hold C values.
+//
+// libpynorm is not linked: Python hands over the addresses of the functions of the
+// library it loaded (pynorm_ext::bind), so both use one copy of the library (one
+// buffer cache, one thread setting) wherever it was found, and the built file does
+// not depend on where the library lies.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <tuple>
+#include <vector>
+
+#include "pynorm.h"
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// ---- the library's functions, bound at load time -------------------------------------------
+
+struct Lib {
+    decltype(&pn_layernorm_forward) ln_fwd = nullptr;
+    decltype(&pn_layernorm_backward) ln_bwd = nullptr;
+    decltype(&pn_rmsnorm_forward) rms_fwd = nullptr;
+    decltype(&pn_rmsnorm_backward) rms_bwd = nullptr;
+    decltype(&pn_buffer_alloc) buf_alloc = nullptr;
+    decltype(&pn_buffer_free) buf_free = nullptr;
+    decltype(&pn_status_string) status_string = nullptr;
+    decltype(&pn_groupnorm_forward) gn_fwd = nullptr;
+    decltype(&pn_groupnorm_backward) gn_bwd = nullptr;
+};
+Lib lib;
+std::atomic<bool> bound{false};
+
+void bind(at::IntArrayRef addresses) {
+    TORCH_CHECK_VALUE(addresses.size() == 9, "pynorm_ext::bind: expected 9 function addresses, got ",
+                      addresses.size());
+    for (int64_t a : addresses) TORCH_CHECK_VALUE(a != 0, "pynorm_ext::bind: a function address is 0");
+    auto at = [&](size_t i) { return reinterpret_cast<void *>(static_cast<uintptr_t>(addresses[i])); };
+    lib.ln_fwd = reinterpret_cast<decltype(lib.ln_fwd)>(at(0));
+    lib.ln_bwd = reinterpret_cast<decltype(lib.ln_bwd)>(at(1));
+    lib.rms_fwd = reinterpret_cast<decltype(lib.rms_fwd)>(at(2));
+    lib.rms_bwd = reinterpret_cast<decltype(lib.rms_bwd)>(at(3));
+    lib.buf_alloc = reinterpret_cast<decltype(lib.buf_alloc)>(at(4));
+    lib.buf_free = reinterpret_cast<decltype(lib.buf_free)>(at(5));
+    lib.status_string = reinterpret_cast<decltype(lib.status_string)>(at(6));
+    lib.gn_fwd = reinterpret_cast<decltype(lib.gn_fwd)>(at(7));
+    lib.gn_bwd = reinterpret_cast<decltype(lib.gn_bwd)>(at(8));
+    bound.store(true, std::memory_order_release);
+}
+
+void check_bound() {
+    TORCH_CHECK(bound.load(std::memory_order_acquire),
+                "pynorm_ext: the operators are not bound to libpynorm (load them through pynorm.torch)");
+}
+
+void check_status(pn_status status, const char *op) {
+    if (status != PN_OK) TORCH_CHECK_VALUE(false, "pynorm.torch ", op, ": ", lib.status_string(status));
+}
+
+// ---- arguments -------------------------------------------------------------------------------
+
+pn_dtype code(at::ScalarType t) {
+    switch (t) {
+        case at::kFloat: return PN_FLOAT32;
+        case at::kHalf: return PN_FLOAT16;
+        case at::kBFloat16: return PN_BFLOAT16;
+        case at::kDouble: return PN_FLOAT64;
+        default: TORCH_CHECK_TYPE(false, "pynorm.torch: input must be float32, float16, bfloat16 or float64, got ", t);
+    }
+}
+
+at::ScalarType stats_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_input(const Tensor &x, const char *op) {
+    TORCH_CHECK_VALUE(x.dim() >= 1, "pynorm.torch ", op, ": input must have at least one axis");
+    code(x.scalar_type());
+}
+
+// The parameters as the kernels read them: contiguous, C values, one dtype that is
+// the input's or float32 (another dtype is cast to the input's, as the general path).
+struct Params {
+    Tensor w, b;
+    pn_dtype wdt;
+};
+
+Tensor param(const OptTensor &p, const char *name, const Tensor &x, int64_t C, at::ScalarType want,
+             const char *op) {
+    if (!p.has_value() || !p->defined()) return Tensor();
+    const Tensor &t = *p;
+    TORCH_CHECK_VALUE(t.device() == x.device(), "pynorm.torch ", op, ": ", name, " is on ", t.device(),
+                      ", input on ", x.device());
+    TORCH_CHECK_VALUE(t.numel() == C, "pynorm.torch ", op, ": ", name, " must hold ", C,
+                      " values (the input's last axis), got shape ", t.sizes());
+    Tensor r = t.scalar_type() == want ? t : t.to(want);
+    return r.contiguous();
+}
+
+Params params(const OptTensor &w, const OptTensor &b, const Tensor &x, int64_t C, const char *op) {
+    at::ScalarType want = x.scalar_type();
+    const OptTensor &first = (w.has_value() && w->defined()) ? w : b;
+    if (first.has_value() && first->defined() && first->scalar_type() == at::kFloat) want = at::kFloat;
+    Params p{param(w, "weight", x, C, want, op), param(b, "bias", x, C, want, op), code(want)};
+    return p;
+}
+
+const void *ptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
+void *mptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// A dense output shaped as x: large ones from the library's buffer cache (fresh large
+// allocations pay a page fault per 4 KiB on first touch), as the Python path.
+constexpr int64_t kCachedAllocMin = 1 << 20;
+
+Tensor out_like(const Tensor &x) {
+    int64_t bytes = x.numel() * static_cast<int64_t>(x.element_size());
+    if (bytes >= kCachedAllocMin) {
+        void *p = lib.buf_alloc(static_cast<size_t>(bytes));
+        TORCH_CHECK(p != nullptr, "pynorm.torch: cannot allocate ", bytes, " bytes");
+        auto n = static_cast<size_t>(bytes);
+        return at::from_blob(p, x.sizes(), [n](void *q) { lib.buf_free(q, n); }, x.options());
+    }
+    return at::empty(x.sizes(), x.options());
+}
+
+// ---- CPU kernels -------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> ln_fwd_impl(const Tensor &x_, const OptTensor &w, const OptTensor &b, double eps,
+                                       bool stats) {
+    check_bound();
+    check_input(x_, "layer_norm");
+    Tensor x = x_.contiguous();
+    int64_t C = x.size(-1), n = x.numel(), rows = C ? n / C : 0;
+    Params p = params(w, b, x, C, "layer_norm");
+    Tensor y = out_like(x);
+    Tensor st = stats ? at::empty({2, rows}, x.options().dtype(stats_type(x.scalar_type()))) : Tensor();
+    if (n == 0) return {y, st};
+    void *mean = stats ? st.data_ptr() : nullptr;
+    void *rstd = stats ? static_cast<char *>(st.data_ptr()) + rows * st.element_size() : nullptr;
+    check_status(lib.ln_fwd(y.data_ptr(), mean, rstd, x.data_ptr(), ptr(p.w), ptr(p.b), 1, rows, C, eps,
+                            code(x.scalar_type()), p.wdt, nullptr),
+                 "layer_norm");
+    return {y, st};
+}
+
+Tensor layer_norm_cpu(const Tensor &x, const OptTensor &w, const OptTensor &b, double eps) {
+    return std::get<0>(ln_fwd_impl(x, w, b, eps, false));
+}
+
+std::tuple<Tensor, Tensor> layer_norm_fwd_cpu(const Tensor &x, const OptTensor &w, const OptTensor &b,
+                                              double eps) {
+    return ln_fwd_impl(x, w, b, eps, true);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(const Tensor &dy_, const Tensor &x_, const OptTensor &w,
+                                                      const Tensor &st, std::array<bool, 3> mask) {
+    check_bound();
+    check_input(x_, "layer_norm_backward");
+    Tensor x = x_.contiguous(), dy = dy_.contiguous();
+    int64_t C = x.size(-1), n = x.numel(), rows = C ? n / C : 0;
+    TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+                      "pynorm.torch layer_norm_backward: grad_out must be shaped and typed as input");
+    TORCH_CHECK_VALUE(st.numel() == 2 * rows && st.scalar_type() == stats_type(x.scalar_type()) &&
+                          st.is_contiguous(),
+                      "pynorm.torch layer_norm_backward: stats must be the forward's (2 x rows)");
+    Params p = params(w, OptTensor(), x, C, "layer_norm_backward");
+    bool has_w = p.w.defined();
+    Tensor dx = mask[0] ? out_like(x) : Tensor();
+    Tensor dw = mask[1] && has_w ? at::empty({C}, p.w.options()) : Tensor();
+    Tensor db = mask[2] && has_w ? at::empty({C}, p.w.options()) : Tensor();
+    if (n == 0) {
+        if (dw.defined()) dw.zero_();
+        if (db.defined()) db.zero_();
+        return {dx, dw, db};
+    }
+    if (dx.defined() || dw.defined() || db.defined()) {
+        const char *sp = static_cast<const char *>(st.data_ptr());
+        check_status(lib.ln_bwd(mptr(dx), mptr(dw), mptr(db), nullptr, 0, dy.data_ptr(), x.data_ptr(), ptr(p.w),
+                                sp, sp + rows * st.element_size(), 1, rows, C, 0, code(x.scalar_type()), p.wdt,
+                                nullptr),
+                     "layer_norm_backward");
+    }
+    return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor> rms_fwd_impl(const Tensor &x_, const OptTensor &w, double eps, bool stats) {
+    check_bound();
+    check_input(x_, "rms_norm");
+    Tensor x = x_.contiguous();
+    int64_t C = x.size(-1), n = x.numel(), rows = C ? n / C : 0;
+    Params p = params(w, OptTensor(), x, C, "rms_norm");
+    Tensor y = out_like(x);
+    Tensor rstd = stats ? at::empty({rows}, x.options().dtype(stats_type(x.scalar_type()))) : Tensor();
+    if (n == 0) return {y, rstd};
+    check_status(lib.rms_fwd(y.data_ptr(), mptr(rstd), x.data_ptr(), ptr(p.w), 1, rows, C, eps,
+                             code(x.scalar_type()), p.wdt, nullptr),
+                 "rms_norm");
+    return {y, rstd};
+}
+
+Tensor rms_norm_cpu(const Tensor &x, const OptTensor &w, double eps) {
+    return std::get<0>(rms_fwd_impl(x, w, eps, false));
+}
+
+std::tuple<Tensor, Tensor> rms_norm_fwd_cpu(const Tensor &x, const OptTensor &w, double eps) {
+    return rms_fwd_impl(x, w, eps, true);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_bwd_cpu(const Tensor &dy_, const Tensor &x_, const OptTensor &w,
+                                            const Tensor &rstd, std::array<bool, 2> mask) {
+    check_bound();
+    check_input(x_, "rms_norm_backward");
+    Tensor x = x_.contiguous(), dy = dy_.contiguous();
+    int64_t C = x.size(-1), n = x.numel(), rows = C ? n / C : 0;
+    TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+                      "pynorm.torch rms_norm_backward: grad_out must be shaped and typed as input");
+    TORCH_CHECK_VALUE(rstd.numel() == rows && rstd.scalar_type() == stats_type(x.scalar_type()) &&
+                          rstd.is_contiguous(),
+                      "pynorm.torch rms_norm_backward: rstd must be the forward's (one per row)");
+    Params p = params(w, OptTensor(), x, C, "rms_norm_backward");
+    Tensor dx = mask[0] ? out_like(x) : Tensor();
+    Tensor dw = mask[1] && p.w.defined() ? at::empty({C}, p.w.options()) : Tensor();
+    if (n == 0) {
+        if (dw.defined()) dw.zero_();
+        return {dx, dw};
+    }
+    if (dx.defined() || dw.defined()) {
+        check_status(lib.rms_bwd(mptr(dx), mptr(dw), nullptr, 0, dy.data_ptr(), x.data_ptr(), ptr(p.w),
+                                 rstd.data_ptr(), 1, rows, C, 0, code(x.scalar_type()), p.wdt, nullptr),
+                     "rms_norm_backward");
+    }
+    return {dx, dw};
+}
+
+// GroupNorm (InstanceNorm: G = C) on (N, C, *spatial), read as NCHW-contiguous.
+struct Spatial {
+    int64_t N, C, S;
+};
+
+Spatial spatial_sizes(const Tensor &x, int64_t G, const char *op) {
+    TORCH_CHECK_VALUE(x.dim() >= 2, "pynorm.torch ", op, ": input must have at least 2 axes (N, C, ...), got ",
+                      x.dim());
+    code(x.scalar_type());
+    int64_t N = x.size(0), C = x.size(1);
+    TORCH_CHECK_VALUE(G > 0 && C % G == 0, "pynorm.torch ", op, ": num_groups (", G,
+                      ") must be positive and divide the number of channels (", C, ")");
+    return {N, C, N * C ? x.numel() / (N * C) : 0};
+}
+
+std::tuple<Tensor, Tensor> gn_fwd_impl(const Tensor &x_, int64_t G, const OptTensor &w, const OptTensor &b,
+                                       double eps, bool stats) {
+    check_bound();
+    Spatial sz = spatial_sizes(x_, G, "group_norm");
+    Tensor x = x_.contiguous();
+    Params p = params(w, b, x, sz.C, "group_norm");
+    Tensor y = out_like(x);
+    int64_t k = sz.N * G;
+    Tensor st = stats ? at::empty({2, k}, x.options().dtype(stats_type(x.scalar_type()))) : Tensor();
+    if (x.numel() == 0) return {y, st};
+    void *mean = stats ? st.data_ptr() : nullptr;
+    void *rstd = stats ? static_cast<char *>(st.data_ptr()) + k * st.element_size() : nullptr;
+    check_status(lib.gn_fwd(y.data_ptr(), mean, rstd, x.data_ptr(), ptr(p.w), ptr(p.b), sz.N, sz.C, sz.S, G, eps,
+                            PN_NCHW, code(x.scalar_type()), p.wdt),
+                 "group_norm");
+    return {y, st};
+}
+
+Tensor group_norm_cpu(const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b, double eps) {
+    return std::get<0>(gn_fwd_impl(x, G, w, b, eps, false));
+}
+
+std::tuple<Tensor, Tensor> group_norm_fwd_cpu(const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b,
+                                              double eps) {
+    return gn_fwd_impl(x, G, w, b, eps, true);
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_bwd_cpu(const Tensor &dy_, const Tensor &x_, int64_t G,
+                                                      const OptTensor &w, const Tensor &st,
+                                                      std::array<bool, 3> mask) {
+    check_bound();
+    Spatial sz = spatial_sizes(x_, G, "group_norm_backward");
+    Tensor x = x_.contiguous(), dy = dy_.contiguous();
+    TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
+                      "pynorm.torch group_norm_backward: grad_out must be shaped and typed as input");
+    int64_t k = sz.N * G;
+    TORCH_CHECK_VALUE(st.numel() == 2 * k && st.scalar_type() == stats_type(x.scalar_type()) && st.is_contiguous(),
+                      "pynorm.torch group_norm_backward: stats must be the forward's (2 x N*num_groups)");
+    Params p = params(w, OptTensor(), x, sz.C, "group_norm_backward");
+    bool has_w = p.w.defined();
+    Tensor dx = mask[0] ? out_like(x) : Tensor();
+    Tensor dw = mask[1] && has_w ? at::empty({sz.C}, p.w.options()) : Tensor();
+    Tensor db = mask[2] && has_w ? at::empty({sz.C}, p.w.options()) : Tensor();
+    if (x.numel() == 0) {
+        if (dw.defined()) dw.zero_();
+        if (db.defined()) db.zero_();
+        return {dx, dw, db};
+    }
+    if (dx.defined() || dw.defined() || db.defined()) {
+        const char *sp = static_cast<const char *>(st.data_ptr());
+        check_status(lib.gn_bwd(mptr(dx), mptr(dw), mptr(db), nullptr, 0, dy.data_ptr(), x.data_ptr(), ptr(p.w), sp,
+                                sp + k * st.element_size(), sz.N, sz.C, sz.S, G, 0, PN_NCHW,
+                                code(x.scalar_type()), p.wdt),
+                     "group_norm_backward");
+    }
+    return {dx, dw, db};
+}
+
+// ---- Meta kernels (shapes and dtypes only) -----------------------------------------------------
+
+at::ScalarType meta_wtype(const OptTensor &w, const OptTensor &b, const Tensor &x) {
+    const OptTensor &first = (w.has_value() && w->defined()) ? w : b;
+    if (first.has_value() && first->defined() && first->scalar_type() == at::kFloat) return at::kFloat;
+    return x.scalar_type();
+}
+
+c10::SymInt meta_rows(const Tensor &x) {
+    check_input(x, "norm");
+    c10::SymInt C = x.sym_size(-1);
+    return C == 0 ? c10::SymInt(0) : x.sym_numel() / C;
+}
+
+Tensor dense_like(const Tensor &x) { return at::empty_symint(x.sym_sizes(), x.options()); }
+
+Tensor layer_norm_meta(const Tensor &x, const OptTensor &, const OptTensor &, double) {
+    meta_rows(x);
+    return dense_like(x);
+}
+
+std::tuple<Tensor, Tensor> layer_norm_fwd_meta(const Tensor &x, const OptTensor &, const OptTensor &, double) {
+    c10::SymInt rows = meta_rows(x);
+    return {dense_like(x), at::empty_symint({2, rows}, x.options().dtype(stats_type(x.scalar_type())))};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_meta(const Tensor &, const Tensor &x, const OptTensor &w,
+                                                       const Tensor &, std::array<bool, 3> mask) {
+    meta_rows(x);
+    bool has_w = w.has_value() && w->defined();
+    at::TensorOptions wo = x.options().dtype(meta_wtype(w, OptTensor(), x));
+    c10::SymInt C = x.sym_size(-1);
+    return {mask[0] ? dense_like(x) : Tensor(), mask[1] && has_w ? at::empty_symint({C}, wo) : Tensor(),
+            mask[2] && has_w ? at::empty_symint({C}, wo) : Tensor()};
+}
+
+Tensor rms_norm_meta(const Tensor &x, const OptTensor &, double) {
+    meta_rows(x);
+    return dense_like(x);
+}
+
+std::tuple<Tensor, Tensor> rms_norm_fwd_meta(const Tensor &x, const OptTensor &, double) {
+    c10::SymInt rows = meta_rows(x);
+    return {dense_like(x), at::empty_symint({rows}, x.options().dtype(stats_type(x.scalar_type())))};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_bwd_meta(const Tensor &, const Tensor &x, const OptTensor &w, const Tensor &,
+                                             std::array<bool, 2> mask) {
+    meta_rows(x);
+    bool has_w = w.has_value() && w->defined();
+    at::TensorOptions wo = x.options().dtype(meta_wtype(w, OptTensor(), x));
+    return {mask[0] ? dense_like(x) : Tensor(), mask[1] && has_w ? at::empty_symint({x.sym_size(-1)}, wo) : Tensor()};
+}
+
+Tensor group_norm_meta(const Tensor &x, int64_t G, const OptTensor &, const OptTensor &, double) {
+    TORCH_CHECK_VALUE(x.dim() >= 2, "pynorm.torch group_norm: input must have at least 2 axes (N, C, ...)");
+    check_input(x, "group_norm");
+    return dense_like(x);
+}
+
+std::tuple<Tensor, Tensor> group_norm_fwd_meta(const Tensor &x, int64_t G, const OptTensor &, const OptTensor &,
+                                               double) {
+    TORCH_CHECK_VALUE(x.dim() >= 2, "pynorm.torch group_norm: input must have at least 2 axes (N, C, ...)");
+    check_input(x, "group_norm");
+    return {dense_like(x), at::empty_symint({c10::SymInt(2), x.sym_size(0) * G},
+                                           x.options().dtype(stats_type(x.scalar_type())))};
+}
+
+std::tuple<Tensor, Tensor, Tensor> group_norm_bwd_meta(const Tensor &, const Tensor &x, int64_t, const OptTensor &w,
+                                                       const Tensor &, std::array<bool, 3> mask) {
+    check_input(x, "group_norm_backward");
+    bool has_w = w.has_value() && w->defined();
+    at::TensorOptions wo = x.options().dtype(meta_wtype(w, OptTensor(), x));
+    c10::SymInt C = x.sym_size(1);
+    return {mask[0] ? dense_like(x) : Tensor(), mask[1] && has_w ? at::empty_symint({C}, wo) : Tensor(),
+            mask[2] && has_w ? at::empty_symint({C}, wo) : Tensor()};
+}
+
+// ---- autograd ----------------------------------------------------------------------------------
+
+bool wants_grad(const Tensor &x, const OptTensor &w, const OptTensor &b) {
+    if (!c10::GradMode::is_enabled()) return false;
+    return x.requires_grad() || (w.has_value() && w->defined() && w->requires_grad()) ||
+           (b.has_value() && b->defined() && b->requires_grad());
+}
+
+const c10::TypedOperatorHandle<decltype(layer_norm_cpu)> &ln_op() {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pynorm_ext::layer_norm", "")
+                         .typed<decltype(layer_norm_cpu)>();
+    return op;
+}
+const c10::TypedOperatorHandle<decltype(layer_norm_fwd_cpu)> &ln_fwd_op() {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pynorm_ext::layer_norm_fwd", "")
+                         .typed<decltype(layer_norm_fwd_cpu)>();
+    return op;
+}
+const c10::TypedOperatorHandle<decltype(layer_norm_bwd_cpu)> &ln_bwd_op() {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pynorm_ext::layer_norm_bwd", "")
+                         .typed<decltype(layer_norm_bwd_cpu)>();
+    return op;
+}
+const c10::TypedOperatorHandle<decltype(rms_norm_cpu)> &rms_op() {
+    static auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("pynorm_ext::rms_norm", "").typed<decltype(rms_norm_cpu)>();
+    return op;
+}
+const c10::TypedOperatorHandle<decltype(rms_norm_fwd_cpu)> &rms_fwd_op() {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pynorm_ext::rms_norm_fwd", "")
+                         .typed<decltype(rms_norm_fwd_cpu)>();
+    return op;
+}
+const c10::TypedOperatorHandle<decltype(rms_norm_bwd_cpu)> &rms_bwd_op() {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pynorm_ext::rms_norm_bwd", "")
+                         .typed<decltype(rms_norm_bwd_cpu)>();
+    return op;
+}
+
+const c10::TypedOperatorHandle<decltype(group_norm_cpu)> &gn_op() {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pynorm_ext::group_norm", "")
+                         .typed<decltype(group_norm_cpu)>();
+    return op;
+}
+const c10::TypedOperatorHandle<decltype(group_norm_fwd_cpu)> &gn_fwd_op() {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pynorm_ext::group_norm_fwd", "")
+                         .typed<decltype(group_norm_fwd_cpu)>();
+    return op;
+}
+const c10::TypedOperatorHandle<decltype(group_norm_bwd_cpu)> &gn_bwd_op() {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("pynorm_ext::group_norm_bwd", "")
+                         .typed<decltype(group_norm_bwd_cpu)>();
+    return op;
+}
+
+Tensor or_undefined(const OptTensor &t) { return t.has_value() ? *t : Tensor(); }
+
+// Whether the backward must compute the gradient of forward argument i. The node's
+// edges are its tensor arguments only (an absent optional has none): edge[i] is
+// that argument's edge index, or -1.
+bool needed(AutogradContext *ctx, int64_t edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
+
+// First-order only, as the Python path: with create_graph=True the gradients are
+// returned through this node, whose backward raises (a double backward must not treat
+// them as constants).
+struct FirstOrderOnly : public torch::autograd::Function<FirstOrderOnly> {
+    static Tensor forward(AutogradContext *, const Tensor &grad, const Tensor &dy, const Tensor &x,
+                          const Tensor &w) {
+        return grad.clone();
+    }
+    static variable_list backward(AutogradContext *, variable_list) {
+        TORCH_CHECK(false, "pynorm.torch: the norms' backward is not differentiable (no double backward)");
+    }
+};
+
+variable_list first_order(variable_list grads, const Tensor &dy, const Tensor &x, const Tensor &w) {
+    if (c10::GradMode::is_enabled())
+        for (auto &g : grads)
+            if (g.defined()) g = FirstOrderOnly::apply(g, dy, x, w);
+    return grads;
+}
+
+struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptTensor &w, const OptTensor &b,
+                          double eps) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        auto [y, st] = ln_fwd_op().call(x, w, b, eps);
+        // b is saved only to know, in the backward, whether it has an edge
+        ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
+        return y;
+    }
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        auto saved = ctx->get_saved_variables();
+        bool has_w = saved[1].defined(), has_b = saved[3].defined();
+        std::array<bool, 3> mask{ctx->needs_input_grad(0), needed(ctx, has_w ? 1 : -1),
+                                 needed(ctx, has_b ? (has_w ? 2 : 1) : -1)};
+        Tensor dx, dw, db;
+        {
+            // below autograd: no boxed autograd fallback for an operator without a formula
+            at::AutoDispatchBelowADInplaceOrView guard;
+            std::tie(dx, dw, db) = ln_bwd_op().call(grads[0], saved[0], saved[1], saved[2], mask);
+        }
+        return first_order({dx, dw, db, Tensor()}, grads[0], saved[0], saved[1]);
+    }
+};
+
+struct RMSNormFn : public torch::autograd::Function<RMSNormFn> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptTensor &w, double eps) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        auto [y, rstd] = rms_fwd_op().call(x, w, eps);
+        ctx->save_for_backward({x, or_undefined(w), rstd});
+        return y;
+    }
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        auto saved = ctx->get_saved_variables();
+        std::array<bool, 2> mask{ctx->needs_input_grad(0), saved[1].defined() && ctx->needs_input_grad(1)};
+        Tensor dx, dw;
+        {
+            // below autograd: no boxed autograd fallback for an operator without a formula
+            at::AutoDispatchBelowADInplaceOrView guard;
+            std::tie(dx, dw) = rms_bwd_op().call(grads[0], saved[0], saved[1], saved[2], mask);
+        }
+        return first_order({dx, dw, Tensor()}, grads[0], saved[0], saved[1]);
+    }
+};
+
+struct GroupNormFn : public torch::autograd::Function<GroupNormFn> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b,
+                          double eps) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        auto [y, st] = gn_fwd_op().call(x, G, w, b, eps);
+        ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
+        ctx->saved_data["G"] = G;
+        return y;
+    }
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        auto saved = ctx->get_saved_variables();
+        bool has_w = saved[1].defined(), has_b = saved[3].defined();
+        std::array<bool, 3> mask{ctx->needs_input_grad(0), needed(ctx, has_w ? 1 : -1),
+                                 needed(ctx, has_b ? (has_w ? 2 : 1) : -1)};
+        int64_t G = ctx->saved_data["G"].toInt();
+        Tensor dx, dw, db;
+        {
+            at::AutoDispatchBelowADInplaceOrView guard;
+            std::tie(dx, dw, db) = gn_bwd_op().call(grads[0], saved[0], G, saved[1], saved[2], mask);
+        }
+        return first_order({dx, Tensor(), dw, db, Tensor()}, grads[0], saved[0], saved[1]);
+    }
+};
+
+Tensor group_norm_autograd(const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b, double eps) {
+    if (!wants_grad(x, w, b)) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        return gn_op().call(x, G, w, b, eps);
+    }
+    return GroupNormFn::apply(x, G, w, b, eps);
+}
+
+Tensor layer_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, double eps) {
+    if (!wants_grad(x, w, b)) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        return ln_op().call(x, w, b, eps);
+    }
+    return LayerNormFn::apply(x, w, b, eps);
+}
+
+Tensor rms_norm_autograd(const Tensor &x, const OptTensor &w, double eps) {
+    if (!wants_grad(x, w, OptTensor())) {
+        at::AutoDispatchBelowADInplaceOrView guard;
+        return rms_op().call(x, w, eps);
+    }
+    return RMSNormFn::apply(x, w, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pynorm_ext, m) {
+    m.def("bind(int[] addresses) -> ()", &bind);
+    m.def("layer_norm(Tensor input, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+    m.def("layer_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor)");
+    m.def("layer_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor stats, bool[3] output_mask)"
+          " -> (Tensor, Tensor, Tensor)");
+    m.def("rms_norm(Tensor input, Tensor? weight, float eps) -> Tensor");
+    m.def("rms_norm_fwd(Tensor input, Tensor? weight, float eps) -> (Tensor, Tensor)");
+    m.def("rms_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor rstd, bool[2] output_mask)"
+          " -> (Tensor, Tensor)");
+    m.def("group_norm(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps) -> Tensor");
+    m.def("group_norm_fwd(Tensor input, int num_groups, Tensor? weight, Tensor? bias, float eps)"
+          " -> (Tensor, Tensor)");
+    m.def("group_norm_bwd(Tensor grad_out, Tensor input, int num_groups, Tensor? weight, Tensor stats,"
+          " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(pynorm_ext, CPU, m) {
+    m.impl("layer_norm", &layer_norm_cpu);
+    m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
+    m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+    m.impl("rms_norm", &rms_norm_cpu);
+    m.impl("rms_norm_fwd", &rms_norm_fwd_cpu);
+    m.impl("rms_norm_bwd", &rms_norm_bwd_cpu);
+    m.impl("group_norm", &group_norm_cpu);
+    m.impl("group_norm_fwd", &group_norm_fwd_cpu);
+    m.impl("group_norm_bwd", &group_norm_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(pynorm_ext, Meta, m) {
+    m.impl("layer_norm", &layer_norm_meta);
+    m.impl("layer_norm_fwd", &layer_norm_fwd_meta);
+    m.impl("layer_norm_bwd", &layer_norm_bwd_meta);
+    m.impl("rms_norm", &rms_norm_meta);
+    m.impl("rms_norm_fwd", &rms_norm_fwd_meta);
+    m.impl("rms_norm_bwd", &rms_norm_bwd_meta);
+    m.impl("group_norm", &group_norm_meta);
+    m.impl("group_norm_fwd", &group_norm_fwd_meta);
+    m.impl("group_norm_bwd", &group_norm_bwd_meta);
+}
+
+TORCH_LIBRARY_IMPL(pynorm_ext, Autograd, m) {
+    m.impl("layer_norm", &layer_norm_autograd);
+    m.impl("rms_norm", &rms_norm_autograd);
+    m.impl("group_norm", &group_norm_autograd);
+}
