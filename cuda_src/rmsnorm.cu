@@ -38,13 +38,13 @@ rms_fwd_reg(const TokArgs a)
     const double dC = (double)C;
 
     for (int64_t row = (int64_t)blockIdx.x * rpb + (WARP ? (threadIdx.x >> 5) : 0); row < a.rows; row += step) {
-        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
-        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.H, a.xsb, a.xst, a.xsh);
+        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.H, a.ysb, a.yst, a.ysh);
         Frag<D, E> f;   /* x, or h = x + residual; zero beyond C */
         f.load(xr, C, tid, tpr, vec);
         if (a.res != nullptr) {
-            const R *rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.rsb, a.rst);
-            R *hr = static_cast<R *>(a.h) + row_off(row, a.T, a.hsb, a.hst);
+            const R *rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.H, a.rsb, a.rst, a.rsh);
+            R *hr = static_cast<R *>(a.h) + row_off(row, a.T, a.H, a.hsb, a.hst, a.hsh);
             Frag<D, E> r;
             r.load(rr, C, tid, tpr, vec);
 #pragma unroll
@@ -115,13 +115,13 @@ rms_fwd_stream(const TokArgs a)
     const int nt = blockDim.x, tid = threadIdx.x;
     const bool llama = a.llama != 0;
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
-        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
-        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.H, a.xsb, a.xst, a.xsh);
+        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.H, a.ysb, a.yst, a.ysh);
         const R *rr = nullptr;
         R *hr = nullptr;
         if (a.res != nullptr) {
-            rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.rsb, a.rst);
-            hr = static_cast<R *>(a.h) + row_off(row, a.T, a.hsb, a.hst);
+            rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.H, a.rsb, a.rst, a.rsh);
+            hr = static_cast<R *>(a.h) + row_off(row, a.T, a.H, a.hsb, a.hst, a.hsh);
         }
         /* the thread's squares, c = tid, tid + nt, ..., in chains of
          * kFoldEvery, in double */
@@ -192,8 +192,8 @@ rms_bwd_reg(const TokArgs a)
     for (int k = 0; k < E; ++k) adw[k] = 0.0f;
 
     for (int64_t row = r0 + wid; row < r1; row += nw) {
-        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
-        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.dysb, a.dyst);
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.H, a.xsb, a.xst, a.xsh);
+        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.H, a.dysb, a.dyst, a.dysh);
         Frag<D, E> xv, gv;
         xv.load(xr, C, tid, tpr, vec);
         gv.load(gr, C, tid, tpr, vec);
@@ -218,7 +218,7 @@ rms_bwd_reg(const TokArgs a)
         if (a.dx != nullptr) {
             s2 = WARP ? warp_sum(s2) : block_sum(s2, red);
             const float c2 = s2 / fC;
-            R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.dxsb, a.dxst);
+            R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.H, a.dxsb, a.dxst, a.dxsh);
 #pragma unroll
             for (int j = 0; j < NV; ++j) {
                 const int c0 = (j * tpr + tid) * V;
@@ -278,9 +278,9 @@ rms_bwd_stream(const TokArgs a)
     const bool acc = a.accumulate != 0;
     const A *rstdp = static_cast<const A *>(a.rstd);
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
-        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
-        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.dysb, a.dyst);
-        R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.dxsb, a.dxst);
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.H, a.xsb, a.xst, a.xsh);
+        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.H, a.dysb, a.dyst, a.dysh);
+        R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.H, a.dxsb, a.dxst, a.dxsh);
         const A rs = rstdp[row];
         A s2 = 0;
         for (int64_t c = tid; c < C; c += nt) {
@@ -358,40 +358,43 @@ pn_status rms_forward(void *out, void *h, void *rstd,
                       cudaStream_t stream, bool fused, const pn_norm_options *opts)
 {
     pn_status st;
-    int64_t rows, T_eff;
+    int64_t rows, T_eff, H_eff;
     bool vec = true, vec_w = true;
     if (out == nullptr || inp == nullptr) return PN_ERR_NULL;
     if (fused && (h == nullptr || residual == nullptr)) return PN_ERR_NULL;
     if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
     double woff;
     int llama;
-    if ((st = check_options(opts, weight, &woff, &llama)) != PN_OK) return st;
+    int64_t H, TH;
+    if ((st = check_options(opts, weight, &woff, &llama, &H)) != PN_OK) return st;
     const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
-    if ((st = check_sizes(B, T, C, es, &rows)) != PN_OK) return st;
+    if ((st = check_sizes_h(B, T, H, C, es, &TH, &rows)) != PN_OK) return st;
     if ((st = check_eps(eps)) != PN_OK) return st;
 
     const pn_strides zero = {};
     const pn_strides &sd = strides ? *strides : zero;
+    const pn_head_strides hzero = {};
+    const pn_head_strides &hd = (opts != nullptr && H > 1) ? opts->head : hzero;
     RowBuf rb[4] = {
-        {inp, sd.inp, false, 0, 0},
-        {fused ? residual : nullptr, sd.residual, false, 0, 0},
-        {out, sd.out, true, 0, 0},
-        {fused ? h : nullptr, sd.h, true, 0, 0},
+        {inp, sd.inp, false, 0, 0, hd.inp, 0},
+        {fused ? residual : nullptr, sd.residual, false, 0, 0, hd.residual, 0},
+        {out, sd.out, true, 0, 0, hd.out, 0},
+        {fused ? h : nullptr, sd.h, true, 0, 0, hd.h, 0},
     };
     Span sp[2];
     if ((st = dense_span(weight, C, wes, wes, false, &sp[0], &vec_w)) != PN_OK) return st;
     if ((st = dense_span(rstd, rows, ss, ss, true, &sp[1], nullptr)) != PN_OK) return st;
     /* in place: y and h each over x or the residual */
     static const int twin[4] = {0, 0, 3, 3};
-    if ((st = prepare(B, T, C, es, rb, 4, sp, 2, &T_eff, &vec, twin)) != PN_OK) return st;
+    if ((st = prepare(B, T, C, es, rb, 4, sp, 2, &T_eff, &vec, twin, H, &H_eff)) != PN_OK) return st;
 
     TokArgs a = {};
-    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st;
-    a.res = rb[1].p; a.rsb = rb[1].sb; a.rst = rb[1].st;
-    a.y = out; a.ysb = rb[2].sb; a.yst = rb[2].st;
-    a.h = const_cast<void *>(rb[3].p); a.hsb = rb[3].sb; a.hst = rb[3].st;
+    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st; a.xsh = rb[0].sh;
+    a.res = rb[1].p; a.rsb = rb[1].sb; a.rst = rb[1].st; a.rsh = rb[1].sh;
+    a.y = out; a.ysb = rb[2].sb; a.yst = rb[2].st; a.ysh = rb[2].sh;
+    a.h = const_cast<void *>(rb[3].p); a.hsb = rb[3].sb; a.hst = rb[3].st; a.hsh = rb[3].sh;
     a.w = weight; a.rstd = rstd;
-    a.rows = rows; a.T = T_eff; a.C = C; a.eps = eps;
+    a.rows = rows; a.T = T_eff; a.H = H_eff; a.C = C; a.eps = eps;
     a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
     a.woff = woff; a.llama = llama;
 
@@ -443,43 +446,46 @@ pn_status pn_cuda_rmsnorm_backward_ex(void *dinp, void *dweight,
                                       const pn_norm_options *opts, cudaStream_t stream)
 {
     pn_status st;
-    int64_t rows, T_eff;
+    int64_t rows, T_eff, H_eff;
     bool vec = true, vec_w = true;
     if (dout == nullptr || inp == nullptr || rstd == nullptr) return PN_ERR_NULL;
     if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
     double woff;
     int llama;   /* the backward of llama is that of once */
-    if ((st = check_options(opts, weight, &woff, &llama)) != PN_OK) return st;
+    int64_t H, TH;
+    if ((st = check_options(opts, weight, &woff, &llama, &H)) != PN_OK) return st;
     const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
-    if ((st = check_sizes(B, T, C, es, &rows)) != PN_OK) return st;
+    if ((st = check_sizes_h(B, T, H, C, es, &TH, &rows)) != PN_OK) return st;
     if (flags & ~PN_ACCUMULATE) return PN_ERR_ARG;
     const bool want_w = dweight != nullptr;
-    const size_t need = want_w ? scratch_bytes_for(B, T, C, dtype, 1) : 0;
+    const size_t need = want_w ? scratch_bytes_for(B, TH, C, dtype, 1) : 0;
     if (want_w && (scratch == nullptr || scratch_bytes < need || (uintptr_t)scratch % 16 != 0))
         return PN_ERR_SCRATCH;
 
     const pn_strides zero = {};
     const pn_strides &sd = strides ? *strides : zero;
+    const pn_head_strides hzero = {};
+    const pn_head_strides &hd = (opts != nullptr && H > 1) ? opts->head : hzero;
     RowBuf rb[3] = {
-        {inp, sd.inp, false, 0, 0},
-        {dout, sd.dout, false, 0, 0},
-        {dinp, sd.dinp, true, 0, 0},
+        {inp, sd.inp, false, 0, 0, hd.inp, 0},
+        {dout, sd.dout, false, 0, 0, hd.dout, 0},
+        {dinp, sd.dinp, true, 0, 0, hd.dinp, 0},
     };
     Span sp[4];
     if ((st = dense_span(weight, C, wes, wes, false, &sp[0], &vec_w)) != PN_OK) return st;
     if ((st = dense_span(rstd, rows, ss, ss, false, &sp[1], nullptr)) != PN_OK) return st;
     if ((st = dense_span(dweight, C, wes, wes, true, &sp[2], nullptr)) != PN_OK) return st;
     if ((st = dense_span(want_w ? scratch : nullptr, (int64_t)need, 1, 1, true, &sp[3], nullptr)) != PN_OK) return st;
-    if ((st = prepare(B, T, C, es, rb, 3, sp, 4, &T_eff, &vec)) != PN_OK) return st;
+    if ((st = prepare(B, T, C, es, rb, 3, sp, 4, &T_eff, &vec, nullptr, H, &H_eff)) != PN_OK) return st;
     if (dinp == nullptr && !want_w) return PN_OK;
 
     TokArgs a = {};
-    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st;
-    a.dy = dout; a.dysb = rb[1].sb; a.dyst = rb[1].st;
-    a.dx = dinp; a.dxsb = rb[2].sb; a.dxst = rb[2].st;
+    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st; a.xsh = rb[0].sh;
+    a.dy = dout; a.dysb = rb[1].sb; a.dyst = rb[1].st; a.dysh = rb[1].sh;
+    a.dx = dinp; a.dxsb = rb[2].sb; a.dxst = rb[2].st; a.dxsh = rb[2].sh;
     a.w = weight; a.rstd = const_cast<void *>(rstd);
     a.part = want_w ? scratch : nullptr;
-    a.rows = rows; a.T = T_eff; a.C = C;
+    a.rows = rows; a.T = T_eff; a.H = H_eff; a.C = C;
     partition(rows, C, &a.P, &a.chunk);
     a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
     a.woff = woff;

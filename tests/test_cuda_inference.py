@@ -1,5 +1,5 @@
 """The inference options (docs/inference.md) on CUDA arrays: weight_offset,
-rounding="llama", in place. Checked against the float64 reference, the CPU
+rounding="llama", in place, per-head views. Checked against the float64 reference, the CPU
 library, and the Hugging Face formulas on torch CUDA. Marked `cuda` and
 skipped, with the reason, where tests/test_cuda.py's are (no CuPy, no device,
 no CUDA torch or no libpynorm_cuda).
@@ -145,9 +145,79 @@ def test_cuda_options_checked():
         pynorm.rms_norm(xd, _dev(np.ones(8, np.float32)), rounding="gemma")
     ffi, lib = _cuda.library()
     o = ffi.new("pn_norm_options *")
-    o.H = 2
+    o.H = -1
     y = cp.full((2, 8), 7.0, np.float32)
     p = lambda a: ffi.cast("void *", a.data.ptr)
     st = lib.pn_cuda_rmsnorm_forward_ex(p(y), ffi.NULL, p(xd), ffi.NULL, 1, 2, 8, 1e-6, 0, 0, ffi.NULL, o, ffi.NULL)
-    assert st == lib.PN_ERR_ARG, "H > 1 is the C library's only"
-    assert (_np(y) == 7.0).all()
+    assert st == lib.PN_ERR_SIZE, "H < 0"
+    assert (_np(y) == 7.0).all(), "a refused call wrote"
+
+
+# ---- per-head views (QK-norm on a fused qkv buffer) ----------------------------------
+
+def _qkv_views(B, S, s, Hq, Hk, D):
+    """name -> index function of the (B, S, Hq + 2Hk, D) buffer: per-head views."""
+    return {
+        "q 4-D, S sliced": lambda a: a[:, :s, :Hq],
+        "k 4-D, S sliced": lambda a: a[:, :s, Hq:Hq + Hk],
+        "q (B, H, S, D)": lambda a: a[:, :, :Hq].transpose(0, 2, 1, 3),
+        "q 3-D (T, H, D)": lambda a: a.reshape(B * S, Hq + 2 * Hk, D)[:, :Hq],
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DNAME[d])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("D", [64, 128, 200])
+def test_cuda_qk_norm_on_views_in_place(op, dtype, D):
+    """rms_norm/layer_norm(q, w, out=q) on per-head views of a fused qkv CUDA buffer:
+    the bits of the norm of a dense copy, written where the view is; the rest of the
+    buffer untouched; in place (the view itself is returned)."""
+    if dtype == BF16 and not HAVE_BF16:
+        pytest.skip("this CuPy has no bfloat16 arrays")
+    B, S, s, Hq, Hk = 2, 9, 5, 8, 2
+    buf = _host((B, S, Hq + 2 * Hk, D), dtype, D, 0.3, 2.0)
+    _, w, b = _inputs(op, (1, D), dtype, seed=D + 1)
+    dw, db = _dev(w), None if b is None else _dev(b)
+    for name, view in _qkv_views(B, S, s, Hq, Hk, D).items():
+        want = _np(_run(op, cp.ascontiguousarray(view(_dev(buf))), dw, db, weight_offset=0.5, rounding="llama"))
+        bd = _dev(buf)
+        q = view(bd)
+        assert _run(op, q, dw, db, weight_offset=0.5, rounding="llama", out=q) is q, f"{name}: not in place"
+        got = _np(bd)
+        assert view(got).tobytes() == want.tobytes(), f"{name}: bits differ from the dense call ({DNAME[dtype]})"
+        outside = np.ones(buf.shape, bool)
+        view(outside)[...] = False
+        assert got[outside].tobytes() == buf[outside].tobytes(), f"{name}: memory outside the view was written"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_qk_norm_views_fused_and_backward(op):
+    """The fused form (h over the residual view) and the backward (dx into a view) on
+    per-head views give the dense calls' bits."""
+    B, S, s, Hq, Hk, D = 2, 6, 4, 4, 2, 128
+    x, w, b = _inputs(op, (B, S, Hq + 2 * Hk, D), F32, seed=3)
+    r = _host(x.shape, F32, 4)
+    dy = _host(x.shape, F32, 5)
+    dw, db = _dev(w), None if b is None else _dev(b)
+    view = _qkv_views(B, S, s, Hq, Hk, D)["q 4-D, S sliced"]
+    dense = lambda a: cp.ascontiguousarray(view(_dev(a)))
+    y0, h0 = (_np(a) for a in _run(op, dense(x), dw, db, dense(r)))
+    xd, rd = _dev(x), _dev(r)
+    _run(op, view(xd), dw, db, view(rd), out=(view(xd), view(rd)))
+    assert view(_np(xd)).tobytes() == y0.tobytes() and view(_np(rd)).tobytes() == h0.tobytes(), "fused, in place"
+
+    if op == "rms":
+        rstd = pynorm.rms_norm_forward(dense(x), dw)[1]
+        want = pynorm.rms_norm_backward(dense(dy), dense(x), rstd, dw)
+        dxd = _dev(np.zeros_like(x))
+        got = pynorm.rms_norm_backward(view(_dev(dy)), view(_dev(x)), rstd, dw, out=(view(dxd), None))
+    else:
+        _, mean, rstd = pynorm.layer_norm_forward(dense(x), dw, db)
+        want = pynorm.layer_norm_backward(dense(dy), dense(x), mean, rstd, dw)
+        dxd = _dev(np.zeros_like(x))
+        got = pynorm.layer_norm_backward(view(_dev(dy)), view(_dev(x)), mean, rstd, dw, out=(view(dxd), None, None))
+    assert view(_np(dxd)).tobytes() == _np(want[0]).tobytes(), "dx into the view"
+    assert _np(got[1]).tobytes() == _np(want[1]).tobytes(), "dweight from views"
+    outside = np.ones(x.shape, bool)
+    view(outside)[...] = False
+    assert (_np(dxd)[outside] == 0).all(), "dx: memory outside the view was written"
