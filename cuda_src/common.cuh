@@ -437,6 +437,7 @@ struct TokArgs {
     int vec, w_f32, accumulate;
     double woff;               /* pn_norm_options.weight_offset: w' = woff + w (0: w as it is) */
     int llama;                 /* PN_ROUND_LLAMA: xhat rounded to the dtype before w' */
+    float *yf;                 /* quantized forms: y in float32, dense rows x C (y unused); NULL: y */
 };
 
 /* ------------------------------------------------------------------------ */
@@ -461,6 +462,30 @@ __device__ __forceinline__ A weight_at(const TokArgs &a, int64_t c)
 {
     const A w = param_at<D>(a.w, a.w_f32 != 0, (A)1, c);
     return (a.woff != 0.0 && a.w != nullptr) ? (A)a.woff + w : w;
+}
+
+/* Storing the forward's y: in the dtype into the row yr, or, for the
+ * quantized forms (a.yf), as float32 into row `row` of the dense a.yf (the
+ * value before its rounding to the dtype). */
+template <class D>
+__device__ __forceinline__ void put_y_chunk(const TokArgs &a, int64_t row, typename D::raw *yr,
+                                            const float (&o)[Vw<D>::V], int c0, int C, bool vec)
+{
+    if (a.yf != nullptr) {
+        float *yf = a.yf + row * (int64_t)C + c0;
+#pragma unroll
+        for (int i = 0; i < Vw<D>::V; ++i)
+            if (c0 + i < C) yf[i] = o[i];
+    } else {
+        store_chunk_f<D>(yr, o, c0, C, vec);
+    }
+}
+
+template <class D, class A>
+__device__ __forceinline__ void put_y(const TokArgs &a, int64_t row, typename D::raw *yr, int64_t c, A v)
+{
+    if (a.yf != nullptr) a.yf[row * a.C + c] = (float)v;
+    else yr[c] = D::from(v);
 }
 
 /* xhat as the rounding mode wants it: rounded to the 2-byte dtype D for

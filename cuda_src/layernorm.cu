@@ -35,6 +35,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "quant.cuh"
 
 namespace pn {
 namespace {
@@ -109,7 +110,7 @@ ln_fwd_reg(const TokArgs a)
                 load_param_chunk<D>(bv, a.b, wf, 0.0f, c0, C, vec);
 #pragma unroll
                 for (int i = 0; i < V; ++i) o[i] = fmadd(xhat_as<D>(((f.get(j * V + i) - sh) - m) * rs, llama), wv[i], bv[i]);
-                store_chunk_f<D>(yr, o, c0, C, vec);
+                put_y_chunk<D>(a, row, yr, o, c0, C, vec);
             }
             mean_o = (float)((double)sh + sd / dC);
             rstd_o = rs;
@@ -142,7 +143,7 @@ ln_fwd_reg(const TokArgs a)
 #pragma unroll
                 for (int i = 0; i < V; ++i)
                     o[i] = (float)fmadd(xhat_as<D>((((double)f.get(j * V + i) - x0d) - md) * rsd, llama), (double)wv[i], (double)bv[i]);
-                store_chunk_f<D>(yr, o, c0, C, vec);
+                put_y_chunk<D>(a, row, yr, o, c0, C, vec);
             }
             mean_o = (float)(x0d + md);
             rstd_o = (float)rsd;
@@ -220,7 +221,7 @@ ln_fwd_stream(const TokArgs a)
             const A rs = (A)inv_sqrt(qd / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt) {
                 const A w = (weight_at<D, A>(a, c)), b = param_at<D>(a.b, wf, (A)0, c);
-                yr[c] = D::from(fmadd(xhat_as<D>(((D::to(src[c]) - sh) - m) * rs, llama), w, b));
+                put_y<D, A>(a, row, yr, c, fmadd(xhat_as<D>(((D::to(src[c]) - sh) - m) * rs, llama), w, b));
             }
             mean_o = (A)mean_d;
             rstd_o = rs;
@@ -239,7 +240,7 @@ ln_fwd_stream(const TokArgs a)
             const double rsd = inv_sqrt(q2 / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt) {
                 const double w = (weight_at<D, A>(a, c)), b = param_at<D>(a.b, wf, (A)0, c);
-                yr[c] = D::from((A)fmadd(xhat_as<D>((((double)D::to(src[c]) - x0d) - md) * rsd, llama), w, b));
+                put_y<D, A>(a, row, yr, c, (A)fmadd(xhat_as<D>((((double)D::to(src[c]) - x0d) - md) * rsd, llama), w, b));
             }
             mean_o = (A)(x0d + md);
             rstd_o = (A)rsd;
@@ -467,12 +468,16 @@ pn_status ln_forward(void *out, void *h, void *mean, void *rstd,
                      const void *inp, const void *residual, const void *weight, const void *bias,
                      int64_t B, int64_t T, int64_t C, double eps,
                      pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
-                     cudaStream_t stream, bool fused, const pn_norm_options *opts)
+                     cudaStream_t stream, bool fused, const pn_norm_options *opts,
+                     const pn_quant_params *quant = nullptr, void *q = nullptr, float *scales = nullptr)
 {
     pn_status st;
     int64_t rows, T_eff, H_eff;
     bool vec = true, vec_w = true;
-    if (out == nullptr || inp == nullptr) return PN_ERR_NULL;
+    QuantPlan qp = {};
+    /* the quantized form (quant != NULL): q and scales instead of out */
+    if (quant != nullptr && (st = check_quant(quant, scales, C, &qp)) != PN_OK) return st;
+    if ((quant != nullptr ? q : out) == nullptr || inp == nullptr) return PN_ERR_NULL;
     if (fused && (h == nullptr || residual == nullptr)) return PN_ERR_NULL;
     if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
     double woff;
@@ -493,14 +498,20 @@ pn_status ln_forward(void *out, void *h, void *mean, void *rstd,
         {out, sd.out, true, 0, 0, hd.out, 0},
         {fused ? h : nullptr, sd.h, true, 0, 0, hd.h, 0},
     };
-    Span sp[4];
+    if (quant != nullptr) rb[2].p = nullptr;   /* no y: q and scales are dense */
+    Span sp[6];
     if ((st = dense_span(weight, C, wes, wes, false, &sp[0], &vec_w)) != PN_OK) return st;
     if ((st = dense_span(bias, C, wes, wes, false, &sp[1], &vec_w)) != PN_OK) return st;
     if ((st = dense_span(mean, rows, ss, ss, true, &sp[2], nullptr)) != PN_OK) return st;
     if ((st = dense_span(rstd, rows, ss, ss, true, &sp[3], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(quant ? q : nullptr, rows * C, 1, 1, true, &sp[4], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(quant && qp.scale == 0.0f ? scales : nullptr, rows * (C / (qp.G ? qp.G : C)), 4, 4, true,
+                         &sp[5], nullptr)) != PN_OK) return st;
     /* in place: y and h each over x or the residual */
     static const int twin[4] = {0, 0, 3, 3};
-    if ((st = prepare(B, T, C, es, rb, 4, sp, 4, &T_eff, &vec, twin, H, &H_eff)) != PN_OK) return st;
+    if ((st = prepare(B, T, C, es, rb, 4, sp, 6, &T_eff, &vec, twin, H, &H_eff)) != PN_OK) return st;
+    float *yf = nullptr;
+    if (quant != nullptr && (st = quant_alloc(rows, C, stream, &yf)) != PN_OK) return st;
 
     TokArgs a = {};
     a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st; a.xsh = rb[0].sh;
@@ -511,6 +522,8 @@ pn_status ln_forward(void *out, void *h, void *mean, void *rstd,
     a.rows = rows; a.T = T_eff; a.H = H_eff; a.C = C; a.eps = eps;
     a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
     a.woff = woff; a.llama = llama;
+    a.yf = yf;
+    if (yf != nullptr) a.y = nullptr;
 
     switch (dtype) {
     case PN_FLOAT32: ln_fwd_dispatch<F32>(a, stream); break;
@@ -518,6 +531,7 @@ pn_status ln_forward(void *out, void *h, void *mean, void *rstd,
     case PN_BFLOAT16: ln_fwd_dispatch<BF16>(a, stream); break;
     case PN_FLOAT64: ln_fwd_dispatch<F64>(a, stream); break;
     }
+    if (yf != nullptr) quant_launch(qp, yf, q, scales, rows, C, stream);
     return launch_status();
 }
 
@@ -648,6 +662,18 @@ pn_status pn_cuda_add_layernorm_forward_ex(void *out, void *h, void *mean, void 
 {
     return ln_forward(out, h, mean, rstd, inp, residual, weight, bias, B, T, C, eps,
                       dtype, wdtype, strides, stream, true, opts);
+}
+
+pn_status pn_cuda_layernorm_quant_forward(void *q, float *scales, void *h, void *mean, void *rstd,
+                                          const void *inp, const void *residual,
+                                          const void *weight, const void *bias,
+                                          int64_t B, int64_t T, int64_t C, double eps,
+                                          pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                          const pn_norm_options *opts, const pn_quant_params *quant,
+                                          cudaStream_t stream)
+{
+    return ln_forward(nullptr, residual ? h : nullptr, mean, rstd, inp, residual, weight, bias, B, T, C, eps,
+                      dtype, wdtype, strides, stream, residual != nullptr, opts, quant, q, scales);
 }
 
 pn_status pn_cuda_layernorm_backward(void *dinp, void *dweight, void *dbias,

@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "quant.cuh"
 
 namespace pn {
 namespace {
@@ -74,7 +75,7 @@ rms_fwd_reg(const TokArgs a)
                 load_weight_chunk<D>(wv, a, c0, C, vec);
 #pragma unroll
                 for (int i = 0; i < V; ++i) o[i] = xhat_as<D>(f.get(j * V + i) * rs, llama) * wv[i];
-                store_chunk_f<D>(yr, o, c0, C, vec);
+                put_y_chunk<D>(a, row, yr, o, c0, C, vec);
             }
             rstd_o = rs;
         } else {
@@ -92,7 +93,7 @@ rms_fwd_reg(const TokArgs a)
                 load_weight_chunk<D>(wv, a, c0, C, vec);
 #pragma unroll
                 for (int i = 0; i < V; ++i) o[i] = (float)(xhat_as<D>((double)f.get(j * V + i) * rsd, llama) * (double)wv[i]);
-                store_chunk_f<D>(yr, o, c0, C, vec);
+                put_y_chunk<D>(a, row, yr, o, c0, C, vec);
             }
             rstd_o = (float)rsd;
         }
@@ -145,7 +146,7 @@ rms_fwd_stream(const TokArgs a)
         if (fast) {
             const A rs = (A)inv_sqrt(qd / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt)
-                yr[c] = D::from(xhat_as<D>(D::to(src[c]) * rs, llama) * (weight_at<D, A>(a, c)));
+                put_y<D, A>(a, row, yr, c, xhat_as<D>(D::to(src[c]) * rs, llama) * (weight_at<D, A>(a, c)));
             rstd_o = rs;
         } else {
             double q2 = 0.0;
@@ -156,7 +157,7 @@ rms_fwd_stream(const TokArgs a)
             q2 = block_sum(q2, redd);
             const double rsd = inv_sqrt(q2 / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt)
-                yr[c] = D::from((A)(xhat_as<D>((double)D::to(src[c]) * rsd, llama) * (double)(weight_at<D, A>(a, c))));
+                put_y<D, A>(a, row, yr, c, (A)(xhat_as<D>((double)D::to(src[c]) * rsd, llama) * (double)(weight_at<D, A>(a, c))));
             rstd_o = (A)rsd;
         }
         if (tid == 0 && a.rstd != nullptr) static_cast<A *>(a.rstd)[row] = rstd_o;
@@ -355,12 +356,16 @@ pn_status rms_forward(void *out, void *h, void *rstd,
                       const void *inp, const void *residual, const void *weight,
                       int64_t B, int64_t T, int64_t C, double eps,
                       pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
-                      cudaStream_t stream, bool fused, const pn_norm_options *opts)
+                      cudaStream_t stream, bool fused, const pn_norm_options *opts,
+                      const pn_quant_params *quant = nullptr, void *q = nullptr, float *scales = nullptr)
 {
     pn_status st;
     int64_t rows, T_eff, H_eff;
     bool vec = true, vec_w = true;
-    if (out == nullptr || inp == nullptr) return PN_ERR_NULL;
+    QuantPlan qp = {};
+    /* the quantized form (quant != NULL): q and scales instead of out */
+    if (quant != nullptr && (st = check_quant(quant, scales, C, &qp)) != PN_OK) return st;
+    if ((quant != nullptr ? q : out) == nullptr || inp == nullptr) return PN_ERR_NULL;
     if (fused && (h == nullptr || residual == nullptr)) return PN_ERR_NULL;
     if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
     double woff;
@@ -381,12 +386,18 @@ pn_status rms_forward(void *out, void *h, void *rstd,
         {out, sd.out, true, 0, 0, hd.out, 0},
         {fused ? h : nullptr, sd.h, true, 0, 0, hd.h, 0},
     };
-    Span sp[2];
+    if (quant != nullptr) rb[2].p = nullptr;   /* no y: q and scales are dense */
+    Span sp[4];
     if ((st = dense_span(weight, C, wes, wes, false, &sp[0], &vec_w)) != PN_OK) return st;
     if ((st = dense_span(rstd, rows, ss, ss, true, &sp[1], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(quant ? q : nullptr, rows * C, 1, 1, true, &sp[2], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(quant && qp.scale == 0.0f ? scales : nullptr, rows * (C / (qp.G ? qp.G : C)), 4, 4, true,
+                         &sp[3], nullptr)) != PN_OK) return st;
     /* in place: y and h each over x or the residual */
     static const int twin[4] = {0, 0, 3, 3};
-    if ((st = prepare(B, T, C, es, rb, 4, sp, 2, &T_eff, &vec, twin, H, &H_eff)) != PN_OK) return st;
+    if ((st = prepare(B, T, C, es, rb, 4, sp, 4, &T_eff, &vec, twin, H, &H_eff)) != PN_OK) return st;
+    float *yf = nullptr;
+    if (quant != nullptr && (st = quant_alloc(rows, C, stream, &yf)) != PN_OK) return st;
 
     TokArgs a = {};
     a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st; a.xsh = rb[0].sh;
@@ -397,6 +408,8 @@ pn_status rms_forward(void *out, void *h, void *rstd,
     a.rows = rows; a.T = T_eff; a.H = H_eff; a.C = C; a.eps = eps;
     a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
     a.woff = woff; a.llama = llama;
+    a.yf = yf;
+    if (yf != nullptr) a.y = nullptr;
 
     switch (dtype) {
     case PN_FLOAT32: rms_fwd_dispatch<F32>(a, stream); break;
@@ -404,6 +417,7 @@ pn_status rms_forward(void *out, void *h, void *rstd,
     case PN_BFLOAT16: rms_fwd_dispatch<BF16>(a, stream); break;
     case PN_FLOAT64: rms_fwd_dispatch<F64>(a, stream); break;
     }
+    if (yf != nullptr) quant_launch(qp, yf, q, scales, rows, C, stream);
     return launch_status();
 }
 
@@ -525,6 +539,17 @@ pn_status pn_cuda_add_rmsnorm_forward_ex(void *out, void *h, void *rstd,
                                          const pn_norm_options *opts, cudaStream_t stream)
 {
     return rms_forward(out, h, rstd, inp, residual, weight, B, T, C, eps, dtype, wdtype, strides, stream, true, opts);
+}
+
+pn_status pn_cuda_rmsnorm_quant_forward(void *q, float *scales, void *h, void *rstd,
+                                        const void *inp, const void *residual, const void *weight,
+                                        int64_t B, int64_t T, int64_t C, double eps,
+                                        pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                        const pn_norm_options *opts, const pn_quant_params *quant,
+                                        cudaStream_t stream)
+{
+    return rms_forward(nullptr, residual ? h : nullptr, rstd, inp, residual, weight, B, T, C, eps, dtype, wdtype,
+                       strides, stream, residual != nullptr, opts, quant, q, scales);
 }
 
 pn_status pn_cuda_rmsnorm_backward(void *dinp, void *dweight,

@@ -56,6 +56,7 @@ typedef void *cudaStream_t;
 #define PN_CUDA_ERR_LAUNCH 100
 typedef struct { int64_t inp, out, residual, h, dout, dinp; } pn_head_strides;
 typedef struct { double weight_offset; int rounding; int64_t H; pn_head_strides head; } pn_norm_options;
+typedef struct { int qdtype; double scale; double scale_ub; int64_t group_size; } pn_quant_params;
 
 const char *pn_cuda_version(void);
 const char *pn_cuda_status_string(int status);
@@ -118,6 +119,14 @@ pn_status pn_cuda_rmsnorm_backward_ex(void *dinp, void *dweight,
     const void *dout, const void *inp, const void *weight, const void *rstd,
     int64_t B, int64_t T, int64_t C, int flags,
     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, const pn_norm_options *opts, cudaStream_t stream);
+pn_status pn_cuda_rmsnorm_quant_forward(void *q, float *scales, void *h, void *rstd,
+    const void *inp, const void *residual, const void *weight, int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, const pn_norm_options *opts,
+    const pn_quant_params *quant, cudaStream_t stream);
+pn_status pn_cuda_layernorm_quant_forward(void *q, float *scales, void *h, void *mean, void *rstd,
+    const void *inp, const void *residual, const void *weight, const void *bias,
+    int64_t B, int64_t T, int64_t C, double eps, pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    const pn_norm_options *opts, const pn_quant_params *quant, cudaStream_t stream);
 typedef enum { PN_NCHW = 0, PN_NHWC = 1 } pn_layout;
 #define PN_BN_TRAINING 2
 #define PN_BN_CUMULATIVE 4
@@ -822,6 +831,59 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate, weight_offset=0.0,
 
 
 # ---- the public functions (same signatures as pynorm's) ----------------------------------
+
+def norm_quant(op, x, weight, bias, eps, residual, weight_offset, rounding, check_quant):
+    """rms_norm_quant / layer_norm_quant on CUDA arrays (pynorm._token's checks:
+    check_quant(x) gives (pn_quant_params of the C library, q dtype, scales shape)).
+    q is int8, or float8_e4m3fn where CuPy has that dtype (else uint8 holding its
+    bits); scales float32; h = round(x + residual) with a residual."""
+    with _Call(x) as call:
+        ffi, lib, cp, x = call.ffi, call.lib, call.cp, call.x
+        if residual is not None:
+            residual = _check_same(residual, "residual", x, call)
+        weight = _check_param(weight, "weight", x, call)
+        bias = _check_param(bias, "bias", x, call)
+        wdtype = param_dtype(weight, bias)
+        eps = _check_eps(eps, x.dtype)
+        offset, rmode = check_options(weight_offset, rounding, weight)
+        cpu_quant, qdt, sshape = check_quant(x)
+        quant = ffi.new("pn_quant_params *")
+        quant.qdtype, quant.scale = cpu_quant.qdtype, cpu_quant.scale
+        quant.scale_ub, quant.group_size = cpu_quant.scale_ub, cpu_quant.group_size
+        lead, C = x.shape[:-1], x.shape[-1]
+        q = cp.empty(x.shape, np.uint8)
+        scales = cp.empty(sshape, np.float32)
+        h = _wrap_new(_empty(x.shape, x.dtype, cp)) if residual is not None else None
+        if q.size:
+            if quant.scale:
+                scales[...] = np.float32(quant.scale)
+            buffers = [("inp", "x", x, IN)]
+            if residual is not None:
+                buffers += [("residual", "residual", residual, IN), ("h", "h", h, NEW)]
+            B, T, strides, devs, back, H, head = _row_layout(lead, buffers, (weight, bias), ffi, cp)
+            opts = _options(ffi, offset, rmode, H, head)
+            dt, wdt = _PN_DTYPE[x.dtype], _PN_DTYPE[wdtype]
+            qp = ffi.cast("void *", q.data.ptr)
+            sp = ffi.cast("float *", scales.data.ptr) if not quant.scale else ffi.NULL
+            res_p = _p(ffi, devs[1]) if residual is not None else ffi.NULL
+            h_p = _p(ffi, devs[2]) if residual is not None else ffi.NULL
+            s = call.stream_ptr()
+            if op == "layer":
+                status = lib.pn_cuda_layernorm_quant_forward(
+                    qp, sp, h_p, ffi.NULL, ffi.NULL, _p(ffi, devs[0]), res_p, _p(ffi, weight), _p(ffi, bias),
+                    B, T, C, eps, dt, wdt, strides, opts, quant, s)
+            else:
+                status = lib.pn_cuda_rmsnorm_quant_forward(
+                    qp, sp, h_p, ffi.NULL, _p(ffi, devs[0]), res_p, _p(ffi, weight),
+                    B, T, C, eps, dt, wdt, strides, opts, quant, s)
+            _check_status(ffi, lib, status, f"{op}_norm_quant")
+            _write_back(back, cp)
+        try:
+            q = q.view(qdt)
+        except Exception:      # a CuPy without this dtype (float8): the bits, as uint8
+            pass
+        return (q, scales) if residual is None else (q, scales, _result(h))
+
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5, *, weight_offset=0.0, rounding="once", out=None):
     """LayerNorm over the last axis of a CUDA array."""

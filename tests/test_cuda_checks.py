@@ -143,3 +143,65 @@ def test_qkv_views_are_addressed_with_no_copy(name, shape, index, transpose, H, 
     got = sorted(b * s.inp.b + t * s.inp.t + k * sh_in
                  for b in range(B) for t in range(T) for k in range(got_H))
     assert got == want, f"{name}: the rows addressed are not the view's"
+
+
+# ---- the quantized forms: pn_cuda_*_quant_forward checks as the C library's ----------
+
+def _quant(**kw):
+    """pn_quant_params of both libraries: (CUDA's, the C library's)."""
+    from pynorm._lib import ffi as cffi
+    out = []
+    for f in (FFI, cffi):
+        p = f.new("pn_quant_params *")
+        for k, v in kw.items():
+            setattr(p, k, v)
+        out.append(p)
+    return out
+
+
+def _both(q_off, s_off, x_off, B, T, C, quant_kw, null_quant=False, op="rms"):
+    """Status of the CUDA and of the C library's quantized forward for the same
+    arguments (host addresses in _MEM; every case is refused before a write)."""
+    from pynorm._lib import ffi as cffi, lib as clib
+    qs = _quant(**quant_kw)
+    got = []
+    for f, lib, qp, name in ((FFI, LIB, qs[0], "cuda"), (cffi, clib, qs[1], "c")):
+        p = lambda off: f.NULL if off is None else f.cast("void *", BASE + off)
+        sp = f.NULL if s_off is None else f.cast("float *", BASE + s_off)
+        quant = f.NULL if null_quant else qp
+        tail = (B, T, C, 1e-6, 0, 0, f.NULL, f.NULL, quant)
+        if op == "rms":
+            args = (p(q_off), sp, f.NULL, f.NULL, p(x_off), f.NULL, f.NULL) + tail
+            fn = lib.pn_cuda_rmsnorm_quant_forward if name == "cuda" else lib.pn_rmsnorm_quant_forward
+        else:
+            args = (p(q_off), sp, f.NULL, f.NULL, f.NULL, p(x_off), f.NULL, f.NULL, f.NULL) + tail
+            fn = lib.pn_cuda_layernorm_quant_forward if name == "cuda" else lib.pn_layernorm_quant_forward
+        got.append(fn(*args, FFI.NULL) if name == "cuda" else fn(*args))
+    return got
+
+
+_QCASES = [  # (what, q offset, scales offset, quant params, expected)
+    ("quant NULL", 8192, 16384, None, "PN_ERR_NULL"),
+    ("qdtype out of range", 8192, 16384, dict(qdtype=7), "PN_ERR_ARG"),
+    ("scale NaN", 8192, 16384, dict(scale=float("nan")), "PN_ERR_ARG"),
+    ("scale < 0", 8192, 16384, dict(scale=-1.0), "PN_ERR_ARG"),
+    ("scale underflows float32", 8192, None, dict(scale=1e-50), "PN_ERR_ARG"),
+    ("scale_ub with int8", 8192, 16384, dict(scale_ub=1.0), "PN_ERR_ARG"),
+    ("scale_ub with a static scale", 8192, None, dict(qdtype=1, scale=1.0, scale_ub=1.0), "PN_ERR_ARG"),
+    ("group_size not dividing C", 8192, 16384, dict(group_size=7), "PN_ERR_ARG"),
+    ("group_size with a static scale", 8192, None, dict(scale=1.0, group_size=8), "PN_ERR_ARG"),
+    ("dynamic without scales", 8192, None, dict(), "PN_ERR_NULL"),
+    ("q NULL", None, 16384, dict(), "PN_ERR_NULL"),
+    ("q over x", 0, 16384, dict(), "PN_ERR_ALIAS"),
+    ("scales over q", 8192, 8192 + 64, dict(group_size=8), "PN_ERR_ALIAS"),
+    ("scales over x", 8192, 4, dict(), "PN_ERR_ALIAS"),
+]
+
+
+@pytest.mark.parametrize("op", ["rms", "layer"])
+@pytest.mark.parametrize("what,q_off,s_off,kw,status", _QCASES, ids=[c[0] for c in _QCASES])
+def test_quant_arguments_refused_as_the_c_library_does(op, what, q_off, s_off, kw, status):
+    cuda, c = _both(q_off, s_off, 0, 2, 3, 64, kw or {}, null_quant=kw is None, op=op)
+    assert cuda == getattr(LIB, status), (
+        f"{what}: CUDA gives {FFI.string(LIB.pn_cuda_status_string(cuda)).decode()}, expected {status}")
+    assert cuda == c, f"{what}: CUDA status {cuda}, the C library's {c}"

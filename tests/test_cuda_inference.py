@@ -221,3 +221,132 @@ def test_cuda_qk_norm_views_fused_and_backward(op):
     outside = np.ones(x.shape, bool)
     view(outside)[...] = False
     assert (_np(dxd)[outside] == 0).all(), "dx: memory outside the view was written"
+
+
+# ---- fused quantized output (rms_norm_quant / layer_norm_quant on CUDA arrays) -----------
+
+from test_inference import BAD_QUANT, FP8, QMAX, _bits_equal, _dyn_ref, _q_ref  # noqa: E402
+
+_QFN = {"rms": pynorm.rms_norm_quant, "layer": pynorm.layer_norm_quant}
+
+
+def _qargs(op, x, w, b):
+    return (x, w) if op == "rms" else (x, w, b)
+
+
+def _host_q(q, qdtype):
+    """q of a CUDA call on the host, in its dtype (a CuPy without float8 gives its bits)."""
+    q = _np(q)
+    return q.view(np.int8 if qdtype == "int8" else FP8)
+
+
+@pytest.mark.parametrize("group", [None, 32, 128], ids=["row", "g32", "g128"])
+@pytest.mark.parametrize("qdtype", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("C", [256, 4096, 20480])
+def test_cuda_quant_dynamic_bit_for_bit(op, qdtype, group, C):
+    """float32 data: q and scales are the NumPy quantization of the CUDA norm's own y, bit
+    for bit (hostile rows: outliers, all zeros); and the CPU library's q where rstd agree."""
+    x, w, b = _inputs(op, (5, C), F32, seed=40)
+    x[0, :5] *= 1e3
+    x[3] = 0
+    kw = dict(weight_offset=1.0)
+    xd, wd, bd = _dev(x), _dev(w), None if b is None else _dev(b)
+    q, s = _QFN[op](*_qargs(op, xd, wd, bd), qdtype=qdtype, group_size=group, **kw)
+    y = _np(_run(op, xd, wd, bd, **kw))
+    q_ref, s_ref = _dyn_ref(y, qdtype, group or C)
+    _bits_equal(_np(s), s_ref, f"{op} {qdtype} scales (CUDA)")
+    _bits_equal(_host_q(q, qdtype), q_ref, f"{op} {qdtype} q (CUDA)")
+    assert _np(s).shape == (5, C // (group or C))
+    fwd = pynorm.rms_norm_forward if op == "rms" else pynorm.layer_norm_forward
+    r_gpu = _np(fwd(*_qargs(op, xd, wd, bd), **kw)[-1])
+    r_cpu = fwd(*_qargs(op, x, w, b), **kw)[-1]
+    q_cpu, s_cpu = _QFN[op](*_qargs(op, x, w, b), qdtype=qdtype, group_size=group, **kw)
+    agree = r_gpu == r_cpu
+    _bits_equal(_host_q(q, qdtype)[agree], q_cpu[agree], f"{op} {qdtype} q: CUDA vs CPU where rstd agree")
+
+
+@pytest.mark.parametrize("qdtype", ["int8", "float8_e4m3fn"])
+def test_cuda_quant_static_and_scale_ub(qdtype):
+    x, w, _ = _inputs("rms", (16, 1024), F32, seed=41)
+    xd, wd = _dev(x), _dev(w)
+    y = _np(pynorm.rms_norm(xd, wd))
+    q, s = pynorm.rms_norm_quant(xd, wd, qdtype=qdtype, scale=0.003)       # saturates
+    _bits_equal(_host_q(q, qdtype), _q_ref(y, qdtype, np.float32(0.003)), f"static {qdtype}")
+    assert _np(s).shape == (1,) and _np(s)[0] == np.float32(0.003)
+    if qdtype == "float8_e4m3fn":
+        x[:, 0] = 1e4
+        xd = _dev(x)
+        y = _np(pynorm.rms_norm(xd, wd))
+        q, s = pynorm.rms_norm_quant(xd, wd, qdtype=qdtype, scale_ub=1.0)
+        q_ref, s_ref = _dyn_ref(y, qdtype, 1024, scale_ub=1.0)
+        _bits_equal(_np(s), s_ref, "scales with scale_ub")
+        _bits_equal(_host_q(q, qdtype), q_ref, "q with scale_ub")
+
+
+@pytest.mark.parametrize("rounding", ["once", "llama"])
+@pytest.mark.parametrize("dtype", [F16, BF16, F64], ids=lambda d: DNAME[d])
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_quant_half_data_and_residual_match_cpu(op, dtype, rounding):
+    """bf16/f16/f64 data with a residual: h bit for bit as the CPU's; q and scales bit for
+    bit as the CPU library's on rows whose rstd agree (there the float32 y agree)."""
+    if dtype == BF16 and not HAVE_BF16:
+        pytest.skip("this CuPy has no bfloat16 arrays")
+    x, w, b = _inputs(op, (64, 4096), dtype, seed=42)
+    res = _host(x.shape, dtype, 43)
+    xd, rd, wd, bd = _dev(x), _dev(res), _dev(w), None if b is None else _dev(b)
+    for qdtype, group in (("int8", None), ("float8_e4m3fn", 128)):
+        kw = dict(qdtype=qdtype, group_size=group, residual=None, rounding=rounding)
+        kw["residual"] = rd
+        q, s, h = _QFN[op](*_qargs(op, xd, wd, bd), **kw)
+        kw["residual"] = res
+        q_cpu, s_cpu, h_cpu = _QFN[op](*_qargs(op, x, w, b), **kw)
+        assert _np(h).tobytes() == h_cpu.tobytes(), f"{op} h"
+        fwd = pynorm.rms_norm_forward if op == "rms" else pynorm.layer_norm_forward
+        r_gpu = _np(fwd(*_qargs(op, h, wd, bd), rounding=rounding)[-1])
+        r_cpu = fwd(*_qargs(op, h_cpu, w, b), rounding=rounding)[-1]
+        agree = r_gpu == r_cpu
+        assert agree.mean() > 0.5, f"{op} {DNAME[dtype]}: rstd agree on only {agree.mean():.0%} of the rows"
+        _bits_equal(_np(s)[agree], s_cpu[agree], f"{op} {qdtype} scales vs CPU")
+        _bits_equal(_host_q(q, qdtype)[agree], q_cpu[agree], f"{op} {qdtype} q vs CPU")
+
+
+@pytest.mark.parametrize("qdtype", ["int8", "float8_e4m3fn"])
+def test_cuda_quant_nan_and_inf(qdtype):
+    """As the CPU's: a group holding a NaN gets scale NaN and q 0 (int8) / NaN (float8);
+    other groups and rows are untouched; an Inf row gives what the CPU gives."""
+    x, w, _ = _inputs("rms", (3, 64), F32, seed=44)
+    x[1, 3] = np.nan
+    x[2, 0] = np.inf
+    for group in (None, 32):
+        q, s = pynorm.rms_norm_quant(_dev(x), _dev(w), qdtype=qdtype, group_size=group)
+        q_cpu, s_cpu = pynorm.rms_norm_quant(x, w, qdtype=qdtype, group_size=group)
+        assert np.isnan(_np(s)[1]).all()
+        _bits_equal(_np(s), s_cpu, f"scales with NaN/Inf rows (group {group})")
+        qh = _host_q(q, qdtype)
+        if qdtype == "int8":
+            assert (qh[1] == 0).all()
+        else:
+            assert np.isnan(qh[1].astype(np.float32)).all()
+        _bits_equal(qh[[1, 2]], q_cpu[[1, 2]], f"q of the NaN and Inf rows (group {group})")
+
+
+def test_cuda_quant_of_a_per_head_view():
+    """A q view of a fused qkv buffer quantizes as its dense copy does (no copy made)."""
+    buf = _host((2, 6, 12, 128), F32, 45)
+    w = _host((128,), F32, 46)
+    view = lambda a: a[:, :4, :8]
+    bd, wd = _dev(buf), _dev(w)
+    q, s = pynorm.rms_norm_quant(view(bd), wd, qdtype="float8_e4m3fn", group_size=64)
+    q0, s0 = pynorm.rms_norm_quant(cp.ascontiguousarray(view(bd)), wd, qdtype="float8_e4m3fn", group_size=64)
+    assert _np(q).tobytes() == _np(q0).tobytes() and _np(s).tobytes() == _np(s0).tobytes()
+    assert _np(bd).tobytes() == buf.tobytes(), "the input was written"
+
+
+@pytest.mark.parametrize("kw,exc,msg", BAD_QUANT, ids=[str(k) for k, _, _ in BAD_QUANT])
+def test_cuda_quant_bad_arguments_name_them(kw, exc, msg):
+    x, w, _ = _inputs("rms", (2, 32), F32, seed=47)
+    kw = dict(kw)
+    w = kw.pop("weight", w)
+    with pytest.raises(exc, match=msg):
+        pynorm.rms_norm_quant(_dev(x), None if w is None else _dev(w), **kw)
