@@ -335,12 +335,14 @@ def test_cuda_quant_of_a_per_head_view():
     """A q view of a fused qkv buffer quantizes as its dense copy does (no copy made)."""
     buf = _host((2, 6, 12, 128), F32, 45)
     w = _host((128,), F32, 46)
-    view = lambda a: a[:, :4, :8]
     bd, wd = _dev(buf), _dev(w)
-    q, s = pynorm.rms_norm_quant(view(bd), wd, qdtype="float8_e4m3fn", group_size=64)
-    q0, s0 = pynorm.rms_norm_quant(cp.ascontiguousarray(view(bd)), wd, qdtype="float8_e4m3fn", group_size=64)
-    assert _np(q).tobytes() == _np(q0).tobytes() and _np(s).tobytes() == _np(s0).tobytes()
-    assert _np(bd).tobytes() == buf.tobytes(), "the input was written"
+    views = {"(B, S, H, D), S sliced": lambda a: a[:, :4, :8],                     # two strides
+             "(B, H, S, D)": lambda a: a[:, :, :8].transpose(0, 2, 1, 3)}          # three (H > 1)
+    for name, view in views.items():
+        q, s = pynorm.rms_norm_quant(view(bd), wd, qdtype="float8_e4m3fn", group_size=64)
+        q0, s0 = pynorm.rms_norm_quant(cp.ascontiguousarray(view(bd)), wd, qdtype="float8_e4m3fn", group_size=64)
+        assert _np(q).tobytes() == _np(q0).tobytes() and _np(s).tobytes() == _np(s0).tobytes(), name
+        assert _np(bd).tobytes() == buf.tobytes(), f"{name}: the input was written"
 
 
 @pytest.mark.parametrize("kw,exc,msg", BAD_QUANT, ids=[str(k) for k, _, _ in BAD_QUANT])
