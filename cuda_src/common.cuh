@@ -429,12 +429,15 @@ struct TokArgs {
     void *mean, *rstd;         /* forward: outputs; backward: inputs */
     void *part;                /* backward: partial sums (scratch), or NULL */
     int64_t xsb, xst, rsb, rst, ysb, yst, hsb, hst, dysb, dyst, dxsb, dxst;
+    int64_t xsh, rsh, ysh, hsh, dysh, dxsh;   /* third strides (heads), with H > 1 */
     int64_t rows, T, C;
+    int64_t H;                 /* heads per (b, t): 1, or > 1 with T = T_user * H (row_off) */
     int64_t P, chunk;          /* backward: partitions, rows per partition */
     double eps;
     int vec, w_f32, accumulate;
     double woff;               /* pn_norm_options.weight_offset: w' = woff + w (0: w as it is) */
     int llama;                 /* PN_ROUND_LLAMA: xhat rounded to the dtype before w' */
+    float *yf;                 /* quantized forms: y in float32, dense rows x C (y unused); NULL: y */
 };
 
 /* ------------------------------------------------------------------------ */
@@ -459,6 +462,30 @@ __device__ __forceinline__ A weight_at(const TokArgs &a, int64_t c)
 {
     const A w = param_at<D>(a.w, a.w_f32 != 0, (A)1, c);
     return (a.woff != 0.0 && a.w != nullptr) ? (A)a.woff + w : w;
+}
+
+/* Storing the forward's y: in the dtype into the row yr, or, for the
+ * quantized forms (a.yf), as float32 into row `row` of the dense a.yf (the
+ * value before its rounding to the dtype). */
+template <class D>
+__device__ __forceinline__ void put_y_chunk(const TokArgs &a, int64_t row, typename D::raw *yr,
+                                            const float (&o)[Vw<D>::V], int c0, int C, bool vec)
+{
+    if (a.yf != nullptr) {
+        float *yf = a.yf + row * (int64_t)C + c0;
+#pragma unroll
+        for (int i = 0; i < Vw<D>::V; ++i)
+            if (c0 + i < C) yf[i] = o[i];
+    } else {
+        store_chunk_f<D>(yr, o, c0, C, vec);
+    }
+}
+
+template <class D, class A>
+__device__ __forceinline__ void put_y(const TokArgs &a, int64_t row, typename D::raw *yr, int64_t c, A v)
+{
+    if (a.yf != nullptr) a.yf[row * a.C + c] = (float)v;
+    else yr[c] = D::from(v);
 }
 
 /* xhat as the rounding mode wants it: rounded to the 2-byte dtype D for
@@ -536,15 +563,21 @@ bwd_cols(const TokArgs a)
     const A *rstdp = static_cast<const A *>(a.rstd);
     const R *x = static_cast<const R *>(a.x);
     const R *dy = static_cast<const R *>(a.dy);
-    int64_t b = r0 / a.T, t = r0 - b * a.T;      /* (b, t) of row r0, stepped along */
+    /* (b, t, k) of row r0, stepped along (H == 1: k stays 0; see row_off) */
+    const int64_t H = a.H > 1 ? a.H : 1, Tu = a.T / H;
+    int64_t b = r0 / a.T, t = r0 - b * a.T, k = t % H;
+    t /= H;
     A dw = 0, db = 0;
     for (int64_t row = r0; row < r1; ++row) {
-        const A xv = D::to(x[b * a.xsb + t * a.xst + c]);
-        const A g = D::to(dy[b * a.dysb + t * a.dyst + c]);
+        const A xv = D::to(x[b * a.xsb + t * a.xst + k * a.xsh + c]);
+        const A g = D::to(dy[b * a.dysb + t * a.dyst + k * a.dysh + c]);
         const A xh = LN ? (xv - meanp[row]) * rstdp[row] : xv * rstdp[row];
         dw = fmadd(g, xh, dw);
         db += g;
-        if (++t == a.T) { t = 0; ++b; }
+        if (++k == H) {
+            k = 0;
+            if (++t == Tu) { t = 0; ++b; }
+        }
     }
     A *part = static_cast<A *>(a.part);
     part[blockIdx.y * a.C + c] = dw;
@@ -704,20 +737,29 @@ inline pn_status check_dtypes(pn_dtype dtype, pn_dtype wdtype)
     return PN_OK;
 }
 
-/* The options of a *_ex call (NULL: defaults), as the C library checks them.
- * Per-head layouts (H > 1) are the C library's only, for now: PN_ERR_ARG. */
-inline pn_status check_options(const pn_norm_options *o, const void *weight, double *woff, int *llama)
+/* The options of a *_ex call (NULL: defaults), as the C library checks them:
+ * *H = heads per (b, t) (1 unless opts->H > 1). */
+inline pn_status check_options(const pn_norm_options *o, const void *weight, double *woff, int *llama, int64_t *H)
 {
     *woff = 0.0;
     *llama = 0;
+    *H = 1;
     if (o == nullptr) return PN_OK;
     if (!isfinite(o->weight_offset) || o->rounding < PN_ROUND_ONCE || o->rounding > PN_ROUND_LLAMA) return PN_ERR_ARG;
     if (o->weight_offset != 0.0 && weight == nullptr) return PN_ERR_ARG;
     if (o->H < 0) return PN_ERR_SIZE;
-    if (o->H > 1) return PN_ERR_ARG;
     *woff = o->weight_offset;
     *llama = o->rounding == PN_ROUND_LLAMA;
+    *H = o->H > 1 ? o->H : 1;
     return PN_OK;
+}
+
+/* check_sizes over B x (T*H) rows: *TH = T * H, *rows = B * T * H. */
+inline pn_status check_sizes_h(int64_t B, int64_t T, int64_t H, int64_t C, int esize, int64_t *TH, int64_t *rows)
+{
+    if (T <= 0 || H > INT64_MAX / T) return PN_ERR_SIZE;
+    *TH = T * H;
+    return check_sizes(B, *TH, C, esize, rows);
 }
 
 inline pn_status check_eps(double eps) { return (eps >= 0.0 && eps <= DBL_MAX) ? PN_OK : PN_ERR_EPS; }
@@ -728,60 +770,77 @@ struct Span {
     bool out;
 };
 
-/* A B x T x C buffer with a row layout. */
+/* A B x T (x H) x C buffer with a row layout. */
 struct RowBuf {
     const void *p;
     pn_rows l;       /* as given ({0, 0}: dense) */
     bool out;
     int64_t sb, st;  /* resolved: element strides, then folded (see prepare) */
+    int64_t hs;      /* the third stride as given (pn_head_strides; used with H > 1) */
+    int64_t sh;      /* resolved third stride (0 with H == 1) */
 };
 
-/* Do the rows of an output touch each other? Sufficient test: with the two
- * strides sorted by size, the inner one must step over a whole row and the
- * outer one over the whole inner run. */
-inline bool rows_disjoint(int64_t B, int64_t T, int64_t sb, int64_t st, int64_t C)
+/* Do the rows of an output touch each other? The C library's sufficient
+ * test (c_src/check.c): taken by increasing |stride| over the axes of more
+ * than one row, each stride clears the whole run of rows along the smaller
+ * ones. */
+inline bool rows_disjoint(int64_t B, int64_t T, int64_t H, int64_t sb, int64_t st, int64_t sh, int64_t C)
 {
     /* |stride|; INT64_MIN only reaches here for an axis of size 1 (the span
      * checks reject (n - 1) * stride overflows), where it is never used */
-    int64_t n1 = B, s1 = sb < 0 ? (sb == INT64_MIN ? 0 : -sb) : sb;
-    int64_t n2 = T, s2 = st < 0 ? (st == INT64_MIN ? 0 : -st) : st;
-    if (n1 == 1) { n1 = n2; s1 = s2; n2 = 1; }
-    if (n1 == 1) return true;                 /* a single row */
-    if (n2 == 1) return s1 >= C;
-    if (s1 > s2) { int64_t t = n1; n1 = n2; n2 = t; t = s1; s1 = s2; s2 = t; }
-    int64_t run;
-    if (s1 < C) return false;
-    if (mul_ovf(n1 - 1, s1, &run) || add_ovf(run, C, &run)) return false;
-    return s2 >= run;
+    const int64_t vn[3] = {B, T, H}, vs[3] = {sb, st, sh};
+    int64_t n[3], s[3];
+    int k = 0;
+    for (int i = 0; i < 3; ++i)
+        if (vn[i] > 1) { n[k] = vn[i]; s[k] = vs[i] < 0 ? -vs[i] : vs[i]; ++k; }
+    for (int i = 1; i < k; ++i)          /* sort by stride */
+        for (int j = i; j > 0 && s[j] < s[j - 1]; --j) {
+            int64_t t = s[j]; s[j] = s[j - 1]; s[j - 1] = t;
+            t = n[j]; n[j] = n[j - 1]; n[j - 1] = t;
+        }
+    int64_t run = C;                     /* extent of the rows along the smaller strides */
+    for (int i = 0; i < k; ++i) {
+        int64_t e;
+        if (s[i] < run) return false;
+        if (mul_ovf(n[i] - 1, s[i], &e) || add_ovf(run, e, &run)) return false;
+    }
+    return true;
 }
 
-/* Resolved layout checks for a call: sizes must already be checked.
- * rb: row buffers (NULL pointers are skipped); sp: dense buffers already
- * turned into spans. Fills in each row buffer's folded strides, *T_eff and
- * *vec. Returns PN_ERR_ARG (misaligned), PN_ERR_SIZE (a stride overflows),
- * PN_ERR_STRIDE (output rows overlap) or PN_ERR_ALIAS. */
+/* Resolved layout checks for a call: sizes must already be checked (T: the
+ * caller's T, heads not included). rb: row buffers (NULL pointers are
+ * skipped); sp: dense buffers already turned into spans. H > 1: B x T x H
+ * rows, each buffer's third stride in rb[i].hs (a dense buffer, pn_rows
+ * {0, 0}, is B x T x H x C). Fills in each row buffer's folded strides,
+ * *T_eff (rows per b, heads included), *H_eff (1 where every buffer's heads
+ * fold into its t axis, as dense ones do) and *vec. Returns PN_ERR_ARG
+ * (misaligned), PN_ERR_SIZE (a stride overflows), PN_ERR_STRIDE (output rows
+ * overlap) or PN_ERR_ALIAS. twin[i]: bit j set when output i may be input j
+ * itself (in place: same address, same strides). */
 inline pn_status prepare(int64_t B, int64_t T, int64_t C, int esize,
                          RowBuf *rb, int nrb, Span *sp, int nsp, int64_t *T_eff, bool *vec,
-                         const int *twin = nullptr)
+                         const int *twin = nullptr, int64_t H = 1, int64_t *H_eff = nullptr)
 {
     Span spans[16];
     int from[16];    /* the row buffer of each span (-1: a dense buffer) */
     int ns = 0;
     bool v = (C * esize) % 16 == 0;
-    bool fold = true;
     for (int i = 0; i < nrb; ++i) {
         RowBuf &r = rb[i];
         if (r.p == nullptr) continue;
         const uintptr_t p = (uintptr_t)r.p;
         if (p % (uintptr_t)esize != 0) return PN_ERR_ARG;
-        int64_t sb = r.l.b, st = r.l.t;
-        if (sb == 0 && st == 0) { sb = T * C; st = C; }   /* dense; T*C cannot overflow */
+        int64_t sb = r.l.b, st = r.l.t, sh = H > 1 ? r.hs : 0;
+        if (sb == 0 && st == 0) { sb = T * H * C; st = H * C; sh = H > 1 ? C : 0; }   /* dense; fits */
         /* span in elements: [min offset, max offset + C) */
-        int64_t ob, ot, lo = 0, hi = 0, lo_b, hi_b;
-        if (mul_ovf(B - 1, sb, &ob) || mul_ovf(T - 1, st, &ot)) return PN_ERR_SIZE;
-        if (ob < 0) lo = ob; else hi = ob;
-        if (ot < 0) { if (add_ovf(lo, ot, &lo)) return PN_ERR_SIZE; }
-        else { if (add_ovf(hi, ot, &hi)) return PN_ERR_SIZE; }
+        const int64_t n3[3] = {B, T, H}, s3[3] = {sb, st, sh};
+        int64_t lo = 0, hi = 0, lo_b, hi_b;
+        for (int k = 0; k < 3; ++k) {
+            int64_t e;
+            if (mul_ovf(n3[k] - 1, s3[k], &e)) return PN_ERR_SIZE;
+            if (e < 0) { if (add_ovf(lo, e, &lo)) return PN_ERR_SIZE; }
+            else { if (add_ovf(hi, e, &hi)) return PN_ERR_SIZE; }
+        }
         if (add_ovf(hi, C, &hi) || mul_ovf(lo, esize, &lo_b) || mul_ovf(hi, esize, &hi_b)) return PN_ERR_SIZE;
         const uintptr_t below = (uintptr_t)0 - (uintptr_t)lo_b;       /* -lo_b, lo_b <= 0 */
         if (below > p) return PN_ERR_SIZE;                               /* would start below address 0 */
@@ -791,43 +850,66 @@ inline pn_status prepare(int64_t B, int64_t T, int64_t C, int esize,
         spans[ns].out = r.out;
         from[ns] = i;
         ++ns;
-        if (r.out && !rows_disjoint(B, T, sb, st, C)) return PN_ERR_STRIDE;
+        if (r.out && !rows_disjoint(B, T, H, sb, st, sh, C)) return PN_ERR_STRIDE;
         if (p % 16 != 0) v = false;
-        if (B > 1 && (sb * esize) % 16 != 0) v = false;   /* sb*esize fits: checked via ob/lo_b/hi_b */
+        if (B > 1 && (sb * esize) % 16 != 0) v = false;   /* each stride*esize fits: checked via lo_b/hi_b */
         if (T > 1 && (st * esize) % 16 != 0) v = false;
+        if (H > 1 && (sh * esize) % 16 != 0) v = false;
         r.sb = sb;
         r.st = st;
-        int64_t tst;
-        if (!(B == 1 || T == 1 || (!mul_ovf(T, st, &tst) && sb == tst))) fold = false;
+        r.sh = sh;
     }
     for (int i = 0; i < nsp; ++i) {
         if (sp[i].lo == 0) continue;                      /* NULL buffer */
         from[ns] = -1;
         spans[ns++] = sp[i];
     }
-    /* bit j of twin[i]: output row buffer i may be input j itself (in place:
-     * same address, same strides); no twin array: never */
     auto in_place = [&](int i, int j) {
         if (twin == nullptr || i < 0 || j < 0) return false;
         if (!((twin[i] >> j) & 1) && !((twin[j] >> i) & 1)) return false;
-        return rb[i].p == rb[j].p && rb[i].sb == rb[j].sb && rb[i].st == rb[j].st;
+        return rb[i].p == rb[j].p && rb[i].sb == rb[j].sb && rb[i].st == rb[j].st && rb[i].sh == rb[j].sh;
     };
     for (int i = 0; i < ns; ++i)
         for (int j = i + 1; j < ns; ++j)
             if ((spans[i].out || spans[j].out) && spans[i].lo < spans[j].hi && spans[j].lo < spans[i].hi &&
                 !(spans[i].out != spans[j].out && in_place(from[i], from[j])))
                 return PN_ERR_ALIAS;
+    /* heads that fold into t (t stride H times the head stride, as in a dense
+     * buffer, or T == 1): B x (T*H) rows of two strides */
+    int64_t Tr = T, Hr = H;
+    if (H > 1) {
+        bool heads_fold = true;
+        for (int i = 0; i < nrb; ++i) {
+            int64_t hst;
+            if (rb[i].p != nullptr && T > 1 && (mul_ovf(H, rb[i].sh, &hst) || rb[i].st != hst)) heads_fold = false;
+        }
+        if (heads_fold) {
+            for (int i = 0; i < nrb; ++i) {
+                if (rb[i].p == nullptr) continue;
+                rb[i].st = rb[i].sh;
+                rb[i].sh = 0;
+            }
+            Tr = T * H;
+            Hr = 1;
+        }
+    }
+    bool fold = Hr == 1;
+    for (int i = 0; i < nrb && fold; ++i) {
+        int64_t tst;
+        if (rb[i].p != nullptr && !(B == 1 || Tr == 1 || (!mul_ovf(Tr, rb[i].st, &tst) && rb[i].sb == tst))) fold = false;
+    }
     if (fold) {
         for (int i = 0; i < nrb; ++i) {
             RowBuf &r = rb[i];
             if (r.p == nullptr) continue;
-            r.sb = (T == 1) ? r.sb : r.st;   /* row stride */
+            r.sb = (Tr == 1) ? r.sb : r.st;   /* row stride */
             r.st = 0;
         }
         *T_eff = 1;
     } else {
-        *T_eff = T;
+        *T_eff = Tr * Hr;
     }
+    if (H_eff != nullptr) *H_eff = Hr;
     *vec = v;
     return PN_OK;
 }

@@ -68,6 +68,17 @@ PN_HD int64_t row_off(int64_t row, int64_t T, int64_t sb, int64_t st)
     return b * sb + (row - b * T) * st;
 }
 
+/* The same with H > 1 heads per (b, t) (pn_norm_options.H): T counts the
+ * rows of a b (heads included, T = T_user * H), row (b, t, k) starts at
+ * b*sb + t*st + k*sh, as the C library's pn_row. H == 1 is row_off above
+ * (the host folds every dense head layout to it). */
+PN_HD int64_t row_off(int64_t row, int64_t T, int64_t H, int64_t sb, int64_t st, int64_t sh)
+{
+    if (H <= 1) return row_off(row, T, sb, st);
+    const int64_t b = row / T, r = row - b * T, t = r / H;
+    return b * sb + t * st + (r - t * H) * sh;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Row fragments: a thread of a row holds E elements in chunks of V          */
 /* consecutive ones (V = 16 / element size); chunk j of thread tid starts at */

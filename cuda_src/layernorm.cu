@@ -35,6 +35,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "quant.cuh"
 
 namespace pn {
 namespace {
@@ -59,16 +60,16 @@ ln_fwd_reg(const TokArgs a)
     const double dC = (double)C;
 
     for (int64_t row = (int64_t)blockIdx.x * rpb + (WARP ? (threadIdx.x >> 5) : 0); row < a.rows; row += step) {
-        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
-        const R *rr = a.res != nullptr ? static_cast<const R *>(a.res) + row_off(row, a.T, a.rsb, a.rst) : nullptr;
-        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.H, a.xsb, a.xst, a.xsh);
+        const R *rr = a.res != nullptr ? static_cast<const R *>(a.res) + row_off(row, a.T, a.H, a.rsb, a.rst, a.rsh) : nullptr;
+        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.H, a.ysb, a.yst, a.ysh);
         /* the shift first: its 16 values are dead before the row is loaded */
         float x0;
         const float sh = row_shift<D>(xr, rr, C, &x0);
         Frag<D, E> f;   /* x, or h = x + residual */
         f.load(xr, C, tid, tpr, vec);
         if (rr != nullptr) {
-            R *hr = static_cast<R *>(a.h) + row_off(row, a.T, a.hsb, a.hst);
+            R *hr = static_cast<R *>(a.h) + row_off(row, a.T, a.H, a.hsb, a.hst, a.hsh);
             Frag<D, E> r;
             r.load(rr, C, tid, tpr, vec);
 #pragma unroll
@@ -109,7 +110,7 @@ ln_fwd_reg(const TokArgs a)
                 load_param_chunk<D>(bv, a.b, wf, 0.0f, c0, C, vec);
 #pragma unroll
                 for (int i = 0; i < V; ++i) o[i] = fmadd(xhat_as<D>(((f.get(j * V + i) - sh) - m) * rs, llama), wv[i], bv[i]);
-                store_chunk_f<D>(yr, o, c0, C, vec);
+                put_y_chunk<D>(a, row, yr, o, c0, C, vec);
             }
             mean_o = (float)((double)sh + sd / dC);
             rstd_o = rs;
@@ -142,7 +143,7 @@ ln_fwd_reg(const TokArgs a)
 #pragma unroll
                 for (int i = 0; i < V; ++i)
                     o[i] = (float)fmadd(xhat_as<D>((((double)f.get(j * V + i) - x0d) - md) * rsd, llama), (double)wv[i], (double)bv[i]);
-                store_chunk_f<D>(yr, o, c0, C, vec);
+                put_y_chunk<D>(a, row, yr, o, c0, C, vec);
             }
             mean_o = (float)(x0d + md);
             rstd_o = (float)rsd;
@@ -169,13 +170,13 @@ ln_fwd_stream(const TokArgs a)
     const int nt = blockDim.x, tid = threadIdx.x;
     const bool wf = a.w_f32 != 0, llama = a.llama != 0;
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
-        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
-        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.H, a.xsb, a.xst, a.xsh);
+        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.H, a.ysb, a.yst, a.ysh);
         const R *rr = nullptr;
         R *hr = nullptr;
         if (a.res != nullptr) {
-            rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.rsb, a.rst);
-            hr = static_cast<R *>(a.h) + row_off(row, a.T, a.hsb, a.hst);
+            rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.H, a.rsb, a.rst, a.rsh);
+            hr = static_cast<R *>(a.h) + row_off(row, a.T, a.H, a.hsb, a.hst, a.hsh);
         }
         A x0;
         const A sh = row_shift<D>(xr, rr, C, &x0);
@@ -220,7 +221,7 @@ ln_fwd_stream(const TokArgs a)
             const A rs = (A)inv_sqrt(qd / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt) {
                 const A w = (weight_at<D, A>(a, c)), b = param_at<D>(a.b, wf, (A)0, c);
-                yr[c] = D::from(fmadd(xhat_as<D>(((D::to(src[c]) - sh) - m) * rs, llama), w, b));
+                put_y<D, A>(a, row, yr, c, fmadd(xhat_as<D>(((D::to(src[c]) - sh) - m) * rs, llama), w, b));
             }
             mean_o = (A)mean_d;
             rstd_o = rs;
@@ -239,7 +240,7 @@ ln_fwd_stream(const TokArgs a)
             const double rsd = inv_sqrt(q2 / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt) {
                 const double w = (weight_at<D, A>(a, c)), b = param_at<D>(a.b, wf, (A)0, c);
-                yr[c] = D::from((A)fmadd(xhat_as<D>((((double)D::to(src[c]) - x0d) - md) * rsd, llama), w, b));
+                put_y<D, A>(a, row, yr, c, (A)fmadd(xhat_as<D>((((double)D::to(src[c]) - x0d) - md) * rsd, llama), w, b));
             }
             mean_o = (A)(x0d + md);
             rstd_o = (A)rsd;
@@ -282,8 +283,8 @@ ln_bwd_reg(const TokArgs a)
     for (int k = 0; k < E; ++k) { adw[k] = 0.0f; adb[k] = 0.0f; }
 
     for (int64_t row = r0 + wid; row < r1; row += nw) {
-        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
-        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.dysb, a.dyst);
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.H, a.xsb, a.xst, a.xsh);
+        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.H, a.dysb, a.dyst, a.dysh);
         Frag<D, E> xv, gv;
         xv.load(xr, C, tid, tpr, vec);
         gv.load(gr, C, tid, tpr, vec);
@@ -316,7 +317,7 @@ ln_bwd_reg(const TokArgs a)
                 block_sum2(s1, s2, red);
             }
             const float c1 = s1 / fC, c2 = s2 / fC;
-            R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.dxsb, a.dxst);
+            R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.H, a.dxsb, a.dxst, a.dxsh);
 #pragma unroll
             for (int j = 0; j < NV; ++j) {
                 const int c0 = (j * tpr + tid) * V;
@@ -388,9 +389,9 @@ ln_bwd_stream(const TokArgs a)
     const A *meanp = static_cast<const A *>(a.mean);
     const A *rstdp = static_cast<const A *>(a.rstd);
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
-        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
-        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.dysb, a.dyst);
-        R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.dxsb, a.dxst);
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.H, a.xsb, a.xst, a.xsh);
+        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.H, a.dysb, a.dyst, a.dysh);
+        R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.H, a.dxsb, a.dxst, a.dxsh);
         const A mu = meanp[row], rs = rstdp[row];
         A s1 = 0, s2 = 0;
         for (int64_t c = tid; c < C; c += nt) {
@@ -467,47 +468,62 @@ pn_status ln_forward(void *out, void *h, void *mean, void *rstd,
                      const void *inp, const void *residual, const void *weight, const void *bias,
                      int64_t B, int64_t T, int64_t C, double eps,
                      pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
-                     cudaStream_t stream, bool fused, const pn_norm_options *opts)
+                     cudaStream_t stream, bool fused, const pn_norm_options *opts,
+                     const pn_quant_params *quant = nullptr, void *q = nullptr, float *scales = nullptr)
 {
     pn_status st;
-    int64_t rows, T_eff;
+    int64_t rows, T_eff, H_eff;
     bool vec = true, vec_w = true;
-    if (out == nullptr || inp == nullptr) return PN_ERR_NULL;
+    QuantPlan qp = {};
+    /* the quantized form (quant != NULL): q and scales instead of out */
+    if (quant != nullptr && (st = check_quant(quant, scales, C, &qp)) != PN_OK) return st;
+    if ((quant != nullptr ? q : out) == nullptr || inp == nullptr) return PN_ERR_NULL;
     if (fused && (h == nullptr || residual == nullptr)) return PN_ERR_NULL;
     if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
     double woff;
     int llama;
-    if ((st = check_options(opts, weight, &woff, &llama)) != PN_OK) return st;
+    int64_t H, TH;
+    if ((st = check_options(opts, weight, &woff, &llama, &H)) != PN_OK) return st;
     const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
-    if ((st = check_sizes(B, T, C, es, &rows)) != PN_OK) return st;
+    if ((st = check_sizes_h(B, T, H, C, es, &TH, &rows)) != PN_OK) return st;
     if ((st = check_eps(eps)) != PN_OK) return st;
 
     const pn_strides zero = {};
     const pn_strides &sd = strides ? *strides : zero;
+    const pn_head_strides hzero = {};
+    const pn_head_strides &hd = (opts != nullptr && H > 1) ? opts->head : hzero;
     RowBuf rb[4] = {
-        {inp, sd.inp, false, 0, 0},
-        {fused ? residual : nullptr, sd.residual, false, 0, 0},
-        {out, sd.out, true, 0, 0},
-        {fused ? h : nullptr, sd.h, true, 0, 0},
+        {inp, sd.inp, false, 0, 0, hd.inp, 0},
+        {fused ? residual : nullptr, sd.residual, false, 0, 0, hd.residual, 0},
+        {out, sd.out, true, 0, 0, hd.out, 0},
+        {fused ? h : nullptr, sd.h, true, 0, 0, hd.h, 0},
     };
-    Span sp[4];
+    if (quant != nullptr) rb[2].p = nullptr;   /* no y: q and scales are dense */
+    Span sp[6];
     if ((st = dense_span(weight, C, wes, wes, false, &sp[0], &vec_w)) != PN_OK) return st;
     if ((st = dense_span(bias, C, wes, wes, false, &sp[1], &vec_w)) != PN_OK) return st;
     if ((st = dense_span(mean, rows, ss, ss, true, &sp[2], nullptr)) != PN_OK) return st;
     if ((st = dense_span(rstd, rows, ss, ss, true, &sp[3], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(quant ? q : nullptr, rows * C, 1, 1, true, &sp[4], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(quant && qp.scale == 0.0f ? scales : nullptr, rows * (C / (qp.G ? qp.G : C)), 4, 4, true,
+                         &sp[5], nullptr)) != PN_OK) return st;
     /* in place: y and h each over x or the residual */
     static const int twin[4] = {0, 0, 3, 3};
-    if ((st = prepare(B, T, C, es, rb, 4, sp, 4, &T_eff, &vec, twin)) != PN_OK) return st;
+    if ((st = prepare(B, T, C, es, rb, 4, sp, 6, &T_eff, &vec, twin, H, &H_eff)) != PN_OK) return st;
+    float *yf = nullptr;
+    if (quant != nullptr && (st = quant_alloc(rows, C, stream, &yf)) != PN_OK) return st;
 
     TokArgs a = {};
-    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st;
-    a.res = rb[1].p; a.rsb = rb[1].sb; a.rst = rb[1].st;
-    a.y = out; a.ysb = rb[2].sb; a.yst = rb[2].st;
-    a.h = const_cast<void *>(rb[3].p); a.hsb = rb[3].sb; a.hst = rb[3].st;
+    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st; a.xsh = rb[0].sh;
+    a.res = rb[1].p; a.rsb = rb[1].sb; a.rst = rb[1].st; a.rsh = rb[1].sh;
+    a.y = out; a.ysb = rb[2].sb; a.yst = rb[2].st; a.ysh = rb[2].sh;
+    a.h = const_cast<void *>(rb[3].p); a.hsb = rb[3].sb; a.hst = rb[3].st; a.hsh = rb[3].sh;
     a.w = weight; a.b = bias; a.mean = mean; a.rstd = rstd;
-    a.rows = rows; a.T = T_eff; a.C = C; a.eps = eps;
+    a.rows = rows; a.T = T_eff; a.H = H_eff; a.C = C; a.eps = eps;
     a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
     a.woff = woff; a.llama = llama;
+    a.yf = yf;
+    if (yf != nullptr) a.y = nullptr;
 
     switch (dtype) {
     case PN_FLOAT32: ln_fwd_dispatch<F32>(a, stream); break;
@@ -515,6 +531,7 @@ pn_status ln_forward(void *out, void *h, void *mean, void *rstd,
     case PN_BFLOAT16: ln_fwd_dispatch<BF16>(a, stream); break;
     case PN_FLOAT64: ln_fwd_dispatch<F64>(a, stream); break;
     }
+    if (yf != nullptr) quant_launch(qp, yf, q, scales, rows, C, stream);
     return launch_status();
 }
 
@@ -560,27 +577,30 @@ pn_status pn_cuda_layernorm_backward_ex(void *dinp, void *dweight, void *dbias,
                                         const pn_norm_options *opts, cudaStream_t stream)
 {
     pn_status st;
-    int64_t rows, T_eff;
+    int64_t rows, T_eff, H_eff;
     bool vec = true, vec_w = true;
     if (dout == nullptr || inp == nullptr || mean == nullptr || rstd == nullptr) return PN_ERR_NULL;
     if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
     double woff;
     int llama;   /* the backward of llama is that of once */
-    if ((st = check_options(opts, weight, &woff, &llama)) != PN_OK) return st;
+    int64_t H, TH;
+    if ((st = check_options(opts, weight, &woff, &llama, &H)) != PN_OK) return st;
     const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
-    if ((st = check_sizes(B, T, C, es, &rows)) != PN_OK) return st;
+    if ((st = check_sizes_h(B, T, H, C, es, &TH, &rows)) != PN_OK) return st;
     if (flags & ~PN_ACCUMULATE) return PN_ERR_ARG;
     const bool want_w = dweight != nullptr || dbias != nullptr;
-    const size_t need = want_w ? scratch_bytes_for(B, T, C, dtype, 2) : 0;
+    const size_t need = want_w ? scratch_bytes_for(B, TH, C, dtype, 2) : 0;
     if (want_w && (scratch == nullptr || scratch_bytes < need || (uintptr_t)scratch % 16 != 0))
         return PN_ERR_SCRATCH;
 
     const pn_strides zero = {};
     const pn_strides &sd = strides ? *strides : zero;
+    const pn_head_strides hzero = {};
+    const pn_head_strides &hd = (opts != nullptr && H > 1) ? opts->head : hzero;
     RowBuf rb[3] = {
-        {inp, sd.inp, false, 0, 0},
-        {dout, sd.dout, false, 0, 0},
-        {dinp, sd.dinp, true, 0, 0},
+        {inp, sd.inp, false, 0, 0, hd.inp, 0},
+        {dout, sd.dout, false, 0, 0, hd.dout, 0},
+        {dinp, sd.dinp, true, 0, 0, hd.dinp, 0},
     };
     Span sp[6];
     if ((st = dense_span(weight, C, wes, wes, false, &sp[0], &vec_w)) != PN_OK) return st;
@@ -589,16 +609,16 @@ pn_status pn_cuda_layernorm_backward_ex(void *dinp, void *dweight, void *dbias,
     if ((st = dense_span(dweight, C, wes, wes, true, &sp[3], nullptr)) != PN_OK) return st;
     if ((st = dense_span(dbias, C, wes, wes, true, &sp[4], nullptr)) != PN_OK) return st;
     if ((st = dense_span(want_w ? scratch : nullptr, (int64_t)need, 1, 1, true, &sp[5], nullptr)) != PN_OK) return st;
-    if ((st = prepare(B, T, C, es, rb, 3, sp, 6, &T_eff, &vec)) != PN_OK) return st;
+    if ((st = prepare(B, T, C, es, rb, 3, sp, 6, &T_eff, &vec, nullptr, H, &H_eff)) != PN_OK) return st;
     if (dinp == nullptr && !want_w) return PN_OK;
 
     TokArgs a = {};
-    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st;
-    a.dy = dout; a.dysb = rb[1].sb; a.dyst = rb[1].st;
-    a.dx = dinp; a.dxsb = rb[2].sb; a.dxst = rb[2].st;
+    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st; a.xsh = rb[0].sh;
+    a.dy = dout; a.dysb = rb[1].sb; a.dyst = rb[1].st; a.dysh = rb[1].sh;
+    a.dx = dinp; a.dxsb = rb[2].sb; a.dxst = rb[2].st; a.dxsh = rb[2].sh;
     a.w = weight; a.mean = const_cast<void *>(mean); a.rstd = const_cast<void *>(rstd);
     a.part = want_w ? scratch : nullptr;
-    a.rows = rows; a.T = T_eff; a.C = C;
+    a.rows = rows; a.T = T_eff; a.H = H_eff; a.C = C;
     partition(rows, C, &a.P, &a.chunk);
     a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
     a.woff = woff;
@@ -642,6 +662,18 @@ pn_status pn_cuda_add_layernorm_forward_ex(void *out, void *h, void *mean, void 
 {
     return ln_forward(out, h, mean, rstd, inp, residual, weight, bias, B, T, C, eps,
                       dtype, wdtype, strides, stream, true, opts);
+}
+
+pn_status pn_cuda_layernorm_quant_forward(void *q, float *scales, void *h, void *mean, void *rstd,
+                                          const void *inp, const void *residual,
+                                          const void *weight, const void *bias,
+                                          int64_t B, int64_t T, int64_t C, double eps,
+                                          pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                          const pn_norm_options *opts, const pn_quant_params *quant,
+                                          cudaStream_t stream)
+{
+    return ln_forward(nullptr, residual ? h : nullptr, mean, rstd, inp, residual, weight, bias, B, T, C, eps,
+                      dtype, wdtype, strides, stream, residual != nullptr, opts, quant, q, scales);
 }
 
 pn_status pn_cuda_layernorm_backward(void *dinp, void *dweight, void *dbias,

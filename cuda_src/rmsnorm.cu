@@ -14,6 +14,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "quant.cuh"
 
 namespace pn {
 namespace {
@@ -38,13 +39,13 @@ rms_fwd_reg(const TokArgs a)
     const double dC = (double)C;
 
     for (int64_t row = (int64_t)blockIdx.x * rpb + (WARP ? (threadIdx.x >> 5) : 0); row < a.rows; row += step) {
-        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
-        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.H, a.xsb, a.xst, a.xsh);
+        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.H, a.ysb, a.yst, a.ysh);
         Frag<D, E> f;   /* x, or h = x + residual; zero beyond C */
         f.load(xr, C, tid, tpr, vec);
         if (a.res != nullptr) {
-            const R *rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.rsb, a.rst);
-            R *hr = static_cast<R *>(a.h) + row_off(row, a.T, a.hsb, a.hst);
+            const R *rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.H, a.rsb, a.rst, a.rsh);
+            R *hr = static_cast<R *>(a.h) + row_off(row, a.T, a.H, a.hsb, a.hst, a.hsh);
             Frag<D, E> r;
             r.load(rr, C, tid, tpr, vec);
 #pragma unroll
@@ -74,7 +75,7 @@ rms_fwd_reg(const TokArgs a)
                 load_weight_chunk<D>(wv, a, c0, C, vec);
 #pragma unroll
                 for (int i = 0; i < V; ++i) o[i] = xhat_as<D>(f.get(j * V + i) * rs, llama) * wv[i];
-                store_chunk_f<D>(yr, o, c0, C, vec);
+                put_y_chunk<D>(a, row, yr, o, c0, C, vec);
             }
             rstd_o = rs;
         } else {
@@ -92,7 +93,7 @@ rms_fwd_reg(const TokArgs a)
                 load_weight_chunk<D>(wv, a, c0, C, vec);
 #pragma unroll
                 for (int i = 0; i < V; ++i) o[i] = (float)(xhat_as<D>((double)f.get(j * V + i) * rsd, llama) * (double)wv[i]);
-                store_chunk_f<D>(yr, o, c0, C, vec);
+                put_y_chunk<D>(a, row, yr, o, c0, C, vec);
             }
             rstd_o = (float)rsd;
         }
@@ -115,13 +116,13 @@ rms_fwd_stream(const TokArgs a)
     const int nt = blockDim.x, tid = threadIdx.x;
     const bool llama = a.llama != 0;
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
-        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
-        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.ysb, a.yst);
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.H, a.xsb, a.xst, a.xsh);
+        R *yr = static_cast<R *>(a.y) + row_off(row, a.T, a.H, a.ysb, a.yst, a.ysh);
         const R *rr = nullptr;
         R *hr = nullptr;
         if (a.res != nullptr) {
-            rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.rsb, a.rst);
-            hr = static_cast<R *>(a.h) + row_off(row, a.T, a.hsb, a.hst);
+            rr = static_cast<const R *>(a.res) + row_off(row, a.T, a.H, a.rsb, a.rst, a.rsh);
+            hr = static_cast<R *>(a.h) + row_off(row, a.T, a.H, a.hsb, a.hst, a.hsh);
         }
         /* the thread's squares, c = tid, tid + nt, ..., in chains of
          * kFoldEvery, in double */
@@ -145,7 +146,7 @@ rms_fwd_stream(const TokArgs a)
         if (fast) {
             const A rs = (A)inv_sqrt(qd / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt)
-                yr[c] = D::from(xhat_as<D>(D::to(src[c]) * rs, llama) * (weight_at<D, A>(a, c)));
+                put_y<D, A>(a, row, yr, c, xhat_as<D>(D::to(src[c]) * rs, llama) * (weight_at<D, A>(a, c)));
             rstd_o = rs;
         } else {
             double q2 = 0.0;
@@ -156,7 +157,7 @@ rms_fwd_stream(const TokArgs a)
             q2 = block_sum(q2, redd);
             const double rsd = inv_sqrt(q2 / dC + a.eps);
             for (int64_t c = tid; c < C; c += nt)
-                yr[c] = D::from((A)(xhat_as<D>((double)D::to(src[c]) * rsd, llama) * (double)(weight_at<D, A>(a, c))));
+                put_y<D, A>(a, row, yr, c, (A)(xhat_as<D>((double)D::to(src[c]) * rsd, llama) * (double)(weight_at<D, A>(a, c))));
             rstd_o = (A)rsd;
         }
         if (tid == 0 && a.rstd != nullptr) static_cast<A *>(a.rstd)[row] = rstd_o;
@@ -192,8 +193,8 @@ rms_bwd_reg(const TokArgs a)
     for (int k = 0; k < E; ++k) adw[k] = 0.0f;
 
     for (int64_t row = r0 + wid; row < r1; row += nw) {
-        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
-        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.dysb, a.dyst);
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.H, a.xsb, a.xst, a.xsh);
+        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.H, a.dysb, a.dyst, a.dysh);
         Frag<D, E> xv, gv;
         xv.load(xr, C, tid, tpr, vec);
         gv.load(gr, C, tid, tpr, vec);
@@ -218,7 +219,7 @@ rms_bwd_reg(const TokArgs a)
         if (a.dx != nullptr) {
             s2 = WARP ? warp_sum(s2) : block_sum(s2, red);
             const float c2 = s2 / fC;
-            R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.dxsb, a.dxst);
+            R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.H, a.dxsb, a.dxst, a.dxsh);
 #pragma unroll
             for (int j = 0; j < NV; ++j) {
                 const int c0 = (j * tpr + tid) * V;
@@ -278,9 +279,9 @@ rms_bwd_stream(const TokArgs a)
     const bool acc = a.accumulate != 0;
     const A *rstdp = static_cast<const A *>(a.rstd);
     for (int64_t row = blockIdx.x; row < a.rows; row += gridDim.x) {
-        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.xsb, a.xst);
-        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.dysb, a.dyst);
-        R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.dxsb, a.dxst);
+        const R *xr = static_cast<const R *>(a.x) + row_off(row, a.T, a.H, a.xsb, a.xst, a.xsh);
+        const R *gr = static_cast<const R *>(a.dy) + row_off(row, a.T, a.H, a.dysb, a.dyst, a.dysh);
+        R *dxr = static_cast<R *>(a.dx) + row_off(row, a.T, a.H, a.dxsb, a.dxst, a.dxsh);
         const A rs = rstdp[row];
         A s2 = 0;
         for (int64_t c = tid; c < C; c += nt) {
@@ -355,45 +356,60 @@ pn_status rms_forward(void *out, void *h, void *rstd,
                       const void *inp, const void *residual, const void *weight,
                       int64_t B, int64_t T, int64_t C, double eps,
                       pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
-                      cudaStream_t stream, bool fused, const pn_norm_options *opts)
+                      cudaStream_t stream, bool fused, const pn_norm_options *opts,
+                      const pn_quant_params *quant = nullptr, void *q = nullptr, float *scales = nullptr)
 {
     pn_status st;
-    int64_t rows, T_eff;
+    int64_t rows, T_eff, H_eff;
     bool vec = true, vec_w = true;
-    if (out == nullptr || inp == nullptr) return PN_ERR_NULL;
+    QuantPlan qp = {};
+    /* the quantized form (quant != NULL): q and scales instead of out */
+    if (quant != nullptr && (st = check_quant(quant, scales, C, &qp)) != PN_OK) return st;
+    if ((quant != nullptr ? q : out) == nullptr || inp == nullptr) return PN_ERR_NULL;
     if (fused && (h == nullptr || residual == nullptr)) return PN_ERR_NULL;
     if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
     double woff;
     int llama;
-    if ((st = check_options(opts, weight, &woff, &llama)) != PN_OK) return st;
+    int64_t H, TH;
+    if ((st = check_options(opts, weight, &woff, &llama, &H)) != PN_OK) return st;
     const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
-    if ((st = check_sizes(B, T, C, es, &rows)) != PN_OK) return st;
+    if ((st = check_sizes_h(B, T, H, C, es, &TH, &rows)) != PN_OK) return st;
     if ((st = check_eps(eps)) != PN_OK) return st;
 
     const pn_strides zero = {};
     const pn_strides &sd = strides ? *strides : zero;
+    const pn_head_strides hzero = {};
+    const pn_head_strides &hd = (opts != nullptr && H > 1) ? opts->head : hzero;
     RowBuf rb[4] = {
-        {inp, sd.inp, false, 0, 0},
-        {fused ? residual : nullptr, sd.residual, false, 0, 0},
-        {out, sd.out, true, 0, 0},
-        {fused ? h : nullptr, sd.h, true, 0, 0},
+        {inp, sd.inp, false, 0, 0, hd.inp, 0},
+        {fused ? residual : nullptr, sd.residual, false, 0, 0, hd.residual, 0},
+        {out, sd.out, true, 0, 0, hd.out, 0},
+        {fused ? h : nullptr, sd.h, true, 0, 0, hd.h, 0},
     };
-    Span sp[2];
+    if (quant != nullptr) rb[2].p = nullptr;   /* no y: q and scales are dense */
+    Span sp[4];
     if ((st = dense_span(weight, C, wes, wes, false, &sp[0], &vec_w)) != PN_OK) return st;
     if ((st = dense_span(rstd, rows, ss, ss, true, &sp[1], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(quant ? q : nullptr, rows * C, 1, 1, true, &sp[2], nullptr)) != PN_OK) return st;
+    if ((st = dense_span(quant && qp.scale == 0.0f ? scales : nullptr, rows * (C / (qp.G ? qp.G : C)), 4, 4, true,
+                         &sp[3], nullptr)) != PN_OK) return st;
     /* in place: y and h each over x or the residual */
     static const int twin[4] = {0, 0, 3, 3};
-    if ((st = prepare(B, T, C, es, rb, 4, sp, 2, &T_eff, &vec, twin)) != PN_OK) return st;
+    if ((st = prepare(B, T, C, es, rb, 4, sp, 4, &T_eff, &vec, twin, H, &H_eff)) != PN_OK) return st;
+    float *yf = nullptr;
+    if (quant != nullptr && (st = quant_alloc(rows, C, stream, &yf)) != PN_OK) return st;
 
     TokArgs a = {};
-    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st;
-    a.res = rb[1].p; a.rsb = rb[1].sb; a.rst = rb[1].st;
-    a.y = out; a.ysb = rb[2].sb; a.yst = rb[2].st;
-    a.h = const_cast<void *>(rb[3].p); a.hsb = rb[3].sb; a.hst = rb[3].st;
+    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st; a.xsh = rb[0].sh;
+    a.res = rb[1].p; a.rsb = rb[1].sb; a.rst = rb[1].st; a.rsh = rb[1].sh;
+    a.y = out; a.ysb = rb[2].sb; a.yst = rb[2].st; a.ysh = rb[2].sh;
+    a.h = const_cast<void *>(rb[3].p); a.hsb = rb[3].sb; a.hst = rb[3].st; a.hsh = rb[3].sh;
     a.w = weight; a.rstd = rstd;
-    a.rows = rows; a.T = T_eff; a.C = C; a.eps = eps;
+    a.rows = rows; a.T = T_eff; a.H = H_eff; a.C = C; a.eps = eps;
     a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
     a.woff = woff; a.llama = llama;
+    a.yf = yf;
+    if (yf != nullptr) a.y = nullptr;
 
     switch (dtype) {
     case PN_FLOAT32: rms_fwd_dispatch<F32>(a, stream); break;
@@ -401,6 +417,7 @@ pn_status rms_forward(void *out, void *h, void *rstd,
     case PN_BFLOAT16: rms_fwd_dispatch<BF16>(a, stream); break;
     case PN_FLOAT64: rms_fwd_dispatch<F64>(a, stream); break;
     }
+    if (yf != nullptr) quant_launch(qp, yf, q, scales, rows, C, stream);
     return launch_status();
 }
 
@@ -443,43 +460,46 @@ pn_status pn_cuda_rmsnorm_backward_ex(void *dinp, void *dweight,
                                       const pn_norm_options *opts, cudaStream_t stream)
 {
     pn_status st;
-    int64_t rows, T_eff;
+    int64_t rows, T_eff, H_eff;
     bool vec = true, vec_w = true;
     if (dout == nullptr || inp == nullptr || rstd == nullptr) return PN_ERR_NULL;
     if ((st = check_dtypes(dtype, wdtype)) != PN_OK) return st;
     double woff;
     int llama;   /* the backward of llama is that of once */
-    if ((st = check_options(opts, weight, &woff, &llama)) != PN_OK) return st;
+    int64_t H, TH;
+    if ((st = check_options(opts, weight, &woff, &llama, &H)) != PN_OK) return st;
     const int es = dtype_size(dtype), wes = dtype_size(wdtype), ss = dtype == PN_FLOAT64 ? 8 : 4;
-    if ((st = check_sizes(B, T, C, es, &rows)) != PN_OK) return st;
+    if ((st = check_sizes_h(B, T, H, C, es, &TH, &rows)) != PN_OK) return st;
     if (flags & ~PN_ACCUMULATE) return PN_ERR_ARG;
     const bool want_w = dweight != nullptr;
-    const size_t need = want_w ? scratch_bytes_for(B, T, C, dtype, 1) : 0;
+    const size_t need = want_w ? scratch_bytes_for(B, TH, C, dtype, 1) : 0;
     if (want_w && (scratch == nullptr || scratch_bytes < need || (uintptr_t)scratch % 16 != 0))
         return PN_ERR_SCRATCH;
 
     const pn_strides zero = {};
     const pn_strides &sd = strides ? *strides : zero;
+    const pn_head_strides hzero = {};
+    const pn_head_strides &hd = (opts != nullptr && H > 1) ? opts->head : hzero;
     RowBuf rb[3] = {
-        {inp, sd.inp, false, 0, 0},
-        {dout, sd.dout, false, 0, 0},
-        {dinp, sd.dinp, true, 0, 0},
+        {inp, sd.inp, false, 0, 0, hd.inp, 0},
+        {dout, sd.dout, false, 0, 0, hd.dout, 0},
+        {dinp, sd.dinp, true, 0, 0, hd.dinp, 0},
     };
     Span sp[4];
     if ((st = dense_span(weight, C, wes, wes, false, &sp[0], &vec_w)) != PN_OK) return st;
     if ((st = dense_span(rstd, rows, ss, ss, false, &sp[1], nullptr)) != PN_OK) return st;
     if ((st = dense_span(dweight, C, wes, wes, true, &sp[2], nullptr)) != PN_OK) return st;
     if ((st = dense_span(want_w ? scratch : nullptr, (int64_t)need, 1, 1, true, &sp[3], nullptr)) != PN_OK) return st;
-    if ((st = prepare(B, T, C, es, rb, 3, sp, 4, &T_eff, &vec)) != PN_OK) return st;
+    if ((st = prepare(B, T, C, es, rb, 3, sp, 4, &T_eff, &vec, nullptr, H, &H_eff)) != PN_OK) return st;
     if (dinp == nullptr && !want_w) return PN_OK;
 
     TokArgs a = {};
-    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st;
-    a.dy = dout; a.dysb = rb[1].sb; a.dyst = rb[1].st;
-    a.dx = dinp; a.dxsb = rb[2].sb; a.dxst = rb[2].st;
+    a.x = inp; a.xsb = rb[0].sb; a.xst = rb[0].st; a.xsh = rb[0].sh;
+    a.dy = dout; a.dysb = rb[1].sb; a.dyst = rb[1].st; a.dysh = rb[1].sh;
+    a.dx = dinp; a.dxsb = rb[2].sb; a.dxst = rb[2].st; a.dxsh = rb[2].sh;
     a.w = weight; a.rstd = const_cast<void *>(rstd);
     a.part = want_w ? scratch : nullptr;
-    a.rows = rows; a.T = T_eff; a.C = C;
+    a.rows = rows; a.T = T_eff; a.H = H_eff; a.C = C;
     partition(rows, C, &a.P, &a.chunk);
     a.vec = vec && vec_w; a.w_f32 = wdtype == PN_FLOAT32;
     a.woff = woff;
@@ -519,6 +539,17 @@ pn_status pn_cuda_add_rmsnorm_forward_ex(void *out, void *h, void *rstd,
                                          const pn_norm_options *opts, cudaStream_t stream)
 {
     return rms_forward(out, h, rstd, inp, residual, weight, B, T, C, eps, dtype, wdtype, strides, stream, true, opts);
+}
+
+pn_status pn_cuda_rmsnorm_quant_forward(void *q, float *scales, void *h, void *rstd,
+                                        const void *inp, const void *residual, const void *weight,
+                                        int64_t B, int64_t T, int64_t C, double eps,
+                                        pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+                                        const pn_norm_options *opts, const pn_quant_params *quant,
+                                        cudaStream_t stream)
+{
+    return rms_forward(nullptr, residual ? h : nullptr, rstd, inp, residual, weight, B, T, C, eps, dtype, wdtype,
+                       strides, stream, residual != nullptr, opts, quant, q, scales);
 }
 
 pn_status pn_cuda_rmsnorm_backward(void *dinp, void *dweight,

@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from ._arrays import (IN, INOUT, NEW, OUT, check_eps, check_options, gradient_outs, param_dtype, repeated_row,
-                      rows_disjoint, shares_memory, split_rows)
+                      rows_disjoint3, shares_memory, split_rows, split_rows3)
 
 __all__ = ["is_cuda_array", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
@@ -56,6 +56,7 @@ typedef void *cudaStream_t;
 #define PN_CUDA_ERR_LAUNCH 100
 typedef struct { int64_t inp, out, residual, h, dout, dinp; } pn_head_strides;
 typedef struct { double weight_offset; int rounding; int64_t H; pn_head_strides head; } pn_norm_options;
+typedef struct { int qdtype; double scale; double scale_ub; int64_t group_size; } pn_quant_params;
 
 const char *pn_cuda_version(void);
 const char *pn_cuda_status_string(int status);
@@ -118,6 +119,14 @@ pn_status pn_cuda_rmsnorm_backward_ex(void *dinp, void *dweight,
     const void *dout, const void *inp, const void *weight, const void *rstd,
     int64_t B, int64_t T, int64_t C, int flags,
     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, const pn_norm_options *opts, cudaStream_t stream);
+pn_status pn_cuda_rmsnorm_quant_forward(void *q, float *scales, void *h, void *rstd,
+    const void *inp, const void *residual, const void *weight, int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides, const pn_norm_options *opts,
+    const pn_quant_params *quant, cudaStream_t stream);
+pn_status pn_cuda_layernorm_quant_forward(void *q, float *scales, void *h, void *mean, void *rstd,
+    const void *inp, const void *residual, const void *weight, const void *bias,
+    int64_t B, int64_t T, int64_t C, double eps, pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    const pn_norm_options *opts, const pn_quant_params *quant, cudaStream_t stream);
 typedef enum { PN_NCHW = 0, PN_NHWC = 1 } pn_layout;
 #define PN_BN_TRAINING 2
 #define PN_BN_CUMULATIVE 4
@@ -533,14 +542,17 @@ def _repeat_row(d, B, T, cp):
 
 
 def _row_layout(lead, buffers, others, ffi, cp):
-    """B x T x C rows over buffers sharing the leading shape, as pynorm._arrays.row_layout:
-    buffers: (pn_strides field, argument name, _Dev, role IN, OUT, INOUT or NEW). Inputs
-    the kernels cannot address are copied; outputs they cannot write where they are
-    (strided last axis, no common split, an extent meeting another buffer's) are
-    written through temporaries. Returns (B, T, pn_strides* or NULL, devs, back)."""
+    """B x T (x H) x C rows over buffers sharing the leading shape, as
+    pynorm._arrays.row_layout(heads=True): buffers: (pn_strides field, argument name,
+    _Dev, role IN, OUT, INOUT or NEW). Where no B x T split fits every buffer, a
+    B x T x H split (pn_norm_options.H, head strides: per-head views of a fused qkv
+    buffer) is used before any copy. Inputs the kernels cannot address are copied;
+    outputs they cannot write where they are (strided last axis, no common split, an
+    extent meeting another buffer's) are written through temporaries. Returns
+    (B, T, pn_strides* or NULL, devs, back, H, {field: head stride})."""
     devs = [b[2] for b in buffers]
     if all(d.c_contiguous() for d in devs):
-        return 1, math.prod(lead), ffi.NULL, devs, []
+        return 1, math.prod(lead), ffi.NULL, devs, [], 1, {}
     back = []
     strides = [_elem_strides(d) for d in devs]
 
@@ -568,30 +580,46 @@ def _row_layout(lead, buffers, others, ffi, cp):
                 any(j != i and _overlap(devs[i], d) for j, d in enumerate(devs)) or
                 any(o is not None and _overlap(devs[i], o) for o in others)):
             replace(i)
-    split = split_rows(lead, strides)
+
+    def find():
+        two = split_rows(lead, strides)
+        if two is not None:
+            return two[0], two[1], 1, [(sb, st, 0) for sb, st in two[2]]
+        return split_rows3(lead, strides)
+    split = find()
     for copy_inputs in (True, False):
         if split is not None:
             break
         for i, b in enumerate(buffers):
             if (b[3] == IN) == copy_inputs and not devs[i].c_contiguous():
                 replace(i)
-        split = split_rows(lead, strides)
-    B, T, pairs = split
+        split = find()
+    B, T, H, triples = split
     C = devs[0].shape[-1]
     s = ffi.new("pn_strides *")
-    for i, (sb, st) in enumerate(pairs):
+    head = {}
+    for i, (sb, st, sh) in enumerate(triples):
         if devs[i].c_contiguous():
             continue                                    # {0, 0}: dense, whatever the split
         field, role = buffers[i][0], buffers[i][3]
-        if (role == OUT or role == INOUT) and not rows_disjoint(B, T, sb, st, C):
+        if (role == OUT or role == INOUT) and not rows_disjoint3((B, T, H), (sb, st, sh), C):
             replace(i)                                  # rows the library would refuse to write
             continue
-        pair = repeated_row(sb, st, B, T)
-        if pair is None:           # one row for every (b, t) of a B x T split: min(B, T) dense copies of it
-            devs[i], pair = _repeat_row(devs[i], B, T, cp)
+        if H > 1:
+            if (sb, st) == (0, 0):                      # {0, 0} would read as dense
+                if B > 1 and T > 1:                     # one row for every (b, t): a dense copy
+                    replace(i)
+                    continue
+                sb, st = (1, 0) if B == 1 else (0, 1)
+            head[field] = sh
+            pair = (sb, st)
+        else:
+            pair = repeated_row(sb, st, B, T)
+            if pair is None:       # one row for every (b, t) of a B x T split: min(B, T) dense copies of it
+                devs[i], pair = _repeat_row(devs[i], B, T, cp)
         row = getattr(s, field)
         row.b, row.t = pair
-    return B, T, s, devs, back
+    return B, T, s, devs, back, H, head
 
 
 # ---- calling the library ---------------------------------------------------------------
@@ -666,9 +694,11 @@ def _result(d):
     return d.obj
 
 
-def _options(ffi, weight_offset, rounding):
+def _options(ffi, weight_offset, rounding, H=1, head=None):
     o = ffi.new("pn_norm_options *")
-    o.weight_offset, o.rounding = weight_offset, rounding
+    o.weight_offset, o.rounding, o.H = weight_offset, rounding, H
+    for field, stride in (head or {}).items():
+        setattr(o.head, field, stride)
     return o
 
 
@@ -682,7 +712,7 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats, weight_offset=
         bias = _check_param(bias, "bias", x, call)
         wdtype = param_dtype(weight, bias)
         eps = _check_eps(eps, x.dtype)
-        opts = _options(ffi, *check_options(weight_offset, rounding, weight))
+        offset, rmode = check_options(weight_offset, rounding, weight)
         lead, C = x.shape[:-1], x.shape[-1]
         inputs = (("x", x), ("residual", residual), ("weight", weight), ("bias", bias))
         if fused:
@@ -709,7 +739,8 @@ def _forward(op, x, residual, weight, bias, eps, out, want_stats, weight_offset=
             if fused:
                 buffers += [("residual", "residual", residual, IN),
                             ("h", "h out", h, NEW if h_out is None else OUT)]
-            B, T, strides, devs, back = _row_layout(lead, buffers, (weight, bias), ffi, cp)
+            B, T, strides, devs, back, H, head = _row_layout(lead, buffers, (weight, bias), ffi, cp)
+            opts = _options(ffi, offset, rmode, H, head)
             dt, wdt = _PN_DTYPE[x.dtype], _PN_DTYPE[wdtype]
             xp, yp, s = _p(ffi, devs[0]), _p(ffi, devs[1]), call.stream_ptr()
             if op == "layer":
@@ -742,7 +773,7 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate, weight_offset=0.0,
         mean = _check_stats(mean, "mean", x, call) if op == "layer" else None
         rstd = _check_stats(rstd, "rstd", x, call)
         weight = _check_param(weight, "weight", x, call)
-        opts = _options(ffi, *check_options(weight_offset, rounding, weight))
+        offset, rmode = check_options(weight_offset, rounding, weight)
         wdtype = weight.dtype if weight is not None else _F32
         lead, C = x.shape[:-1], x.shape[-1]
         names = ("dx", "dweight", "dbias") if op == "layer" else ("dx", "dweight")
@@ -763,9 +794,10 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate, weight_offset=0.0,
                     _as_cupy(g, cp)[...] = 0
         else:
             dx_role = INOUT if accumulate else (OUT if out[0] is not None else NEW)
-            B, T, strides, devs, back = _row_layout(
+            B, T, strides, devs, back, H, head = _row_layout(
                 lead, [("dout", "dy", dy, IN), ("inp", "x", x, IN), ("dinp", "out (dx)", grads[0], dx_role)],
                 (weight, mean, rstd, *grads[1:]), ffi, cp)
+            opts = _options(ffi, offset, rmode, H, head)
             # dweight/dbias given in out=: dense C values apart from every other buffer of the call
             targets = [devs[2]] + grads[1:]
             for i in range(1, len(targets)):
@@ -775,9 +807,9 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate, weight_offset=0.0,
             flags = _PN_ACCUMULATE if accumulate else 0
             dt, wdt = _PN_DTYPE[x.dtype], _PN_DTYPE[wdtype]
             if op == "layer":
-                nbytes = lib.pn_cuda_layernorm_backward_scratch_size(B, T, C, dt)
+                nbytes = lib.pn_cuda_layernorm_backward_scratch_size(B, T * H, C, dt)
             else:
-                nbytes = lib.pn_cuda_rmsnorm_backward_scratch_size(B, T, C, dt)
+                nbytes = lib.pn_cuda_rmsnorm_backward_scratch_size(B, T * H, C, dt)
             # from CuPy's pool, stream-ordered: freed after the launch, reused only
             # by later work on this stream
             scratch = cp.empty(max(int(nbytes), 16), dtype=cp.uint8)
@@ -799,6 +831,59 @@ def _backward(op, dy, x, mean, rstd, weight, out, accumulate, weight_offset=0.0,
 
 
 # ---- the public functions (same signatures as pynorm's) ----------------------------------
+
+def norm_quant(op, x, weight, bias, eps, residual, weight_offset, rounding, check_quant):
+    """rms_norm_quant / layer_norm_quant on CUDA arrays (pynorm._token's checks:
+    check_quant(x) gives (pn_quant_params of the C library, q dtype, scales shape)).
+    q is int8, or float8_e4m3fn where CuPy has that dtype (else uint8 holding its
+    bits); scales float32; h = round(x + residual) with a residual."""
+    with _Call(x) as call:
+        ffi, lib, cp, x = call.ffi, call.lib, call.cp, call.x
+        if residual is not None:
+            residual = _check_same(residual, "residual", x, call)
+        weight = _check_param(weight, "weight", x, call)
+        bias = _check_param(bias, "bias", x, call)
+        wdtype = param_dtype(weight, bias)
+        eps = _check_eps(eps, x.dtype)
+        offset, rmode = check_options(weight_offset, rounding, weight)
+        cpu_quant, qdt, sshape = check_quant(x)
+        quant = ffi.new("pn_quant_params *")
+        quant.qdtype, quant.scale = cpu_quant.qdtype, cpu_quant.scale
+        quant.scale_ub, quant.group_size = cpu_quant.scale_ub, cpu_quant.group_size
+        lead, C = x.shape[:-1], x.shape[-1]
+        q = cp.empty(x.shape, np.uint8)
+        scales = cp.empty(sshape, np.float32)
+        h = _wrap_new(_empty(x.shape, x.dtype, cp)) if residual is not None else None
+        if q.size:
+            if quant.scale:
+                scales[...] = np.float32(quant.scale)
+            buffers = [("inp", "x", x, IN)]
+            if residual is not None:
+                buffers += [("residual", "residual", residual, IN), ("h", "h", h, NEW)]
+            B, T, strides, devs, back, H, head = _row_layout(lead, buffers, (weight, bias), ffi, cp)
+            opts = _options(ffi, offset, rmode, H, head)
+            dt, wdt = _PN_DTYPE[x.dtype], _PN_DTYPE[wdtype]
+            qp = ffi.cast("void *", q.data.ptr)
+            sp = ffi.cast("float *", scales.data.ptr) if not quant.scale else ffi.NULL
+            res_p = _p(ffi, devs[1]) if residual is not None else ffi.NULL
+            h_p = _p(ffi, devs[2]) if residual is not None else ffi.NULL
+            s = call.stream_ptr()
+            if op == "layer":
+                status = lib.pn_cuda_layernorm_quant_forward(
+                    qp, sp, h_p, ffi.NULL, ffi.NULL, _p(ffi, devs[0]), res_p, _p(ffi, weight), _p(ffi, bias),
+                    B, T, C, eps, dt, wdt, strides, opts, quant, s)
+            else:
+                status = lib.pn_cuda_rmsnorm_quant_forward(
+                    qp, sp, h_p, ffi.NULL, _p(ffi, devs[0]), res_p, _p(ffi, weight),
+                    B, T, C, eps, dt, wdt, strides, opts, quant, s)
+            _check_status(ffi, lib, status, f"{op}_norm_quant")
+            _write_back(back, cp)
+        try:
+            q = q.view(qdt)
+        except Exception:      # a CuPy without this dtype (float8): the bits, as uint8
+            pass
+        return (q, scales) if residual is None else (q, scales, _result(h))
+
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5, *, weight_offset=0.0, rounding="once", out=None):
     """LayerNorm over the last axis of a CUDA array."""

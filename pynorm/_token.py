@@ -430,7 +430,8 @@ def _check_quant(x, qdtype, scale, scale_ub, group_size):
 
 def _quant(op, x, weight, bias, eps, qdtype, scale, scale_ub, group_size, residual, weight_offset, rounding):
     if _cuda.is_cuda_array(x):
-        raise NotImplementedError(f"{op}_norm_quant runs on NumPy arrays only for now (no CUDA twin yet)")
+        return _cuda.norm_quant(op, x, weight, bias, eps, residual, weight_offset, rounding,
+                                lambda d: _check_quant(d, qdtype, scale, scale_ub, group_size))
     x = check_input(x, "x")
     if residual is not None:
         residual = _check_same(residual, "residual", x)

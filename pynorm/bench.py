@@ -393,11 +393,87 @@ def fns_add_rms_norm(d):
             "pynorm": lambda: pynorm.add_rms_norm(d.x, d.res, d.w)}
 
 
+# --- inference forms (docs/inference.md): fused quantized output, Gemma's offset, llama rounding;
+# bfloat16 at an LLM hidden size, against torch doing the same in separate ops ---
+
+INFER_EPS = 1e-6
+FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+
+
+def _torch_quantize(d, y, fp8, group):
+    """torch: y (the norm's output) quantized with amax/scale/round/clamp/to, per group."""
+    T = d.torch
+    g = y.float().reshape(*y.shape[:-1], -1, group)
+    amax = g.abs().amax(-1, keepdim=True)
+    if fp8:
+        s = (amax / 448.0).clamp(min=1.0 / (448 * 512))
+        q = (g / s).clamp(-448.0, 448.0).to(T.float8_e4m3fn)
+    else:
+        s = (amax / 127.0).clamp(min=float(np.finfo(np.float32).eps))
+        q = (g / s).round().clamp(-128, 127).to(T.int8)
+    return q.reshape(y.shape), s
+
+
+def _np_quantize(y, fp8, group):
+    g = y.astype(np.float32).reshape(y.shape[:-1] + (-1, group))
+    amax = np.abs(g).max(-1, keepdims=True)
+    if fp8:
+        s = np.maximum(amax / np.float32(448), np.float32(1.0 / (448 * 512)))
+        q = np.clip(g / s, -448, 448).astype(FP8)
+    else:
+        s = np.maximum(amax / np.float32(127), np.finfo(np.float32).eps)
+        q = np.clip(np.rint(g / s), -128, 127).astype(np.int8)
+    return q.reshape(y.shape), s
+
+
+def fns_rms_norm_quant(fp8, group):
+    qdtype = "float8_e4m3fn" if fp8 else "int8"
+
+    def fns(d):
+        G = group or d.C
+        return {
+            "torch": lambda: _torch_quantize(d, d.F.rms_norm(d.t.x, (d.C,), d.t.w, INFER_EPS), fp8, G),
+            "numpy": lambda: _np_quantize(np_rms_norm(d.x, d.w, INFER_EPS)[0], fp8, G),
+            "pynorm": lambda: pynorm.rms_norm_quant(d.x, d.w, INFER_EPS, qdtype=qdtype, group_size=group),
+        }
+    return fns
+
+
+def fns_rms_norm_gemma(d):
+    """Hugging Face's GemmaRMSNorm formula: float32 throughout, (1 + w), one rounding."""
+    def torch_fn():
+        xf = d.t.x.float()
+        return (xf * d.torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + INFER_EPS) * (1.0 + d.t.w.float())).type_as(d.t.x)
+
+    def numpy_fn():
+        xf = d.x.astype(np.float32)
+        r = 1.0 / np.sqrt((xf * xf).mean(-1, keepdims=True) + np.float32(INFER_EPS))
+        return (xf * r * (1.0 + d.w.astype(np.float32))).astype(d.x.dtype)
+
+    return {"torch": torch_fn, "numpy": numpy_fn,
+            "pynorm": lambda: pynorm.rms_norm(d.x, d.w, INFER_EPS, weight_offset=1.0)}
+
+
+def fns_rms_norm_llama(d):
+    """Hugging Face's LlamaRMSNorm formula: weight * (x.float() * rstd).to(dtype)."""
+    def torch_fn():
+        xf = d.t.x.float()
+        return d.t.w * (xf * d.torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + INFER_EPS)).to(d.t.x.dtype)
+
+    def numpy_fn():
+        xf = d.x.astype(np.float32)
+        r = 1.0 / np.sqrt((xf * xf).mean(-1, keepdims=True) + np.float32(INFER_EPS))
+        return (d.w.astype(np.float32) * (xf * r).astype(d.x.dtype).astype(np.float32)).astype(d.x.dtype)
+
+    return {"torch": torch_fn, "numpy": numpy_fn,
+            "pynorm": lambda: pynorm.rms_norm(d.x, d.w, INFER_EPS, rounding="llama")}
+
+
 @dataclass(frozen=True)
 class Op:
     key: str          # name in the JSON
     label: str        # name in the table
-    streams: int      # arrays of x's size that must move (the byte model)
+    streams: float    # arrays of x's size that must move (the byte model; 1.5: a 1-byte q of bf16 x)
     fns: Callable     # Data -> {"torch": fn, "numpy": fn, "pynorm": fn}
     no_torch_out: bool = False  # torch's column is its allocating time
 
@@ -412,12 +488,22 @@ OPS = [
     Op("add_layer_norm", "add+LayerNorm fwd", 4, fns_add_layer_norm),
     Op("add_rms_norm", "add+RMSNorm fwd", 4, fns_add_rms_norm),
 ]
+# the inference forms: bfloat16 only, at INFER_SHAPE (benchmark_cases)
+INFER_OPS = [
+    Op("rms_norm_quant_int8", "RMSNorm+quant int8/row", 1.5, fns_rms_norm_quant(False, None)),
+    Op("rms_norm_quant_fp8_g128", "RMSNorm+quant fp8/g128", 1.5, fns_rms_norm_quant(True, 128)),
+    Op("rms_norm_gemma", "RMSNorm fwd offset=1 (Gemma)", 2, fns_rms_norm_gemma),
+    Op("rms_norm_llama", "RMSNorm fwd rounding=llama", 2, fns_rms_norm_llama),
+]
+INFER_SHAPE, QUICK_INFER_SHAPE = (1024, 4096), (256, 4096)
+OPS += INFER_OPS
 OPS_BY_KEY = {op.key: op for op in OPS}
 
 BYTE_MODEL = (
     "GB/s counts the bytes that must move, N = rows*C elements of the input dtype: "
     "a forward reads x and writes y (2N); add+norm reads x and the residual and writes "
-    "y and h (4N); fwd+bwd reads x and writes y, then reads dy and x and writes dx (5N). "
+    "y and h (4N); fwd+bwd reads x and writes y, then reads dy and x and writes dx (5N); "
+    "RMSNorm+quant reads x and writes one byte of q per value (1.5N for bfloat16). "
     "Weights, biases, statistics and partial sums are not counted. % copy = that GB/s "
     "over the copy bandwidth pynorm.copy_bandwidth measured just before the row, at the "
     "same thread count (STREAM Copy: bytes read + bytes written, {mib} MiB buffers, best "
@@ -523,11 +609,13 @@ def llm_cases(quick, llm="few"):
 
 def benchmark_cases(quick, llm="few"):
     """[(Op, dtype, shape)]: every op in float32 at every shape, plus half types
-    (LayerNorm at HALF_SHAPE, and the LLM rows of llm_cases)."""
+    (LayerNorm at HALF_SHAPE, the LLM rows of llm_cases, the inference rows of
+    INFER_OPS) and the per-call rows."""
     shapes, half_shape = (QUICK_SHAPES, QUICK_HALF_SHAPE) if quick else (SHAPES, HALF_SHAPE)
-    cases = [(op, F32, shape) for shape in shapes for op in OPS]
+    cases = [(op, F32, shape) for shape in shapes for op in OPS if op not in INFER_OPS]
     cases += [(OPS_BY_KEY["layer_norm"], dtype, half_shape) for dtype in (BF16, F16)]
     cases += [case for case in llm_cases(quick, llm) if case not in cases]
+    cases += [(op, BF16, QUICK_INFER_SHAPE if quick else INFER_SHAPE) for op in INFER_OPS]
     cases += [(OPS_BY_KEY[key], dtype, shape) for dtype, shape in CALL_CASES
               for key in ("layer_norm", "layer_norm_out")]
     return cases
@@ -603,7 +691,7 @@ def run_benchmark(cases, thread_counts, baseline, torch_mod, warmup, repeats, pr
     for op, dtype, shape in cases:
         data = Data(shape, dtype, with_torch=baseline == "torch")
         fns = op.fns(data)
-        nbytes = op.streams * data.x.nbytes
+        nbytes = int(op.streams * data.x.nbytes)
         call = (dtype, shape) in CALL_CASES   # no bandwidth to probe next to it
         scale = CALL_REPEATS_SCALE if call else 1
         for threads in thread_counts:

@@ -255,8 +255,10 @@ PN_CUDA_API pn_status pn_cuda_batchnorm_shard_backward(void *dinp, void *dweight
 /* As pynorm.h's *_ex functions (pn_norm_options: weight_offset, rounding;
  * opts NULL: the functions above). In place: y and h may each be written
  * over x or the residual (same address, same strides), as in the C library.
- * Per-head layouts (opts->H > 1) are the C library's only for now:
- * PN_ERR_ARG here. */
+ * Per-head layouts (opts->H > 1, each buffer's third stride in opts->head)
+ * as in the C library: row (b, t, k) at b*rows.b + t*rows.t + k*head,
+ * statistics dense B x T x H; the backward's scratch is
+ * pn_cuda_*_backward_scratch_size(B, T * H, C, dtype). */
 PN_CUDA_API pn_status pn_cuda_layernorm_forward_ex(
     void *out, void *mean, void *rstd,
     const void *inp, const void *weight, const void *bias,
@@ -297,6 +299,26 @@ PN_CUDA_API pn_status pn_cuda_rmsnorm_backward_ex(
     int64_t B, int64_t T, int64_t C, int flags,
     pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
     const pn_norm_options *opts, cudaStream_t stream);
+
+/* As pynorm.h's pn_rmsnorm_quant_forward / pn_layernorm_quant_forward (the
+ * same semantics, checks and statuses): the norm's y, in float32, quantized
+ * to int8 or float8 e4m3fn as it is made; q dense B x T x C bytes, scales
+ * dense float32 (dynamic). y goes through working memory from the
+ * stream-ordered pool (rows x C float32; PN_ERR_ALLOC, nothing launched,
+ * where it cannot be had), so its bits are those of the forward's y before
+ * its rounding to the dtype. */
+PN_CUDA_API pn_status pn_cuda_rmsnorm_quant_forward(
+    void *q, float *scales, void *h, void *rstd,
+    const void *inp, const void *residual, const void *weight,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    const pn_norm_options *opts, const pn_quant_params *quant, cudaStream_t stream);
+PN_CUDA_API pn_status pn_cuda_layernorm_quant_forward(
+    void *q, float *scales, void *h, void *mean, void *rstd,
+    const void *inp, const void *residual, const void *weight, const void *bias,
+    int64_t B, int64_t T, int64_t C, double eps,
+    pn_dtype dtype, pn_dtype wdtype, const pn_strides *strides,
+    const pn_norm_options *opts, const pn_quant_params *quant, cudaStream_t stream);
 
 /* PN_CUDA_CDEF_END */
 

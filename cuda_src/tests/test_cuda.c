@@ -181,9 +181,40 @@ static void test_args(void)
     CHECK(s == PN_ERR_EPS, "eps nan: %d", s);
     s = pn_cuda_rmsnorm_forward(Y, NULL, X, NULL, 2, 3, 4, INFINITY, PN_FLOAT32, PN_FLOAT32, NULL, 0);
     CHECK(s == PN_ERR_EPS, "eps inf: %d", s);
-    /* in place: out overlaps inp */
-    s = pn_cuda_layernorm_forward(X, NULL, NULL, X, NULL, NULL, 2, 3, 4, 1e-5, PN_FLOAT32, PN_FLOAT32, NULL, 0);
-    CHECK(s == PN_ERR_ALIAS, "out == inp: %d", s);
+    /* out overlapping inp other than as the very same view (in place is allowed) */
+    s = pn_cuda_layernorm_forward((char *)X + 16, NULL, NULL, X, NULL, NULL, 2, 3, 4, 1e-5, PN_FLOAT32, PN_FLOAT32, NULL, 0);
+    CHECK(s == PN_ERR_ALIAS, "out shifted over inp: %d", s);
+    {
+        /* per-head rows (H = 4 heads of 8 per t): checked as the C library checks them */
+        pn_norm_options o;
+        pn_quant_params qp;
+        memset(&o, 0, sizeof o);
+        memset(&st, 0, sizeof st);
+        o.H = 4;
+        st.inp.t = 96; st.out.t = 96;
+        o.head.inp = 8; o.head.out = 7;
+        s = pn_cuda_rmsnorm_forward_ex(Y, NULL, X, NULL, 1, 3, 8, 1e-5, PN_FLOAT32, PN_FLOAT32, &st, &o, 0);
+        CHECK(s == PN_ERR_STRIDE, "overlapping heads: %d", s);
+        o.head.out = 16;
+        s = pn_cuda_rmsnorm_forward_ex(X, NULL, X, NULL, 1, 3, 8, 1e-5, PN_FLOAT32, PN_FLOAT32, &st, &o, 0);
+        CHECK(s == PN_ERR_ALIAS, "out over inp with another head stride: %d", s);
+        o.H = -1;
+        s = pn_cuda_rmsnorm_forward_ex(Y, NULL, X, NULL, 1, 3, 8, 1e-5, PN_FLOAT32, PN_FLOAT32, NULL, &o, 0);
+        CHECK(s == PN_ERR_SIZE, "H < 0: %d", s);
+        /* the quantized forward's parameters */
+        s = pn_cuda_rmsnorm_quant_forward(Y, (float *)S, NULL, NULL, X, NULL, NULL, 2, 3, 8, 1e-5, PN_FLOAT32,
+                                          PN_FLOAT32, NULL, NULL, NULL, 0);
+        CHECK(s == PN_ERR_NULL, "quant NULL: %d", s);
+        memset(&qp, 0, sizeof qp);
+        qp.group_size = 3;
+        s = pn_cuda_rmsnorm_quant_forward(Y, (float *)S, NULL, NULL, X, NULL, NULL, 2, 3, 8, 1e-5, PN_FLOAT32,
+                                          PN_FLOAT32, NULL, NULL, &qp, 0);
+        CHECK(s == PN_ERR_ARG, "group_size not dividing C: %d", s);
+        qp.group_size = 4;
+        s = pn_cuda_layernorm_quant_forward(Y, (float *)((char *)Y + 16), NULL, NULL, NULL, X, NULL, NULL, NULL,
+                                            2, 3, 8, 1e-5, PN_FLOAT32, PN_FLOAT32, NULL, NULL, &qp, 0);
+        CHECK(s == PN_ERR_ALIAS, "scales inside q: %d", s);
+    }
     s = pn_cuda_rmsnorm_forward(Y, (char *)X + 16, X, NULL, 2, 3, 4, 1e-5, PN_FLOAT32, PN_FLOAT32, NULL, 0);
     CHECK(s == PN_ERR_ALIAS, "rstd inside inp: %d", s);
     s = pn_cuda_rmsnorm_forward(Y, NULL, X, (char *)Y + 8, 2, 3, 4, 1e-5, PN_FLOAT32, PN_FLOAT32, NULL, 0);

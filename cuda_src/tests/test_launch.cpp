@@ -187,6 +187,19 @@ static void check_index_walks(void)
             const int64_t want = T == 1 ? row * sb : (row / T) * sb + (row % T) * st;
             CHECK(row_off(row, T, sb, st) == want, "row_off(%lld, %lld)", (long long)row, (long long)T);
         }
+    /* B x T x H rows (per-head views): row (b, t, k) at b*sb + t*st + k*sh, T
+     * counting heads (T_user * H); H = 1 is the two-stride form */
+    for (int64_t Tu : {1, 2, 5})
+        for (int64_t H : {1, 2, 3, 8}) {
+            const int64_t T = Tu * H, sb = 7919, st = -97, sh = 1031;
+            for (int64_t b = 0, row = 0; b < 4; ++b)
+                for (int64_t t = 0; t < Tu; ++t)
+                    for (int64_t k = 0; k < H; ++k, ++row) {
+                        const int64_t want = H == 1 ? row_off(row, T, sb, st) : b * sb + t * st + k * sh;
+                        CHECK(row_off(row, T, H, sb, st, sh) == want, "row_off(%lld, T %lld, H %lld)", (long long)row,
+                              (long long)T, (long long)H);
+                    }
+        }
     uint64_t seed = 12345;
     auto rnd = [&seed](int64_t n) {
         seed = seed * 6364136223846793005ull + 1442695040888963407ull;
