@@ -452,6 +452,16 @@ register("rms_norm_bwd", _rms_norm_bwd)
 # torch.compile keeps the writes in order; no autograd (an inference op).
 
 def _fused_add_rms_norm_(x, residual, weight, eps, weight_offset=0.0, rounding="once"):
+    what = "fused_add_rms_norm_"
+    if x.numel() and torch._C._overlaps(x, residual):
+        raise ValueError(f"pynorm.torch.{what}: x and residual overlap in memory; they must be "
+                         "separate buffers (both are written)")
+    for name, t in (("x", x), ("residual", residual)):
+        if t.numel() and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"pynorm.torch.{what}: {name} has elements that share memory (an expanded "
+                             "view); it cannot be written in place")
+        if weight is not None and t.numel() and weight.device == t.device and torch._C._overlaps(t, weight):
+            raise ValueError(f"pynorm.torch.{what}: {name} overlaps weight in memory")
     if x.is_contiguous() and residual.is_contiguous():
         # dense: the kernel writes y over x and h over the residual (the in-place pairs)
         _forward_impl("rms", x, residual, weight, None, eps, weight_offset, rounding, outs=(x, residual))
