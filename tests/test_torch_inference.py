@@ -406,3 +406,194 @@ def test_quant_bad_tensors():
         pnt.rms_norm_quant(torch.zeros((2, 8), dtype=torch.int32))
     with pytest.raises(NotImplementedError, match="x is on meta"):
         pnt.rms_norm_quant(torch.zeros((2, 8), device="meta"))
+
+
+# ---- replace_norms: Hugging Face's Gemma and Llama-style RMSNorms ---------------------------------
+# Stand-ins with transformers' class names and forward formulas.
+
+class _LlamaStyle(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):            # transformers' LlamaRMSNorm.forward
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class LlamaRMSNorm(_LlamaStyle):
+    pass
+
+
+class Qwen2RMSNorm(_LlamaStyle):
+    pass
+
+
+class Qwen3RMSNorm(_LlamaStyle):
+    pass
+
+
+class MistralRMSNorm(_LlamaStyle):
+    pass
+
+
+class _GemmaStyle(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):                        # transformers' GemmaRMSNorm.forward
+        output = self._norm(x.float())
+        output = output * (1.0 + self.weight.float())
+        return output.type_as(x)
+
+
+class GemmaRMSNorm(_GemmaStyle):
+    pass
+
+
+class Gemma2RMSNorm(_GemmaStyle):
+    pass
+
+
+class Gemma3RMSNorm(_GemmaStyle):
+    pass
+
+
+class Olmo2RMSNorm(_LlamaStyle):
+    def forward(self, hidden_states):            # casts after the weight: rounded once
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return (self.weight * hidden_states).to(input_dtype)
+
+
+class HalfOffsetGemmaRMSNorm(_GemmaStyle):
+    """(1 + w) taken in the weight's own dtype (the bug of some ports): not reproducible."""
+
+    def forward(self, x):
+        return (self._norm(x.float()) * (1.0 + self.weight).float()).type_as(x)
+
+
+class CenteredRMSNorm(_LlamaStyle):
+    """Named like one, computes a LayerNorm without bias: not an RMSNorm."""
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf - xf.mean(-1, keepdim=True)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+
+class RaisingRMSNorm(_LlamaStyle):
+    def forward(self, x):
+        raise RuntimeError("needs position ids")
+
+
+REPRODUCIBLE = {"LlamaRMSNorm": (0.0, "llama"), "Qwen2RMSNorm": (0.0, "llama"),
+                "Qwen3RMSNorm": (0.0, "llama"), "MistralRMSNorm": (0.0, "llama"),
+                "GemmaRMSNorm": (1.0, "once"), "Gemma2RMSNorm": (1.0, "once"),
+                "Gemma3RMSNorm": (1.0, "once"), "Olmo2RMSNorm": (0.0, "once")}
+NOT_REPRODUCIBLE = ["HalfOffsetGemmaRMSNorm", "CenteredRMSNorm", "RaisingRMSNorm"]
+
+
+def _hf_model(dtype, C=64, seed=101):
+    model = nn.Module()
+    g = torch.Generator().manual_seed(seed)
+    for name in list(REPRODUCIBLE) + NOT_REPRODUCIBLE:
+        m = globals()[name](C)
+        with torch.no_grad():        # trained-looking weights (around 0 for Gemma, 1 otherwise)
+            base = 0.0 if isinstance(m, _GemmaStyle) else 1.0
+            m.weight.copy_(base + 0.5 * torch.randn((C,), generator=g, dtype=torch.float64))
+        setattr(model, name, m.to(dtype))
+    return model
+
+
+def assert_hf_rounding(got, ref, x, eps, what):
+    """got == ref bit for bit on the rows where torch's float32 rstd equals pynorm's,
+    elsewhere within the two rstd's relative difference plus 2 eps, times |y|
+    (docs/inference.md, "rstd")."""
+    assert got.dtype == ref.dtype and got.shape == ref.shape, what
+    _, rstd = pynorm.rms_norm_forward(to_np(x.reshape(-1, x.shape[-1])), None, eps)
+    rstd_torch = torch.rsqrt(x.float().pow(2).mean(-1) + eps).reshape(-1)
+    same = torch.from_numpy(rstd) == rstd_torch
+    g, r = got.reshape(-1, x.shape[-1]), ref.reshape(-1, x.shape[-1])
+    assert torch.equal(bits(g[same]), bits(r[same])), f"{what}: rows with the same rstd differ"
+    gd, rd = g[~same].double(), r[~same].double()
+    rstd = torch.from_numpy(rstd).double()
+    rel = ((rstd_torch.double() - rstd).abs() / rstd)[~same].unsqueeze(-1)
+    tol = (rel + 2 * torch.finfo(x.dtype).eps) * torch.maximum(gd.abs(), rd.abs())
+    assert bool(((gd - rd).abs() <= tol).all()), f"{what}: further apart than the rstd explain"
+    assert int(same.sum()) >= same.numel() // 2, f"{what}: the probe data should mostly agree on rstd"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_replace_norms_hf_gemma_and_llama(dtype):
+    model = _hf_model(dtype)
+    orig = copy.deepcopy(model)
+    skipped = []
+    reproducible, not_reproducible = dict(REPRODUCIBLE), list(NOT_REPRODUCIBLE)
+    if dtype == torch.float32:        # 1 + w in a float32 weight's own dtype is Gemma's
+        reproducible["HalfOffsetGemmaRMSNorm"] = (1.0, "once")
+        not_reproducible.remove("HalfOffsetGemmaRMSNorm")
+    replaced = pnt.replace_norms(model, skipped=skipped)
+    assert sorted(replaced) == sorted((n, n) for n in reproducible)
+    assert sorted(n for n, _, _ in skipped) == sorted(not_reproducible)
+    reasons = {n: why for n, _, why in skipped}
+    assert "raised RuntimeError" in reasons["RaisingRMSNorm"]
+    x = rand((3, 5, 64), dtype, 102, scale=3.0, offset=-0.2)
+    for name, (offset, rounding) in reproducible.items():
+        new, old = getattr(model, name), getattr(orig, name)
+        assert type(new) is pnt.RMSNorm, name
+        assert new.weight_offset == offset, name
+        if dtype != torch.float32:                     # float32: both roundings are the same bits
+            assert new.rounding == rounding, name
+        assert new.eps == 1e-6
+        with torch.no_grad():
+            assert_hf_rounding(new(x), old(x), x, 1e-6, name)
+    for name in not_reproducible:
+        assert type(getattr(model, name)) is globals()[name], name
+
+
+def test_replace_norms_keeps_the_weight_and_trains():
+    model = nn.Sequential(nn.Linear(32, 32), Gemma3RMSNorm(32), nn.Linear(32, 32), Qwen3RMSNorm(32))
+    weights = [model[1].weight, model[3].weight]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert pnt.replace_norms(model) == [("1", "Gemma3RMSNorm"), ("3", "Qwen3RMSNorm")]
+    assert [model[1].weight, model[3].weight] == weights
+    assert list(model.state_dict()) == ["0.weight", "0.bias", "1.weight", "2.weight", "2.bias", "3.weight"]
+    model(rand((4, 32), torch.float32, 103)).sum().backward()
+    assert all(w.grad is not None for w in weights)
+    opt.step()
+
+
+def test_replace_norms_float64_hf_module_left_alone():
+    """Hugging Face computes in float32 even for float64 modules; pynorm in float64."""
+    model = nn.Sequential(LlamaRMSNorm(16).double())
+    skipped = []
+    assert pnt.replace_norms(model, skipped=skipped) == []
+    assert [(n, c) for n, c, _ in skipped] == [("0", "LlamaRMSNorm")]
+    assert "no pynorm form reproduces it" in skipped[0][2]
+
+
+def test_replace_norms_probe_does_not_touch_the_module():
+    m = GemmaRMSNorm(16)
+    calls = []
+    m.register_forward_hook(lambda *a: calls.append(1))
+    w = m.weight.detach().clone()
+    version = m.weight._version
+    pnt.replace_norms(nn.Sequential(m))
+    assert calls == [] and torch.equal(m.weight, w) and m.weight._version == version
+
+
+def test_replace_norms_skipped_must_be_a_list():
+    with pytest.raises(TypeError, match="skipped"):
+        pnt.replace_norms(nn.Sequential(), skipped=())

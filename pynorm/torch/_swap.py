@@ -74,8 +74,9 @@ def _mismatch(ref, x, weight, eps, offset, rounding):
     """Why pynorm's rms_norm(x, weight, eps, weight_offset, rounding) is not `ref` within
     the documented rounding, or None when it is: bit for bit on the rows where torch's
     float32 rstd (rsqrt(mean(x^2) + eps), as Hugging Face computes it) equals pynorm's,
-    within one ulp of the dtype (eps * |y|) on the others (the two rstd differ in at most
-    their last bit there)."""
+    on the others within what the two rstd's difference explains plus a rounding:
+    (|rstd_torch - rstd| / rstd + 2 eps) * |y| (torch's float32 sum of squares is less
+    exact than pynorm's; for half dtypes this is about one ulp)."""
     if not isinstance(ref, torch.Tensor):
         return f"its forward returned {type(ref).__name__}, not a tensor"
     if ref.shape != x.shape or ref.dtype != x.dtype:
@@ -90,7 +91,8 @@ def _mismatch(ref, x, weight, eps, offset, rounding):
     if not torch.isfinite(r).all():
         return "its forward gave non-finite values on a finite probe"
     bits_equal = (r == g)
-    tol = torch.finfo(x.dtype).eps * torch.maximum(r.abs(), g.abs()) + torch.finfo(x.dtype).tiny
+    rel = ((rstd_torch.double() - rstd.double()).abs() / rstd.double()).unsqueeze(-1)
+    tol = (rel + 2 * torch.finfo(x.dtype).eps) * torch.maximum(r.abs(), g.abs()) + torch.finfo(x.dtype).tiny
     near = (r - g).abs() <= tol
     bad = torch.where(same_rstd, ~bits_equal, ~near)
     if bool(bad.any()):
@@ -156,8 +158,9 @@ def replace_norms(model, *, skipped=None):
       form is chosen and verified by a probe: the module's own forward (hooks not
       run, no grad) against pynorm's on a 16 x C random input in the module's dtype,
       with its own weight and with a random one, must agree bit for bit on every
-      row where torch's float32 rstd equals pynorm's, and within one ulp of the
-      dtype on the others (docs/inference.md, "rstd"). A module no form reproduces
+      row where torch's float32 rstd equals pynorm's, and elsewhere within what the
+      two rstd's relative difference explains plus two eps of the dtype
+      (docs/inference.md, "rstd"). A module no form reproduces
       (another formula, float64 modules computed in float32, ...) is left alone.
       Hooks registered on the old module do not carry over. The output dtype is the
       input's (HF's returns weight-promoted dtype when they differ). Modules on the
