@@ -303,6 +303,7 @@ def test_fused_add_rms_norm_param_weight_under_grad_mode():
     ("not_tensor", TypeError, "residual must be a torch.Tensor"),
     ("offset_no_weight", ValueError, "weight_offset"),
     ("rounding", ValueError, "rounding"),
+    ("eps", ValueError, "fused_add_rms_norm_: eps"),
 ])
 def test_fused_add_rms_norm_bad_arguments(case, exc, match):
     buf = rand((4, 48), torch.float32, 84)
@@ -328,9 +329,12 @@ def test_fused_add_rms_norm_bad_arguments(case, exc, match):
         w, kw = None, dict(weight_offset=1.0)
     elif case == "rounding":
         kw = dict(rounding="vllm")
+    elif case == "eps":
+        kw = dict(eps=-1.0)
     snapshot = [t.clone() if isinstance(t, torch.Tensor) else None for t in (x, r, buf)]
+    kw.setdefault("eps", 1e-6)
     with pytest.raises(exc, match=match):
-        pnt.fused_add_rms_norm_(x, r, w, 1e-6, **kw)
+        pnt.fused_add_rms_norm_(x, r, w, **kw)
     for t, s0 in zip((x, r, buf), snapshot):       # nothing written
         if s0 is not None:
             assert torch.equal(t.detach(), s0)

@@ -57,7 +57,7 @@ class LayerNorm(_TokenOptions, torch.nn.LayerNorm):
         self._set_options(weight_offset, rounding)
 
     def forward(self, input):
-        y = _fast.token_norm(self, input, False) if self._plain_options() else None
+        y = _fast.token_norm(self, input, False) if (self.weight_offset == 0.0 and self.rounding == "once") else None
         if y is None:
             y = F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
                              weight_offset=self.weight_offset, rounding=self.rounding)
@@ -75,7 +75,7 @@ class RMSNorm(_TokenOptions, torch.nn.RMSNorm):
         self._set_options(weight_offset, rounding)
 
     def forward(self, x):
-        y = _fast.token_norm(self, x, True) if self._plain_options() else None
+        y = _fast.token_norm(self, x, True) if (self.weight_offset == 0.0 and self.rounding == "once") else None
         if y is None:
             y = F.rms_norm(x, self.normalized_shape, self.weight, self.eps,
                            weight_offset=self.weight_offset, rounding=self.rounding)

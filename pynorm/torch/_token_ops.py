@@ -111,10 +111,11 @@ def _opts(be, offset, rmode):
 
 # ---- implementations (real tensors) ---------------------------------------------------------
 
-def _forward_impl(op, x, residual, weight, bias, eps, weight_offset=0.0, rounding="once", outs=None):
+def _forward_impl(op, x, residual, weight, bias, eps, weight_offset=0.0, rounding="once", outs=None,
+                  what=None):
     """Every forward. op: "layer" or "rms". Returns (y, h or None, mean or None, rstd).
     outs: (y, h) written in place (fused_add_rms_norm_: x and residual, dense)."""
-    what = f"{'add_' if residual is not None else ''}{op}_norm"
+    what = what or f"{'add_' if residual is not None else ''}{op}_norm"
     _check_x(what, x)
     if residual is not None:
         _check_like(what, residual, "residual", x)
@@ -464,9 +465,10 @@ def _fused_add_rms_norm_(x, residual, weight, eps, weight_offset=0.0, rounding="
             raise ValueError(f"pynorm.torch.{what}: {name} overlaps weight in memory")
     if x.is_contiguous() and residual.is_contiguous():
         # dense: the kernel writes y over x and h over the residual (the in-place pairs)
-        _forward_impl("rms", x, residual, weight, None, eps, weight_offset, rounding, outs=(x, residual))
+        _forward_impl("rms", x, residual, weight, None, eps, weight_offset, rounding, outs=(x, residual),
+                      what=what)
     else:
-        y, h, _, _ = _forward_impl("rms", x, residual, weight, None, eps, weight_offset, rounding)
+        y, h, _, _ = _forward_impl("rms", x, residual, weight, None, eps, weight_offset, rounding, what=what)
         residual.copy_(h)
         x.copy_(y)
 
