@@ -1024,7 +1024,7 @@ class LlamaRMSNorm(nn.Module):
 
 
 class GemmaRMSNorm(nn.Module):
-    """Gemma's: matches the name rule but scales by (1 + weight): must be left alone."""
+    """Gemma's: matches the name rule and scales by (1 + weight): swapped with weight_offset=1."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -1094,11 +1094,12 @@ def test_replace_norms_hf_rule():
     orig = copy.deepcopy(model)
     weight_before = model.norm1.weight
     replaced = pnt.replace_norms(model)
-    assert replaced == [("norm1", "LlamaRMSNorm"), ("norm2", "RMSNorm")]
+    assert replaced == [("norm1", "LlamaRMSNorm"), ("norm2", "RMSNorm"), ("gemma", "GemmaRMSNorm")]
     assert type(model.norm1) is pnt.RMSNorm and model.norm1.weight is weight_before
     assert model.norm1.eps == 1e-6
     assert type(model.norm2) is pnt.RMSNorm
-    assert type(model.gemma) is GemmaRMSNorm and type(model.mine) is MyLayerNorm
+    assert type(model.gemma) is pnt.RMSNorm and model.gemma.weight_offset == 1.0
+    assert type(model.mine) is MyLayerNorm
     assert list(model.state_dict()) == list(orig.state_dict())
     x = rand((5, 32), torch.float32, 72)
     assert_models_match(orig, model, x, atol=1e-5)

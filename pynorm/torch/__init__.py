@@ -42,8 +42,9 @@ Importing pynorm itself never imports torch; this module does.
 import torch  # noqa: F401  (absolute: the real torch, not this module)
 
 from . import _ext, _spatial_ops, _token_ops  # noqa: F401  (register torch.ops.pynorm.*)
-from ._functional import (add_layer_norm, add_rms_norm, batch_norm, group_norm, instance_norm,
-                          layer_norm, rms_norm)
+from ._functional import (add_layer_norm, add_rms_norm, batch_norm, fused_add_rms_norm_, group_norm,
+                          instance_norm, layer_norm, rms_norm)
+from ._quant import layer_norm_quant, rms_norm_quant
 from ._modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
                        InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm)
 from ._swap import replace_norms
@@ -69,5 +70,6 @@ _ext.load_at_import()
 
 __all__ = ["LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
            "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "replace_norms",
-           "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
+           "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "fused_add_rms_norm_",
+           "rms_norm_quant", "layer_norm_quant",
            "group_norm", "instance_norm", "batch_norm", "build_extension", "extension_loaded"]

@@ -62,28 +62,48 @@ def _unflatten(y, shape):
     return y if shape is None else y.reshape(shape)
 
 
+def _opts(weight_offset, rounding):
+    """The operators' trailing (weight_offset, rounding), () for the defaults (the
+    operators' own defaults: the call is the 0.1 one). Values are checked by the
+    operators, which name the argument."""
+    if type(weight_offset) is float and weight_offset == 0.0 and rounding == "once":
+        return ()
+    if isinstance(weight_offset, bool) or not isinstance(weight_offset, numbers.Real):
+        raise TypeError(f"pynorm.torch: weight_offset must be a real number, got {type(weight_offset).__name__}")
+    if not isinstance(rounding, str):
+        raise TypeError(f"pynorm.torch: rounding must be a str, \"once\" or \"llama\", "
+                        f"got {type(rounding).__name__}")
+    return float(weight_offset), rounding
+
+
 def default_rms_eps(dtype):
     """torch's RMSNorm default: the machine epsilon of the compute type."""
     return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """As torch.nn.functional.layer_norm, on pynorm's kernels (CPU and CUDA)."""
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, weight_offset=0.0,
+               rounding="once"):
+    """As torch.nn.functional.layer_norm, on pynorm's kernels (CPU and CUDA).
+    weight_offset: y = xhat * (weight_offset + weight) + bias, the offset added in float32
+    (a non-zero offset needs a weight); rounding "once" (float32 throughout, one rounding)
+    or "llama" (xhat rounded to input's dtype before the weight). docs/inference.md."""
     x, C, shape = _normalized("layer_norm", input, normalized_shape)
     weight = _flat_param("layer_norm", weight, "weight", C)
     bias = _flat_param("layer_norm", bias, "bias", C)
     weight, bias = _param_dtypes(x, weight, bias)
-    y, _, _ = run("layer_norm_fwd", x, weight, bias, float(eps))
+    y, _, _ = run("layer_norm_fwd", x, weight, bias, float(eps), *_opts(weight_offset, rounding))
     return _unflatten(y, shape)
 
 
-def rms_norm(input, normalized_shape, weight=None, eps=None):
-    """As torch.nn.functional.rms_norm (eps=None: machine epsilon of the compute type)."""
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, weight_offset=0.0, rounding="once"):
+    """As torch.nn.functional.rms_norm (eps=None: machine epsilon of the compute type);
+    weight_offset and rounding as layer_norm's (Gemma: weight_offset=1.0; Hugging Face
+    LlamaRMSNorm: rounding="llama")."""
     x, C, shape = _normalized("rms_norm", input, normalized_shape)
     weight = _flat_param("rms_norm", weight, "weight", C)
     (weight,) = _param_dtypes(x, weight)
     eps = default_rms_eps(x.dtype) if eps is None else float(eps)
-    y, _ = run("rms_norm_fwd", x, weight, eps)
+    y, _ = run("rms_norm_fwd", x, weight, eps, *_opts(weight_offset, rounding))
     return _unflatten(y, shape)
 
 
@@ -99,7 +119,8 @@ def _residual(what, x, residual):
                         f"input's {x.dtype}")
 
 
-def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
+def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5, *,
+                   weight_offset=0.0, rounding="once"):
     """h = input + residual (rounded to input's dtype), y = layer_norm(h), in one pass
     over memory: returns (y, h). Differentiable through both outputs."""
     _residual("add_layer_norm", input, residual)
@@ -109,11 +130,13 @@ def add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, ep
     weight = _flat_param("add_layer_norm", weight, "weight", C)
     bias = _flat_param("add_layer_norm", bias, "bias", C)
     weight, bias = _param_dtypes(x, weight, bias)
-    y, h, _, _ = run("add_layer_norm_fwd", x, residual, weight, bias, float(eps))
+    y, h, _, _ = run("add_layer_norm_fwd", x, residual, weight, bias, float(eps),
+                     *_opts(weight_offset, rounding))
     return _unflatten(y, shape), _unflatten(h, shape)
 
 
-def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None):
+def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None, *, weight_offset=0.0,
+                 rounding="once"):
     """h = input + residual (rounded to input's dtype), y = rms_norm(h), in one pass
     over memory: returns (y, h). Differentiable through both outputs."""
     _residual("add_rms_norm", input, residual)
@@ -123,7 +146,7 @@ def add_rms_norm(input, residual, normalized_shape, weight=None, eps=None):
     weight = _flat_param("add_rms_norm", weight, "weight", C)
     (weight,) = _param_dtypes(x, weight)
     eps = default_rms_eps(x.dtype) if eps is None else float(eps)
-    y, h, _ = run("add_rms_norm_fwd", x, residual, weight, eps)
+    y, h, _ = run("add_rms_norm_fwd", x, residual, weight, eps, *_opts(weight_offset, rounding))
     return _unflatten(y, shape), _unflatten(h, shape)
 
 
@@ -201,3 +224,45 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                 var = xs.to(mean.dtype).var(-1, unbiased=True).mean(0)
                 running_var.mul_(1 - m).add_(var.to(running_var.dtype), alpha=m)
     return y
+
+
+# ---- in place ------------------------------------------------------------------------------------
+
+def _check_inplace(what, x, residual, weight):
+    for name, t in (("x", x), ("residual", residual)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"pynorm.torch.{what}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"pynorm.torch.{what}: {name} requires grad; this in-place op is for "
+                             "inference (use add_rms_norm to differentiate, or torch.no_grad())")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"pynorm.torch.{what}: x must have a non-empty last axis, got shape {tuple(x.shape)}")
+    if residual.shape != x.shape:
+        raise ValueError(f"pynorm.torch.{what}: residual has shape {tuple(residual.shape)}; "
+                         f"expected x's {tuple(x.shape)}")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"pynorm.torch.{what}: residual has dtype {residual.dtype}; expected x's {x.dtype}")
+    if residual.device != x.device:
+        raise ValueError(f"pynorm.torch.{what}: residual is on {residual.device}, expected x's device {x.device}")
+    # memory overlaps are checked by the operator, on the real tensors
+
+
+def fused_add_rms_norm_(x, residual, weight, eps=None, *, weight_offset=0.0, rounding="once"):
+    """In place, as vLLM's fused_add_rms_norm: residual <- h = x + residual (rounded to
+    x's dtype), then x <- rms_norm(h, weight, eps) (weight_offset, rounding as
+    rms_norm's; the statistics come from the rounded h). Returns None: the results
+    are x and residual themselves. A mutating operator (torch.ops.pynorm.
+    fused_add_rms_norm_, x and residual declared mutated) that works under
+    torch.compile; not differentiable (x or residual requiring grad is an error;
+    use add_rms_norm). Bad arguments raise before anything is written."""
+    what = "fused_add_rms_norm_"
+    _check_inplace(what, x, residual, weight)
+    C = x.shape[-1]
+    weight = _flat_param(what, weight, "weight", C)
+    (weight,) = _param_dtypes(x, None if weight is None else weight.detach())
+    eps = default_rms_eps(x.dtype) if eps is None else float(eps)
+    if x.numel() == 0:
+        return None
+    opts = _opts(weight_offset, rounding)
+    run("fused_add_rms_norm_", x, residual, weight, eps, *opts)
+    return None

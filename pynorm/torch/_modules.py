@@ -17,31 +17,80 @@ _F64 = torch.float64
 _EPS32, _EPS64 = torch.finfo(torch.float32).eps, torch.finfo(_F64).eps
 
 
-class LayerNorm(torch.nn.LayerNorm):
+class _TokenOptions:
+    """weight_offset= and rounding= of the token-norm modules (docs/inference.md): not
+    parameters or buffers, so the state_dict is torch's. Class defaults: a module whose
+    class replace_norms changed in place has the plain options."""
+
+    weight_offset = 0.0
+    rounding = "once"
+
+    def _set_options(self, weight_offset, rounding):
+        from ._token_ops import options
+        options(type(self).__name__, weight_offset, rounding, self.weight if self.elementwise_affine
+                else None)
+        self.weight_offset = float(weight_offset)
+        self.rounding = rounding
+        if self.weight_offset != 0.0:
+            self.reset_parameters()
+
+    def reset_parameters(self):
+        # the weight starts where (weight_offset + weight) is 1: Gemma's zeros for offset 1
+        super().reset_parameters()
+        if self.weight_offset != 0.0 and getattr(self, "weight", None) is not None:
+            with torch.no_grad():
+                self.weight.fill_(1.0 - self.weight_offset)
+
+    def _plain_options(self):
+        return self.weight_offset == 0.0 and self.rounding == "once"
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        if not self._plain_options():
+            s += f", weight_offset={self.weight_offset}, rounding={self.rounding!r}"
+        return s
+
+
+class LayerNorm(_TokenOptions, torch.nn.LayerNorm):
     """torch.nn.LayerNorm on pynorm's kernels (normalized_shape of any length: the
-    trailing axes are flattened into one row)."""
+    trailing axes are flattened into one row). Keywords weight_offset (y = xhat *
+    (weight_offset + weight) + bias; the weight then starts at 1 - weight_offset) and
+    rounding ("once" or "llama"), as pynorm.torch.layer_norm's."""
+
+    def __init__(self, *args, weight_offset=0.0, rounding="once", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_options(weight_offset, rounding)
 
     def forward(self, input):
+        default = self.weight_offset == 0.0 and self.rounding == "once"
         ops = _ext.ops
-        if ops is not None and input.is_cpu and input.shape[-1:] == self.normalized_shape:
+        if default and ops is not None and input.is_cpu and input.shape[-1:] == self.normalized_shape:
             # the C++ extension's operator: the whole call in C++ (see _ext)
             if _is_compiling():
                 return ops.layer_norm(input, self.weight, self.bias, self.eps)
             if not _functorch_active():
                 return _ext.eager_layer_norm(input, self.weight, self.bias, self.eps)
-        y = _fast.token_norm(self, input, False)
+        y = _fast.token_norm(self, input, False) if default else None
         if y is None:
-            y = F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+            y = F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
+                             weight_offset=self.weight_offset, rounding=self.rounding)
         return y
 
 
-class RMSNorm(torch.nn.RMSNorm):
+class RMSNorm(_TokenOptions, torch.nn.RMSNorm):
     """torch.nn.RMSNorm on pynorm's kernels (eps=None: the machine epsilon of the
-    compute type, as torch)."""
+    compute type, as torch). Keywords weight_offset (Gemma: 1.0, the weight then
+    starts at zeros) and rounding ("llama": Hugging Face LlamaRMSNorm's), as
+    pynorm.torch.rms_norm's."""
+
+    def __init__(self, *args, weight_offset=0.0, rounding="once", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_options(weight_offset, rounding)
 
     def forward(self, x):
+        default = self.weight_offset == 0.0 and self.rounding == "once"
         ops = _ext.ops
-        if ops is not None and x.is_cpu and x.shape[-1:] == self.normalized_shape:
+        if default and ops is not None and x.is_cpu and x.shape[-1:] == self.normalized_shape:
             eps = self.eps
             if eps is None:
                 eps = _EPS64 if x.dtype is _F64 else _EPS32
@@ -49,9 +98,10 @@ class RMSNorm(torch.nn.RMSNorm):
                 return ops.rms_norm(x, self.weight, eps)
             if not _functorch_active():
                 return _ext.eager_rms_norm(x, self.weight, eps)
-        y = _fast.token_norm(self, x, True)
+        y = _fast.token_norm(self, x, True) if default else None
         if y is None:
-            y = F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+            y = F.rms_norm(x, self.normalized_shape, self.weight, self.eps,
+                           weight_offset=self.weight_offset, rounding=self.rounding)
         return y
 
 

@@ -3,18 +3,25 @@
 Operators (namespace ``pynorm``), each with a fake (meta) implementation and, for
 the forwards, autograd wired to pynorm's own backward kernels:
 
-    pynorm::layer_norm_fwd(x, weight?, bias?, eps) -> (y, mean, rstd)
-    pynorm::layer_norm_bwd(dy, x, mean, rstd, weight?, need_dx, need_dweight, need_dbias)
-        -> (dx, dweight, dbias)
-    pynorm::rms_norm_fwd(x, weight?, eps) -> (y, rstd)
-    pynorm::rms_norm_bwd(dy, x, rstd, weight?, need_dx, need_dweight) -> (dx, dweight)
-    pynorm::add_layer_norm_fwd(x, residual, weight?, bias?, eps) -> (y, h, mean, rstd)
-    pynorm::add_rms_norm_fwd(x, residual, weight?, eps) -> (y, h, rstd)
+    pynorm::layer_norm_fwd(x, weight?, bias?, eps, weight_offset=0, rounding="once") -> (y, mean, rstd)
+    pynorm::layer_norm_bwd(dy, x, mean, rstd, weight?, need_dx, need_dweight, need_dbias,
+                           weight_offset=0) -> (dx, dweight, dbias)
+    pynorm::rms_norm_fwd(x, weight?, eps, weight_offset=0, rounding="once") -> (y, rstd)
+    pynorm::rms_norm_bwd(dy, x, rstd, weight?, need_dx, need_dweight, weight_offset=0) -> (dx, dweight)
+    pynorm::add_layer_norm_fwd(x, residual, weight?, bias?, eps, weight_offset=0, rounding="once")
+        -> (y, h, mean, rstd)
+    pynorm::add_rms_norm_fwd(x, residual, weight?, eps, weight_offset=0, rounding="once") -> (y, h, rstd)
+    pynorm::fused_add_rms_norm_(x!, residual!, weight, eps, weight_offset=0, rounding="once") -> ()
 
 x is (..., C) and normalized over its last axis; outputs are dense. mean/rstd have
 shape x.shape[:-1] and dtype float32 (float64 for float64 x); they are not
 differentiable. A gradient not asked for (need_* False) comes back as an empty
 tensor of shape (0,). dweight/dbias have weight's dtype (float32 without weight).
+
+weight_offset and rounding are docs/inference.md's: y = xhat * (weight_offset + w) (+ b),
+the offset added in float32; rounding "once" or "llama" (xhat rounded to x's dtype
+before the weight). The backward takes the offset (dx uses offset + w; dweight does
+not change) and ignores the rounding, as the C library's.
 
 The fused ops' gradient: h = x + residual, y = norm(h), and h is an output too, so
 d(x) = d(residual) = norm_backward(dy, h) + dh.
@@ -22,6 +29,7 @@ d(x) = d(residual) = norm_backward(dy, h) + dh.
 
 import torch
 
+from .._arrays import check_options
 from ._backend import backend_for, check_same_device, check_tensor, empty, stats_dtype, token_layout
 from ._dispatch import backward_op, register
 
@@ -81,21 +89,47 @@ def _check_stats(what, s, name, x):
     return s.contiguous()
 
 
+def options(what, weight_offset, rounding, weight):
+    """(offset, rounding code) checked as the NumPy functions do, or an error naming
+    the argument (pynorm.torch.<what>: ...)."""
+    try:
+        return check_options(weight_offset, rounding, weight)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"pynorm.torch.{what}: {e}") from None
+
+
+def _opts(be, offset, rmode):
+    """A pn_norm_options for the *_ex functions, or None for the defaults (the 0.1
+    functions are called then)."""
+    if offset == 0.0 and rmode == 0:
+        return None
+    o = be.ffi.new("pn_norm_options *")
+    o.weight_offset = offset
+    o.rounding = rmode
+    return o
+
+
 # ---- implementations (real tensors) ---------------------------------------------------------
 
-def _forward_impl(op, x, residual, weight, bias, eps):
-    """Every forward. op: "layer" or "rms". Returns (y, h or None, mean or None, rstd)."""
-    what = f"{'add_' if residual is not None else ''}{op}_norm"
+def _forward_impl(op, x, residual, weight, bias, eps, weight_offset=0.0, rounding="once", outs=None,
+                  what=None):
+    """Every forward. op: "layer" or "rms". Returns (y, h or None, mean or None, rstd).
+    outs: (y, h) written in place (fused_add_rms_norm_: x and residual, dense)."""
+    what = what or f"{'add_' if residual is not None else ''}{op}_norm"
     _check_x(what, x)
     if residual is not None:
         _check_like(what, residual, "residual", x)
     weight, bias = _params(what, x, weight, bias)
+    offset, rmode = options(what, weight_offset, rounding, weight)
     be = backend_for(x, what)
     shape, dtype, dev = x.shape, x.dtype, x.device
     lead, C = tuple(shape[:-1]), shape[-1]
     sdt = stats_dtype(dtype)
-    y = empty(shape, dtype, dev)
-    h = empty(shape, dtype, dev) if residual is not None else None
+    if outs is None:
+        y = empty(shape, dtype, dev)
+        h = empty(shape, dtype, dev) if residual is not None else None
+    else:
+        y, h = outs
     mean = torch.empty(lead, dtype=sdt, device=dev) if op == "layer" else None
     rstd = torch.empty(lead, dtype=sdt, device=dev)
     if y.numel() == 0:
@@ -104,30 +138,34 @@ def _forward_impl(op, x, residual, weight, bias, eps):
     B, T, strides, ins = token_layout(be, lead, inputs)
     dt, wdt = be.pn_dtype[dtype], be.pn_dtype[_wdtype(weight, bias, x)]
     p = be.ptr
+    opts = _opts(be, offset, rmode)
+    ex = () if opts is None else (opts,)          # the default options: the 0.1 functions
+    sfx = "" if opts is None else "_ex"
     if op == "layer":
         if residual is None:
-            be.call("layernorm_forward", what, dev, p(y), p(mean), p(rstd), p(ins[0]),
-                    p(weight), p(bias), B, T, C, float(eps), dt, wdt, strides)
+            be.call("layernorm_forward" + sfx, what, dev, p(y), p(mean), p(rstd), p(ins[0]),
+                    p(weight), p(bias), B, T, C, float(eps), dt, wdt, strides, *ex)
         else:
-            be.call("add_layernorm_forward", what, dev, p(y), p(h), p(mean), p(rstd),
-                    p(ins[0]), p(ins[1]), p(weight), p(bias), B, T, C, float(eps), dt, wdt, strides)
+            be.call("add_layernorm_forward" + sfx, what, dev, p(y), p(h), p(mean), p(rstd),
+                    p(ins[0]), p(ins[1]), p(weight), p(bias), B, T, C, float(eps), dt, wdt, strides, *ex)
     else:
         if residual is None:
-            be.call("rmsnorm_forward", what, dev, p(y), p(rstd), p(ins[0]), p(weight),
-                    B, T, C, float(eps), dt, wdt, strides)
+            be.call("rmsnorm_forward" + sfx, what, dev, p(y), p(rstd), p(ins[0]), p(weight),
+                    B, T, C, float(eps), dt, wdt, strides, *ex)
         else:
-            be.call("add_rmsnorm_forward", what, dev, p(y), p(h), p(rstd), p(ins[0]),
-                    p(ins[1]), p(weight), B, T, C, float(eps), dt, wdt, strides)
+            be.call("add_rmsnorm_forward" + sfx, what, dev, p(y), p(h), p(rstd), p(ins[0]),
+                    p(ins[1]), p(weight), B, T, C, float(eps), dt, wdt, strides, *ex)
     return y, h, mean, rstd
 
 
-def _backward_impl(op, dy, x, mean, rstd, weight, need_dx, need_dw, need_db):
+def _backward_impl(op, dy, x, mean, rstd, weight, need_dx, need_dw, need_db, weight_offset=0.0):
     what = f"{op}_norm_backward"
     _check_x(what, x)
     _check_like(what, dy, "dy", x)
     mean = _check_stats(what, mean, "mean", x) if op == "layer" else None
     rstd = _check_stats(what, rstd, "rstd", x)
     weight, _ = _params(what, x, weight)
+    offset, _ = options(what, weight_offset, "once", weight)
     be = backend_for(x, what)
     lead, C = tuple(x.shape[:-1]), x.shape[-1]
     wdtype = weight.dtype if weight is not None else torch.float32
@@ -149,85 +187,94 @@ def _backward_impl(op, dy, x, mean, rstd, weight, need_dx, need_dw, need_db):
     p = be.ptr
     dxp = p(dx) if need_dx else be.ffi.NULL
     dwp = p(dw) if need_dw else be.ffi.NULL
+    opts = _opts(be, offset, 0)
+    ex = () if opts is None else (opts,)
+    sfx = "" if opts is None else "_ex"
     if op == "layer":
         dbp = p(db) if need_db else be.ffi.NULL
         sp, sn, _keep = be.scratch("layernorm_backward_scratch_size", dev, B, T, C, dt)
-        be.call("layernorm_backward", what, dev, dxp, dwp, dbp, sp, sn, p(dy_), p(x_), p(weight),
-                p(mean), p(rstd), B, T, C, 0, dt, wdt, strides)
+        be.call("layernorm_backward" + sfx, what, dev, dxp, dwp, dbp, sp, sn, p(dy_), p(x_), p(weight),
+                p(mean), p(rstd), B, T, C, 0, dt, wdt, strides, *ex)
     else:
         sp, sn, _keep = be.scratch("rmsnorm_backward_scratch_size", dev, B, T, C, dt)
-        be.call("rmsnorm_backward", what, dev, dxp, dwp, sp, sn, p(dy_), p(x_), p(weight),
-                p(rstd), B, T, C, 0, dt, wdt, strides)
+        be.call("rmsnorm_backward" + sfx, what, dev, dxp, dwp, sp, sn, p(dy_), p(x_), p(weight),
+                p(rstd), B, T, C, 0, dt, wdt, strides, *ex)
     return dx, dw, db
 
 
 # ---- the operators ----------------------------------------------------------------------------
 
-def _layer_norm_fwd(x, weight, bias, eps):
-    y, _, mean, rstd = _forward_impl("layer", x, None, weight, bias, eps)
+def _layer_norm_fwd(x, weight, bias, eps, weight_offset=0.0, rounding="once"):
+    y, _, mean, rstd = _forward_impl("layer", x, None, weight, bias, eps, weight_offset, rounding)
     return y, mean, rstd
 
 
-def _rms_norm_fwd(x, weight, eps):
-    y, _, _, rstd = _forward_impl("rms", x, None, weight, None, eps)
+def _rms_norm_fwd(x, weight, eps, weight_offset=0.0, rounding="once"):
+    y, _, _, rstd = _forward_impl("rms", x, None, weight, None, eps, weight_offset, rounding)
     return y, rstd
 
 
-def _add_layer_norm_fwd(x, residual, weight, bias, eps):
-    return _forward_impl("layer", x, residual, weight, bias, eps)
+def _add_layer_norm_fwd(x, residual, weight, bias, eps, weight_offset=0.0, rounding="once"):
+    return _forward_impl("layer", x, residual, weight, bias, eps, weight_offset, rounding)
 
 
-def _add_rms_norm_fwd(x, residual, weight, eps):
-    y, h, _, rstd = _forward_impl("rms", x, residual, weight, None, eps)
+def _add_rms_norm_fwd(x, residual, weight, eps, weight_offset=0.0, rounding="once"):
+    y, h, _, rstd = _forward_impl("rms", x, residual, weight, None, eps, weight_offset, rounding)
     return y, h, rstd
 
 
-def _layer_norm_bwd(dy, x, mean, rstd, weight, need_dx, need_dweight, need_dbias):
-    return _backward_impl("layer", dy, x, mean, rstd, weight, need_dx, need_dweight, need_dbias)
+def _layer_norm_bwd(dy, x, mean, rstd, weight, need_dx, need_dweight, need_dbias, weight_offset=0.0):
+    return _backward_impl("layer", dy, x, mean, rstd, weight, need_dx, need_dweight, need_dbias,
+                          weight_offset)
 
 
-def _rms_norm_bwd(dy, x, rstd, weight, need_dx, need_dweight):
-    dx, dw, _ = _backward_impl("rms", dy, x, None, rstd, weight, need_dx, need_dweight, False)
+def _rms_norm_bwd(dy, x, rstd, weight, need_dx, need_dweight, weight_offset=0.0):
+    dx, dw, _ = _backward_impl("rms", dy, x, None, rstd, weight, need_dx, need_dweight, False,
+                               weight_offset)
     return dx, dw
 
 
 @torch.library.custom_op("pynorm::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _layer_norm_fwd(x, weight, bias, eps)
+                   eps: float, weight_offset: float = 0.0, rounding: str = "once"
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _layer_norm_fwd(x, weight, bias, eps, weight_offset, rounding)
 
 
 @torch.library.custom_op("pynorm::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rms_norm_fwd(x, weight, eps)
+def rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                 weight_offset: float = 0.0, rounding: str = "once") -> tuple[torch.Tensor, torch.Tensor]:
+    return _rms_norm_fwd(x, weight, eps, weight_offset, rounding)
 
 
 @torch.library.custom_op("pynorm::add_layer_norm_fwd", mutates_args=())
 def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
-                       bias: torch.Tensor | None, eps: float
+                       bias: torch.Tensor | None, eps: float, weight_offset: float = 0.0,
+                       rounding: str = "once"
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _add_layer_norm_fwd(x, residual, weight, bias, eps)
+    return _add_layer_norm_fwd(x, residual, weight, bias, eps, weight_offset, rounding)
 
 
 @torch.library.custom_op("pynorm::add_rms_norm_fwd", mutates_args=())
 def add_rms_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
-                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _add_rms_norm_fwd(x, residual, weight, eps)
+                     eps: float, weight_offset: float = 0.0, rounding: str = "once"
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _add_rms_norm_fwd(x, residual, weight, eps, weight_offset, rounding)
 
 
 @torch.library.custom_op("pynorm::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                    weight: torch.Tensor | None, need_dx: bool, need_dweight: bool,
-                   need_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _layer_norm_bwd(dy, x, mean, rstd, weight, need_dx, need_dweight, need_dbias)
+                   need_dbias: bool, weight_offset: float = 0.0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _layer_norm_bwd(dy, x, mean, rstd, weight, need_dx, need_dweight, need_dbias, weight_offset)
 
 
 @torch.library.custom_op("pynorm::rms_norm_bwd", mutates_args=())
 def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor,
-                 weight: torch.Tensor | None, need_dx: bool,
-                 need_dweight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _rms_norm_bwd(dy, x, rstd, weight, need_dx, need_dweight)
+                 weight: torch.Tensor | None, need_dx: bool, need_dweight: bool,
+                 weight_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rms_norm_bwd(dy, x, rstd, weight, need_dx, need_dweight, weight_offset)
 
 
 # ---- fake (meta) implementations: shapes, dtypes and strides only ------------------------------
@@ -241,22 +288,22 @@ def _fake_stats(x):
 
 
 @layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
+def _(x, weight, bias, eps, weight_offset=0.0, rounding="once"):
     return _fake_out(x), _fake_stats(x), _fake_stats(x)
 
 
 @rms_norm_fwd.register_fake
-def _(x, weight, eps):
+def _(x, weight, eps, weight_offset=0.0, rounding="once"):
     return _fake_out(x), _fake_stats(x)
 
 
 @add_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps):
+def _(x, residual, weight, bias, eps, weight_offset=0.0, rounding="once"):
     return _fake_out(x), _fake_out(x), _fake_stats(x), _fake_stats(x)
 
 
 @add_rms_norm_fwd.register_fake
-def _(x, residual, weight, eps):
+def _(x, residual, weight, eps, weight_offset=0.0, rounding="once"):
     return _fake_out(x), _fake_out(x), _fake_stats(x)
 
 
@@ -270,12 +317,12 @@ def _fake_grads(x, weight, need_dx, need_dw, need_db):
 
 
 @layer_norm_bwd.register_fake
-def _(dy, x, mean, rstd, weight, need_dx, need_dweight, need_dbias):
+def _(dy, x, mean, rstd, weight, need_dx, need_dweight, need_dbias, weight_offset=0.0):
     return _fake_grads(x, weight, need_dx, need_dweight, need_dbias)
 
 
 @rms_norm_bwd.register_fake
-def _(dy, x, rstd, weight, need_dx, need_dweight):
+def _(dy, x, rstd, weight, need_dx, need_dweight, weight_offset=0.0):
     return _fake_grads(x, weight, need_dx, need_dweight, False)[:2]
 
 
@@ -283,8 +330,14 @@ def _(dy, x, rstd, weight, need_dx, need_dweight):
 # set_materialize_grads(False): an output nobody differentiates (the fused ops' h,
 # the statistics) brings None, not a tensor of zeros to add.
 
+def _offset_of(opts):
+    """weight_offset from the trailing (weight_offset, rounding) inputs, 0 when left out."""
+    return float(opts[0]) if opts else 0.0
+
+
 def _setup_layer_norm(ctx, inputs, output):
-    x, weight, bias, eps = inputs
+    x, weight, bias, eps, *opts = inputs
+    ctx.weight_offset, ctx.n_inputs = _offset_of(opts), len(inputs)
     y, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.has_bias = bias is not None
@@ -296,7 +349,7 @@ def _layer_norm_grads(ctx, dy, x, weight, mean, rstd, need_dx, need_dw, need_db)
     if dy is None:
         return None, None, None
     dx, dw, db = backward_op(ctx, "layer_norm_bwd")(dy, x, mean, rstd, weight,
-                                                    need_dx, need_dw, need_db)
+                                                    need_dx, need_dw, need_db, ctx.weight_offset)
     return dx if need_dx else None, dw if need_dw else None, db if need_db else None
 
 
@@ -305,7 +358,7 @@ def _backward_layer_norm(ctx, dy, dmean, drstd):
     nx, nw, nb = ctx.needs_input_grad[:3]
     dx, dw, db = _layer_norm_grads(ctx, dy, x, weight, mean, rstd, nx, nw and weight is not None,
                                    nb and ctx.has_bias)
-    return dx, dw, db, None
+    return (dx, dw, db, None, None, None)[:ctx.n_inputs]
 
 
 layer_norm_fwd.register_autograd(_backward_layer_norm, setup_context=_setup_layer_norm)
@@ -313,7 +366,8 @@ register("layer_norm_fwd", _layer_norm_fwd, _setup_layer_norm, _backward_layer_n
 
 
 def _setup_rms_norm(ctx, inputs, output):
-    x, weight, eps = inputs
+    x, weight, eps, *opts = inputs
+    ctx.weight_offset, ctx.n_inputs = _offset_of(opts), len(inputs)
     y, rstd = output
     ctx.save_for_backward(x, weight, rstd)
     ctx.mark_non_differentiable(rstd)
@@ -323,7 +377,7 @@ def _setup_rms_norm(ctx, inputs, output):
 def _rms_norm_grads(ctx, dy, x, weight, rstd, need_dx, need_dw):
     if dy is None:
         return None, None
-    dx, dw = backward_op(ctx, "rms_norm_bwd")(dy, x, rstd, weight, need_dx, need_dw)
+    dx, dw = backward_op(ctx, "rms_norm_bwd")(dy, x, rstd, weight, need_dx, need_dw, ctx.weight_offset)
     return dx if need_dx else None, dw if need_dw else None
 
 
@@ -331,7 +385,7 @@ def _backward_rms_norm(ctx, dy, drstd):
     x, weight, rstd = ctx.saved_tensors
     nx, nw = ctx.needs_input_grad[:2]
     dx, dw = _rms_norm_grads(ctx, dy, x, weight, rstd, nx, nw and weight is not None)
-    return dx, dw, None
+    return (dx, dw, None, None, None)[:ctx.n_inputs]
 
 
 rms_norm_fwd.register_autograd(_backward_rms_norm, setup_context=_setup_rms_norm)
@@ -348,7 +402,8 @@ def _residual_grad(dh_norm, dh):
 
 
 def _setup_add_layer_norm(ctx, inputs, output):
-    x, residual, weight, bias, eps = inputs
+    x, residual, weight, bias, eps, *opts = inputs
+    ctx.weight_offset, ctx.n_inputs = _offset_of(opts), len(inputs)
     y, h, mean, rstd = output
     ctx.save_for_backward(h, weight, mean, rstd)
     ctx.has_bias = bias is not None
@@ -362,7 +417,7 @@ def _backward_add_layer_norm(ctx, dy, dh, dmean, drstd):
     dhn, dw, db = _layer_norm_grads(ctx, dy, h, weight, mean, rstd, nx or nr,
                                     nw and weight is not None, nb and ctx.has_bias)
     d = _residual_grad(dhn, dh)
-    return d if nx else None, d if nr else None, dw, db, None
+    return (d if nx else None, d if nr else None, dw, db, None, None, None)[:ctx.n_inputs]
 
 
 add_layer_norm_fwd.register_autograd(_backward_add_layer_norm, setup_context=_setup_add_layer_norm)
@@ -370,7 +425,8 @@ register("add_layer_norm_fwd", _add_layer_norm_fwd, _setup_add_layer_norm, _back
 
 
 def _setup_add_rms_norm(ctx, inputs, output):
-    x, residual, weight, eps = inputs
+    x, residual, weight, eps, *opts = inputs
+    ctx.weight_offset, ctx.n_inputs = _offset_of(opts), len(inputs)
     y, h, rstd = output
     ctx.save_for_backward(h, weight, rstd)
     ctx.mark_non_differentiable(rstd)
@@ -382,10 +438,50 @@ def _backward_add_rms_norm(ctx, dy, dh, drstd):
     nx, nr, nw = ctx.needs_input_grad[:3]
     dhn, dw = _rms_norm_grads(ctx, dy, h, weight, rstd, nx or nr, nw and weight is not None)
     d = _residual_grad(dhn, dh)
-    return d if nx else None, d if nr else None, dw, None
+    return (d if nx else None, d if nr else None, dw, None, None, None)[:ctx.n_inputs]
 
 
 add_rms_norm_fwd.register_autograd(_backward_add_rms_norm, setup_context=_setup_add_rms_norm)
 register("add_rms_norm_fwd", _add_rms_norm_fwd, _setup_add_rms_norm, _backward_add_rms_norm)
 register("layer_norm_bwd", _layer_norm_bwd)
 register("rms_norm_bwd", _rms_norm_bwd)
+
+
+# ---- in place: fused_add_rms_norm_ ---------------------------------------------------------------
+# residual <- h = round(x + residual), x <- y = rms_norm(h): vLLM's and FlashInfer's
+# fused_add_rmsnorm. A mutating operator (x and residual declared mutated), so
+# torch.compile keeps the writes in order; no autograd (an inference op).
+
+def _fused_add_rms_norm_(x, residual, weight, eps, weight_offset=0.0, rounding="once"):
+    what = "fused_add_rms_norm_"
+    if x.numel() and torch._C._overlaps(x, residual):
+        raise ValueError(f"pynorm.torch.{what}: x and residual overlap in memory; they must be "
+                         "separate buffers (both are written)")
+    for name, t in (("x", x), ("residual", residual)):
+        if t.numel() and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(f"pynorm.torch.{what}: {name} has elements that share memory (an expanded "
+                             "view); it cannot be written in place")
+        if weight is not None and t.numel() and weight.device == t.device and torch._C._overlaps(t, weight):
+            raise ValueError(f"pynorm.torch.{what}: {name} overlaps weight in memory")
+    if x.is_contiguous() and residual.is_contiguous():
+        # dense: the kernel writes y over x and h over the residual (the in-place pairs)
+        _forward_impl("rms", x, residual, weight, None, eps, weight_offset, rounding, outs=(x, residual),
+                      what=what)
+    else:
+        y, h, _, _ = _forward_impl("rms", x, residual, weight, None, eps, weight_offset, rounding, what=what)
+        residual.copy_(h)
+        x.copy_(y)
+
+
+@torch.library.custom_op("pynorm::fused_add_rms_norm_", mutates_args=("x", "residual"))
+def fused_add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                        eps: float, weight_offset: float = 0.0, rounding: str = "once") -> None:
+    _fused_add_rms_norm_(x, residual, weight, eps, weight_offset, rounding)
+
+
+@fused_add_rms_norm_.register_fake
+def _(x, residual, weight, eps, weight_offset=0.0, rounding="once"):
+    return None
+
+
+register("fused_add_rms_norm_", _fused_add_rms_norm_)
