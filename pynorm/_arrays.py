@@ -253,6 +253,25 @@ def rows_disjoint(B, T, sb, st, C):
     return sb >= C and st >= (B - 1) * sb + C
 
 
+COPY, REPEAT = "copy", "repeat"
+
+
+def row_pair(role, sizes, strides, C):
+    """How the library addresses one buffer's rows in a (B, T, H) split with strides
+    (sb, st, sh): its (b, t) strides, or COPY when it must go through a dense
+    temporary (rows an output would overlap; a broadcast row under heads with
+    B, T > 1), or REPEAT when its one row must become min(B, T) dense copies (a
+    broadcast row of a B x T split). {0, 0} would read as dense, so it never comes
+    back."""
+    (B, T, H), (sb, st, sh) = sizes, strides
+    if (role == OUT or role == INOUT) and not rows_disjoint3(sizes, strides, C):
+        return COPY
+    pair = repeated_row(sb, st, B, T)
+    if pair is None:
+        return COPY if H > 1 else REPEAT
+    return pair
+
+
 def repeated_row(sb, st, B, T):
     """Strides {sb, st} for a buffer whose every row is the same memory, where the
     fold gave (0, 0) - which the C API reads as the dense layout. None when both
@@ -357,21 +376,14 @@ def row_layout(lead, buffers, others=(), heads=False):
         if arrays[i].flags.c_contiguous:
             continue                                        # {0, 0}: dense, whatever the split
         field, role = buffers[i][0], buffers[i][3]
-        if (role == OUT or role == INOUT) and not rows_disjoint3((B, T, H), (sb, st, sh), C):
-            _replace(i, buffers, arrays, strides, back)    # rows the library would refuse to write
+        pair = row_pair(role, (B, T, H), (sb, st, sh), C)
+        if pair is COPY:
+            _replace(i, buffers, arrays, strides, back)
             continue
+        if pair is REPEAT:
+            arrays[i], pair = repeat_row(arrays[i], B, T)
         if H > 1:
-            if (sb, st) == (0, 0):                          # {0, 0} would read as dense
-                if B > 1 and T > 1:                         # one row for every (b, t): a dense copy
-                    _replace(i, buffers, arrays, strides, back)
-                    continue
-                sb, st = (1, 0) if B == 1 else (0, 1)
             head[field] = sh
-            pair = (sb, st)
-        else:
-            pair = repeated_row(sb, st, B, T)
-            if pair is None:       # one row for every (b, t) of a B x T split: min(B, T) dense copies of it
-                arrays[i], pair = repeat_row(arrays[i], B, T)
         row = getattr(s, field)
         row.b, row.t = pair
     done = (B, T, s, arrays, back)

@@ -24,8 +24,8 @@ import threading
 import ml_dtypes
 import numpy as np
 
-from ._arrays import (IN, INOUT, NEW, OUT, check_eps, check_options, gradient_outs, param_dtype, repeated_row,
-                      rows_disjoint3, shares_memory, split_rows, split_rows3)
+from ._arrays import (COPY, IN, INOUT, NEW, OUT, REPEAT, check_eps, check_options, gradient_outs, param_dtype,
+                      row_pair, shares_memory, split_rows, split_rows3)
 
 __all__ = ["is_cuda_array", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
@@ -602,21 +602,14 @@ def _row_layout(lead, buffers, others, ffi, cp):
         if devs[i].c_contiguous():
             continue                                    # {0, 0}: dense, whatever the split
         field, role = buffers[i][0], buffers[i][3]
-        if (role == OUT or role == INOUT) and not rows_disjoint3((B, T, H), (sb, st, sh), C):
-            replace(i)                                  # rows the library would refuse to write
+        pair = row_pair(role, (B, T, H), (sb, st, sh), C)
+        if pair is COPY:
+            replace(i)
             continue
+        if pair is REPEAT:
+            devs[i], pair = _repeat_row(devs[i], B, T, cp)
         if H > 1:
-            if (sb, st) == (0, 0):                      # {0, 0} would read as dense
-                if B > 1 and T > 1:                     # one row for every (b, t): a dense copy
-                    replace(i)
-                    continue
-                sb, st = (1, 0) if B == 1 else (0, 1)
             head[field] = sh
-            pair = (sb, st)
-        else:
-            pair = repeated_row(sb, st, B, T)
-            if pair is None:       # one row for every (b, t) of a B x T split: min(B, T) dense copies of it
-                devs[i], pair = _repeat_row(devs[i], B, T, cp)
         row = getattr(s, field)
         row.b, row.t = pair
     return B, T, s, devs, back, H, head
