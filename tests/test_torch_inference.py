@@ -601,3 +601,56 @@ def test_replace_norms_probe_does_not_touch_the_module():
 def test_replace_norms_skipped_must_be_a_list():
     with pytest.raises(TypeError, match="skipped"):
         pnt.replace_norms(nn.Sequential(), skipped=())
+
+
+# ---- per-head views: q/k norms on a fused qkv buffer, read with no copy ------------------------
+
+def _qk_views(dtype):
+    """3-D (T, H, D) and 4-D (B, S, H, D) q and k views of fused qkv buffers."""
+    g = torch.Generator().manual_seed(7)
+    Hq, Hk, D = 4, 2, 64
+    qkv3 = torch.randn(9, (Hq + 2 * Hk) * D, generator=g).to(dtype)
+    qkv4 = torch.randn(2, 5, (Hq + 2 * Hk) * D, generator=g).to(dtype)
+    v3 = qkv3.view(9, Hq + 2 * Hk, D)
+    v4 = qkv4.view(2, 5, Hq + 2 * Hk, D)
+    return [("q 3-D", v3[:, :Hq]), ("k 3-D", v3[:, Hq:Hq + Hk]),
+            ("q 4-D", v4[:, :, :Hq]), ("k 4-D", v4[:, :, Hq:Hq + Hk]),
+            ("q 4-D, S sliced", v4[:, 1:4, :Hq])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["rms", "layer"])
+def test_head_views_are_read_in_place(op, dtype, monkeypatch):
+    """rms_norm/layer_norm on q/k views of a fused qkv buffer: the bits of the call on
+    a dense copy (forward, dx, dweight), and no copy of the view is made."""
+    D = 64
+    w = torch.randn(D).to(dtype)
+    for name, view in _qk_views(dtype):
+        assert not view.is_contiguous()
+        dense = view.contiguous()
+        x = view.detach().requires_grad_(False)
+        wg, wd = w.clone().requires_grad_(True), w.clone().requires_grad_(True)
+
+        def call(t, weight):
+            if op == "rms":
+                return pnt.rms_norm(t, (D,), weight, 1e-6)
+            return pnt.layer_norm(t, (D,), weight, None, 1e-5)
+
+        xd = dense.clone().requires_grad_(True)
+        want = call(xd, wd)
+        want.backward(torch.ones_like(want))
+        real_contiguous = torch.Tensor.contiguous
+
+        def no_copy(self, *args, **kwargs):
+            if self.data_ptr() == view.data_ptr() and not self.is_contiguous():
+                raise AssertionError(f"{name}: the view was copied")
+            return real_contiguous(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, "contiguous", no_copy)
+        xv = view.detach().requires_grad_(True)
+        got = call(xv, wg)
+        got.backward(torch.ones_like(got))
+        monkeypatch.setattr(torch.Tensor, "contiguous", real_contiguous)
+        assert torch.equal(got, want), f"{op} {name} {dtype}: y differs from the dense call"
+        assert torch.equal(xv.grad, xd.grad), f"{op} {name} {dtype}: dx differs"
+        assert torch.equal(wg.grad, wd.grad), f"{op} {name} {dtype}: dweight differs"

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .._arrays import repeated_row, split_rows
+from .._arrays import COPY, IN, REPEAT, row_pair, split_rows, split_rows3
 from .._lib import ffi as _cffi, lib as _clib
 
 _TORCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -194,19 +194,26 @@ def _row_strides(t):
     return t.stride()[:-1]
 
 
-def token_layout(be, lead, inputs):
+def token_layout(be, lead, inputs, heads=False):
     """B x T rows for the inputs of a token-norm call; outputs are fresh dense tensors.
 
     inputs: list of (pn_strides field, tensor). Returns (B, T, pn_strides* or NULL,
     tensors), where an input the kernels cannot address in place was replaced by a
-    contiguous copy (the only copies ever made)."""
+    contiguous copy (the only copies ever made). With heads=True, views no B x T
+    split fits (a 4-D (B, S, H, D) view of a fused qkv buffer) get a B x T x H
+    split, and the result is (B, T, H, {field: head stride}, pn_strides*, tensors)
+    for a pn_norm_options (H == 1, {} otherwise)."""
     tensors = [t for _, t in inputs]
     rows = math.prod(lead)
+
+    def result(B, T, s, H=1, head=None):
+        return (B, T, H, head or {}, s, tensors) if heads else (B, T, s, tensors)
+
     for t in tensors:
         if not t.is_contiguous():
             break
     else:                                             # the common case: no struct
-        return 1, rows, be.ffi.NULL, tensors
+        return result(1, rows, be.ffi.NULL)
     strides = []
     for i, t in enumerate(tensors):
         st = _row_strides(t)
@@ -215,18 +222,27 @@ def token_layout(be, lead, inputs):
             st = tensors[i].stride()[:-1]
         strides.append(st)
     split = split_rows(tuple(lead), strides)
-    if split is None:
-        tensors = [t.contiguous() for t in tensors]
-        return 1, rows, be.ffi.NULL, tensors
-    B, T, pairs = split
+    if split is not None:
+        B, T, pairs = split
+        H, triples = 1, [(sb, st, 0) for sb, st in pairs]
+    else:
+        split = split_rows3(tuple(lead), strides) if heads else None
+        if split is None:
+            tensors = [t.contiguous() for t in tensors]
+            return result(1, rows, be.ffi.NULL)
+        B, T, H, triples = split
+    C = tensors[0].shape[-1]
     s = be.ffi.new("pn_strides *")
-    for i, ((field, _), (sb, st)) in enumerate(zip(inputs, pairs)):
+    head = {}
+    for i, ((field, _), triple) in enumerate(zip(inputs, triples)):
         if tensors[i].is_contiguous():
             continue                                  # {0, 0}: dense
-        pair = repeated_row(sb, st, B, T)             # every row the same memory: {0, 0} would mean dense
-        if pair is None:
+        pair = row_pair(IN, (B, T, H), triple, C)
+        if pair is COPY or pair is REPEAT:            # every row the same memory, for every (b, t)
             tensors[i] = tensors[i].contiguous()
             continue
+        if H > 1:
+            head[field] = triple[2]
         row = getattr(s, field)
         row.b, row.t = pair
-    return B, T, s, tensors
+    return result(B, T, s, H, head)

@@ -98,14 +98,17 @@ def options(what, weight_offset, rounding, weight):
         raise type(e)(f"pynorm.torch.{what}: {e}") from None
 
 
-def _opts(be, offset, rmode):
+def _opts(be, offset, rmode, H=1, head=None):
     """A pn_norm_options for the *_ex functions, or None for the defaults (the 0.1
-    functions are called then)."""
-    if offset == 0.0 and rmode == 0:
+    functions are called then). H, head: B x T x H rows (token_layout's heads)."""
+    if offset == 0.0 and rmode == 0 and H == 1:
         return None
     o = be.ffi.new("pn_norm_options *")
     o.weight_offset = offset
     o.rounding = rmode
+    o.H = H
+    for field, stride in (head or {}).items():
+        setattr(o.head, field, stride)
     return o
 
 
@@ -135,10 +138,10 @@ def _forward_impl(op, x, residual, weight, bias, eps, weight_offset=0.0, roundin
     if y.numel() == 0:
         return y, h, mean, rstd
     inputs = [("inp", x)] + ([("residual", residual)] if residual is not None else [])
-    B, T, strides, ins = token_layout(be, lead, inputs)
+    B, T, H, head, strides, ins = token_layout(be, lead, inputs, heads=True)
     dt, wdt = be.pn_dtype[dtype], be.pn_dtype[_wdtype(weight, bias, x)]
     p = be.ptr
-    opts = _opts(be, offset, rmode)
+    opts = _opts(be, offset, rmode, H, head)
     ex = () if opts is None else (opts,)          # the default options: the 0.1 functions
     sfx = "" if opts is None else "_ex"
     if op == "layer":
@@ -182,21 +185,21 @@ def _backward_impl(op, dy, x, mean, rstd, weight, need_dx, need_dw, need_db, wei
         return dx, dw, db
     if not (need_dx or need_dw or need_db):
         return dx, dw, db
-    B, T, strides, (dy_, x_) = token_layout(be, lead, [("dout", dy), ("inp", x)])
+    B, T, H, head, strides, (dy_, x_) = token_layout(be, lead, [("dout", dy), ("inp", x)], heads=True)
     dt, wdt = be.pn_dtype[x.dtype], be.pn_dtype[wdtype]
     p = be.ptr
     dxp = p(dx) if need_dx else be.ffi.NULL
     dwp = p(dw) if need_dw else be.ffi.NULL
-    opts = _opts(be, offset, 0)
+    opts = _opts(be, offset, 0, H, head)
     ex = () if opts is None else (opts,)
     sfx = "" if opts is None else "_ex"
     if op == "layer":
         dbp = p(db) if need_db else be.ffi.NULL
-        sp, sn, _keep = be.scratch("layernorm_backward_scratch_size", dev, B, T, C, dt)
+        sp, sn, _keep = be.scratch("layernorm_backward_scratch_size", dev, B, T * H, C, dt)
         be.call("layernorm_backward" + sfx, what, dev, dxp, dwp, dbp, sp, sn, p(dy_), p(x_), p(weight),
                 p(mean), p(rstd), B, T, C, 0, dt, wdt, strides, *ex)
     else:
-        sp, sn, _keep = be.scratch("rmsnorm_backward_scratch_size", dev, B, T, C, dt)
+        sp, sn, _keep = be.scratch("rmsnorm_backward_scratch_size", dev, B, T * H, C, dt)
         be.call("rmsnorm_backward" + sfx, what, dev, dxp, dwp, sp, sn, p(dy_), p(x_), p(weight),
                 p(rstd), B, T, C, 0, dt, wdt, strides, *ex)
     return dx, dw, db
