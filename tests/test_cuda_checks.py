@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from pynorm import _cuda
+from pynorm._lib import lib as CPU_LIB
+from test_errors_doc import DOCUMENTED
 
 try:
     FFI, LIB = _cuda.library()
@@ -205,3 +207,15 @@ def test_quant_arguments_refused_as_the_c_library_does(op, what, q_off, s_off, k
     assert cuda == getattr(LIB, status), (
         f"{what}: CUDA gives {FFI.string(LIB.pn_cuda_status_string(cuda)).decode()}, expected {status}")
     assert cuda == c, f"{what}: CUDA status {cuda}, the C library's {c}"
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_status_maps_to_the_cpu_librarys_exception(name):
+    """A CUDA status raises what the same CPU status raises (docs/errors.md);
+    a failed launch or CUDA runtime call is a RuntimeError naming the CUDA error."""
+    with pytest.raises(DOCUMENTED[name]) as info:
+        _cuda._check_status(FFI, LIB, getattr(CPU_LIB, name), "op")
+    assert str(info.value).startswith("op: ")
+    with pytest.raises(RuntimeError):
+        _cuda._check_status(FFI, LIB, LIB.PN_CUDA_ERR_LAUNCH, "op")
+    _cuda._check_status(FFI, LIB, 0, "op")
