@@ -313,7 +313,7 @@ def run_numpy_case(case, call):
 LEAD_SIZES = [2, 3, 1, 4, 2, 3, 1, 4, 0]     # empty arrays too, now and then
 C_SIZES = [8, 1, 3, 17]
 TOKEN_FWD = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "layer_norm_forward", "rms_norm_forward"]
-TOKEN_QUANT = ["rms_norm_quant", "layer_norm_quant"]      # NumPy only (no CUDA twin yet)
+TOKEN_QUANT = ["rms_norm_quant", "layer_norm_quant"]      # NumPy and CuPy arrays (torch: test_torch_inference.py)
 
 
 def _draw_dtypes(data, dtypes):

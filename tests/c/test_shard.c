@@ -12,10 +12,7 @@ static const pn_dtype DTYPES[4] = {PN_FLOAT32, PN_FLOAT64, PN_BFLOAT16, PN_FLOAT
 /* max |a - b| over n doubles */
 static double maxdiff(const double *a, const double *b, int64_t n) {
     double m = 0;
-    for (int64_t i = 0; i < n; i++) {
-        double d = fabs(a[i] - b[i]);
-        if (!(d <= m)) m = d;   /* NaN wins */
-    }
+    for (int64_t i = 0; i < n; i++) m = tu_nanmax(m, fabs(a[i] - b[i]));
     return m;
 }
 
@@ -183,7 +180,7 @@ static void token_case(int rms, pn_dtype dt, int64_t rows, int64_t C, int P, con
     }
     free(dwr); free(dbr);
     double erstd = 0;
-    for (int64_t r = 0; r < rows; r++) erstd = fmax(erstd, fabs(rstd[r] - rr[r]) / rr[r]);
+    for (int64_t r = 0; r < rows; r++) erstd = tu_nanmax(erstd, fabs(rstd[r] - rr[r]) / rr[r]);
     tu_check(erstd <= 1e-9, "%s %s C=%lld P=%d loc=%g: combined rstd rel err %.3g", op, tu_dtype_name(dt),
              (long long)C, P, loc, erstd);
 
@@ -307,15 +304,13 @@ static void batchnorm_case(pn_layout layout, pn_dtype dt, int64_t N, int64_t C, 
     free(xd); free(dyd); free(wd); free(dxr);
     tu_check(maxdiff(mean, mf, C) <= 4 * (dt == PN_FLOAT64 ? 2.2e-16 : 1.2e-7) * (fabs(loc) + sd),
              "batchnorm %s P=%d: mean matches unsharded", tu_dtype_name(dt), P);
-    /* largest relative error of the running stats, a NaN wins (as in maxdiff). Not fmax(): it drops a
-       NaN, and GCC 12.2 for aarch64 crashes (internal compiler error in vect_transform_reduction) when
-       it vectorizes an fmax() reduction over floats widened to double, as this loop was. */
+    /* largest relative error of the running stats, a NaN wins. Not fmax(): it drops a NaN, and
+       GCC 12.2 for aarch64 crashes (internal compiler error in vect_transform_reduction) when it
+       vectorizes an fmax() reduction over floats widened to double, as this loop was. */
     double erm = 0, erv = 0;
     for (int64_t c = 0; c < C; c++) {
-        const double em = fabs((double)rm[c] - rm_full[c]) / (fabs(rm_full[c]) + 1e-3);
-        const double ev = fabs((double)rv[c] - rv_full[c]) / fabs(rv_full[c]);
-        if (!(em <= erm)) erm = em;
-        if (!(ev <= erv)) erv = ev;
+        erm = tu_nanmax(erm, fabs((double)rm[c] - rm_full[c]) / (fabs(rm_full[c]) + 1e-3));
+        erv = tu_nanmax(erv, fabs((double)rv[c] - rv_full[c]) / fabs(rv_full[c]));
     }
     tu_check(erm <= 1e-5 && erv <= 1e-5, "batchnorm %s P=%d: running stats match (%.3g, %.3g)", tu_dtype_name(dt),
              P, erm, erv);

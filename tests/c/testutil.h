@@ -449,6 +449,13 @@ static inline double tu_maxerr(const double *got, const double *ref, int64_t n)
     return m;
 }
 
+/* The larger of a running error maximum m and an error e, where a NaN error wins:
+   fmax() would drop it and let a NaN result pass a tolerance check. */
+static inline double tu_nanmax(double m, double e)
+{
+    return e <= m ? m : e;
+}
+
 static inline double tu_maxabs(const double *v, int64_t n)
 {
     double m = 0;
