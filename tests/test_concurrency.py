@@ -172,12 +172,20 @@ def test_calls_release_the_gil():
         # over between reading the clock and entering the call
         interval = sys.getswitchinterval()
         sys.setswitchinterval(0.5)
+        steps_held = None
         try:
-            steps_held, dt_held = probe(lambda: status.append(held(out.ctypes.data, None, None, x.ctypes.data, None,
-                                                                   None, 1, rows, 1024, 1e-5, 0, 0, None)))
+            # a loaded machine may stall the main thread between taking the GIL and
+            # entering the call for longer than the switch interval, letting the
+            # spinner in before the call: one clean probe of a few shows the control
+            for attempt in range(5):
+                steps, dt_held = probe(lambda: status.append(held(out.ctypes.data, None, None, x.ctypes.data, None,
+                                                                  None, 1, rows, 1024, 1e-5, 0, 0, None)))
+                steps_held = steps if steps_held is None else min(steps_held, steps)
+                if steps_held == 0:
+                    break
         finally:
             sys.setswitchinterval(interval)
-        assert status == [0], f"control: the direct call returned {status}"
+        assert status and set(status) == {0}, f"control: the direct call returned {status}"
         assert steps_held == 0, f"control: a GIL-holding call let the spinner run {steps_held} times"
         best = 0
         for attempt in range(5):                     # a loaded machine may starve the spinner once
