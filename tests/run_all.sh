@@ -49,7 +49,10 @@ cmake --build "$repo/build/asan" -j "$jobs"
 ctest --test-dir "$repo/build/asan" --output-on-failure -j "$jobs" -L cpu
 
 echo "== Python tests (pytest, installed package)"
-(cd "$repo/tests" && python3 -m pytest -q)   # from tests/: the installed package itself, Python files included
+# from tests/: the installed package itself, Python files included. One worker per core
+# (at most 4: each imports torch), a test file per worker (module fixtures run once).
+workers=$(( jobs < 4 ? jobs : 4 ))
+(cd "$repo/tests" && python3 -m pytest -q -n "$workers" --dist loadfile)
 
 echo "== Reliability: fuzzing, valgrind, ThreadSanitizer"
 PN_TEST_BUILD="$repo/build/test" bash "$repo/tests/run_reliability.sh"
