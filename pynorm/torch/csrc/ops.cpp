@@ -1,4 +1,4 @@
-// pynorm's LayerNorm, RMSNorm and GroupNorm as C++ torch operators (namespace pynorm_ext).
+// pynorm's LayerNorm, RMSNorm, GroupNorm and BatchNorm as C++ torch operators (namespace pynorm_ext).
 //
 // The modules' per-call cost at small sizes is the glue around the kernels, not
 // the kernels: a Python autograd.Function alone costs more than a one-row norm.
@@ -12,9 +12,13 @@
 //   rms_norm_fwd(x, w?, eps) -> (y, rstd)
 //   rms_norm_bwd(dy, x, w?, rstd, mask) -> (dx, dw)
 //   group_norm(x, G, w?, b?, eps) -> y         and its _fwd/_bwd, st 2 x N*G (InstanceNorm: G = C)
+//   batch_norm(x, w?, b?, running_mean(a!)?, running_var(b!)?, training, momentum,
+//              num_batches_tracked?, eps) -> y  and its _fwd/_bwd, st 2 x C; the running
+//              statistics updated in place in training (a mutating schema: torch.compile
+//              functionalizes it)
 //
 // Every operator has a CPU and a Meta kernel (fake tensors and torch.compile use the
-// Meta ones); layer_norm, rms_norm and group_norm have a C++ autograd kernel. Token
+// Meta ones); layer_norm, rms_norm, group_norm and batch_norm have a C++ autograd kernel. Token
 // norms: rows are the last axis (C = x.size(-1)); group_norm: (N, C, *spatial) read as
 // NCHW-contiguous; weight and bias hold C values.
 //
@@ -53,6 +57,8 @@ struct Lib {
     decltype(&pn_status_string) status_string = nullptr;
     decltype(&pn_groupnorm_forward) gn_fwd = nullptr;
     decltype(&pn_groupnorm_backward) gn_bwd = nullptr;
+    decltype(&pn_batchnorm_forward) bn_fwd = nullptr;
+    decltype(&pn_batchnorm_backward) bn_bwd = nullptr;
 };
 Lib lib;
 std::atomic<bool> bound{false};
@@ -65,10 +71,10 @@ void set(F &slot, int64_t address) {
 
 // The addresses in the order of _ext._BOUND_FUNCTIONS.
 void bind(at::IntArrayRef a) {
-    TORCH_CHECK_VALUE(a.size() == 9, "pynorm_ext::bind: expected 9 function addresses, got ", a.size());
+    TORCH_CHECK_VALUE(a.size() == 11, "pynorm_ext::bind: expected 11 function addresses, got ", a.size());
     set(lib.ln_fwd, a[0]); set(lib.ln_bwd, a[1]); set(lib.rms_fwd, a[2]); set(lib.rms_bwd, a[3]);
     set(lib.buf_alloc, a[4]); set(lib.buf_free, a[5]); set(lib.status_string, a[6]);
-    set(lib.gn_fwd, a[7]); set(lib.gn_bwd, a[8]);
+    set(lib.gn_fwd, a[7]); set(lib.gn_bwd, a[8]); set(lib.bn_fwd, a[9]); set(lib.bn_bwd, a[10]);
     bound.store(true, std::memory_order_release);
 }
 
@@ -336,6 +342,101 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_bwd_cpu(const Tensor &dy_, const T
     return {g.dx, g.dw, g.db};
 }
 
+// BatchNorm on (N, C, *spatial), NCHW-contiguous: statistics per channel. In training
+// the batch statistics normalize x and the running statistics given (either may be
+// absent) are updated in place: momentum, or with num_batches_tracked (the count
+// including this batch, as the module keeps it) the cumulative average; in eval the
+// running statistics (both required) normalize x. stats: [mean; rstd] of C each.
+
+// The running statistics as the kernel updates them in place: C contiguous values of
+// the input's dtype or float32, both of one dtype.
+struct Running {
+    void *mean = nullptr, *var = nullptr;
+    pn_dtype dt;
+};
+
+void *running_ptr(const OptTensor &r, const char *name, const Tensor &x, int64_t C, at::ScalarType &dtype) {
+    if (!r.has_value() || !r->defined()) return nullptr;
+    const Tensor &t = *r;
+    TORCH_CHECK_VALUE(t.device() == x.device() && t.numel() == C && t.is_contiguous(), "pynorm.torch batch_norm: ",
+                      name, " must be a contiguous tensor of ", C, " values (the channels) on ", x.device(),
+                      ", got shape ", t.sizes(), " on ", t.device());
+    TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat,
+                      "pynorm.torch batch_norm: ", name, " must be float32 or the input's dtype (", x.scalar_type(),
+                      "), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(dtype == at::ScalarType::Undefined || dtype == t.scalar_type(),
+                      "pynorm.torch batch_norm: running_mean and running_var must have one dtype");
+    dtype = t.scalar_type();
+    return t.data_ptr();
+}
+
+Running running(const OptTensor &rm, const OptTensor &rv, const Tensor &x, int64_t C, bool training) {
+    at::ScalarType dt = at::ScalarType::Undefined;
+    Running r;
+    r.mean = running_ptr(rm, "running_mean", x, C, dt);
+    r.var = running_ptr(rv, "running_var", x, C, dt);
+    TORCH_CHECK_VALUE(training || (r.mean && r.var),
+                      "pynorm.torch batch_norm: running_mean and running_var are required when not training");
+    r.dt = code(dt == at::ScalarType::Undefined ? x.scalar_type() : dt);
+    return r;
+}
+
+std::tuple<Tensor, Tensor> bn_fwd_impl(const Tensor &x_, const OptTensor &w, const OptTensor &b,
+                                       const OptTensor &rm, const OptTensor &rv, bool training, double momentum,
+                                       const OptTensor &nbt, double eps, bool stats) {
+    check_bound();
+    Spatial sz = spatial_sizes(x_, 1, "batch_norm");
+    TORCH_CHECK_VALUE(!(b.has_value() && b->defined()) || (w.has_value() && w->defined()),
+                      "pynorm.torch batch_norm: a bias needs a weight");
+    Tensor x = x_.contiguous();
+    Params p = params(w, b, x, sz.C, "batch_norm");
+    Running r = running(rm, rv, x, sz.C, training);
+    int flags = training ? PN_BN_TRAINING : 0;
+    int64_t count = 0;
+    if (training && nbt.has_value() && nbt->defined()) {          // momentum=None: cumulative
+        TORCH_CHECK_VALUE(nbt->numel() == 1, "pynorm.torch batch_norm: num_batches_tracked must hold one value");
+        flags |= PN_BN_CUMULATIVE;
+        count = nbt->item<int64_t>();
+        momentum = 0.0;
+    }
+    TORCH_CHECK_VALUE(!training || sz.N * sz.S > 1, "pynorm.torch batch_norm: expected more than 1 value per "
+                      "channel when training, got input of size ", x.sizes());
+    Tensor y = out_like(x);
+    Stats st = stats_out(x, sz.C, stats);
+    if (x.numel() == 0) return {y, st.t};
+    check_status(lib.bn_fwd(y.data_ptr(), st.mean, st.rstd, r.mean, r.var, x.data_ptr(), ptr(p.w), ptr(p.b), sz.N,
+                            sz.C, sz.S, eps, momentum, count, flags, PN_NCHW, code(x.scalar_type()), p.wdt, r.dt),
+                 "batch_norm");
+    return {y, st.t};
+}
+
+Tensor batch_norm_cpu(const Tensor &x, const OptTensor &w, const OptTensor &b, const OptTensor &rm,
+                      const OptTensor &rv, bool training, double momentum, const OptTensor &nbt, double eps) {
+    return std::get<0>(bn_fwd_impl(x, w, b, rm, rv, training, momentum, nbt, eps, false));
+}
+
+std::tuple<Tensor, Tensor> batch_norm_fwd_cpu(const Tensor &x, const OptTensor &w, const OptTensor &b,
+                                              const OptTensor &rm, const OptTensor &rv, bool training,
+                                              double momentum, const OptTensor &nbt, double eps) {
+    return bn_fwd_impl(x, w, b, rm, rv, training, momentum, nbt, eps, true);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd_cpu(const Tensor &dy_, const Tensor &x_, const OptTensor &w,
+                                                      const Tensor &st, bool training, std::array<bool, 3> mask) {
+    check_bound();
+    Spatial sz = spatial_sizes(x_, 1, "batch_norm_backward");
+    Tensor x = x_.contiguous(), dy = dy_.contiguous();
+    check_saved(dy, x, st, 2 * sz.C, "batch_norm_backward", "stats must be the forward's (2 x C)");
+    Params p = params(w, OptTensor(), x, sz.C, "batch_norm_backward");
+    Grads g = grads_out(x, p.w, sz.C, mask[0], mask[1], mask[2]);
+    if (x.numel() && g.any())
+        check_status(lib.bn_bwd(mptr(g.dx), mptr(g.dw), mptr(g.db), nullptr, 0, dy.data_ptr(), x.data_ptr(),
+                                ptr(p.w), st.data_ptr(), at_row(st, sz.C), sz.N, sz.C, sz.S,
+                                training ? PN_BN_TRAINING : 0, PN_NCHW, code(x.scalar_type()), p.wdt),
+                     "batch_norm_backward");
+    return {g.dx, g.dw, g.db};
+}
+
 // ---- Meta kernels (shapes and dtypes only) -----------------------------------------------------
 
 at::ScalarType meta_wtype(const OptTensor &w, const OptTensor &b, const Tensor &x) {
@@ -416,6 +517,26 @@ std::tuple<Tensor, Tensor> group_norm_fwd_meta(const Tensor &x, int64_t G, const
 std::tuple<Tensor, Tensor, Tensor> group_norm_bwd_meta(const Tensor &, const Tensor &x, int64_t, const OptTensor &w,
                                                        const Tensor &, std::array<bool, 3> mask) {
     check_input(x, "group_norm_backward");
+    return grads_meta(x, w, x.sym_size(1), mask[0], mask[1], mask[2]);
+}
+
+// The running statistics are mutated by the CPU kernel only: fake tensors need no update.
+Tensor batch_norm_meta(const Tensor &x, const OptTensor &, const OptTensor &, const OptTensor &, const OptTensor &,
+                       bool, double, const OptTensor &, double) {
+    meta_spatial(x, "batch_norm");
+    return dense_like(x);
+}
+
+std::tuple<Tensor, Tensor> batch_norm_fwd_meta(const Tensor &x, const OptTensor &, const OptTensor &,
+                                               const OptTensor &, const OptTensor &, bool, double, const OptTensor &,
+                                               double) {
+    meta_spatial(x, "batch_norm");
+    return {dense_like(x), stats_meta(x, x.sym_size(1))};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd_meta(const Tensor &, const Tensor &x, const OptTensor &w,
+                                                       const Tensor &, bool, std::array<bool, 3> mask) {
+    meta_spatial(x, "batch_norm_backward");
     return grads_meta(x, w, x.sym_size(1), mask[0], mask[1], mask[2]);
 }
 
@@ -526,6 +647,26 @@ struct GroupNormFn : public torch::autograd::Function<GroupNormFn> {
     }
 };
 
+struct BatchNormFn : public torch::autograd::Function<BatchNormFn> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptTensor &w, const OptTensor &b,
+                          const OptTensor &rm, const OptTensor &rv, bool training, double momentum,
+                          const OptTensor &nbt, double eps) {
+        auto [y, st] = below_autograd(PYNORM_OP("batch_norm_fwd", batch_norm_fwd_cpu), x, w, b, rm, rv, training,
+                                      momentum, nbt, eps);
+        ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
+        ctx->saved_data["training"] = training;
+        return y;
+    }
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        auto s = ctx->get_saved_variables();
+        bool training = ctx->saved_data["training"].toBool();
+        auto [dx, dw, db] = below_autograd(PYNORM_OP("batch_norm_bwd", batch_norm_bwd_cpu), grads[0], s[0], s[1],
+                                           s[2], training, xwb_mask(ctx, s[1].defined(), s[3].defined()));
+        auto none = Tensor();
+        return first_order({dx, dw, db, none, none, none, none, none, none}, grads[0], s[0], s[1]);
+    }
+};
+
 // The Autograd kernels: a node only when a gradient is wanted, else straight below.
 Tensor layer_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, double eps) {
     if (wants_grad(x, w, b)) return LayerNormFn::apply(x, w, b, eps);
@@ -540,6 +681,19 @@ Tensor rms_norm_autograd(const Tensor &x, const OptTensor &w, double eps) {
 Tensor group_norm_autograd(const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b, double eps) {
     if (wants_grad(x, w, b)) return GroupNormFn::apply(x, G, w, b, eps);
     return below_autograd(PYNORM_OP("group_norm", group_norm_cpu), x, G, w, b, eps);
+}
+
+// Below autograd the ADInplaceOrView kernel is skipped too: the running statistics'
+// version counters are bumped here, as an in-place torch operator's are.
+Tensor batch_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, const OptTensor &rm,
+                           const OptTensor &rv, bool training, double momentum, const OptTensor &nbt, double eps) {
+    Tensor y = wants_grad(x, w, b) ? BatchNormFn::apply(x, w, b, rm, rv, training, momentum, nbt, eps)
+                                   : below_autograd(PYNORM_OP("batch_norm", batch_norm_cpu), x, w, b, rm, rv,
+                                                    training, momentum, nbt, eps);
+    if (training)
+        for (const OptTensor *r : {&rm, &rv})
+            if (r->has_value() && (*r)->defined()) torch::autograd::impl::bump_version(**r);
+    return y;
 }
 
 }  // namespace
@@ -559,6 +713,14 @@ TORCH_LIBRARY(pynorm_ext, m) {
           " -> (Tensor, Tensor)");
     m.def("group_norm_bwd(Tensor grad_out, Tensor input, int num_groups, Tensor? weight, Tensor stats,"
           " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+    m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
+          " Tensor(b!)? running_var, bool training, float momentum, Tensor? num_batches_tracked, float eps)"
+          " -> Tensor");
+    m.def("batch_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
+          " Tensor(b!)? running_var, bool training, float momentum, Tensor? num_batches_tracked, float eps)"
+          " -> (Tensor, Tensor)");
+    m.def("batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor stats, bool training,"
+          " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pynorm_ext, CPU, m) {
@@ -571,6 +733,9 @@ TORCH_LIBRARY_IMPL(pynorm_ext, CPU, m) {
     m.impl("group_norm", &group_norm_cpu);
     m.impl("group_norm_fwd", &group_norm_fwd_cpu);
     m.impl("group_norm_bwd", &group_norm_bwd_cpu);
+    m.impl("batch_norm", &batch_norm_cpu);
+    m.impl("batch_norm_fwd", &batch_norm_fwd_cpu);
+    m.impl("batch_norm_bwd", &batch_norm_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(pynorm_ext, Meta, m) {
@@ -583,10 +748,14 @@ TORCH_LIBRARY_IMPL(pynorm_ext, Meta, m) {
     m.impl("group_norm", &group_norm_meta);
     m.impl("group_norm_fwd", &group_norm_fwd_meta);
     m.impl("group_norm_bwd", &group_norm_bwd_meta);
+    m.impl("batch_norm", &batch_norm_meta);
+    m.impl("batch_norm_fwd", &batch_norm_fwd_meta);
+    m.impl("batch_norm_bwd", &batch_norm_bwd_meta);
 }
 
 TORCH_LIBRARY_IMPL(pynorm_ext, Autograd, m) {
     m.impl("layer_norm", &layer_norm_autograd);
     m.impl("rms_norm", &rms_norm_autograd);
     m.impl("group_norm", &group_norm_autograd);
+    m.impl("batch_norm", &batch_norm_autograd);
 }
