@@ -273,6 +273,41 @@ def test_extension_batch_norm_compiles_with_its_running_stats(use_ext, make, bac
     assert any(any("pynorm_ext.batch_norm" in t for t in g) for g in graphs), graphs
 
 
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm2d_train", "BatchNorm2d_eval"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "fwd_bwd"])
+def test_extension_inductor_code_is_one_call_per_graph(use_ext, name, grad):
+    """Inductor's code around the operators: each graph (inference; forward and
+    backward) calls one pynorm_ext operator on its inputs as they come, with no copy,
+    clone or extra allocation (the Meta kernels' outputs are laid out as the CPU
+    kernels', so Inductor needs no restriding). Only BatchNorm's training graph adds
+    the module's num_batches_tracked += 1, as torch's compiled module does."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    mod = _swap_one(STRAIGHT_MODULES[name](torch.float32))
+    perturb_params(mod, 22)
+    x = rand((4, 6, 3, 3) if name.startswith(("Group", "Batch")) else (1, 24), torch.float32, 23)
+    compiled = torch.compile(mod, fullgraph=True)
+
+    def run():
+        if grad:
+            compiled(x.clone().requires_grad_(True)).sum().backward()
+        else:
+            with torch.no_grad():
+                compiled(x)
+    _, codes = run_and_get_code(run)
+    assert len(codes) == (2 if grad else 1), f"{name}: {len(codes)} graphs"
+    for code in codes:
+        body = code[code.index("def call(self, args):"):]
+        body = body[:body.index("runner = Runner(")]
+        calls = [line.strip() for line in body.splitlines() if " = torch.ops." in line]
+        assert len(calls) == 1 and "torch.ops.pynorm_ext." in calls[0], f"{name}: {calls}"
+        for forbidden in ("empty_strided", "clone", "as_strided", "reinterpret_tensor", "aten."):
+            assert forbidden not in body, f"{name}: {forbidden} in the compiled graph:\n{body}"
+        kernels = [line.strip() for line in body.splitlines() if line.strip().startswith("cpp_fused")]
+        allowed = ["add_copy_"] if name == "BatchNorm2d_train" and "_bwd" not in calls[0] else []
+        assert all(any(a in k for a in allowed) for k in kernels), f"{name}: extra kernels {kernels}"
+
+
 def test_extension_state_dict_and_torch_results(use_ext):
     """A torch.nn checkpoint loads unchanged and the extension matches torch.nn."""
     for base in (nn.LayerNorm(48), nn.RMSNorm(48)):

@@ -27,6 +27,7 @@
 // buffer cache, one thread setting) wherever it was found, and the built file does
 // not depend on where the library lies.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -136,6 +137,11 @@ Params params(const OptTensor &w, const OptTensor &b, const Tensor &x, int64_t C
 const void *ptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
 void *mptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
 
+// A dense CPU tensor, allocated without a trip through the dispatcher (at::empty's
+// costs about as much as a one-row norm's kernel; torch.compile's generated code
+// allocates the same way). The CPU kernels only run on CPU tensors.
+Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) { return Tensor(at::detail::empty_cpu(sizes, dtype)); }
+
 // A dense output shaped as x: large ones from the library's buffer cache (fresh large
 // allocations pay a page fault per 4 KiB on first touch), as the Python path.
 constexpr int64_t kCachedAllocMin = 1 << 20;
@@ -148,7 +154,7 @@ Tensor out_like(const Tensor &x) {
         auto n = static_cast<size_t>(bytes);
         return at::from_blob(p, x.sizes(), [n](void *q) { lib.buf_free(q, n); }, x.options());
     }
-    return at::empty(x.sizes(), x.options());
+    return empty(x.sizes(), x.scalar_type());
 }
 
 // Statistics saved by a forward for its backward: one tensor [mean; rstd] of 2 x k
@@ -160,7 +166,7 @@ struct Stats {
 
 Stats stats_out(const Tensor &x, int64_t k, bool wanted) {
     if (!wanted) return {};
-    Tensor t = at::empty({2, k}, x.options().dtype(stats_type(x.scalar_type())));
+    Tensor t = empty({2, k}, stats_type(x.scalar_type()));
     char *p = static_cast<char *>(t.data_ptr());
     return {t, p, p + k * t.element_size()};
 }
@@ -189,8 +195,8 @@ struct Grads {
 
 Grads grads_out(const Tensor &x, const Tensor &w, int64_t C, bool gx, bool gw, bool gb) {
     bool has_w = w.defined();
-    Grads g{gx ? out_like(x) : Tensor(), gw && has_w ? at::empty({C}, w.options()) : Tensor(),
-            gb && has_w ? at::empty({C}, w.options()) : Tensor()};
+    Grads g{gx ? out_like(x) : Tensor(), gw && has_w ? empty({C}, w.scalar_type()) : Tensor(),
+            gb && has_w ? empty({C}, w.scalar_type()) : Tensor()};
     if (x.numel() == 0) {
         if (g.dw.defined()) g.dw.zero_();
         if (g.db.defined()) g.db.zero_();
@@ -255,7 +261,7 @@ std::tuple<Tensor, Tensor> rms_fwd_impl(const Tensor &x_, const OptTensor &w, do
     auto [x, C, rows] = token_rows(x_, "rms_norm");
     Params p = params(w, OptTensor(), x, C, "rms_norm");
     Tensor y = out_like(x);
-    Tensor rstd = stats ? at::empty({rows}, x.options().dtype(stats_type(x.scalar_type()))) : Tensor();
+    Tensor rstd = stats ? empty({rows}, stats_type(x.scalar_type())) : Tensor();
     if (x.numel() == 0) return {y, rstd};
     check_status(lib.rms_fwd(y.data_ptr(), mptr(rstd), x.data_ptr(), ptr(p.w), 1, rows, C, eps,
                              code(x.scalar_type()), p.wdt, nullptr),
