@@ -354,8 +354,14 @@ def test_extension_errors_are_clear(use_ext):
     with pytest.raises(ValueError, match="eps"):
         ops.layer_norm(torch.randn(3, 7), None, None, -1.0)    # the library's own check
     x, c = torch.randn(2, 3, 4), torch.ones(3)
-    with pytest.raises(ValueError, match="a bias needs a weight"):
-        ops.batch_norm(x, None, c, None, None, True, 0.1, None, 1e-5)
+    cg = c.clone().requires_grad_(True)
+    for call in (lambda: ops.batch_norm(x, None, cg, None, None, True, 0.1, None, 1e-5),
+                 lambda: ops.layer_norm(x, None, torch.ones(4, requires_grad=True), 1e-5),
+                 lambda: ops.group_norm(x, 3, None, cg, 1e-5)):
+        with pytest.raises(ValueError, match="a bias needs a weight to get a gradient"):
+            call()                                     # rather than no gradient for the bias
+    torch.testing.assert_close(ops.layer_norm(x, None, torch.ones(4), 1e-5),   # no gradient wanted: fine
+                               torch.nn.functional.layer_norm(x, (4,), None, torch.ones(4)), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="required when not training"):
         ops.batch_norm(x, c, c, c.clone(), None, False, 0.1, None, 1e-5)
     with pytest.raises(ValueError, match="running_var must be float32 or the input's dtype"):

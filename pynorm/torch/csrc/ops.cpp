@@ -392,8 +392,6 @@ std::tuple<Tensor, Tensor> bn_fwd_impl(const Tensor &x_, const OptTensor &w, con
                                        const OptTensor &nbt, double eps, bool stats) {
     check_bound();
     Spatial sz = spatial_sizes(x_, 1, "batch_norm");
-    TORCH_CHECK_VALUE(!(b.has_value() && b->defined()) || (w.has_value() && w->defined()),
-                      "pynorm.torch batch_norm: a bias needs a weight");
     Tensor x = x_.contiguous();
     Params p = params(w, b, x, sz.C, "batch_norm");
     Running r = running(rm, rv, x, sz.C, training);
@@ -554,6 +552,13 @@ bool wants_grad(const Tensor &x, const OptTensor &w, const OptTensor &b) {
            (b.has_value() && b->defined() && b->requires_grad());
 }
 
+// The backward kernels compute dbias only with a weight: a bias that wants a gradient
+// without a weight is refused rather than left without one.
+void check_bias_grad(const OptTensor &w, const OptTensor &b, const char *op) {
+    TORCH_CHECK_VALUE(!(b.has_value() && b->defined() && b->requires_grad()) || (w.has_value() && w->defined()),
+                      "pynorm.torch ", op, ": a bias needs a weight to get a gradient");
+}
+
 // The typed handle of operator pynorm_ext::<name> whose CPU kernel is Sig.
 template <class Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char *name) {
@@ -675,7 +680,10 @@ struct BatchNormFn : public torch::autograd::Function<BatchNormFn> {
 
 // The Autograd kernels: a node only when a gradient is wanted, else straight below.
 Tensor layer_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, double eps) {
-    if (wants_grad(x, w, b)) return LayerNormFn::apply(x, w, b, eps);
+    if (wants_grad(x, w, b)) {
+        check_bias_grad(w, b, "layer_norm");
+        return LayerNormFn::apply(x, w, b, eps);
+    }
     return below_autograd(PYNORM_OP("layer_norm", layer_norm_cpu), x, w, b, eps);
 }
 
@@ -685,7 +693,10 @@ Tensor rms_norm_autograd(const Tensor &x, const OptTensor &w, double eps) {
 }
 
 Tensor group_norm_autograd(const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b, double eps) {
-    if (wants_grad(x, w, b)) return GroupNormFn::apply(x, G, w, b, eps);
+    if (wants_grad(x, w, b)) {
+        check_bias_grad(w, b, "group_norm");
+        return GroupNormFn::apply(x, G, w, b, eps);
+    }
     return below_autograd(PYNORM_OP("group_norm", group_norm_cpu), x, G, w, b, eps);
 }
 
@@ -693,9 +704,11 @@ Tensor group_norm_autograd(const Tensor &x, int64_t G, const OptTensor &w, const
 // version counters are bumped here, as an in-place torch operator's are.
 Tensor batch_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, const OptTensor &rm,
                            const OptTensor &rv, bool training, double momentum, const OptTensor &nbt, double eps) {
-    Tensor y = wants_grad(x, w, b) ? BatchNormFn::apply(x, w, b, rm, rv, training, momentum, nbt, eps)
-                                   : below_autograd(PYNORM_OP("batch_norm", batch_norm_cpu), x, w, b, rm, rv,
-                                                    training, momentum, nbt, eps);
+    bool grad = wants_grad(x, w, b);
+    if (grad) check_bias_grad(w, b, "batch_norm");
+    Tensor y = grad ? BatchNormFn::apply(x, w, b, rm, rv, training, momentum, nbt, eps)
+                    : below_autograd(PYNORM_OP("batch_norm", batch_norm_cpu), x, w, b, rm, rv, training, momentum,
+                                     nbt, eps);
     if (training)
         for (const OptTensor *r : {&rm, &rv})
             if (r->has_value() && (*r)->defined()) torch::autograd::impl::bump_version(**r);
