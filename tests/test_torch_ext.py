@@ -1,4 +1,5 @@
-"""pynorm.torch's optional C++ extension (torch.ops.pynorm_ext: LayerNorm, RMSNorm).
+"""pynorm.torch's optional C++ extension (torch.ops.pynorm_ext: LayerNorm, RMSNorm,
+GroupNorm/InstanceNorm, BatchNorm with its running statistics updated in place).
 
 The extension is built once per session into a session cache directory (the
 `ext` fixture: one c++ call, tens of seconds); its tests switch the modules to it
@@ -22,7 +23,8 @@ import pynorm.torch as pnt
 from pynorm.torch import _ext
 from test_torch import DNAME, DTYPES, STRAIGHT_MODULES, _straight_run, _swap_one, perturb_params, rand
 
-EXT_MODULES = [n for n in STRAIGHT_MODULES if n.startswith(("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"))]
+EXT_MODULES = [n for n in STRAIGHT_MODULES
+               if n.startswith(("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "BatchNorm"))]
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +50,7 @@ def _switch(monkeypatch, ops):
     monkeypatch.setattr(_ext, "eager_layer_norm", None if ops is None else ops.layer_norm.default._op)
     monkeypatch.setattr(_ext, "eager_rms_norm", None if ops is None else ops.rms_norm.default._op)
     monkeypatch.setattr(_ext, "eager_group_norm", None if ops is None else ops.group_norm.default._op)
+    monkeypatch.setattr(_ext, "eager_batch_norm", None if ops is None else ops.batch_norm.default._op)
 
 
 @pytest.fixture
@@ -67,7 +70,8 @@ def _pynorm_ops(fn):
 def test_modules_take_the_extension_when_loaded(ext, monkeypatch):
     for mod, op in ((pnt.LayerNorm(16), "pynorm_ext::layer_norm"), (pnt.RMSNorm(16), "pynorm_ext::rms_norm"),
                     (pnt.GroupNorm(4, 16), "pynorm_ext::group_norm"),
-                    (pnt.InstanceNorm1d(16, affine=True), "pynorm_ext::group_norm")):
+                    (pnt.InstanceNorm1d(16, affine=True), "pynorm_ext::group_norm"),
+                    (pnt.BatchNorm1d(16), "pynorm_ext::batch_norm")):
         x = rand((3, 16) if isinstance(mod, (pnt.LayerNorm, pnt.RMSNorm)) else (3, 16, 4), torch.float32, 1)
         x.requires_grad_(True)
         _switch(monkeypatch, None)
@@ -120,11 +124,12 @@ def test_extension_unusual_input_matches_python_path(ext, monkeypatch, case):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{case}: result {i} differs from the Python path"
 
 
-@pytest.mark.parametrize("name", ["LayerNorm", "LayerNorm_no_affine", "RMSNorm", "GroupNorm", "InstanceNorm2d"])
+@pytest.mark.parametrize("name", ["LayerNorm", "LayerNorm_no_affine", "RMSNorm", "GroupNorm", "InstanceNorm2d",
+                                  "BatchNorm2d_train", "BatchNorm2d_eval", "BatchNorm2d_cumulative"])
 def test_extension_gradcheck_float64(use_ext, name):
     mod = _swap_one(STRAIGHT_MODULES[name](torch.float64))
     perturb_params(mod, 6)
-    shape = (2, 6, 3, 2) if name.startswith(("Group", "Instance")) else (3, 24)
+    shape = (2, 6, 3, 2) if name.startswith(("Group", "Instance", "Batch")) else (3, 24)
     x = rand(shape, torch.float64, 7).requires_grad_(True)
     params = tuple(mod.parameters())
 
@@ -162,6 +167,23 @@ def _ext_opcheck_cases():
         cases.append((f"group_norm_bwd-{tag}", "group_norm_bwd",
                       lambda ops, x=xs, dy=dys, w=w6, b=b6: (dy, x, 3, w, ops.group_norm_fwd(x, 3, w, b, 1e-5)[1],
                                                              [True, True, True])))
+        rm, rv, nbt = rand((6,), torch.float32, 10), rand((6,), torch.float32, 11).abs() + 0.5, torch.tensor(3)
+        rm_x, rv_x = rm.to(dt), rv.to(dt)
+        cases += [(f"batch_norm_train-{tag}", "batch_norm", (xs, w6, b6, rm.clone(), rv.clone(), True, 0.1, None, 1e-5)),
+                  (f"batch_norm_cumulative-{tag}", "batch_norm",
+                   (xs, w6, b6, rm_x.clone(), rv_x.clone(), True, 0.0, nbt, 1e-5)),
+                  (f"batch_norm_untracked-{tag}", "batch_norm", (xs, None, None, None, None, True, 0.1, None, 1e-5)),
+                  (f"batch_norm_eval-{tag}", "batch_norm", (xs, w6, b6, rm_x, rv_x, False, 0.1, None, 1e-5)),
+                  (f"batch_norm_grad-{tag}", "batch_norm",
+                   (xs.clone().requires_grad_(), w6.clone().requires_grad_(), b6.clone().requires_grad_(),
+                    rm.clone(), rv.clone(), True, 0.1, None, 1e-5)),
+                  (f"batch_norm_fwd-{tag}", "batch_norm_fwd", (xs, w6, b6, rm.clone(), rv.clone(), True, 0.1, None,
+                                                               1e-5))]
+        for training in (True, False):
+            cases.append((f"batch_norm_bwd_{'train' if training else 'eval'}-{tag}", "batch_norm_bwd",
+                          lambda ops, x=xs, dy=dys, w=w6, b=b6, t=training, rm=rm, rv=rv: (
+                              dy, x, w, ops.batch_norm_fwd(x, w, b, rm.clone(), rv.clone(), t, 0.1, None, 1e-5)[1],
+                              t, [True, True, True])))
         cases.append((f"rms_norm_bwd-{tag}", "rms_norm_bwd",
                       lambda ops, x=x, dy=dy, w=w: (dy, x, w, ops.rms_norm_fwd(x, w, 1e-6)[1], [True, True])))
     return cases
@@ -216,6 +238,76 @@ def test_extension_torch_compile_inductor(use_ext):
     assert torch.equal(xi.grad, xe.grad)
 
 
+@pytest.mark.parametrize("make", [lambda: nn.BatchNorm2d(8), lambda: nn.BatchNorm2d(8, momentum=None),
+                                  lambda: nn.BatchNorm2d(8).eval()], ids=["momentum", "cumulative", "eval"])
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_extension_batch_norm_compiles_with_its_running_stats(use_ext, make, backend):
+    """torch.compile(fullgraph=True) of a BatchNorm2d: the graph holds the extension's
+    mutating operator, and outputs, gradients and the buffers (running statistics,
+    num_batches_tracked) are eager's bits, step after step."""
+    torch._dynamo.reset()
+    base = make()
+    perturb_params(base, 16)
+    eager, compiled_mod = _swap_one(base), _swap_one(base)
+    compiled_mod.load_state_dict(eager.state_dict())
+    compiled_mod.train(base.training)
+    graphs = []
+
+    def spy(gm, inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes})
+        return torch._dynamo.lookup_backend(backend)(gm, inputs)
+    compiled = torch.compile(compiled_mod, fullgraph=True, backend=spy)
+    for step in range(3):
+        x = rand((4, 8, 3, 3), torch.float32, 17 + step)
+        dy = rand((4, 8, 3, 3), torch.float32, 27 + step)
+        results = []
+        for mod, fn in ((eager, eager), (compiled_mod, compiled)):
+            mod.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            y = fn(xi)
+            y.backward(dy)
+            results.append([y.detach(), xi.grad, *(p.grad for p in mod.parameters()),
+                            *(b.clone() for b in mod.buffers())])
+        for i, (a, b) in enumerate(zip(*results)):
+            assert torch.equal(a, b), f"step {step}: compiled result {i} differs from eager"
+    assert any(any("pynorm_ext.batch_norm" in t for t in g) for g in graphs), graphs
+
+
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm2d_train", "BatchNorm2d_eval"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "fwd_bwd"])
+def test_extension_inductor_code_is_one_call_per_graph(use_ext, name, grad):
+    """Inductor's code around the operators: each graph (inference; forward and
+    backward) calls one pynorm_ext operator on its inputs as they come, with no copy,
+    clone or extra allocation (the Meta kernels' outputs are laid out as the CPU
+    kernels', so Inductor needs no restriding). Only BatchNorm's training graph adds
+    the module's num_batches_tracked += 1, as torch's compiled module does."""
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    mod = _swap_one(STRAIGHT_MODULES[name](torch.float32))
+    perturb_params(mod, 22)
+    x = rand((4, 6, 3, 3) if name.startswith(("Group", "Batch")) else (1, 24), torch.float32, 23)
+    compiled = torch.compile(mod, fullgraph=True)
+
+    def run():
+        if grad:
+            compiled(x.clone().requires_grad_(True)).sum().backward()
+        else:
+            with torch.no_grad():
+                compiled(x)
+    _, codes = run_and_get_code(run)
+    assert len(codes) == (2 if grad else 1), f"{name}: {len(codes)} graphs"
+    for code in codes:
+        body = code[code.index("def call(self, args):"):]
+        body = body[:body.index("runner = Runner(")]
+        calls = [line.strip() for line in body.splitlines() if " = torch.ops." in line]
+        assert len(calls) == 1 and "torch.ops.pynorm_ext." in calls[0], f"{name}: {calls}"
+        for forbidden in ("empty_strided", "clone", "as_strided", "reinterpret_tensor", "aten."):
+            assert forbidden not in body, f"{name}: {forbidden} in the compiled graph:\n{body}"
+        kernels = [line.strip() for line in body.splitlines() if line.strip().startswith("cpp_fused")]
+        allowed = ["add_copy_"] if name == "BatchNorm2d_train" and "_bwd" not in calls[0] else []
+        assert all(any(a in k for a in allowed) for k in kernels), f"{name}: extra kernels {kernels}"
+
+
 def test_extension_state_dict_and_torch_results(use_ext):
     """A torch.nn checkpoint loads unchanged and the extension matches torch.nn."""
     for base in (nn.LayerNorm(48), nn.RMSNorm(48)):
@@ -224,6 +316,20 @@ def test_extension_state_dict_and_torch_results(use_ext):
         twin.load_state_dict(base.state_dict())
         assert twin.state_dict().keys() == base.state_dict().keys()
         x = rand((7, 48), torch.float32, 14)
+        torch.testing.assert_close(twin(x), base(x), rtol=1e-5, atol=1e-5)
+    for momentum in (0.1, None):                   # BatchNorm: the buffers follow torch's
+        base = nn.BatchNorm2d(6, momentum=momentum)
+        perturb_params(base, 18)
+        twin = _swap_one(base)
+        twin.load_state_dict(base.state_dict())
+        for step in range(2):
+            x = rand((3, 6, 4, 4), torch.float32, 19 + step)
+            torch.testing.assert_close(twin(x), base(x), rtol=1e-5, atol=1e-5)
+        assert twin.state_dict().keys() == base.state_dict().keys()
+        for key, value in base.state_dict().items():
+            torch.testing.assert_close(twin.state_dict()[key], value, rtol=1e-6, atol=1e-6, msg=key)
+        base.eval(), twin.eval()
+        x = rand((3, 6, 4, 4), torch.float32, 21)
         torch.testing.assert_close(twin(x), base(x), rtol=1e-5, atol=1e-5)
 
 
@@ -247,6 +353,27 @@ def test_extension_errors_are_clear(use_ext):
         ops.rms_norm(torch.ones(3, 7, dtype=torch.int32), None, 1e-5)
     with pytest.raises(ValueError, match="eps"):
         ops.layer_norm(torch.randn(3, 7), None, None, -1.0)    # the library's own check
+    x, c = torch.randn(2, 3, 4), torch.ones(3)
+    cg = c.clone().requires_grad_(True)
+    for call in (lambda: ops.batch_norm(x, None, cg, None, None, True, 0.1, None, 1e-5),
+                 lambda: ops.layer_norm(x, None, torch.ones(4, requires_grad=True), 1e-5),
+                 lambda: ops.group_norm(x, 3, None, cg, 1e-5)):
+        with pytest.raises(ValueError, match="a bias needs a weight to get a gradient"):
+            call()                                     # rather than no gradient for the bias
+    torch.testing.assert_close(ops.layer_norm(x, None, torch.ones(4), 1e-5),   # no gradient wanted: fine
+                               torch.nn.functional.layer_norm(x, (4,), None, torch.ones(4)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="required when not training"):
+        ops.batch_norm(x, c, c, c.clone(), None, False, 0.1, None, 1e-5)
+    with pytest.raises(ValueError, match="running_var must be float32 or the input's dtype"):
+        ops.batch_norm(x, c, c, None, c.double(), True, 0.1, None, 1e-5)
+    with pytest.raises(ValueError, match="running_mean must be a contiguous tensor of 3 values"):
+        ops.batch_norm(x, c, c, torch.zeros(4), None, True, 0.1, None, 1e-5)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ops.batch_norm(torch.randn(1, 3, 1), c, c, None, None, True, 0.1, None, 1e-5)
+    bn = pnt.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bn(torch.randn(1, 3))
+    assert torch.equal(bn.running_mean, torch.zeros(3)) and torch.equal(bn.running_var, torch.ones(3))
 
 
 # ---- how it is built ---------------------------------------------------------------------------

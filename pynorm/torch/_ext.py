@@ -1,9 +1,10 @@
-"""The optional C++ extension: LayerNorm, RMSNorm and GroupNorm (InstanceNorm without
-running statistics) as C++ torch operators.
+"""The optional C++ extension: LayerNorm, RMSNorm, GroupNorm (InstanceNorm without
+running statistics) and BatchNorm as C++ torch operators.
 
 At one row a norm's kernel takes a few microseconds, less than a Python
 torch.autograd.Function costs on its own. The operators in csrc/ops.cpp
-(``torch.ops.pynorm_ext.layer_norm``, ``rms_norm``, ``group_norm``; CPU and Meta kernels, a C++
+(``torch.ops.pynorm_ext.layer_norm``, ``rms_norm``, ``group_norm``, ``batch_norm``; CPU and Meta
+kernels, a C++
 autograd kernel) do the whole call in C++, so the modules cost what torch's own
 do. They call the same library functions with the same arguments as the Python
 path: the same bits.
@@ -50,13 +51,14 @@ NAMESPACE = "pynorm_ext"
 _FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
 _BOUND_FUNCTIONS = ("pn_layernorm_forward", "pn_layernorm_backward", "pn_rmsnorm_forward",
                     "pn_rmsnorm_backward", "pn_buffer_alloc", "pn_buffer_free", "pn_status_string",
-                    "pn_groupnorm_forward", "pn_groupnorm_backward")
+                    "pn_groupnorm_forward", "pn_groupnorm_backward", "pn_batchnorm_forward",
+                    "pn_batchnorm_backward")
 
 ops = None              # torch.ops.pynorm_ext once loaded (the modules use it), else None
 # eager calls: the operators' C++ entry points (OpOverload._op), without the Python
 # __call__ frames of torch.ops' packets and overloads (a visible share at one row);
 # under torch.compile the modules call `ops`, which Dynamo traces
-eager_layer_norm = eager_rms_norm = eager_group_norm = None
+eager_layer_norm = eager_rms_norm = eager_group_norm = eager_batch_norm = None
 _loaded = None          # the namespace once loaded into this process (a file loads once)
 _warned = False
 
@@ -164,11 +166,35 @@ def load(path):
 
 def _activate(ns):
     """Makes ns (the loaded operators, or None) the modules' path."""
-    global ops, eager_layer_norm, eager_rms_norm, eager_group_norm
+    global ops, eager_layer_norm, eager_rms_norm, eager_group_norm, eager_batch_norm
     ops = ns
+    eager_batch_norm = None if ns is None else ns.batch_norm.default._op
     eager_group_norm = None if ns is None else ns.group_norm.default._op
     eager_layer_norm = None if ns is None else ns.layer_norm.default._op
     eager_rms_norm = None if ns is None else ns.rms_norm.default._op
+
+
+def batch_norm(m, x, training, momentum, nbt):
+    """A BatchNorm module's forward after its bookkeeping (as _BatchNormMixin.forward:
+    training = batch statistics, momentum a float, nbt the num_batches_tracked tensor
+    for momentum=None) on the extension's operator, or None when it does not apply
+    (not loaded, not an NCHW-contiguous CPU tensor, running statistics or parameters
+    the kernels cannot use in place, functorch transforms): then the other paths run."""
+    if ops is None or not x.is_cpu or not x.is_contiguous() or x.dim() < 2:
+        return None
+    track = not m.training or m.track_running_stats
+    rm, rv = (m.running_mean, m.running_var) if track else (None, None)
+    w, b = m.weight, m.bias
+    rdt = rm.dtype if rm is not None else (rv.dtype if rv is not None else x.dtype)
+    if ((rdt is not x.dtype and rdt is not torch.float32) or (rv is not None and rv.dtype is not rdt)
+            or (w is None and b is not None)):
+        return None
+    momentum = 0.0 if momentum is None else momentum
+    if torch.compiler.is_compiling():
+        return ops.batch_norm(x, w, b, rm, rv, training, momentum, nbt, m.eps)
+    if torch._C._are_functorch_transforms_active():
+        return None
+    return eager_batch_norm(x, w, b, rm, rv, training, momentum, nbt, m.eps)
 
 
 def _warn_once(message):

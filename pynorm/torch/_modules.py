@@ -169,7 +169,9 @@ class _BatchNormMixin:
         if momentum is None and nbt is None:
             momentum = 0.0
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        y = _fast.batch_norm(self, input, bn_training, momentum, nbt)
+        y = _ext.batch_norm(self, input, bn_training, momentum, nbt)
+        if y is None:
+            y = _fast.batch_norm(self, input, bn_training, momentum, nbt)
         if y is not None:
             return y
         track = not self.training or self.track_running_stats

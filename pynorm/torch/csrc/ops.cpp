@@ -1,4 +1,4 @@
-// pynorm's LayerNorm, RMSNorm and GroupNorm as C++ torch operators (namespace pynorm_ext).
+// pynorm's LayerNorm, RMSNorm, GroupNorm and BatchNorm as C++ torch operators (namespace pynorm_ext).
 //
 // The modules' per-call cost at small sizes is the glue around the kernels, not
 // the kernels: a Python autograd.Function alone costs more than a one-row norm.
@@ -12,9 +12,13 @@
 //   rms_norm_fwd(x, w?, eps) -> (y, rstd)
 //   rms_norm_bwd(dy, x, w?, rstd, mask) -> (dx, dw)
 //   group_norm(x, G, w?, b?, eps) -> y         and its _fwd/_bwd, st 2 x N*G (InstanceNorm: G = C)
+//   batch_norm(x, w?, b?, running_mean(a!)?, running_var(b!)?, training, momentum,
+//              num_batches_tracked?, eps) -> y  and its _fwd/_bwd, st 2 x C; the running
+//              statistics updated in place in training (a mutating schema: torch.compile
+//              functionalizes it)
 //
 // Every operator has a CPU and a Meta kernel (fake tensors and torch.compile use the
-// Meta ones); layer_norm, rms_norm and group_norm have a C++ autograd kernel. Token
+// Meta ones); layer_norm, rms_norm, group_norm and batch_norm have a C++ autograd kernel. Token
 // norms: rows are the last axis (C = x.size(-1)); group_norm: (N, C, *spatial) read as
 // NCHW-contiguous; weight and bias hold C values.
 //
@@ -23,6 +27,7 @@
 // buffer cache, one thread setting) wherever it was found, and the built file does
 // not depend on where the library lies.
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -53,24 +58,24 @@ struct Lib {
     decltype(&pn_status_string) status_string = nullptr;
     decltype(&pn_groupnorm_forward) gn_fwd = nullptr;
     decltype(&pn_groupnorm_backward) gn_bwd = nullptr;
+    decltype(&pn_batchnorm_forward) bn_fwd = nullptr;
+    decltype(&pn_batchnorm_backward) bn_bwd = nullptr;
 };
 Lib lib;
 std::atomic<bool> bound{false};
 
-void bind(at::IntArrayRef addresses) {
-    TORCH_CHECK_VALUE(addresses.size() == 9, "pynorm_ext::bind: expected 9 function addresses, got ",
-                      addresses.size());
-    for (int64_t a : addresses) TORCH_CHECK_VALUE(a != 0, "pynorm_ext::bind: a function address is 0");
-    auto at = [&](size_t i) { return reinterpret_cast<void *>(static_cast<uintptr_t>(addresses[i])); };
-    lib.ln_fwd = reinterpret_cast<decltype(lib.ln_fwd)>(at(0));
-    lib.ln_bwd = reinterpret_cast<decltype(lib.ln_bwd)>(at(1));
-    lib.rms_fwd = reinterpret_cast<decltype(lib.rms_fwd)>(at(2));
-    lib.rms_bwd = reinterpret_cast<decltype(lib.rms_bwd)>(at(3));
-    lib.buf_alloc = reinterpret_cast<decltype(lib.buf_alloc)>(at(4));
-    lib.buf_free = reinterpret_cast<decltype(lib.buf_free)>(at(5));
-    lib.status_string = reinterpret_cast<decltype(lib.status_string)>(at(6));
-    lib.gn_fwd = reinterpret_cast<decltype(lib.gn_fwd)>(at(7));
-    lib.gn_bwd = reinterpret_cast<decltype(lib.gn_bwd)>(at(8));
+template <class F>
+void set(F &slot, int64_t address) {
+    TORCH_CHECK_VALUE(address != 0, "pynorm_ext::bind: a function address is 0");
+    slot = reinterpret_cast<F>(static_cast<uintptr_t>(address));
+}
+
+// The addresses in the order of _ext._BOUND_FUNCTIONS.
+void bind(at::IntArrayRef a) {
+    TORCH_CHECK_VALUE(a.size() == 11, "pynorm_ext::bind: expected 11 function addresses, got ", a.size());
+    set(lib.ln_fwd, a[0]); set(lib.ln_bwd, a[1]); set(lib.rms_fwd, a[2]); set(lib.rms_bwd, a[3]);
+    set(lib.buf_alloc, a[4]); set(lib.buf_free, a[5]); set(lib.status_string, a[6]);
+    set(lib.gn_fwd, a[7]); set(lib.gn_bwd, a[8]); set(lib.bn_fwd, a[9]); set(lib.bn_bwd, a[10]);
     bound.store(true, std::memory_order_release);
 }
 
@@ -132,6 +137,11 @@ Params params(const OptTensor &w, const OptTensor &b, const Tensor &x, int64_t C
 const void *ptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
 void *mptr(const Tensor &t) { return t.defined() ? t.data_ptr() : nullptr; }
 
+// A dense CPU tensor, allocated without a trip through the dispatcher (at::empty's
+// costs about as much as a one-row norm's kernel; torch.compile's generated code
+// allocates the same way). The CPU kernels only run on CPU tensors.
+Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) { return Tensor(at::detail::empty_cpu(sizes, dtype)); }
+
 // A dense output shaped as x: large ones from the library's buffer cache (fresh large
 // allocations pay a page fault per 4 KiB on first touch), as the Python path.
 constexpr int64_t kCachedAllocMin = 1 << 20;
@@ -144,27 +154,83 @@ Tensor out_like(const Tensor &x) {
         auto n = static_cast<size_t>(bytes);
         return at::from_blob(p, x.sizes(), [n](void *q) { lib.buf_free(q, n); }, x.options());
     }
-    return at::empty(x.sizes(), x.options());
+    return empty(x.sizes(), x.scalar_type());
+}
+
+// Statistics saved by a forward for its backward: one tensor [mean; rstd] of 2 x k
+// (float32; float64 for float64 input), or none when the caller wants no statistics.
+struct Stats {
+    Tensor t;
+    void *mean = nullptr, *rstd = nullptr;
+};
+
+Stats stats_out(const Tensor &x, int64_t k, bool wanted) {
+    if (!wanted) return {};
+    Tensor t = empty({2, k}, stats_type(x.scalar_type()));
+    char *p = static_cast<char *>(t.data_ptr());
+    return {t, p, p + k * t.element_size()};
+}
+
+// A backward's checks on what the forward handed over: grad_out shaped and typed as
+// the input, the statistics the forward's (k values each, contiguous, its dtype).
+void check_saved(const Tensor &dy, const Tensor &x, const Tensor &st, int64_t count, const char *op,
+                 const char *what) {
+    TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(), "pynorm.torch ", op,
+                      ": grad_out must be shaped and typed as input");
+    TORCH_CHECK_VALUE(st.numel() == count && st.scalar_type() == stats_type(x.scalar_type()) && st.is_contiguous(),
+                      "pynorm.torch ", op, ": ", what);
+}
+
+const char *at_row(const Tensor &st, int64_t k) {
+    return static_cast<const char *>(st.data_ptr()) + k * st.element_size();
+}
+
+// A backward's outputs: dx shaped as x; dweight and dbias of C values in the
+// parameters' dtype, only with a weight (the kernels read the bias's dtype as the
+// weight's), zeros for an empty input.
+struct Grads {
+    Tensor dx, dw, db;
+    bool any() const { return dx.defined() || dw.defined() || db.defined(); }
+};
+
+Grads grads_out(const Tensor &x, const Tensor &w, int64_t C, bool gx, bool gw, bool gb) {
+    bool has_w = w.defined();
+    Grads g{gx ? out_like(x) : Tensor(), gw && has_w ? empty({C}, w.scalar_type()) : Tensor(),
+            gb && has_w ? empty({C}, w.scalar_type()) : Tensor()};
+    if (x.numel() == 0) {
+        if (g.dw.defined()) g.dw.zero_();
+        if (g.db.defined()) g.db.zero_();
+    }
+    return g;
 }
 
 // ---- CPU kernels -------------------------------------------------------------------------------
+// Token norms (LayerNorm, RMSNorm): rows are the last axis.
+
+struct Rows {
+    Tensor x;
+    int64_t C, rows;
+};
+
+Rows token_rows(const Tensor &x_, const char *op) {
+    check_bound();
+    check_input(x_, op);
+    Tensor x = x_.contiguous();
+    int64_t C = x.size(-1);
+    return {x, C, C ? x.numel() / C : 0};
+}
 
 std::tuple<Tensor, Tensor> ln_fwd_impl(const Tensor &x_, const OptTensor &w, const OptTensor &b, double eps,
                                        bool stats) {
-    check_bound();
-    check_input(x_, "layer_norm");
-    Tensor x = x_.contiguous();
-    int64_t C = x.size(-1), n = x.numel(), rows = C ? n / C : 0;
+    auto [x, C, rows] = token_rows(x_, "layer_norm");
     Params p = params(w, b, x, C, "layer_norm");
     Tensor y = out_like(x);
-    Tensor st = stats ? at::empty({2, rows}, x.options().dtype(stats_type(x.scalar_type()))) : Tensor();
-    if (n == 0) return {y, st};
-    void *mean = stats ? st.data_ptr() : nullptr;
-    void *rstd = stats ? static_cast<char *>(st.data_ptr()) + rows * st.element_size() : nullptr;
-    check_status(lib.ln_fwd(y.data_ptr(), mean, rstd, x.data_ptr(), ptr(p.w), ptr(p.b), 1, rows, C, eps,
+    Stats st = stats_out(x, rows, stats);
+    if (x.numel() == 0) return {y, st.t};
+    check_status(lib.ln_fwd(y.data_ptr(), st.mean, st.rstd, x.data_ptr(), ptr(p.w), ptr(p.b), 1, rows, C, eps,
                             code(x.scalar_type()), p.wdt, nullptr),
                  "layer_norm");
-    return {y, st};
+    return {y, st.t};
 }
 
 Tensor layer_norm_cpu(const Tensor &x, const OptTensor &w, const OptTensor &b, double eps) {
@@ -178,44 +244,25 @@ std::tuple<Tensor, Tensor> layer_norm_fwd_cpu(const Tensor &x, const OptTensor &
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_cpu(const Tensor &dy_, const Tensor &x_, const OptTensor &w,
                                                       const Tensor &st, std::array<bool, 3> mask) {
-    check_bound();
-    check_input(x_, "layer_norm_backward");
-    Tensor x = x_.contiguous(), dy = dy_.contiguous();
-    int64_t C = x.size(-1), n = x.numel(), rows = C ? n / C : 0;
-    TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-                      "pynorm.torch layer_norm_backward: grad_out must be shaped and typed as input");
-    TORCH_CHECK_VALUE(st.numel() == 2 * rows && st.scalar_type() == stats_type(x.scalar_type()) &&
-                          st.is_contiguous(),
-                      "pynorm.torch layer_norm_backward: stats must be the forward's (2 x rows)");
+    auto [x, C, rows] = token_rows(x_, "layer_norm_backward");
+    Tensor dy = dy_.contiguous();
+    check_saved(dy, x, st, 2 * rows, "layer_norm_backward", "stats must be the forward's (2 x rows)");
     Params p = params(w, OptTensor(), x, C, "layer_norm_backward");
-    bool has_w = p.w.defined();
-    Tensor dx = mask[0] ? out_like(x) : Tensor();
-    Tensor dw = mask[1] && has_w ? at::empty({C}, p.w.options()) : Tensor();
-    Tensor db = mask[2] && has_w ? at::empty({C}, p.w.options()) : Tensor();
-    if (n == 0) {
-        if (dw.defined()) dw.zero_();
-        if (db.defined()) db.zero_();
-        return {dx, dw, db};
-    }
-    if (dx.defined() || dw.defined() || db.defined()) {
-        const char *sp = static_cast<const char *>(st.data_ptr());
-        check_status(lib.ln_bwd(mptr(dx), mptr(dw), mptr(db), nullptr, 0, dy.data_ptr(), x.data_ptr(), ptr(p.w),
-                                sp, sp + rows * st.element_size(), 1, rows, C, 0, code(x.scalar_type()), p.wdt,
-                                nullptr),
+    Grads g = grads_out(x, p.w, C, mask[0], mask[1], mask[2]);
+    if (x.numel() && g.any())
+        check_status(lib.ln_bwd(mptr(g.dx), mptr(g.dw), mptr(g.db), nullptr, 0, dy.data_ptr(), x.data_ptr(),
+                                ptr(p.w), st.data_ptr(), at_row(st, rows), 1, rows, C, 0, code(x.scalar_type()),
+                                p.wdt, nullptr),
                      "layer_norm_backward");
-    }
-    return {dx, dw, db};
+    return {g.dx, g.dw, g.db};
 }
 
 std::tuple<Tensor, Tensor> rms_fwd_impl(const Tensor &x_, const OptTensor &w, double eps, bool stats) {
-    check_bound();
-    check_input(x_, "rms_norm");
-    Tensor x = x_.contiguous();
-    int64_t C = x.size(-1), n = x.numel(), rows = C ? n / C : 0;
+    auto [x, C, rows] = token_rows(x_, "rms_norm");
     Params p = params(w, OptTensor(), x, C, "rms_norm");
     Tensor y = out_like(x);
-    Tensor rstd = stats ? at::empty({rows}, x.options().dtype(stats_type(x.scalar_type()))) : Tensor();
-    if (n == 0) return {y, rstd};
+    Tensor rstd = stats ? empty({rows}, stats_type(x.scalar_type())) : Tensor();
+    if (x.numel() == 0) return {y, rstd};
     check_status(lib.rms_fwd(y.data_ptr(), mptr(rstd), x.data_ptr(), ptr(p.w), 1, rows, C, eps,
                              code(x.scalar_type()), p.wdt, nullptr),
                  "rms_norm");
@@ -232,28 +279,16 @@ std::tuple<Tensor, Tensor> rms_norm_fwd_cpu(const Tensor &x, const OptTensor &w,
 
 std::tuple<Tensor, Tensor> rms_norm_bwd_cpu(const Tensor &dy_, const Tensor &x_, const OptTensor &w,
                                             const Tensor &rstd, std::array<bool, 2> mask) {
-    check_bound();
-    check_input(x_, "rms_norm_backward");
-    Tensor x = x_.contiguous(), dy = dy_.contiguous();
-    int64_t C = x.size(-1), n = x.numel(), rows = C ? n / C : 0;
-    TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-                      "pynorm.torch rms_norm_backward: grad_out must be shaped and typed as input");
-    TORCH_CHECK_VALUE(rstd.numel() == rows && rstd.scalar_type() == stats_type(x.scalar_type()) &&
-                          rstd.is_contiguous(),
-                      "pynorm.torch rms_norm_backward: rstd must be the forward's (one per row)");
+    auto [x, C, rows] = token_rows(x_, "rms_norm_backward");
+    Tensor dy = dy_.contiguous();
+    check_saved(dy, x, rstd, rows, "rms_norm_backward", "rstd must be the forward's (one per row)");
     Params p = params(w, OptTensor(), x, C, "rms_norm_backward");
-    Tensor dx = mask[0] ? out_like(x) : Tensor();
-    Tensor dw = mask[1] && p.w.defined() ? at::empty({C}, p.w.options()) : Tensor();
-    if (n == 0) {
-        if (dw.defined()) dw.zero_();
-        return {dx, dw};
-    }
-    if (dx.defined() || dw.defined()) {
-        check_status(lib.rms_bwd(mptr(dx), mptr(dw), nullptr, 0, dy.data_ptr(), x.data_ptr(), ptr(p.w),
+    Grads g = grads_out(x, p.w, C, mask[0], mask[1], false);
+    if (x.numel() && g.any())
+        check_status(lib.rms_bwd(mptr(g.dx), mptr(g.dw), nullptr, 0, dy.data_ptr(), x.data_ptr(), ptr(p.w),
                                  rstd.data_ptr(), 1, rows, C, 0, code(x.scalar_type()), p.wdt, nullptr),
                      "rms_norm_backward");
-    }
-    return {dx, dw};
+    return {g.dx, g.dw};
 }
 
 // GroupNorm (InstanceNorm: G = C) on (N, C, *spatial), read as NCHW-contiguous.
@@ -278,15 +313,12 @@ std::tuple<Tensor, Tensor> gn_fwd_impl(const Tensor &x_, int64_t G, const OptTen
     Tensor x = x_.contiguous();
     Params p = params(w, b, x, sz.C, "group_norm");
     Tensor y = out_like(x);
-    int64_t k = sz.N * G;
-    Tensor st = stats ? at::empty({2, k}, x.options().dtype(stats_type(x.scalar_type()))) : Tensor();
-    if (x.numel() == 0) return {y, st};
-    void *mean = stats ? st.data_ptr() : nullptr;
-    void *rstd = stats ? static_cast<char *>(st.data_ptr()) + k * st.element_size() : nullptr;
-    check_status(lib.gn_fwd(y.data_ptr(), mean, rstd, x.data_ptr(), ptr(p.w), ptr(p.b), sz.N, sz.C, sz.S, G, eps,
-                            PN_NCHW, code(x.scalar_type()), p.wdt),
+    Stats st = stats_out(x, sz.N * G, stats);
+    if (x.numel() == 0) return {y, st.t};
+    check_status(lib.gn_fwd(y.data_ptr(), st.mean, st.rstd, x.data_ptr(), ptr(p.w), ptr(p.b), sz.N, sz.C, sz.S, G,
+                            eps, PN_NCHW, code(x.scalar_type()), p.wdt),
                  "group_norm");
-    return {y, st};
+    return {y, st.t};
 }
 
 Tensor group_norm_cpu(const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b, double eps) {
@@ -304,29 +336,109 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_bwd_cpu(const Tensor &dy_, const T
     check_bound();
     Spatial sz = spatial_sizes(x_, G, "group_norm_backward");
     Tensor x = x_.contiguous(), dy = dy_.contiguous();
-    TORCH_CHECK_VALUE(dy.sizes() == x.sizes() && dy.scalar_type() == x.scalar_type(),
-                      "pynorm.torch group_norm_backward: grad_out must be shaped and typed as input");
     int64_t k = sz.N * G;
-    TORCH_CHECK_VALUE(st.numel() == 2 * k && st.scalar_type() == stats_type(x.scalar_type()) && st.is_contiguous(),
-                      "pynorm.torch group_norm_backward: stats must be the forward's (2 x N*num_groups)");
+    check_saved(dy, x, st, 2 * k, "group_norm_backward", "stats must be the forward's (2 x N*num_groups)");
     Params p = params(w, OptTensor(), x, sz.C, "group_norm_backward");
-    bool has_w = p.w.defined();
-    Tensor dx = mask[0] ? out_like(x) : Tensor();
-    Tensor dw = mask[1] && has_w ? at::empty({sz.C}, p.w.options()) : Tensor();
-    Tensor db = mask[2] && has_w ? at::empty({sz.C}, p.w.options()) : Tensor();
-    if (x.numel() == 0) {
-        if (dw.defined()) dw.zero_();
-        if (db.defined()) db.zero_();
-        return {dx, dw, db};
-    }
-    if (dx.defined() || dw.defined() || db.defined()) {
-        const char *sp = static_cast<const char *>(st.data_ptr());
-        check_status(lib.gn_bwd(mptr(dx), mptr(dw), mptr(db), nullptr, 0, dy.data_ptr(), x.data_ptr(), ptr(p.w), sp,
-                                sp + k * st.element_size(), sz.N, sz.C, sz.S, G, 0, PN_NCHW,
+    Grads g = grads_out(x, p.w, sz.C, mask[0], mask[1], mask[2]);
+    if (x.numel() && g.any())
+        check_status(lib.gn_bwd(mptr(g.dx), mptr(g.dw), mptr(g.db), nullptr, 0, dy.data_ptr(), x.data_ptr(),
+                                ptr(p.w), st.data_ptr(), at_row(st, k), sz.N, sz.C, sz.S, G, 0, PN_NCHW,
                                 code(x.scalar_type()), p.wdt),
                      "group_norm_backward");
+    return {g.dx, g.dw, g.db};
+}
+
+// BatchNorm on (N, C, *spatial), NCHW-contiguous: statistics per channel. In training
+// the batch statistics normalize x and the running statistics given (either may be
+// absent) are updated in place: momentum, or with num_batches_tracked (the count
+// including this batch, as the module keeps it) the cumulative average; in eval the
+// running statistics (both required) normalize x. stats: [mean; rstd] of C each.
+
+// The running statistics as the kernel updates them in place: C contiguous values of
+// the input's dtype or float32, both of one dtype.
+struct Running {
+    void *mean = nullptr, *var = nullptr;
+    pn_dtype dt;
+};
+
+void *running_ptr(const OptTensor &r, const char *name, const Tensor &x, int64_t C, at::ScalarType &dtype) {
+    if (!r.has_value() || !r->defined()) return nullptr;
+    const Tensor &t = *r;
+    TORCH_CHECK_VALUE(t.device() == x.device() && t.numel() == C && t.is_contiguous(), "pynorm.torch batch_norm: ",
+                      name, " must be a contiguous tensor of ", C, " values (the channels) on ", x.device(),
+                      ", got shape ", t.sizes(), " on ", t.device());
+    TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat,
+                      "pynorm.torch batch_norm: ", name, " must be float32 or the input's dtype (", x.scalar_type(),
+                      "), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(dtype == at::ScalarType::Undefined || dtype == t.scalar_type(),
+                      "pynorm.torch batch_norm: running_mean and running_var must have one dtype");
+    dtype = t.scalar_type();
+    return t.data_ptr();
+}
+
+Running running(const OptTensor &rm, const OptTensor &rv, const Tensor &x, int64_t C, bool training) {
+    at::ScalarType dt = at::ScalarType::Undefined;
+    Running r;
+    r.mean = running_ptr(rm, "running_mean", x, C, dt);
+    r.var = running_ptr(rv, "running_var", x, C, dt);
+    TORCH_CHECK_VALUE(training || (r.mean && r.var),
+                      "pynorm.torch batch_norm: running_mean and running_var are required when not training");
+    r.dt = code(dt == at::ScalarType::Undefined ? x.scalar_type() : dt);
+    return r;
+}
+
+std::tuple<Tensor, Tensor> bn_fwd_impl(const Tensor &x_, const OptTensor &w, const OptTensor &b,
+                                       const OptTensor &rm, const OptTensor &rv, bool training, double momentum,
+                                       const OptTensor &nbt, double eps, bool stats) {
+    check_bound();
+    Spatial sz = spatial_sizes(x_, 1, "batch_norm");
+    Tensor x = x_.contiguous();
+    Params p = params(w, b, x, sz.C, "batch_norm");
+    Running r = running(rm, rv, x, sz.C, training);
+    int flags = training ? PN_BN_TRAINING : 0;
+    int64_t count = 0;
+    if (training && nbt.has_value() && nbt->defined()) {          // momentum=None: cumulative
+        TORCH_CHECK_VALUE(nbt->numel() == 1, "pynorm.torch batch_norm: num_batches_tracked must hold one value");
+        flags |= PN_BN_CUMULATIVE;
+        count = nbt->item<int64_t>();
+        momentum = 0.0;
     }
-    return {dx, dw, db};
+    TORCH_CHECK_VALUE(!training || sz.N * sz.S > 1, "pynorm.torch batch_norm: expected more than 1 value per "
+                      "channel when training, got input of size ", x.sizes());
+    Tensor y = out_like(x);
+    Stats st = stats_out(x, sz.C, stats);
+    if (x.numel() == 0) return {y, st.t};
+    check_status(lib.bn_fwd(y.data_ptr(), st.mean, st.rstd, r.mean, r.var, x.data_ptr(), ptr(p.w), ptr(p.b), sz.N,
+                            sz.C, sz.S, eps, momentum, count, flags, PN_NCHW, code(x.scalar_type()), p.wdt, r.dt),
+                 "batch_norm");
+    return {y, st.t};
+}
+
+Tensor batch_norm_cpu(const Tensor &x, const OptTensor &w, const OptTensor &b, const OptTensor &rm,
+                      const OptTensor &rv, bool training, double momentum, const OptTensor &nbt, double eps) {
+    return std::get<0>(bn_fwd_impl(x, w, b, rm, rv, training, momentum, nbt, eps, false));
+}
+
+std::tuple<Tensor, Tensor> batch_norm_fwd_cpu(const Tensor &x, const OptTensor &w, const OptTensor &b,
+                                              const OptTensor &rm, const OptTensor &rv, bool training,
+                                              double momentum, const OptTensor &nbt, double eps) {
+    return bn_fwd_impl(x, w, b, rm, rv, training, momentum, nbt, eps, true);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd_cpu(const Tensor &dy_, const Tensor &x_, const OptTensor &w,
+                                                      const Tensor &st, bool training, std::array<bool, 3> mask) {
+    check_bound();
+    Spatial sz = spatial_sizes(x_, 1, "batch_norm_backward");
+    Tensor x = x_.contiguous(), dy = dy_.contiguous();
+    check_saved(dy, x, st, 2 * sz.C, "batch_norm_backward", "stats must be the forward's (2 x C)");
+    Params p = params(w, OptTensor(), x, sz.C, "batch_norm_backward");
+    Grads g = grads_out(x, p.w, sz.C, mask[0], mask[1], mask[2]);
+    if (x.numel() && g.any())
+        check_status(lib.bn_bwd(mptr(g.dx), mptr(g.dw), mptr(g.db), nullptr, 0, dy.data_ptr(), x.data_ptr(),
+                                ptr(p.w), st.data_ptr(), at_row(st, sz.C), sz.N, sz.C, sz.S,
+                                training ? PN_BN_TRAINING : 0, PN_NCHW, code(x.scalar_type()), p.wdt),
+                     "batch_norm_backward");
+    return {g.dx, g.dw, g.db};
 }
 
 // ---- Meta kernels (shapes and dtypes only) -----------------------------------------------------
@@ -343,7 +455,25 @@ c10::SymInt meta_rows(const Tensor &x) {
     return C == 0 ? c10::SymInt(0) : x.sym_numel() / C;
 }
 
+void meta_spatial(const Tensor &x, const char *op) {
+    TORCH_CHECK_VALUE(x.dim() >= 2, "pynorm.torch ", op, ": input must have at least 2 axes (N, C, ...)");
+    check_input(x, op);
+}
+
 Tensor dense_like(const Tensor &x) { return at::empty_symint(x.sym_sizes(), x.options()); }
+
+Tensor stats_meta(const Tensor &x, c10::SymInt k) {
+    return at::empty_symint({c10::SymInt(2), std::move(k)}, x.options().dtype(stats_type(x.scalar_type())));
+}
+
+// The backward's (dx, dweight, dbias) as grads_out makes them; C the channel count.
+std::tuple<Tensor, Tensor, Tensor> grads_meta(const Tensor &x, const OptTensor &w, const c10::SymInt &C, bool gx,
+                                              bool gw, bool gb) {
+    bool has_w = w.has_value() && w->defined();
+    at::TensorOptions wo = x.options().dtype(meta_wtype(w, OptTensor(), x));
+    return {gx ? dense_like(x) : Tensor(), gw && has_w ? at::empty_symint({C}, wo) : Tensor(),
+            gb && has_w ? at::empty_symint({C}, wo) : Tensor()};
+}
 
 Tensor layer_norm_meta(const Tensor &x, const OptTensor &, const OptTensor &, double) {
     meta_rows(x);
@@ -351,18 +481,13 @@ Tensor layer_norm_meta(const Tensor &x, const OptTensor &, const OptTensor &, do
 }
 
 std::tuple<Tensor, Tensor> layer_norm_fwd_meta(const Tensor &x, const OptTensor &, const OptTensor &, double) {
-    c10::SymInt rows = meta_rows(x);
-    return {dense_like(x), at::empty_symint({2, rows}, x.options().dtype(stats_type(x.scalar_type())))};
+    return {dense_like(x), stats_meta(x, meta_rows(x))};
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd_meta(const Tensor &, const Tensor &x, const OptTensor &w,
                                                        const Tensor &, std::array<bool, 3> mask) {
     meta_rows(x);
-    bool has_w = w.has_value() && w->defined();
-    at::TensorOptions wo = x.options().dtype(meta_wtype(w, OptTensor(), x));
-    c10::SymInt C = x.sym_size(-1);
-    return {mask[0] ? dense_like(x) : Tensor(), mask[1] && has_w ? at::empty_symint({C}, wo) : Tensor(),
-            mask[2] && has_w ? at::empty_symint({C}, wo) : Tensor()};
+    return grads_meta(x, w, x.sym_size(-1), mask[0], mask[1], mask[2]);
 }
 
 Tensor rms_norm_meta(const Tensor &x, const OptTensor &, double) {
@@ -378,33 +503,45 @@ std::tuple<Tensor, Tensor> rms_norm_fwd_meta(const Tensor &x, const OptTensor &,
 std::tuple<Tensor, Tensor> rms_norm_bwd_meta(const Tensor &, const Tensor &x, const OptTensor &w, const Tensor &,
                                              std::array<bool, 2> mask) {
     meta_rows(x);
-    bool has_w = w.has_value() && w->defined();
-    at::TensorOptions wo = x.options().dtype(meta_wtype(w, OptTensor(), x));
-    return {mask[0] ? dense_like(x) : Tensor(), mask[1] && has_w ? at::empty_symint({x.sym_size(-1)}, wo) : Tensor()};
+    auto g = grads_meta(x, w, x.sym_size(-1), mask[0], mask[1], false);
+    return {std::get<0>(g), std::get<1>(g)};
 }
 
-Tensor group_norm_meta(const Tensor &x, int64_t G, const OptTensor &, const OptTensor &, double) {
-    TORCH_CHECK_VALUE(x.dim() >= 2, "pynorm.torch group_norm: input must have at least 2 axes (N, C, ...)");
-    check_input(x, "group_norm");
+Tensor group_norm_meta(const Tensor &x, int64_t, const OptTensor &, const OptTensor &, double) {
+    meta_spatial(x, "group_norm");
     return dense_like(x);
 }
 
 std::tuple<Tensor, Tensor> group_norm_fwd_meta(const Tensor &x, int64_t G, const OptTensor &, const OptTensor &,
                                                double) {
-    TORCH_CHECK_VALUE(x.dim() >= 2, "pynorm.torch group_norm: input must have at least 2 axes (N, C, ...)");
-    check_input(x, "group_norm");
-    return {dense_like(x), at::empty_symint({c10::SymInt(2), x.sym_size(0) * G},
-                                           x.options().dtype(stats_type(x.scalar_type())))};
+    meta_spatial(x, "group_norm");
+    return {dense_like(x), stats_meta(x, x.sym_size(0) * G)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> group_norm_bwd_meta(const Tensor &, const Tensor &x, int64_t, const OptTensor &w,
                                                        const Tensor &, std::array<bool, 3> mask) {
     check_input(x, "group_norm_backward");
-    bool has_w = w.has_value() && w->defined();
-    at::TensorOptions wo = x.options().dtype(meta_wtype(w, OptTensor(), x));
-    c10::SymInt C = x.sym_size(1);
-    return {mask[0] ? dense_like(x) : Tensor(), mask[1] && has_w ? at::empty_symint({C}, wo) : Tensor(),
-            mask[2] && has_w ? at::empty_symint({C}, wo) : Tensor()};
+    return grads_meta(x, w, x.sym_size(1), mask[0], mask[1], mask[2]);
+}
+
+// The running statistics are mutated by the CPU kernel only: fake tensors need no update.
+Tensor batch_norm_meta(const Tensor &x, const OptTensor &, const OptTensor &, const OptTensor &, const OptTensor &,
+                       bool, double, const OptTensor &, double) {
+    meta_spatial(x, "batch_norm");
+    return dense_like(x);
+}
+
+std::tuple<Tensor, Tensor> batch_norm_fwd_meta(const Tensor &x, const OptTensor &, const OptTensor &,
+                                               const OptTensor &, const OptTensor &, bool, double, const OptTensor &,
+                                               double) {
+    meta_spatial(x, "batch_norm");
+    return {dense_like(x), stats_meta(x, x.sym_size(1))};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd_meta(const Tensor &, const Tensor &x, const OptTensor &w,
+                                                       const Tensor &, bool, std::array<bool, 3> mask) {
+    meta_spatial(x, "batch_norm_backward");
+    return grads_meta(x, w, x.sym_size(1), mask[0], mask[1], mask[2]);
 }
 
 // ---- autograd ----------------------------------------------------------------------------------
@@ -415,59 +552,30 @@ bool wants_grad(const Tensor &x, const OptTensor &w, const OptTensor &b) {
            (b.has_value() && b->defined() && b->requires_grad());
 }
 
-const c10::TypedOperatorHandle<decltype(layer_norm_cpu)> &ln_op() {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("pynorm_ext::layer_norm", "")
-                         .typed<decltype(layer_norm_cpu)>();
-    return op;
-}
-const c10::TypedOperatorHandle<decltype(layer_norm_fwd_cpu)> &ln_fwd_op() {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("pynorm_ext::layer_norm_fwd", "")
-                         .typed<decltype(layer_norm_fwd_cpu)>();
-    return op;
-}
-const c10::TypedOperatorHandle<decltype(layer_norm_bwd_cpu)> &ln_bwd_op() {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("pynorm_ext::layer_norm_bwd", "")
-                         .typed<decltype(layer_norm_bwd_cpu)>();
-    return op;
-}
-const c10::TypedOperatorHandle<decltype(rms_norm_cpu)> &rms_op() {
-    static auto op =
-        c10::Dispatcher::singleton().findSchemaOrThrow("pynorm_ext::rms_norm", "").typed<decltype(rms_norm_cpu)>();
-    return op;
-}
-const c10::TypedOperatorHandle<decltype(rms_norm_fwd_cpu)> &rms_fwd_op() {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("pynorm_ext::rms_norm_fwd", "")
-                         .typed<decltype(rms_norm_fwd_cpu)>();
-    return op;
-}
-const c10::TypedOperatorHandle<decltype(rms_norm_bwd_cpu)> &rms_bwd_op() {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("pynorm_ext::rms_norm_bwd", "")
-                         .typed<decltype(rms_norm_bwd_cpu)>();
-    return op;
+// The backward kernels compute dbias only with a weight: a bias that wants a gradient
+// without a weight is refused rather than left without one.
+void check_bias_grad(const OptTensor &w, const OptTensor &b, const char *op) {
+    TORCH_CHECK_VALUE(!(b.has_value() && b->defined() && b->requires_grad()) || (w.has_value() && w->defined()),
+                      "pynorm.torch ", op, ": a bias needs a weight to get a gradient");
 }
 
-const c10::TypedOperatorHandle<decltype(group_norm_cpu)> &gn_op() {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("pynorm_ext::group_norm", "")
-                         .typed<decltype(group_norm_cpu)>();
-    return op;
+// The typed handle of operator pynorm_ext::<name> whose CPU kernel is Sig.
+template <class Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char *name) {
+    return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
-const c10::TypedOperatorHandle<decltype(group_norm_fwd_cpu)> &gn_fwd_op() {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("pynorm_ext::group_norm_fwd", "")
-                         .typed<decltype(group_norm_fwd_cpu)>();
-    return op;
-}
-const c10::TypedOperatorHandle<decltype(group_norm_bwd_cpu)> &gn_bwd_op() {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("pynorm_ext::group_norm_bwd", "")
-                         .typed<decltype(group_norm_bwd_cpu)>();
-    return op;
+#define PYNORM_OP(name, kernel)                                                  \
+    ([]() -> const c10::TypedOperatorHandle<decltype(kernel)> & {                \
+        static const auto op = find_op<decltype(kernel)>("pynorm_ext::" name);   \
+        return op;                                                               \
+    }())
+
+// Calls op below autograd (the kernel below the Autograd key: no boxed autograd
+// fallback for an operator without a formula).
+template <class Sig, class... Args>
+auto below_autograd(const c10::TypedOperatorHandle<Sig> &op, const Args &...args) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(args...);
 }
 
 Tensor or_undefined(const OptTensor &t) { return t.has_value() ? *t : Tensor(); }
@@ -476,6 +584,12 @@ Tensor or_undefined(const OptTensor &t) { return t.has_value() ? *t : Tensor(); 
 // edges are its tensor arguments only (an absent optional has none): edge[i] is
 // that argument's edge index, or -1.
 bool needed(AutogradContext *ctx, int64_t edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
+
+// The (x, weight?, bias?) mask of a node whose tensor arguments are x, weight, bias
+// (w and b: whether the optional ones were given).
+std::array<bool, 3> xwb_mask(AutogradContext *ctx, bool has_w, bool has_b) {
+    return {ctx->needs_input_grad(0), needed(ctx, has_w ? 1 : -1), needed(ctx, has_b ? (has_w ? 2 : 1) : -1)};
+}
 
 // First-order only, as the Python path: with create_graph=True the gradients are
 // returned through this node, whose backward raises (a double backward must not treat
@@ -500,93 +614,105 @@ variable_list first_order(variable_list grads, const Tensor &dy, const Tensor &x
 struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
     static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptTensor &w, const OptTensor &b,
                           double eps) {
-        at::AutoDispatchBelowADInplaceOrView guard;
-        auto [y, st] = ln_fwd_op().call(x, w, b, eps);
+        auto [y, st] = below_autograd(PYNORM_OP("layer_norm_fwd", layer_norm_fwd_cpu), x, w, b, eps);
         // b is saved only to know, in the backward, whether it has an edge
         ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
         return y;
     }
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        auto saved = ctx->get_saved_variables();
-        bool has_w = saved[1].defined(), has_b = saved[3].defined();
-        std::array<bool, 3> mask{ctx->needs_input_grad(0), needed(ctx, has_w ? 1 : -1),
-                                 needed(ctx, has_b ? (has_w ? 2 : 1) : -1)};
-        Tensor dx, dw, db;
-        {
-            // below autograd: no boxed autograd fallback for an operator without a formula
-            at::AutoDispatchBelowADInplaceOrView guard;
-            std::tie(dx, dw, db) = ln_bwd_op().call(grads[0], saved[0], saved[1], saved[2], mask);
-        }
-        return first_order({dx, dw, db, Tensor()}, grads[0], saved[0], saved[1]);
+        auto s = ctx->get_saved_variables();
+        auto [dx, dw, db] = below_autograd(PYNORM_OP("layer_norm_bwd", layer_norm_bwd_cpu), grads[0], s[0], s[1],
+                                           s[2], xwb_mask(ctx, s[1].defined(), s[3].defined()));
+        return first_order({dx, dw, db, Tensor()}, grads[0], s[0], s[1]);
     }
 };
 
 struct RMSNormFn : public torch::autograd::Function<RMSNormFn> {
     static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptTensor &w, double eps) {
-        at::AutoDispatchBelowADInplaceOrView guard;
-        auto [y, rstd] = rms_fwd_op().call(x, w, eps);
+        auto [y, rstd] = below_autograd(PYNORM_OP("rms_norm_fwd", rms_norm_fwd_cpu), x, w, eps);
         ctx->save_for_backward({x, or_undefined(w), rstd});
         return y;
     }
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        auto saved = ctx->get_saved_variables();
-        std::array<bool, 2> mask{ctx->needs_input_grad(0), saved[1].defined() && ctx->needs_input_grad(1)};
-        Tensor dx, dw;
-        {
-            // below autograd: no boxed autograd fallback for an operator without a formula
-            at::AutoDispatchBelowADInplaceOrView guard;
-            std::tie(dx, dw) = rms_bwd_op().call(grads[0], saved[0], saved[1], saved[2], mask);
-        }
-        return first_order({dx, dw, Tensor()}, grads[0], saved[0], saved[1]);
+        auto s = ctx->get_saved_variables();
+        std::array<bool, 2> mask{ctx->needs_input_grad(0), s[1].defined() && ctx->needs_input_grad(1)};
+        auto [dx, dw] = below_autograd(PYNORM_OP("rms_norm_bwd", rms_norm_bwd_cpu), grads[0], s[0], s[1], s[2], mask);
+        return first_order({dx, dw, Tensor()}, grads[0], s[0], s[1]);
     }
 };
 
 struct GroupNormFn : public torch::autograd::Function<GroupNormFn> {
     static Tensor forward(AutogradContext *ctx, const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b,
                           double eps) {
-        at::AutoDispatchBelowADInplaceOrView guard;
-        auto [y, st] = gn_fwd_op().call(x, G, w, b, eps);
+        auto [y, st] = below_autograd(PYNORM_OP("group_norm_fwd", group_norm_fwd_cpu), x, G, w, b, eps);
         ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
         ctx->saved_data["G"] = G;
         return y;
     }
     static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        auto saved = ctx->get_saved_variables();
-        bool has_w = saved[1].defined(), has_b = saved[3].defined();
-        std::array<bool, 3> mask{ctx->needs_input_grad(0), needed(ctx, has_w ? 1 : -1),
-                                 needed(ctx, has_b ? (has_w ? 2 : 1) : -1)};
+        auto s = ctx->get_saved_variables();
         int64_t G = ctx->saved_data["G"].toInt();
-        Tensor dx, dw, db;
-        {
-            at::AutoDispatchBelowADInplaceOrView guard;
-            std::tie(dx, dw, db) = gn_bwd_op().call(grads[0], saved[0], G, saved[1], saved[2], mask);
-        }
-        return first_order({dx, Tensor(), dw, db, Tensor()}, grads[0], saved[0], saved[1]);
+        auto [dx, dw, db] = below_autograd(PYNORM_OP("group_norm_bwd", group_norm_bwd_cpu), grads[0], s[0], G, s[1],
+                                           s[2], xwb_mask(ctx, s[1].defined(), s[3].defined()));
+        return first_order({dx, Tensor(), dw, db, Tensor()}, grads[0], s[0], s[1]);
     }
 };
 
-Tensor group_norm_autograd(const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b, double eps) {
-    if (!wants_grad(x, w, b)) {
-        at::AutoDispatchBelowADInplaceOrView guard;
-        return gn_op().call(x, G, w, b, eps);
+struct BatchNormFn : public torch::autograd::Function<BatchNormFn> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptTensor &w, const OptTensor &b,
+                          const OptTensor &rm, const OptTensor &rv, bool training, double momentum,
+                          const OptTensor &nbt, double eps) {
+        auto [y, st] = below_autograd(PYNORM_OP("batch_norm_fwd", batch_norm_fwd_cpu), x, w, b, rm, rv, training,
+                                      momentum, nbt, eps);
+        ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
+        ctx->saved_data["training"] = training;
+        return y;
     }
-    return GroupNormFn::apply(x, G, w, b, eps);
-}
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        auto s = ctx->get_saved_variables();
+        bool training = ctx->saved_data["training"].toBool();
+        auto [dx, dw, db] = below_autograd(PYNORM_OP("batch_norm_bwd", batch_norm_bwd_cpu), grads[0], s[0], s[1],
+                                           s[2], training, xwb_mask(ctx, s[1].defined(), s[3].defined()));
+        auto none = Tensor();
+        return first_order({dx, dw, db, none, none, none, none, none, none}, grads[0], s[0], s[1]);
+    }
+};
 
+// The Autograd kernels: a node only when a gradient is wanted, else straight below.
 Tensor layer_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, double eps) {
-    if (!wants_grad(x, w, b)) {
-        at::AutoDispatchBelowADInplaceOrView guard;
-        return ln_op().call(x, w, b, eps);
+    if (wants_grad(x, w, b)) {
+        check_bias_grad(w, b, "layer_norm");
+        return LayerNormFn::apply(x, w, b, eps);
     }
-    return LayerNormFn::apply(x, w, b, eps);
+    return below_autograd(PYNORM_OP("layer_norm", layer_norm_cpu), x, w, b, eps);
 }
 
 Tensor rms_norm_autograd(const Tensor &x, const OptTensor &w, double eps) {
-    if (!wants_grad(x, w, OptTensor())) {
-        at::AutoDispatchBelowADInplaceOrView guard;
-        return rms_op().call(x, w, eps);
+    if (wants_grad(x, w, OptTensor())) return RMSNormFn::apply(x, w, eps);
+    return below_autograd(PYNORM_OP("rms_norm", rms_norm_cpu), x, w, eps);
+}
+
+Tensor group_norm_autograd(const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b, double eps) {
+    if (wants_grad(x, w, b)) {
+        check_bias_grad(w, b, "group_norm");
+        return GroupNormFn::apply(x, G, w, b, eps);
     }
-    return RMSNormFn::apply(x, w, eps);
+    return below_autograd(PYNORM_OP("group_norm", group_norm_cpu), x, G, w, b, eps);
+}
+
+// Below autograd the ADInplaceOrView kernel is skipped too: the running statistics'
+// version counters are bumped here, as an in-place torch operator's are.
+Tensor batch_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, const OptTensor &rm,
+                           const OptTensor &rv, bool training, double momentum, const OptTensor &nbt, double eps) {
+    bool grad = wants_grad(x, w, b);
+    if (grad) check_bias_grad(w, b, "batch_norm");
+    Tensor y = grad ? BatchNormFn::apply(x, w, b, rm, rv, training, momentum, nbt, eps)
+                    : below_autograd(PYNORM_OP("batch_norm", batch_norm_cpu), x, w, b, rm, rv, training, momentum,
+                                     nbt, eps);
+    if (training)
+        for (const OptTensor *r : {&rm, &rv})
+            if (r->has_value() && (*r)->defined()) torch::autograd::impl::bump_version(**r);
+    return y;
 }
 
 }  // namespace
@@ -606,6 +732,14 @@ TORCH_LIBRARY(pynorm_ext, m) {
           " -> (Tensor, Tensor)");
     m.def("group_norm_bwd(Tensor grad_out, Tensor input, int num_groups, Tensor? weight, Tensor stats,"
           " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+    m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
+          " Tensor(b!)? running_var, bool training, float momentum, Tensor? num_batches_tracked, float eps)"
+          " -> Tensor");
+    m.def("batch_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
+          " Tensor(b!)? running_var, bool training, float momentum, Tensor? num_batches_tracked, float eps)"
+          " -> (Tensor, Tensor)");
+    m.def("batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor stats, bool training,"
+          " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pynorm_ext, CPU, m) {
@@ -618,6 +752,9 @@ TORCH_LIBRARY_IMPL(pynorm_ext, CPU, m) {
     m.impl("group_norm", &group_norm_cpu);
     m.impl("group_norm_fwd", &group_norm_fwd_cpu);
     m.impl("group_norm_bwd", &group_norm_bwd_cpu);
+    m.impl("batch_norm", &batch_norm_cpu);
+    m.impl("batch_norm_fwd", &batch_norm_fwd_cpu);
+    m.impl("batch_norm_bwd", &batch_norm_bwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(pynorm_ext, Meta, m) {
@@ -630,10 +767,14 @@ TORCH_LIBRARY_IMPL(pynorm_ext, Meta, m) {
     m.impl("group_norm", &group_norm_meta);
     m.impl("group_norm_fwd", &group_norm_fwd_meta);
     m.impl("group_norm_bwd", &group_norm_bwd_meta);
+    m.impl("batch_norm", &batch_norm_meta);
+    m.impl("batch_norm_fwd", &batch_norm_fwd_meta);
+    m.impl("batch_norm_bwd", &batch_norm_bwd_meta);
 }
 
 TORCH_LIBRARY_IMPL(pynorm_ext, Autograd, m) {
     m.impl("layer_norm", &layer_norm_autograd);
     m.impl("rms_norm", &rms_norm_autograd);
     m.impl("group_norm", &group_norm_autograd);
+    m.impl("batch_norm", &batch_norm_autograd);
 }
