@@ -60,6 +60,23 @@ static inline real *pn_work_row(const pn_work *wk, int k) {
 
 static inline void pn_work_free(pn_work *wk) { free(wk->mem); }
 
+/* A half-precision forward row is read in its dtype: the sums convert it
+ * block by block (simd.h), the y pieces again, so each value is converted
+ * twice. Where the conversion costs more than reading a float back from L1/L2,
+ * the row is instead converted once into the thread's row buffer, and the sums
+ * and y read the floats (the same values: the same bits). That is float16
+ * without AVX-512: F16C converts 8 values an instruction, and the generic
+ * build one at a time (LayerNorm/RMSNorm f16 forwards in cache were 0.87-0.93x
+ * with the double conversion on AVX2). bfloat16 widens by a shift, and
+ * AVX-512 converts 16 float16 values an instruction: there the smaller
+ * footprint wins. */
+#ifdef __AVX512F__
+#define PN_KEEP_F16_ROW 0
+#else
+#define PN_KEEP_F16_ROW 1
+#endif
+static inline int pn_keep_row(pn_dtype dt) { return PN_KEEP_F16_ROW && dt == PN_FLOAT16 && sizeof(real) == 4; }
+
 /* Rows are written in pieces of PN_PIECE values (see pn_put_piece below). */
 #define PN_PIECE 256
 

@@ -92,14 +92,19 @@ static void layernorm_forward_row(const pn_fwd_call *c, int64_t r) {
     /* the row in its dtype (x, or h as stored); half precision is converted piece by piece */
     const char *src = c->fused ? (const char *)pn_residual_row(a, r, xp, rp)
                                : (const char *)pn_row(a->inp, a->s.inp, r, a->T, es);
+    /* or converted once into buf (pn_keep_row): the sums and y then read floats */
+    const int keep = pn_keep_row(a->dtype);
+    if (keep) pn_load_row(buf, src, a->dtype, C);
+    const void *row = keep ? (const void *)buf : (const void *)src;
+    const pn_dtype dt = keep ? PN_REAL_DTYPE : a->dtype;
     real shift, m;
-    const real rs = layernorm_row_stats(src, a->dtype, C, c->inv_C, c->eps, buf, &shift, &m);
+    const real rs = layernorm_row_stats(row, dt, C, c->inv_C, c->eps, buf, &shift, &m);
     /* y in pieces: in the output itself, or rounded when written */
     const pn_row_out out = pn_row_out_init(a, r, c->fused, c->stream, c->ahead);
     for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
         const int64_t n = pn_piece_len(C, i0);
         real piece[PN_PIECE], tmp[PN_PIECE];
-        const real *x = pn_row_as_real(src + i0 * (int64_t)es, a->dtype, xp, n);
+        const real *x = keep ? buf + i0 : pn_row_as_real(src + i0 * (int64_t)es, a->dtype, xp, n);
         real *y = qrow ? qrow + i0 : c->in_place ? (real *)out.dst + i0 : piece;
         layernorm_y(y, x, shift, m, rs, &c->ep, i0, n);
         if (qrow) pn_prefetch_share(&out.next, i0, n);
