@@ -321,7 +321,7 @@ static inline pn_status pn_forward_call(const pn_token_args *a, int fused, int b
     return PN_OK;
 }
 
-/* A forward row's input, and the statistics the op takes from it. */
+/* A forward row's input: what the op's statistics and y read. */
 typedef struct {
     const char *src;    /* the row in its dtype: x, or h as stored (fused) */
     const void *row;    /* what the sums read, in dtype dt: src, or its floats in buf (pn_keep_row) */
@@ -361,7 +361,6 @@ typedef struct { real shift, m, rstd; } pn_row_stats;
 #else
 #define PN_Y_PIECE static void
 #endif
-/* y[0..n) from x[0..n), columns [i0, i0 + n) of a row: the op's math */
 typedef void (*pn_y_piece)(real *y, const real *x, const pn_row_stats *s, const pn_epilogue *e, int64_t i0, int64_t n);
 
 /* Row r's y, in pieces: each piece's x (converted from the row's dtype, or
