@@ -60,6 +60,23 @@ static inline real *pn_work_row(const pn_work *wk, int k) {
 
 static inline void pn_work_free(pn_work *wk) { free(wk->mem); }
 
+/* A half-precision forward row is read in its dtype: the sums convert it
+ * block by block (simd.h), the y pieces again, so each value is converted
+ * twice. Where the conversion costs more than reading a float back from L1/L2,
+ * the row is instead converted once into the thread's row buffer, and the sums
+ * and y read the floats (the same values: the same bits). That is float16
+ * without AVX-512: F16C converts 8 values an instruction, and the generic
+ * build one at a time (LayerNorm/RMSNorm f16 forwards in cache were 0.87-0.93x
+ * with the double conversion on AVX2). bfloat16 widens by a shift, and
+ * AVX-512 converts 16 float16 values an instruction: there the smaller
+ * footprint wins. */
+#ifdef __AVX512F__
+#define PN_KEEP_F16_ROW 0
+#else
+#define PN_KEEP_F16_ROW 1
+#endif
+static inline int pn_keep_row(pn_dtype dt) { return PN_KEEP_F16_ROW && dt == PN_FLOAT16 && sizeof(real) == 4; }
+
 /* Rows are written in pieces of PN_PIECE values (see pn_put_piece below). */
 #define PN_PIECE 256
 
@@ -282,6 +299,91 @@ static inline void pn_fwd_rows(const pn_fwd_call *c, pn_fwd_row row) {
     } else {
         for (int64_t r = 0; r < rows; r++) row(c, r);
     }
+}
+
+/* A forward call, plain or fused (h = x + residual first), of a norm with or
+ * without a bias: row(c, r) for every row. */
+static inline pn_status pn_forward_call(const pn_token_args *a, int fused, int bias, pn_fwd_row row) {
+    const int64_t rows = a->B * a->T, C = a->C;
+    const int stream = !a->q && rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
+    pn_work wk;
+    /* row buffers: 0 for a half precision row as floats (pn_keep_row, the
+     * two-pass or double sums), 1 for the whole row's y of a quantized output */
+    pn_status st = pn_work_init(&wk, a, a->q ? 2 : a->dtype == PN_REAL_DTYPE ? 0 : 1);
+    if (st) return st;
+    /* y computed in place in the output when it holds reals and is not streamed */
+    const pn_fwd_call c = {a, &wk, pn_ahead_rows(a, fused ? 4 : 2, stream), a->eps, 1 / (double)C,
+                           fused, stream, a->dtype == PN_REAL_DTYPE && !stream && !a->q,
+                           pn_epilogue_init(a, &wk, bias)};
+    pn_fwd_rows(&c, row);
+    if (stream) pn_stream_fence();
+    pn_work_free(&wk);
+    return PN_OK;
+}
+
+/* A forward row's input: what the op's statistics and y read. */
+typedef struct {
+    const char *src;    /* the row in its dtype: x, or h as stored (fused) */
+    const void *row;    /* what the sums read, in dtype dt: src, or its floats in buf (pn_keep_row) */
+    pn_dtype dt;
+    int kept;
+    real *buf;          /* the thread's row buffer (C reals; NULL for rows of reals) */
+} pn_fwd_in;
+
+/* Row r's input: x, or h = x + residual written to a->h and read back as
+ * stored; converted once into the row buffer where pn_keep_row says. */
+static inline pn_fwd_in pn_fwd_input(const pn_fwd_call *c, int64_t r) {
+    const pn_token_args *a = c->a;
+    const size_t es = pn_dtype_size(a->dtype);
+    pn_fwd_in in;
+    in.buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL;
+    if (c->fused) {
+        real xp[PN_PIECE], rp[PN_PIECE];
+        in.src = (const char *)pn_residual_row(a, r, xp, rp);
+    } else {
+        in.src = (const char *)pn_row(a->inp, a->s.inp, r, a->T, es);
+    }
+    in.kept = pn_keep_row(a->dtype);
+    if (in.kept) pn_load_row(in.buf, in.src, a->dtype, a->C);
+    in.row = in.kept ? (const void *)in.buf : (const void *)in.src;
+    in.dt = in.kept ? PN_REAL_DTYPE : a->dtype;
+    return in;
+}
+
+/* A row's statistics for y: xhat = ((x - shift) - m) * rstd (RMSNorm: shift = m = 0). */
+typedef struct { real shift, m, rstd; } pn_row_stats;
+
+/* y[0..n) from x[0..n), columns [i0, i0 + n) of a row: the op's math. Kept
+ * out of line (PN_Y_PIECE): inlined into the row's loop with its conversions,
+ * the RMSNorm float16 forward ran 10-12% slower on AVX-512 (GCC 12). */
+#if defined(__GNUC__)
+#define PN_Y_PIECE static __attribute__((noinline)) void
+#else
+#define PN_Y_PIECE static void
+#endif
+typedef void (*pn_y_piece)(real *y, const real *x, const pn_row_stats *s, const pn_epilogue *e, int64_t i0, int64_t n);
+
+/* Row r's y, in pieces: each piece's x (converted from the row's dtype, or
+ * the kept floats), y_piece's values in the output itself, or rounded when
+ * written, or in the quantized output's row buffer (then quantized as a whole
+ * row: its groups' amax first); each piece prefetches the same share of the
+ * next rows. */
+static PN_ALWAYS_INLINE void pn_fwd_output(const pn_fwd_call *c, int64_t r, const pn_fwd_in *in,
+                                          const pn_row_stats *s, pn_y_piece y_piece) {
+    const pn_token_args *a = c->a;
+    const int64_t C = a->C, es = (int64_t)pn_dtype_size(a->dtype);
+    real *qrow = a->q ? pn_work_row(c->wk, 1) : NULL;
+    const pn_row_out out = pn_row_out_init(a, r, c->fused, c->stream, c->ahead);
+    for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
+        const int64_t n = pn_piece_len(C, i0);
+        real piece[PN_PIECE], tmp[PN_PIECE], xp[PN_PIECE];
+        const real *x = in->kept ? in->buf + i0 : pn_row_as_real(in->src + i0 * es, a->dtype, xp, n);
+        real *y = qrow ? qrow + i0 : c->in_place ? (real *)out.dst + i0 : piece;
+        y_piece(y, x, s, &c->ep, i0, n);
+        if (qrow) pn_prefetch_share(&out.next, i0, n);
+        else pn_put_piece(&out, i0, y, n, tmp, c->in_place);
+    }
+    if (qrow) pn_quantize_row(a, r, qrow);
 }
 
 /* dparam = (accumulate ? dparam : 0) + sum over chunks of part[c * pstride + i],

@@ -26,57 +26,23 @@ static real rmsnorm_rstd(const void *src, pn_dtype dt, int64_t C, double inv_C, 
 }
 
 /* y = xhat * (offset + w) over n values of a row at column i0, xhat = x * rstd */
-static void rmsnorm_y(real *y, const real *x, real rstd, const pn_epilogue *e, int64_t i0, int64_t n) {
+PN_Y_PIECE rmsnorm_y(real *y, const real *x, const pn_row_stats *s, const pn_epilogue *e, int64_t i0, int64_t n) {
+    const real rstd = s->rstd;
     PN_EPILOGUE_LOOP(e, y, i0, n, x[i] * rstd);
 }
 
-/* Row r of a forward, plain or fused. */
+/* Row r of a forward, plain or fused: rstd of x (or h), then y piece by
+ * piece (kernel.h: reading, the residual, the epilogue, the store). */
 static void rmsnorm_forward_row(const pn_fwd_call *c, int64_t r) {
     const pn_token_args *a = c->a;
-    const int64_t C = a->C;
-    const size_t es = pn_dtype_size(a->dtype);
-    real *buf = c->wk->nbuf ? pn_work_row(c->wk, 0) : NULL;
-    real *qrow = a->q ? pn_work_row(c->wk, 1) : NULL;   /* quantized output: y of the row */
-    real xp[PN_PIECE], rp[PN_PIECE];
-    /* the row in its dtype (x, or h as stored); half precision is converted piece by piece */
-    const char *src = c->fused ? (const char *)pn_residual_row(a, r, xp, rp)
-                               : (const char *)pn_row(a->inp, a->s.inp, r, a->T, es);
-    const real rs = rmsnorm_rstd(src, a->dtype, C, c->inv_C, c->eps, buf);
-    /* y in pieces: in the output itself, or rounded when written */
-    const pn_row_out out = pn_row_out_init(a, r, c->fused, c->stream, c->ahead);
-    for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
-        const int64_t n = pn_piece_len(C, i0);
-        real piece[PN_PIECE], tmp[PN_PIECE];
-        const real *x = pn_row_as_real(src + i0 * (int64_t)es, a->dtype, xp, n);
-        real *y = qrow ? qrow + i0 : c->in_place ? (real *)out.dst + i0 : piece;
-        rmsnorm_y(y, x, rs, &c->ep, i0, n);
-        if (qrow) pn_prefetch_share(&out.next, i0, n);
-        else pn_put_piece(&out, i0, y, n, tmp, c->in_place);
-    }
-    if (qrow) pn_quantize_row(a, r, qrow);   /* the whole row's y: its groups' amax first */
-    if (a->rstd) ((real *)a->rstd)[r] = rs;
+    const pn_fwd_in in = pn_fwd_input(c, r);
+    const pn_row_stats s = {0, 0, rmsnorm_rstd(in.row, in.dt, a->C, c->inv_C, c->eps, in.buf)};
+    pn_fwd_output(c, r, &in, &s, rmsnorm_y);
+    if (a->rstd) ((real *)a->rstd)[r] = s.rstd;
 }
 
-/* The loop over rows shared by the plain and the fused forward. */
-static pn_status rmsnorm_forward_rows(const pn_token_args *a, int fused) {
-    const int64_t rows = a->B * a->T, C = a->C;
-    const int stream = !a->q && rows * C * (int64_t)pn_dtype_size(a->dtype) >= pn_stream_min_bytes();
-    pn_work wk;
-    /* row buffers: 0 for the double sum of a half precision row, 1 for the
-     * whole row's y of a quantized output */
-    pn_status st = pn_work_init(&wk, a, a->q ? 2 : a->dtype == PN_REAL_DTYPE ? 0 : 1);
-    if (st) return st;
-    /* y computed in place in the output when it holds reals and is not streamed */
-    const pn_fwd_call c = {a, &wk, pn_ahead_rows(a, fused ? 4 : 2, stream), a->eps, 1 / (double)C,
-                           fused, stream, a->dtype == PN_REAL_DTYPE && !stream && !a->q, pn_epilogue_init(a, &wk, 0)};
-    pn_fwd_rows(&c, rmsnorm_forward_row);
-    if (stream) pn_stream_fence();
-    pn_work_free(&wk);
-    return PN_OK;
-}
-
-pn_status PN_KERNEL(rmsnorm_forward)(const pn_token_args *a) { return rmsnorm_forward_rows(a, 0); }
-pn_status PN_KERNEL(add_rmsnorm_forward)(const pn_token_args *a) { return rmsnorm_forward_rows(a, 1); }
+pn_status PN_KERNEL(rmsnorm_forward)(const pn_token_args *a) { return pn_forward_call(a, 0, 0, rmsnorm_forward_row); }
+pn_status PN_KERNEL(add_rmsnorm_forward)(const pn_token_args *a) { return pn_forward_call(a, 1, 0, rmsnorm_forward_row); }
 
 /* A row's sum for dx: sum(g * xhat), g = dy * w, in fixed-order lanes; x and
  * dy read in their dtype, block by block (the lanes of the whole row). */
