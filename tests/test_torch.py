@@ -58,6 +58,13 @@ def rand(shape, dtype, seed, scale=1.0, offset=0.0):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
 
 
+
+def bits(t):
+    """The tensor's bits as int64 (bit-for-bit comparisons)."""
+    t = t.detach().contiguous()
+    carrier = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(carrier).to(torch.int64)
+
 def perturb_params(module, seed):
     """Parameters off their init (ones/zeros would hide mistakes)."""
     g = torch.Generator().manual_seed(seed)
@@ -248,6 +255,53 @@ def test_state_dict_round_trip(cls, kw):
     x = rand((3, 4, 6), torch.float32, 8)
     torch.testing.assert_close(p(x), t(x), rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("cls", ["LayerNorm", "RMSNorm"])
+@pytest.mark.parametrize("offset,rounding", [(1.0, "once"), (0.0, "llama"), (0.5, "llama")])
+def test_options_assigned_after_construction(cls, offset, rounding):
+    """weight_offset and rounding assigned after construction take effect (forward,
+    backward, repr) as if given to the constructor, and assigning the plain ones back
+    gives the plain module's bits; a bad value raises, naming it, and changes nothing."""
+    dt = torch.bfloat16
+    x = rand((3, 16), dt, seed_of(cls, offset, rounding))
+    w = rand((16,), dt, 61)
+    fresh = getattr(pnt, cls)(16, weight_offset=offset, rounding=rounding, dtype=dt)
+    late = getattr(pnt, cls)(16, dtype=dt)
+    plain = getattr(pnt, cls)(16, dtype=dt)
+    for m in (fresh, late, plain):
+        with torch.no_grad():
+            m.weight.copy_(w)
+    late.weight_offset, late.rounding = offset, rounding
+    assert (late.weight_offset, late.rounding) == (float(offset), rounding)
+    assert repr(late) == repr(fresh)
+    assert torch.equal(late.weight, w), "assigning an option keeps the weight"
+    for grad in (False, True):
+        xs = [x.clone().requires_grad_(grad) for _ in range(2)]
+        with torch.set_grad_enabled(grad):
+            ys = [late(xs[0]), fresh(xs[1])]
+        assert torch.equal(bits(ys[0].detach()), bits(ys[1].detach())), f"grad={grad}: forward differs"
+        if grad:
+            for y in ys:
+                y.float().sum().backward()
+            assert torch.equal(bits(xs[0].grad), bits(xs[1].grad)), "dx differs"
+            assert torch.equal(bits(late.weight.grad), bits(fresh.weight.grad)), "dweight differs"
+    if (offset, rounding) != (0.0, "once"):
+        with torch.no_grad():
+            assert not torch.equal(bits(late(x)), bits(plain(x))), "the options changed nothing"
+    late.weight_offset, late.rounding = 0.0, "once"
+    with torch.no_grad():
+        assert torch.equal(bits(late(x)), bits(plain(x))), "back to the plain options: plain bits"
+    assert repr(late) == repr(plain)
+    for name, value, exc in [("weight_offset", float("nan"), ValueError), ("weight_offset", "1", TypeError),
+                             ("rounding", "gemma", ValueError), ("rounding", 1, TypeError)]:
+        with pytest.raises(exc, match=name):
+            setattr(late, name, value)
+        assert (late.weight_offset, late.rounding) == (0.0, "once"), f"a bad {name} changed the module"
+    bare = getattr(pnt, cls)(16, elementwise_affine=False)
+    with pytest.raises(ValueError, match="weight_offset"):
+        bare.weight_offset = 1.0
+    assert bare.weight_offset == 0.0
 
 # --------------------------------------------------------------------------------------
 # spatial modules against torch.nn

@@ -20,19 +20,41 @@ _EPS32, _EPS64 = torch.finfo(torch.float32).eps, torch.finfo(_F64).eps
 class _TokenOptions:
     """weight_offset= and rounding= of the token-norm modules (docs/inference.md): not
     parameters or buffers, so the state_dict is torch's. Class defaults: a module whose
-    class replace_norms changed in place has the plain options."""
+    class replace_norms changed in place has the plain options.
 
-    weight_offset = 0.0
-    rounding = "once"
+    Both are properties: assigning one (after construction too) checks the value as
+    the constructor does and decides once whether the module has the plain options
+    (_plain), which forward reads instead of comparing both on every call. Assigning
+    does not reset the weight (the constructor does, for a nonzero offset)."""
+
+    _weight_offset = 0.0
+    _rounding = "once"
+    _plain = True               # weight_offset 0 and rounding "once": the straight paths apply
+
+    @property
+    def weight_offset(self):
+        return self._weight_offset
+
+    @weight_offset.setter
+    def weight_offset(self, value):
+        self._set_options(value, self._rounding)
+
+    @property
+    def rounding(self):
+        return self._rounding
+
+    @rounding.setter
+    def rounding(self, value):
+        self._set_options(self._weight_offset, value)
 
     def _set_options(self, weight_offset, rounding):
         from ._token_ops import options
         options(type(self).__name__, weight_offset, rounding, self.weight if self.elementwise_affine
                 else None)
-        self.weight_offset = float(weight_offset)
-        self.rounding = rounding
-        if self.weight_offset != 0.0:
-            self.reset_parameters()
+        d = self.__dict__           # plain attributes: past nn.Module.__setattr__'s checks
+        d["_weight_offset"] = float(weight_offset)
+        d["_rounding"] = rounding
+        d["_plain"] = d["_weight_offset"] == 0.0 and rounding == "once"
 
     def reset_parameters(self):
         # the weight starts where (weight_offset + weight) is 1: Gemma's zeros for offset 1
@@ -41,12 +63,9 @@ class _TokenOptions:
             with torch.no_grad():
                 self.weight.fill_(1.0 - self.weight_offset)
 
-    def _plain_options(self):
-        return self.weight_offset == 0.0 and self.rounding == "once"
-
     def extra_repr(self):
         s = super().extra_repr()
-        if not self._plain_options():
+        if not self._plain:
             s += f", weight_offset={self.weight_offset}, rounding={self.rounding!r}"
         return s
 
@@ -60,9 +79,11 @@ class LayerNorm(_TokenOptions, torch.nn.LayerNorm):
     def __init__(self, *args, weight_offset=0.0, rounding="once", **kwargs):
         super().__init__(*args, **kwargs)
         self._set_options(weight_offset, rounding)
+        if self._weight_offset != 0.0:
+            self.reset_parameters()
 
     def forward(self, input):
-        default = self.weight_offset == 0.0 and self.rounding == "once"
+        default = self._plain
         ops = _ext.ops
         if default and ops is not None and input.is_cpu and input.shape[-1:] == self.normalized_shape:
             # the C++ extension's operator: the whole call in C++ (see _ext)
@@ -86,9 +107,11 @@ class RMSNorm(_TokenOptions, torch.nn.RMSNorm):
     def __init__(self, *args, weight_offset=0.0, rounding="once", **kwargs):
         super().__init__(*args, **kwargs)
         self._set_options(weight_offset, rounding)
+        if self._weight_offset != 0.0:
+            self.reset_parameters()
 
     def forward(self, x):
-        default = self.weight_offset == 0.0 and self.rounding == "once"
+        default = self._plain
         ops = _ext.ops
         if default and ops is not None and x.is_cpu and x.shape[-1:] == self.normalized_shape:
             eps = self.eps
