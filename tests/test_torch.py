@@ -899,6 +899,33 @@ def _swap_one(mod):
     return box[0]
 
 
+@pytest.mark.parametrize("case", ["plain", "no_bias", "no_affine", "parametrized", "functional_call"])
+def test_modules_read_parameters_as_attributes_would(case):
+    """The modules' eager calls read weight and bias from _parameters (no
+    nn.Module.__getattr__): the same tensors as the attributes, a parametrized weight
+    included, and torch.func.functional_call's substitutes take effect."""
+    from pynorm.torch._modules import _weight_bias
+    kw = {"no_bias": dict(bias=False), "no_affine": dict(elementwise_affine=False)}.get(case, {})
+    m = pnt.LayerNorm(8, **kw)
+    perturb_params(m, 71)
+    x = rand((3, 8), torch.float32, 72)
+    if case == "parametrized":
+        torch.nn.utils.parametrize.register_parametrization(m, "weight", _Double())
+    if case == "functional_call":
+        w, b = rand((8,), torch.float32, 73), rand((8,), torch.float32, 74)
+        got = torch.func.functional_call(m, {"weight": w, "bias": b}, (x,))
+        torch.testing.assert_close(got, F.layer_norm(x, (8,), w, b), rtol=1e-5, atol=1e-5)
+        return
+    w, b = _weight_bias(m)
+    want_w, want_b = m.weight, m.bias
+    assert (w is None) == (want_w is None) and (b is None) == (want_b is None), case
+    if w is not None:
+        assert torch.equal(w, want_w), f"{case}: weight differs from m.weight"
+    if b is not None:
+        assert b is want_b, f"{case}: bias is not m.bias"
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), F.layer_norm(x, (8,), want_w, want_b), rtol=1e-5, atol=1e-5)
+
 def test_straight_path_batch_norm_bumps_running_stat_versions():
     """The kernel updates BatchNorm's running statistics in place; autograd is told,
     as an in-place torch op would tell it."""
