@@ -270,9 +270,12 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
                     mgx[k] = (real)(sh->sums[2 * rk + 1] * inv_total);
                 } else {
                     hi[k] = mean[rk], lo[k] = 0, rs[k] = rstd[rk];
-                    layernorm_backward_sums(xs[k], dys[k], a->dtype, w, hi[k], rs[k], C, &mg[k], &mgx[k]);
-                    mg[k] *= invC;
-                    mgx[k] *= invC;
+                    mg[k] = mgx[k] = 0;   /* only dx reads them: no pass over the row without it */
+                    if (a->dinp) {
+                        layernorm_backward_sums(xs[k], dys[k], a->dtype, w, hi[k], rs[k], C, &mg[k], &mgx[k]);
+                        mg[k] *= invC;
+                        mgx[k] *= invC;
+                    }
                 }
             }
             /* in pieces, each prefetching the same share of the next rows' x and dy (and dx) */
