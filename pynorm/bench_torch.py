@@ -118,42 +118,65 @@ def block_case(kind, shape, seed=0):
     return base, swapped, x, dy, names
 
 
-def block_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None, blocks=("gpt", "llama")):
-    """Times each block's forward + backward with torch's norms and with pynorm's.
-    Returns rows in pynorm.bench's format (pynorm_gbps, pct_copy and pct_peak NaN)."""
+def _row(op, label, dtype, shape, threads, times, nbytes, gbps=True, **extra):
+    """One row in pynorm.bench's format; times = (torch's, pynorm's) seconds. gbps
+    False: a whole block, where pynorm_gbps, pct_copy and pct_peak are NaN."""
+    t_base, t_pn = times
+    row = dict(op=op, label=label, dtype=dtype, shape=list(shape), threads=threads, baseline="torch",
+               baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3, speedup=t_base / t_pn, bytes=nbytes,
+               pynorm_gbps=nbytes / t_pn / 1e9 if gbps else float("nan"))
+    if not gbps:
+        row.update(pct_copy=float("nan"), pct_peak=float("nan"))
+    row["baseline_allocating_only"] = False
+    row.update(extra)
+    return row
+
+
+def _timed(pairs, thread_counts, warmup, repeats):
+    """For each (fns, make_row) of pairs and each thread count: times the pair fns =
+    (torch's step, pynorm's step) alternating, at that many threads for both
+    libraries, and collects make_row(threads, times). The thread settings are
+    restored after."""
     torch = _torch()
     import pynorm
-    warmup = (1 if quick else 3) if warmup is None else warmup
-    repeats = (5 if quick else 15) if repeats is None else repeats
-    shapes = {"gpt": QUICK_GPT_SHAPES if quick else GPT_SHAPES,
-              "llama": QUICK_LLAMA_SHAPES if quick else LLAMA_SHAPES}
     saved = (pynorm.get_num_threads(), torch.get_num_threads())
     rows = []
     try:
-        for kind in blocks:
-            key, label, n_norms = BLOCKS[kind]
-            for shape in shapes[kind]:
-                base, swapped, x, dy, names = block_case(kind, shape)
-                assert len(names) == n_norms, names
-                n = shape[0] * shape[1] * shape[2] * x.element_size()
-                for threads in thread_counts:
-                    pynorm.set_num_threads(threads)
-                    torch.set_num_threads(threads)
-                    t_base, t_pn = time_pair(_fwd_bwd(base, x, dy), _fwd_bwd(swapped, x, dy),
-                                              warmup, repeats)
-                    rows.append(dict(
-                        op=key, label=label, dtype="float32",
-                        shape=[shape[0] * shape[1], shape[2]], threads=threads,
-                        baseline="torch", baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3,
-                        speedup=t_base / t_pn, bytes=5 * n * n_norms,
-                        pynorm_gbps=float("nan"), pct_copy=float("nan"), pct_peak=float("nan"),
-                        baseline_allocating_only=False,
-                        block=dict(kind=kind, batch=shape[0], seq=shape[1], C=shape[2],
-                                   norms=[n for n, _ in names])))
+        for fns, make_row in pairs:
+            for threads in thread_counts:
+                pynorm.set_num_threads(threads)
+                torch.set_num_threads(threads)
+                rows.append(make_row(threads, time_pair(*fns, warmup, repeats)))
     finally:
         pynorm.set_num_threads(saved[0])
         torch.set_num_threads(saved[1])
     return rows
+
+
+def _block_shapes(quick):
+    return {"gpt": QUICK_GPT_SHAPES if quick else GPT_SHAPES,
+            "llama": QUICK_LLAMA_SHAPES if quick else LLAMA_SHAPES}
+
+
+def block_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None, blocks=("gpt", "llama")):
+    """Times each block's forward + backward with torch's norms and with pynorm's.
+    Returns rows in pynorm.bench's format (pynorm_gbps, pct_copy and pct_peak NaN)."""
+    warmup = (1 if quick else 3) if warmup is None else warmup
+    repeats = (5 if quick else 15) if repeats is None else repeats
+
+    def pairs():
+        for kind in blocks:
+            key, label, n_norms = BLOCKS[kind]
+            for shape in _block_shapes(quick)[kind]:
+                base, swapped, x, dy, names = block_case(kind, shape)
+                assert len(names) == n_norms, names
+                n = shape[0] * shape[1] * shape[2] * x.element_size()
+                block = dict(kind=kind, batch=shape[0], seq=shape[1], C=shape[2], norms=[n for n, _ in names])
+                yield ((_fwd_bwd(base, x, dy), _fwd_bwd(swapped, x, dy)),
+                       lambda threads, times, key=key, label=label, shape=shape, n=n * 5 * n_norms, block=block:
+                       _row(key, label, "float32", [shape[0] * shape[1], shape[2]], threads, times, n,
+                            gbps=False, block=block))
+    return _timed(pairs(), thread_counts, warmup, repeats)
 
 
 MODULES = {
@@ -168,18 +191,14 @@ def module_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None, bl
     comes from. bytes = 5 N (reads x, writes y; reads dy and x, writes dx), so these
     rows' GB/s are meaningful (pct_copy is left to pynorm.bench.add_copy_fraction)."""
     torch = _torch()
-    import pynorm
     import pynorm.torch as pnt
     warmup = (1 if quick else 3) if warmup is None else warmup
     repeats = (5 if quick else 15) if repeats is None else repeats
-    shapes = {"gpt": QUICK_GPT_SHAPES if quick else GPT_SHAPES,
-              "llama": QUICK_LLAMA_SHAPES if quick else LLAMA_SHAPES}
-    saved = (pynorm.get_num_threads(), torch.get_num_threads())
-    rows = []
-    try:
+
+    def pairs():
         for kind in blocks:
             key, label, cls = MODULES[kind]
-            for shape in shapes[kind]:
+            for shape in _block_shapes(quick)[kind]:
                 rows_, C = shape[0] * shape[1], shape[2]
                 torch.manual_seed(1)
                 base = getattr(torch.nn, cls)(C)
@@ -190,19 +209,10 @@ def module_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None, bl
                 x = torch.randn(rows_, C, requires_grad=True)
                 dy = torch.randn(rows_, C)
                 nbytes = 5 * x.numel() * x.element_size()
-                for threads in thread_counts:
-                    pynorm.set_num_threads(threads)
-                    torch.set_num_threads(threads)
-                    t_base, t_pn = time_pair(_fwd_bwd(base, x, dy), _fwd_bwd(twin, x, dy), warmup, repeats)
-                    rows.append(dict(
-                        op=key, label=label, dtype="float32", shape=[rows_, C], threads=threads,
-                        baseline="torch", baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3,
-                        speedup=t_base / t_pn, bytes=nbytes, pynorm_gbps=nbytes / t_pn / 1e9,
-                        baseline_allocating_only=False))
-    finally:
-        pynorm.set_num_threads(saved[0])
-        torch.set_num_threads(saved[1])
-    return rows
+                yield ((_fwd_bwd(base, x, dy), _fwd_bwd(twin, x, dy)),
+                       lambda threads, times, key=key, label=label, shape=(rows_, C), nbytes=nbytes:
+                       _row(key, label, "float32", shape, threads, times, nbytes))
+    return _timed(pairs(), thread_counts, warmup, repeats)
 
 
 # ---- small ("decode") sizes: every module, float32 and bfloat16, no_grad and fwd+bwd ----------
@@ -269,14 +279,11 @@ def decode_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None,
     thread either way, and more threads only add torch's thread-pool hand-offs (on a
     busy 2-core machine torch's 2-thread backward took milliseconds here)."""
     torch = _torch()
-    import pynorm
     warmup = (2 if quick else 5) if warmup is None else warmup
     # a call takes microseconds: many repeats cost little and steady the medians
     repeats = (20 if quick else 60) if repeats is None else 4 * repeats
-    thread_counts = [min(thread_counts)]
-    saved = (pynorm.get_num_threads(), torch.get_num_threads())
-    rows = []
-    try:
+
+    def pairs():
         for module in modules:
             for mode in DECODE_MODES:
                 key = f"torch_module_{module.lower()}{'_compiled' if compile else ''}_decode_{mode}"
@@ -291,19 +298,9 @@ def decode_rows(thread_counts=(2, 1), quick=False, warmup=None, repeats=None,
                             dy = torch.randn(x.shape, dtype=x.dtype)
                             fns = _fwd_bwd(base, x, dy), _fwd_bwd(twin, x, dy)
                         nbytes = (2 if mode == "fwd_nograd" else 5) * x.numel() * x.element_size()
-                        for threads in thread_counts:
-                            pynorm.set_num_threads(threads)
-                            torch.set_num_threads(threads)
-                            t_base, t_pn = time_pair(*fns, warmup, repeats)
-                            rows.append(dict(
-                                op=key, label=label, dtype=dtype, shape=list(x.shape), threads=threads,
-                                baseline="torch", baseline_ms=t_base * 1e3, pynorm_ms=t_pn * 1e3,
-                                speedup=t_base / t_pn, bytes=nbytes, pynorm_gbps=nbytes / t_pn / 1e9,
-                                baseline_allocating_only=False))
-    finally:
-        pynorm.set_num_threads(saved[0])
-        torch.set_num_threads(saved[1])
-    return rows
+                        yield fns, (lambda threads, times, key=key, label=label, dtype=dtype, shape=x.shape,
+                                    nbytes=nbytes: _row(key, label, dtype, shape, threads, times, nbytes))
+    return _timed(pairs(), [min(thread_counts)], warmup, repeats)
 
 
 NOTE = ("Transformer block rows: forward + backward of a whole block (matrix products, "

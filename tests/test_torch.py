@@ -58,6 +58,13 @@ def rand(shape, dtype, seed, scale=1.0, offset=0.0):
     return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
 
 
+
+def bits(t):
+    """The tensor's bits as int64 (bit-for-bit comparisons)."""
+    t = t.detach().contiguous()
+    carrier = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.view(carrier).to(torch.int64)
+
 def perturb_params(module, seed):
     """Parameters off their init (ones/zeros would hide mistakes)."""
     g = torch.Generator().manual_seed(seed)
@@ -248,6 +255,53 @@ def test_state_dict_round_trip(cls, kw):
     x = rand((3, 4, 6), torch.float32, 8)
     torch.testing.assert_close(p(x), t(x), rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("cls", ["LayerNorm", "RMSNorm"])
+@pytest.mark.parametrize("offset,rounding", [(1.0, "once"), (0.0, "llama"), (0.5, "llama")])
+def test_options_assigned_after_construction(cls, offset, rounding):
+    """weight_offset and rounding assigned after construction take effect (forward,
+    backward, repr) as if given to the constructor, and assigning the plain ones back
+    gives the plain module's bits; a bad value raises, naming it, and changes nothing."""
+    dt = torch.bfloat16
+    x = rand((3, 16), dt, seed_of(cls, offset, rounding))
+    w = rand((16,), dt, 61)
+    fresh = getattr(pnt, cls)(16, weight_offset=offset, rounding=rounding, dtype=dt)
+    late = getattr(pnt, cls)(16, dtype=dt)
+    plain = getattr(pnt, cls)(16, dtype=dt)
+    for m in (fresh, late, plain):
+        with torch.no_grad():
+            m.weight.copy_(w)
+    late.weight_offset, late.rounding = offset, rounding
+    assert (late.weight_offset, late.rounding) == (float(offset), rounding)
+    assert repr(late) == repr(fresh)
+    assert torch.equal(late.weight, w), "assigning an option keeps the weight"
+    for grad in (False, True):
+        xs = [x.clone().requires_grad_(grad) for _ in range(2)]
+        with torch.set_grad_enabled(grad):
+            ys = [late(xs[0]), fresh(xs[1])]
+        assert torch.equal(bits(ys[0].detach()), bits(ys[1].detach())), f"grad={grad}: forward differs"
+        if grad:
+            for y in ys:
+                y.float().sum().backward()
+            assert torch.equal(bits(xs[0].grad), bits(xs[1].grad)), "dx differs"
+            assert torch.equal(bits(late.weight.grad), bits(fresh.weight.grad)), "dweight differs"
+    if (offset, rounding) != (0.0, "once"):
+        with torch.no_grad():
+            assert not torch.equal(bits(late(x)), bits(plain(x))), "the options changed nothing"
+    late.weight_offset, late.rounding = 0.0, "once"
+    with torch.no_grad():
+        assert torch.equal(bits(late(x)), bits(plain(x))), "back to the plain options: plain bits"
+    assert repr(late) == repr(plain)
+    for name, value, exc in [("weight_offset", float("nan"), ValueError), ("weight_offset", "1", TypeError),
+                             ("rounding", "gemma", ValueError), ("rounding", 1, TypeError)]:
+        with pytest.raises(exc, match=name):
+            setattr(late, name, value)
+        assert (late.weight_offset, late.rounding) == (0.0, "once"), f"a bad {name} changed the module"
+    bare = getattr(pnt, cls)(16, elementwise_affine=False)
+    with pytest.raises(ValueError, match="weight_offset"):
+        bare.weight_offset = 1.0
+    assert bare.weight_offset == 0.0
 
 # --------------------------------------------------------------------------------------
 # spatial modules against torch.nn
@@ -844,6 +898,33 @@ def _swap_one(mod):
     pnt.replace_norms(box)
     return box[0]
 
+
+@pytest.mark.parametrize("case", ["plain", "no_bias", "no_affine", "parametrized", "functional_call"])
+def test_modules_read_parameters_as_attributes_would(case):
+    """The modules' eager calls read weight and bias from _parameters (no
+    nn.Module.__getattr__): the same tensors as the attributes, a parametrized weight
+    included, and torch.func.functional_call's substitutes take effect."""
+    from pynorm.torch._modules import _weight_bias
+    kw = {"no_bias": dict(bias=False), "no_affine": dict(elementwise_affine=False)}.get(case, {})
+    m = pnt.LayerNorm(8, **kw)
+    perturb_params(m, 71)
+    x = rand((3, 8), torch.float32, 72)
+    if case == "parametrized":
+        torch.nn.utils.parametrize.register_parametrization(m, "weight", _Double())
+    if case == "functional_call":
+        w, b = rand((8,), torch.float32, 73), rand((8,), torch.float32, 74)
+        got = torch.func.functional_call(m, {"weight": w, "bias": b}, (x,))
+        torch.testing.assert_close(got, F.layer_norm(x, (8,), w, b), rtol=1e-5, atol=1e-5)
+        return
+    w, b = _weight_bias(m)
+    want_w, want_b = m.weight, m.bias
+    assert (w is None) == (want_w is None) and (b is None) == (want_b is None), case
+    if w is not None:
+        assert torch.equal(w, want_w), f"{case}: weight differs from m.weight"
+    if b is not None:
+        assert b is want_b, f"{case}: bias is not m.bias"
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), F.layer_norm(x, (8,), want_w, want_b), rtol=1e-5, atol=1e-5)
 
 def test_straight_path_batch_norm_bumps_running_stat_versions():
     """The kernel updates BatchNorm's running statistics in place; autograd is told,

@@ -112,6 +112,17 @@ def _direct_backward(cls, backward):
     return cls
 
 
+def _token_forward(rms, yp, mp, rp, xp, wp, bp, rows, C, eps, dt, wdt):
+    """One LayerNorm (rms False) or RMSNorm forward call on integer pointers (mp, rp:
+    the statistics, 0 for none; RMSNorm has no mean and no bias)."""
+    if rms:
+        status = _rms_fwd(yp, rp, xp, wp, 1, rows, C, eps, dt, wdt, 0)
+    else:
+        status = _ln_fwd(yp, mp, rp, xp, wp, bp, 1, rows, C, eps, dt, wdt, 0)
+    if status:
+        CPU.check(status, "rms_norm" if rms else "layer_norm")
+
+
 class _TokenNorm(torch.autograd.Function):
     """y = norm(x) over the last axis; backward on pynorm's kernels. Subclassed once
     per norm (RMS: whether it is RMSNorm): the class name is what profilers show."""
@@ -124,12 +135,7 @@ class _TokenNorm(torch.autograd.Function):
         st = torch.empty(2 * rows, dtype=_F64 if dt == _CODE_F64 else _F32)   # mean, then rstd
         sp = st.data_ptr()
         rp = sp + rows * st.element_size()
-        if rms:
-            status = _rms_fwd(y.data_ptr(), rp, x.data_ptr(), wp, 1, rows, C, eps, dt, wdt, 0)
-        else:
-            status = _ln_fwd(y.data_ptr(), sp, rp, x.data_ptr(), wp, bp, 1, rows, C, eps, dt, wdt, 0)
-        if status:
-            CPU.check(status, "rms_norm" if rms else "layer_norm")
+        _token_forward(rms, y.data_ptr(), sp, rp, x.data_ptr(), wp, bp, rows, C, eps, dt, wdt)
         ctx.save_for_backward(x, weight, st)
         ctx.meta = (rows, C, dt, wdt, rp - sp)
         return y
@@ -220,12 +226,11 @@ def token_norm(m, x, rms):
     elif wdtype is not x.dtype and wdtype is not _F32:
         return None
     wdt = _CODE[wdtype]
-    if rms:
-        eps = m.eps
-        if eps is None:
-            eps = _EPS64 if dt == _CODE[_F64] else _EPS32
-    else:
-        eps = m.eps
+    eps = m.eps
+    if eps is None:               # RMSNorm: the machine epsilon of the compute type, as torch
+        if not rms:
+            return None
+        eps = _EPS64 if dt == _CODE_F64 else _EPS32
     if _grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                             or (bias is not None and bias.requires_grad)):
         if _functorch_active():
@@ -234,12 +239,7 @@ def token_norm(m, x, rms):
             return None           # not a torch.nn module's state: dbias would have no template
         return _APPLY[rms](x, weight, bias, n // C, C, float(eps), wp, bp, dt, wdt)
     y = torch.empty_like(x) if n * x.element_size() < CACHED_ALLOC_MIN else _out(x)
-    if rms:
-        status = _rms_fwd(y.data_ptr(), 0, x.data_ptr(), wp, 1, n // C, C, eps, dt, wdt, 0)
-    else:
-        status = _ln_fwd(y.data_ptr(), 0, 0, x.data_ptr(), wp, bp, 1, n // C, C, eps, dt, wdt, 0)
-    if status:
-        CPU.check(status, "rms_norm" if rms else "layer_norm")
+    _token_forward(rms, y.data_ptr(), 0, 0, x.data_ptr(), wp, bp, n // C, C, eps, dt, wdt)
     return y
 
 

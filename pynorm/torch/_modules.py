@@ -15,24 +15,63 @@ _is_compiling = torch.compiler.is_compiling
 _functorch_active = torch._C._are_functorch_transforms_active
 _F64 = torch.float64
 _EPS32, _EPS64 = torch.finfo(torch.float32).eps, torch.finfo(_F64).eps
+_MISSING = object()
+
+
+def _weight_bias(m):
+    """m.weight, m.bias for an eager call, read from m._parameters: nn.Module.__getattr__
+    costs ~0.6 us per attribute, a visible share of a one-row norm. A parametrized
+    weight or bias is not there (its class holds a property): read as an attribute."""
+    ps = m._parameters
+    w, b = ps.get("weight", _MISSING), ps.get("bias", _MISSING)
+    return (m.weight if w is _MISSING else w), (m.bias if b is _MISSING else b)
+
+
+def _last_axis_is(x, ns):
+    """Whether normalized_shape ns is x's last axis alone (what the extension's token
+    operators normalize over); cheaper than x.shape[-1:] == ns."""
+    shape = x.shape
+    return len(ns) == 1 and len(shape) > 0 and shape[-1] == ns[0]
 
 
 class _TokenOptions:
     """weight_offset= and rounding= of the token-norm modules (docs/inference.md): not
     parameters or buffers, so the state_dict is torch's. Class defaults: a module whose
-    class replace_norms changed in place has the plain options."""
+    class replace_norms changed in place has the plain options.
 
-    weight_offset = 0.0
-    rounding = "once"
+    Both are properties: assigning one (after construction too) checks the value as
+    the constructor does and decides once whether the module has the plain options
+    (_plain), which forward reads instead of comparing both on every call. Assigning
+    does not reset the weight (the constructor does, for a nonzero offset)."""
+
+    _weight_offset = 0.0
+    _rounding = "once"
+    _plain = True               # weight_offset 0 and rounding "once": the straight paths apply
+
+    @property
+    def weight_offset(self):
+        return self._weight_offset
+
+    @weight_offset.setter
+    def weight_offset(self, value):
+        self._set_options(value, self._rounding)
+
+    @property
+    def rounding(self):
+        return self._rounding
+
+    @rounding.setter
+    def rounding(self, value):
+        self._set_options(self._weight_offset, value)
 
     def _set_options(self, weight_offset, rounding):
         from ._token_ops import options
         options(type(self).__name__, weight_offset, rounding, self.weight if self.elementwise_affine
                 else None)
-        self.weight_offset = float(weight_offset)
-        self.rounding = rounding
-        if self.weight_offset != 0.0:
-            self.reset_parameters()
+        d = self.__dict__           # plain attributes: past nn.Module.__setattr__'s checks
+        d["_weight_offset"] = float(weight_offset)
+        d["_rounding"] = rounding
+        d["_plain"] = d["_weight_offset"] == 0.0 and rounding == "once"
 
     def reset_parameters(self):
         # the weight starts where (weight_offset + weight) is 1: Gemma's zeros for offset 1
@@ -41,12 +80,9 @@ class _TokenOptions:
             with torch.no_grad():
                 self.weight.fill_(1.0 - self.weight_offset)
 
-    def _plain_options(self):
-        return self.weight_offset == 0.0 and self.rounding == "once"
-
     def extra_repr(self):
         s = super().extra_repr()
-        if not self._plain_options():
+        if not self._plain:
             s += f", weight_offset={self.weight_offset}, rounding={self.rounding!r}"
         return s
 
@@ -60,16 +96,19 @@ class LayerNorm(_TokenOptions, torch.nn.LayerNorm):
     def __init__(self, *args, weight_offset=0.0, rounding="once", **kwargs):
         super().__init__(*args, **kwargs)
         self._set_options(weight_offset, rounding)
+        if self._weight_offset != 0.0:
+            self.reset_parameters()
 
     def forward(self, input):
-        default = self.weight_offset == 0.0 and self.rounding == "once"
+        default = self._plain
         ops = _ext.ops
-        if default and ops is not None and input.is_cpu and input.shape[-1:] == self.normalized_shape:
+        if default and ops is not None and input.is_cpu and _last_axis_is(input, self.normalized_shape):
             # the C++ extension's operator: the whole call in C++ (see _ext)
             if _is_compiling():
                 return ops.layer_norm(input, self.weight, self.bias, self.eps)
             if not _functorch_active():
-                return _ext.eager_layer_norm(input, self.weight, self.bias, self.eps)
+                w, b = _weight_bias(self)
+                return _ext.eager_layer_norm(input, w, b, self.eps)
         y = _fast.token_norm(self, input, False) if default else None
         if y is None:
             y = F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps,
@@ -86,18 +125,21 @@ class RMSNorm(_TokenOptions, torch.nn.RMSNorm):
     def __init__(self, *args, weight_offset=0.0, rounding="once", **kwargs):
         super().__init__(*args, **kwargs)
         self._set_options(weight_offset, rounding)
+        if self._weight_offset != 0.0:
+            self.reset_parameters()
 
     def forward(self, x):
-        default = self.weight_offset == 0.0 and self.rounding == "once"
+        default = self._plain
         ops = _ext.ops
-        if default and ops is not None and x.is_cpu and x.shape[-1:] == self.normalized_shape:
+        if default and ops is not None and x.is_cpu and _last_axis_is(x, self.normalized_shape):
             eps = self.eps
             if eps is None:
                 eps = _EPS64 if x.dtype is _F64 else _EPS32
             if _is_compiling():
                 return ops.rms_norm(x, self.weight, eps)
             if not _functorch_active():
-                return _ext.eager_rms_norm(x, self.weight, eps)
+                w = self._parameters.get("weight", _MISSING)
+                return _ext.eager_rms_norm(x, self.weight if w is _MISSING else w, eps)
         y = _fast.token_norm(self, x, True) if default else None
         if y is None:
             y = F.rms_norm(x, self.normalized_shape, self.weight, self.eps,
@@ -114,7 +156,8 @@ class GroupNorm(torch.nn.GroupNorm):
             if _is_compiling():
                 return ops.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
             if not _functorch_active():
-                return _ext.eager_group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+                w, b = _weight_bias(self)
+                return _ext.eager_group_norm(input, self.num_groups, w, b, self.eps)
         y = _fast.group_norm(self, input, self.num_groups)
         if y is None:
             y = F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
@@ -127,14 +170,16 @@ class _InstanceNormMixin:
     def _apply_instance_norm(self, input):
         if self.training or not self.track_running_stats:
             F.check_instance_spatial_size(input)
-        if self.running_mean is None and self.running_var is None and input.dim() > 1:
+        bufs = self._buffers        # (as _weight_bias: no nn.Module.__getattr__)
+        if bufs.get("running_mean") is None and bufs.get("running_var") is None and input.dim() > 1:
             ops = _ext.ops
             if ops is not None and input.is_cpu and input.is_contiguous():
                 C = input.shape[1]
                 if _is_compiling():
                     return ops.group_norm(input, C, self.weight, self.bias, self.eps)
                 if not _functorch_active():
-                    return _ext.eager_group_norm(input, C, self.weight, self.bias, self.eps)
+                    w, b = _weight_bias(self)
+                    return _ext.eager_group_norm(input, C, w, b, self.eps)
             y = _fast.group_norm(self, input, input.shape[1])
             if y is not None:
                 return y
