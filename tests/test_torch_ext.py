@@ -51,6 +51,7 @@ def _switch(monkeypatch, ops):
     monkeypatch.setattr(_ext, "eager_rms_norm", None if ops is None else ops.rms_norm.default._op)
     monkeypatch.setattr(_ext, "eager_group_norm", None if ops is None else ops.group_norm.default._op)
     monkeypatch.setattr(_ext, "eager_batch_norm", None if ops is None else ops.batch_norm.default._op)
+    monkeypatch.setattr(_ext, "eager_instance_norm", None if ops is None else ops.instance_norm.default._op)
 
 
 @pytest.fixture
@@ -179,6 +180,14 @@ def _ext_opcheck_cases():
                     rm.clone(), rv.clone(), True, 0.1, None, 1e-5)),
                   (f"batch_norm_fwd-{tag}", "batch_norm_fwd", (xs, w6, b6, rm.clone(), rv.clone(), True, 0.1, None,
                                                                1e-5))]
+        cases += [(f"instance_norm-{tag}", "instance_norm", (xs, w6, b6, rm.clone(), rv.clone(), 0.1, 1e-5)),
+                  (f"instance_norm_own_dtype-{tag}", "instance_norm",
+                   (xs, None, None, rm_x.clone(), rv_x.clone(), 0.3, 1e-5)),
+                  (f"instance_norm_mean_only-{tag}", "instance_norm", (xs, w6, None, rm.clone(), None, 0.1, 1e-5)),
+                  (f"instance_norm_grad-{tag}", "instance_norm",
+                   (xs.clone().requires_grad_(), w6.clone().requires_grad_(), b6.clone().requires_grad_(),
+                    rm.clone(), rv.clone(), 0.1, 1e-5)),
+                  (f"instance_norm_fwd-{tag}", "instance_norm_fwd", (xs, w6, b6, rm.clone(), rv.clone(), 0.1, 1e-5))]
         for training in (True, False):
             cases.append((f"batch_norm_bwd_{'train' if training else 'eval'}-{tag}", "batch_norm_bwd",
                           lambda ops, x=xs, dy=dys, w=w6, b=b6, t=training, rm=rm, rv=rv: (
@@ -271,6 +280,94 @@ def test_extension_batch_norm_compiles_with_its_running_stats(use_ext, make, bac
         for i, (a, b) in enumerate(zip(*results)):
             assert torch.equal(a, b), f"step {step}: compiled result {i} differs from eager"
     assert any(any("pynorm_ext.batch_norm" in t for t in g) for g in graphs), graphs
+
+
+def _instance_norm_with_stats(dtype, momentum, training, seed, stats_dtype=None):
+    m = pnt.InstanceNorm2d(6, affine=True, track_running_stats=True, momentum=momentum).to(dtype)
+    perturb_params(m, seed)
+    with torch.no_grad():
+        m.running_mean.copy_(rand((6,), torch.float64, seed + 1))
+        m.running_var.copy_(rand((6,), torch.float64, seed + 2).abs() + 0.5)
+    if stats_dtype is not None:
+        m.running_mean.data = m.running_mean.to(stats_dtype)
+        m.running_var.data = m.running_var.to(stats_dtype)
+    return m.train(training)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DNAME.get)
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "momentum_none"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_extension_instance_norm_running_stats_gives_the_python_paths_bits(ext, monkeypatch, dtype, momentum,
+                                                                           training):
+    """InstanceNorm with running statistics through the extension (_ext.instance_norm:
+    instance_norm in training, batch_norm in eval) gives the Python path's bits: output,
+    gradients and the running statistics updated in place, step after step."""
+    stats_dtypes = [None] if dtype in (torch.float32, torch.float64) else [None, torch.float32]
+    for stats_dtype in stats_dtypes:
+        py, cx = (_instance_norm_with_stats(dtype, momentum, training, 30, stats_dtype) for _ in range(2))
+        for step in range(2):
+            x, dy = rand((3, 6, 4, 5), dtype, 40 + step), rand((3, 6, 4, 5), dtype, 50 + step)
+            results = []
+            for mod, use in ((py, None), (cx, ext[0])):
+                _switch(monkeypatch, use)
+                mod.zero_grad()
+                xi = x.clone().requires_grad_(True)
+                y = mod(xi) if use is None else _ext.instance_norm(mod, xi)
+                assert y is not None, "the extension refused a plain contiguous CPU input"
+                y.backward(dy)
+                results.append([y.detach(), xi.grad, mod.weight.grad, mod.bias.grad,
+                                mod.running_mean.clone(), mod.running_var.clone()])
+            for what, a, b in zip(("y", "dx", "dweight", "dbias", "running_mean", "running_var"), *results):
+                assert a.dtype == b.dtype and torch.equal(a, b), (
+                    f"{DNAME[dtype]} stats {stats_dtype} step {step}: {what} differs from the Python path")
+
+
+def test_extension_instance_norm_leaves_what_it_cannot_do_to_the_other_paths(use_ext):
+    x = rand((2, 6, 3, 3), torch.float32, 60)
+    assert _ext.instance_norm(pnt.InstanceNorm2d(6), x) is None                  # no running statistics
+    m = _instance_norm_with_stats(torch.float32, 0.1, True, 61)
+    assert _ext.instance_norm(m, x.transpose(2, 3)) is None                      # not contiguous
+    m.running_var.data = m.running_var.double()
+    assert _ext.instance_norm(m, x) is None                                      # two stats dtypes
+    rm = m.running_mean.clone()
+    with pytest.raises(ValueError, match="more than 1 spatial element"):
+        use_ext.instance_norm(torch.randn(2, 6, 1), None, None, rm, None, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="running_mean must be a contiguous tensor of 6 values"):
+        use_ext.instance_norm(x, None, None, torch.zeros(5), None, 0.1, 1e-5)
+    with pytest.raises(ValueError, match="running_var must be float32 or the input's dtype"):
+        use_ext.instance_norm(x, None, None, None, torch.ones(6, dtype=torch.float64), 0.1, 1e-5)
+    assert torch.equal(rm, m.running_mean)                                       # refused: nothing written
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_extension_instance_norm_compiles_with_its_running_stats(use_ext, training, backend):
+    """torch.compile(fullgraph=True) of the extension's InstanceNorm with running
+    statistics: the graph holds the operator, and outputs, gradients and running
+    statistics are eager's bits, step after step."""
+    torch._dynamo.reset()
+    eager, compiled_mod = (_instance_norm_with_stats(torch.float32, 0.1, training, 70) for _ in range(2))
+    graphs = []
+
+    def spy(gm, inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes})
+        return torch._dynamo.lookup_backend(backend)(gm, inputs)
+    compiled = torch.compile(lambda x: _ext.instance_norm(compiled_mod, x), fullgraph=True, backend=spy)
+    for step in range(3):
+        x = rand((4, 6, 3, 3), torch.float32, 71 + step)
+        dy = rand((4, 6, 3, 3), torch.float32, 81 + step)
+        results = []
+        for mod, fn in ((eager, lambda x: _ext.instance_norm(eager, x)), (compiled_mod, compiled)):
+            mod.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            y = fn(xi)
+            y.backward(dy)
+            results.append([y.detach(), xi.grad, *(p.grad for p in mod.parameters()),
+                            *(b.clone() for b in mod.buffers())])
+        for i, (a, b) in enumerate(zip(*results)):
+            assert torch.equal(a, b), f"step {step}: compiled result {i} differs from eager"
+    want = "pynorm_ext.instance_norm" if training else "pynorm_ext.batch_norm"
+    assert any(any(want in t for t in g) for g in graphs), graphs
 
 
 @pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm2d_train", "BatchNorm2d_eval"])

@@ -1,9 +1,10 @@
-"""The optional C++ extension: LayerNorm, RMSNorm, GroupNorm (InstanceNorm without
-running statistics) and BatchNorm as C++ torch operators.
+"""The optional C++ extension: LayerNorm, RMSNorm, GroupNorm (InstanceNorm), BatchNorm
+and InstanceNorm with running statistics as C++ torch operators.
 
 At one row a norm's kernel takes a few microseconds, less than a Python
 torch.autograd.Function costs on its own. The operators in csrc/ops.cpp
-(``torch.ops.pynorm_ext.layer_norm``, ``rms_norm``, ``group_norm``, ``batch_norm``; CPU and Meta
+(``torch.ops.pynorm_ext.layer_norm``, ``rms_norm``, ``group_norm``, ``batch_norm``,
+``instance_norm``; CPU and Meta
 kernels, a C++
 autograd kernel) do the whole call in C++, so the modules cost what torch's own
 do. They call the same library functions with the same arguments as the Python
@@ -58,7 +59,7 @@ ops = None              # torch.ops.pynorm_ext once loaded (the modules use it),
 # eager calls: the operators' C++ entry points (OpOverload._op), without the Python
 # __call__ frames of torch.ops' packets and overloads (a visible share at one row);
 # under torch.compile the modules call `ops`, which Dynamo traces
-eager_layer_norm = eager_rms_norm = eager_group_norm = eager_batch_norm = None
+eager_layer_norm = eager_rms_norm = eager_group_norm = eager_batch_norm = eager_instance_norm = None
 _loaded = None          # the namespace once loaded into this process (a file loads once)
 _warned = False
 
@@ -166,8 +167,9 @@ def load(path):
 
 def _activate(ns):
     """Makes ns (the loaded operators, or None) the modules' path."""
-    global ops, eager_layer_norm, eager_rms_norm, eager_group_norm, eager_batch_norm
+    global ops, eager_layer_norm, eager_rms_norm, eager_group_norm, eager_batch_norm, eager_instance_norm
     ops = ns
+    eager_instance_norm = None if ns is None else ns.instance_norm.default._op
     eager_batch_norm = None if ns is None else ns.batch_norm.default._op
     eager_group_norm = None if ns is None else ns.group_norm.default._op
     eager_layer_norm = None if ns is None else ns.layer_norm.default._op
@@ -195,6 +197,39 @@ def batch_norm(m, x, training, momentum, nbt):
     if torch._C._are_functorch_transforms_active():
         return None
     return eager_batch_norm(x, w, b, rm, rv, training, momentum, nbt, m.eps)
+
+
+def instance_norm(m, x):
+    """An InstanceNorm module's _apply_instance_norm with running statistics
+    (track_running_stats) on the extension's operators: in training instance_norm (the
+    input's statistics; running_mean/running_var updated in place), in eval batch_norm
+    (the running statistics normalize), as F.instance_norm does on the Python path;
+    None when that does not apply (not loaded, no running statistics, not an
+    NCHW-contiguous CPU tensor, running statistics the kernels cannot use in place,
+    functorch transforms): then the other paths run."""
+    rm, rv = m.running_mean, m.running_var
+    if ops is None or (rm is None and rv is None) or not x.is_cpu or not x.is_contiguous() or x.dim() < 2:
+        return None
+    w, b = m.weight, m.bias
+    rdt = rm.dtype if rm is not None else rv.dtype
+    if ((rdt is not x.dtype and rdt is not torch.float32) or (rv is not None and rv.dtype is not rdt)
+            or (rm is not None and not rm.is_contiguous()) or (rv is not None and not rv.is_contiguous())
+            or (w is None and b is not None)):
+        return None
+    use_input_stats = m.training or not m.track_running_stats
+    momentum = 0.0 if m.momentum is None else m.momentum
+    compiling = torch.compiler.is_compiling()
+    if not compiling and torch._C._are_functorch_transforms_active():
+        return None
+    if not use_input_stats:
+        if rm is None or rv is None:
+            return None
+        if compiling:
+            return ops.batch_norm(x, w, b, rm, rv, False, 0.0, None, m.eps)
+        return eager_batch_norm(x, w, b, rm, rv, False, 0.0, None, m.eps)
+    if compiling:
+        return ops.instance_norm(x, w, b, rm, rv, momentum, m.eps)
+    return eager_instance_norm(x, w, b, rm, rv, momentum, m.eps)
 
 
 def _warn_once(message):

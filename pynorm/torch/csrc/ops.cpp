@@ -16,6 +16,9 @@
 //              num_batches_tracked?, eps) -> y  and its _fwd/_bwd, st 2 x C; the running
 //              statistics updated in place in training (a mutating schema: torch.compile
 //              functionalizes it)
+//   instance_norm(x, w?, b?, running_mean(a!)?, running_var(b!)?, momentum, eps) -> y
+//              InstanceNorm in training with running statistics (updated in place); its
+//              _fwd returns (y, st), st 2 x N*C; the backward is group_norm_bwd with G = C
 //
 // Every operator has a CPU and a Meta kernel (fake tensors and torch.compile use the
 // Meta ones); layer_norm, rms_norm, group_norm and batch_norm have a C++ autograd kernel. Token
@@ -34,6 +37,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -441,6 +445,70 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd_cpu(const Tensor &dy_, const T
     return {g.dx, g.dw, g.db};
 }
 
+// InstanceNorm with running statistics, in training (the input's statistics): GroupNorm
+// with one group per channel, then running_mean and running_var (either may be absent)
+// updated in place as the Python path does, with the same torch operations (the same
+// bits): the batch average of the per-instance mean and of the unbiased variance, by
+// momentum. In eval the module uses batch_norm (the running statistics normalize).
+// stats: [mean; rstd] of N*C each, as group_norm's with G = C.
+
+void check_instance_running(const OptTensor &r, const char *name, const Tensor &x, int64_t C,
+                            at::ScalarType &dtype) {
+    if (!r.has_value() || !r->defined()) return;
+    const Tensor &t = *r;
+    TORCH_CHECK_VALUE(t.device() == x.device() && t.numel() == C && t.is_contiguous(), "pynorm.torch instance_norm: ",
+                      name, " must be a contiguous tensor of ", C, " values (the channels) on ", x.device(),
+                      ", got shape ", t.sizes(), " on ", t.device());
+    TORCH_CHECK_VALUE(t.scalar_type() == x.scalar_type() || t.scalar_type() == at::kFloat,
+                      "pynorm.torch instance_norm: ", name, " must be float32 or the input's dtype (",
+                      x.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(dtype == at::ScalarType::Undefined || dtype == t.scalar_type(),
+                      "pynorm.torch instance_norm: running_mean and running_var must have one dtype");
+    dtype = t.scalar_type();
+}
+
+// A float as Python hands it to t.mul_(v): a wrapped-number tensor (mul_(Scalar) rounds
+// v to a bfloat16 or float16 t's dtype first, and gives other bits).
+Tensor python_number(double v) {
+    Tensor t = at::scalar_tensor(v, at::TensorOptions().dtype(at::kDouble));
+    t.unsafeGetTensorImpl()->set_wrapped_number(true);
+    return t;
+}
+
+std::tuple<Tensor, Tensor> in_fwd_impl(const Tensor &x_, const OptTensor &w, const OptTensor &b,
+                                       const OptTensor &rm, const OptTensor &rv, double momentum, double eps) {
+    check_bound();
+    Spatial sz = spatial_sizes(x_, 1, "instance_norm");
+    TORCH_CHECK_VALUE(sz.S > 1, "pynorm.torch instance_norm: expected more than 1 spatial element when training, "
+                      "got input of size ", x_.sizes());
+    at::ScalarType rdt = at::ScalarType::Undefined;
+    check_instance_running(rm, "running_mean", x_, sz.C, rdt);
+    check_instance_running(rv, "running_var", x_, sz.C, rdt);
+    // the statistics are needed for the running ones even when the caller wants none
+    auto [y, st] = gn_fwd_impl(x_, sz.C, w, b, eps, true);
+    if (x_.numel() == 0) st.fill_(std::numeric_limits<double>::quiet_NaN());   // as the Python path's
+    if (rm.has_value() && rm->defined()) {
+        Tensor mean = st[0].view({sz.N, sz.C});
+        rm->mul_(python_number(1 - momentum)).add_(mean.mean(0).to(rm->scalar_type()), momentum);
+    }
+    if (rv.has_value() && rv->defined()) {
+        Tensor var = x_.reshape({sz.N, sz.C, -1}).to(st.scalar_type()).var(-1, /*unbiased=*/true).mean(0);
+        rv->mul_(python_number(1 - momentum)).add_(var.to(rv->scalar_type()), momentum);
+    }
+    return {y, st};
+}
+
+Tensor instance_norm_cpu(const Tensor &x, const OptTensor &w, const OptTensor &b, const OptTensor &rm,
+                         const OptTensor &rv, double momentum, double eps) {
+    return std::get<0>(in_fwd_impl(x, w, b, rm, rv, momentum, eps));
+}
+
+std::tuple<Tensor, Tensor> instance_norm_fwd_cpu(const Tensor &x, const OptTensor &w, const OptTensor &b,
+                                                 const OptTensor &rm, const OptTensor &rv, double momentum,
+                                                 double eps) {
+    return in_fwd_impl(x, w, b, rm, rv, momentum, eps);
+}
+
 // ---- Meta kernels (shapes and dtypes only) -----------------------------------------------------
 
 at::ScalarType meta_wtype(const OptTensor &w, const OptTensor &b, const Tensor &x) {
@@ -542,6 +610,18 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_bwd_meta(const Tensor &, const Ten
                                                        const Tensor &, bool, std::array<bool, 3> mask) {
     meta_spatial(x, "batch_norm_backward");
     return grads_meta(x, w, x.sym_size(1), mask[0], mask[1], mask[2]);
+}
+
+Tensor instance_norm_meta(const Tensor &x, const OptTensor &, const OptTensor &, const OptTensor &,
+                          const OptTensor &, double, double) {
+    meta_spatial(x, "instance_norm");
+    return dense_like(x);
+}
+
+std::tuple<Tensor, Tensor> instance_norm_fwd_meta(const Tensor &x, const OptTensor &, const OptTensor &,
+                                                  const OptTensor &, const OptTensor &, double, double) {
+    meta_spatial(x, "instance_norm");
+    return {dense_like(x), stats_meta(x, x.sym_size(0) * x.sym_size(1))};
 }
 
 // ---- autograd ----------------------------------------------------------------------------------
@@ -678,6 +758,24 @@ struct BatchNormFn : public torch::autograd::Function<BatchNormFn> {
     }
 };
 
+// The backward is GroupNorm's with one group per channel.
+struct InstanceNormFn : public torch::autograd::Function<InstanceNormFn> {
+    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptTensor &w, const OptTensor &b,
+                          const OptTensor &rm, const OptTensor &rv, double momentum, double eps) {
+        auto [y, st] = below_autograd(PYNORM_OP("instance_norm_fwd", instance_norm_fwd_cpu), x, w, b, rm, rv,
+                                      momentum, eps);
+        ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
+        return y;
+    }
+    static variable_list backward(AutogradContext *ctx, variable_list grads) {
+        auto s = ctx->get_saved_variables();
+        auto [dx, dw, db] = below_autograd(PYNORM_OP("group_norm_bwd", group_norm_bwd_cpu), grads[0], s[0],
+                                           s[0].size(1), s[1], s[2], xwb_mask(ctx, s[1].defined(), s[3].defined()));
+        auto none = Tensor();
+        return first_order({dx, dw, db, none, none, none, none}, grads[0], s[0], s[1]);
+    }
+};
+
 // The Autograd kernels: a node only when a gradient is wanted, else straight below.
 Tensor layer_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, double eps) {
     if (wants_grad(x, w, b)) {
@@ -715,6 +813,18 @@ Tensor batch_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor 
     return y;
 }
 
+// As batch_norm's: the running statistics' version counters bumped here.
+Tensor instance_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, const OptTensor &rm,
+                              const OptTensor &rv, double momentum, double eps) {
+    bool grad = wants_grad(x, w, b);
+    if (grad) check_bias_grad(w, b, "instance_norm");
+    Tensor y = grad ? InstanceNormFn::apply(x, w, b, rm, rv, momentum, eps)
+                    : below_autograd(PYNORM_OP("instance_norm", instance_norm_cpu), x, w, b, rm, rv, momentum, eps);
+    for (const OptTensor *r : {&rm, &rv})
+        if (r->has_value() && (*r)->defined()) torch::autograd::impl::bump_version(**r);
+    return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pynorm_ext, m) {
@@ -740,6 +850,10 @@ TORCH_LIBRARY(pynorm_ext, m) {
           " -> (Tensor, Tensor)");
     m.def("batch_norm_bwd(Tensor grad_out, Tensor input, Tensor? weight, Tensor stats, bool training,"
           " bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+    m.def("instance_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
+          " Tensor(b!)? running_var, float momentum, float eps) -> Tensor");
+    m.def("instance_norm_fwd(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean,"
+          " Tensor(b!)? running_var, float momentum, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(pynorm_ext, CPU, m) {
@@ -755,6 +869,8 @@ TORCH_LIBRARY_IMPL(pynorm_ext, CPU, m) {
     m.impl("batch_norm", &batch_norm_cpu);
     m.impl("batch_norm_fwd", &batch_norm_fwd_cpu);
     m.impl("batch_norm_bwd", &batch_norm_bwd_cpu);
+    m.impl("instance_norm", &instance_norm_cpu);
+    m.impl("instance_norm_fwd", &instance_norm_fwd_cpu);
 }
 
 TORCH_LIBRARY_IMPL(pynorm_ext, Meta, m) {
@@ -770,6 +886,8 @@ TORCH_LIBRARY_IMPL(pynorm_ext, Meta, m) {
     m.impl("batch_norm", &batch_norm_meta);
     m.impl("batch_norm_fwd", &batch_norm_fwd_meta);
     m.impl("batch_norm_bwd", &batch_norm_bwd_meta);
+    m.impl("instance_norm", &instance_norm_meta);
+    m.impl("instance_norm_fwd", &instance_norm_fwd_meta);
 }
 
 TORCH_LIBRARY_IMPL(pynorm_ext, Autograd, m) {
@@ -777,4 +895,5 @@ TORCH_LIBRARY_IMPL(pynorm_ext, Autograd, m) {
     m.impl("rms_norm", &rms_norm_autograd);
     m.impl("group_norm", &group_norm_autograd);
     m.impl("batch_norm", &batch_norm_autograd);
+    m.impl("instance_norm", &instance_norm_autograd);
 }
