@@ -301,9 +301,9 @@ static PN_ALWAYS_INLINE void pn_sp_norm_run_dt(pn_dtype dt, const char *x, char 
     int64_t i = 0;
     for (; i + PN_SP_CB <= n; i += PN_SP_CB) {
         real v[PN_SP_CB];
-        pn_sp_load_run(v, x + i * es, dt, PN_SP_CB);
+        pn_load_run(v, x + i * es, dt, PN_SP_CB);
         for (int j = 0; j < PN_SP_CB; j++) v[j] = ((v[j] - shift) - m) * scale + bias;
-        pn_sp_store_run(y + i * es, v, dt, PN_SP_CB);
+        pn_store_run(y + i * es, v, dt, PN_SP_CB);
     }
     if (i < n) {   /* the last, partial run: dtype.h's conversions (vectors of 8 where they can) */
         real v[PN_SP_CB];
@@ -401,10 +401,10 @@ static PN_ALWAYS_INLINE void pn_sp_dx_run_dt(pn_dtype dt, const char *x, const c
     int64_t i = 0;
     for (; i + PN_SP_CB <= n; i += PN_SP_CB) {
         real xv[PN_SP_CB], dv[PN_SP_CB];
-        pn_sp_load_run(xv, x + i * es, dt, PN_SP_CB);
-        pn_sp_load_run(dv, dy + i * es, dt, PN_SP_CB);
+        pn_load_run(xv, x + i * es, dt, PN_SP_CB);
+        pn_load_run(dv, dy + i * es, dt, PN_SP_CB);
         for (int j = 0; j < PN_SP_CB; j++) xv[j] = rs * ((dv[j] * w - k1) - (xv[j] - mu) * k2);
-        pn_sp_store_run(dx + i * es, xv, dt, PN_SP_CB);
+        pn_store_run(dx + i * es, xv, dt, PN_SP_CB);
     }
     if (i < n) {   /* the last, partial run: dtype.h's conversions */
         real xv[PN_SP_CB], dv[PN_SP_CB];
@@ -940,7 +940,7 @@ static PN_ALWAYS_INLINE void pn_sp_colsum_block(int kind, pn_dtype dt, const cha
 #define PN_SP_ROW(v, base, row)                                                                \
     real v##_c[PN_SP_CB];                                                                      \
     const real *v = (const real *)((base) + (row) * rs);                                       \
-    if (dt != PN_REAL_DTYPE) { pn_sp_load_run(v##_c, (base) + (row) * rs, dt, PN_SP_CB); v = v##_c; }
+    if (dt != PN_REAL_DTYPE) { pn_load_run(v##_c, (base) + (row) * rs, dt, PN_SP_CB); v = v##_c; }
 #define PN_SP_TERM(acc, bcc, row)                                                              \
     {                                                                                          \
         PN_SP_ROW(xv, x, row)                                                                  \
@@ -1139,15 +1139,15 @@ static PN_ALWAYS_INLINE void pn_sp_nhwc_norm_dt(pn_dtype dt, const char *x, char
         }
         for (int64_t c = 0; c < cw; c += PN_SP_CB) {
             real xv[PN_SP_CB], yv[PN_SP_CB];
-            pn_sp_load_run(xv, xr + c * es, dt, PN_SP_CB);
+            pn_load_run(xv, xr + c * es, dt, PN_SP_CB);
             for (int j = 0; j < PN_SP_CB; j++) yv[j] = ((xv[j] - sh[c + j]) - mm[c + j]) * sc[c + j] + b[c + j];
-            pn_sp_store_run(yr + c * es, yv, dt, PN_SP_CB);
+            pn_store_run(yr + c * es, yv, dt, PN_SP_CB);
         }
         for (int64_t c = cw; c < C; c++) {
             real xv, yv;
-            pn_sp_load_run(&xv, xr + c * es, dt, 1);
+            pn_load_run(&xv, xr + c * es, dt, 1);
             yv = ((xv - sh[c]) - mm[c]) * sc[c] + b[c];
-            pn_sp_store_run(yr + c * es, &yv, dt, 1);
+            pn_store_run(yr + c * es, &yv, dt, 1);
         }
     }
 }
