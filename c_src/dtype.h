@@ -1,6 +1,12 @@
 /* dtype.h - loading rows of any pn_dtype into the compute type `real` and
  * storing them back, rounding to nearest even. The software conversions give
- * the same bits as the F16C instructions, so every ISA variant agrees. */
+ * the same bits as the F16C instructions, so every ISA variant agrees.
+ *
+ * One set of conversions serves every op: pn_load_run and pn_store_run are
+ * always inlined, so that where n and dt are constants (the spatial engines'
+ * short runs of values) the conversion is a few instructions in registers
+ * next to the arithmetic that uses them; pn_load_row and pn_store_row are the
+ * same conversions as calls of their own, for whole rows. */
 #ifndef PYNORM_DTYPE_H
 #define PYNORM_DTYPE_H
 
@@ -10,7 +16,7 @@
 #include <immintrin.h>   /* F16C conversions; SSE2 streaming stores (kernel.h) */
 #endif
 
-#include "pynorm.h"
+#include "common.h"   /* PN_ALWAYS_INLINE */
 
 static inline float pn_bits_to_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t pn_float_to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -58,8 +64,9 @@ static inline uint16_t pn_float_to_half(float f) {
     return (uint16_t)(sign | (u >> 13));
 }
 
-/* dst[i] = src[i] as `real`, for n elements of a row in dtype dt. */
-static inline void pn_load_row(real *dst, const void *src, pn_dtype dt, int64_t n) {
+/* dst[i] = src[i] as `real`, for n values of dtype dt. F16C's conversion of
+ * binary16 is exact, as the software one is. */
+static PN_ALWAYS_INLINE void pn_load_run(real *dst, const void *src, pn_dtype dt, int64_t n) {
     int64_t i = 0;
     switch (dt) {
     case PN_FLOAT32: { const float *s = (const float *)src; for (; i < n; i++) dst[i] = (real)s[i]; break; }
@@ -98,7 +105,7 @@ static inline void pn_load_row(real *dst, const void *src, pn_dtype dt, int64_t 
  * scalar loop shifted and packed each vector separately (0.2 ns a value on
  * AVX-512); here 32 values take 11 AVX-512 instructions, the top halves of
  * two vectors picked by one word shuffle. */
-static inline int64_t pn_floats_to_bf16_simd(uint16_t *d, const float *f, int64_t n) {
+static PN_ALWAYS_INLINE int64_t pn_floats_to_bf16_simd(uint16_t *d, const float *f, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     {
@@ -142,8 +149,9 @@ static inline int64_t pn_floats_to_bf16_simd(uint16_t *d, const float *f, int64_
     return i;
 }
 
-/* dst[i] = src[i] rounded to dtype dt. */
-static inline void pn_store_row(void *dst, const real *src, pn_dtype dt, int64_t n) {
+/* dst[i] = src[i] rounded to dtype dt (F16C where there is F16C: the bits
+ * of the software rounding). */
+static PN_ALWAYS_INLINE void pn_store_run(void *dst, const real *src, pn_dtype dt, int64_t n) {
     int64_t i = 0;
     switch (dt) {
     case PN_FLOAT32: { float *d = (float *)dst; for (; i < n; i++) d[i] = (float)src[i]; break; }
@@ -178,6 +186,10 @@ static inline void pn_store_row(void *dst, const real *src, pn_dtype dt, int64_t
     }
     }
 }
+
+/* The same, for n values of a row. */
+static inline void pn_load_row(real *dst, const void *src, pn_dtype dt, int64_t n) { pn_load_run(dst, src, dt, n); }
+static inline void pn_store_row(void *dst, const real *src, pn_dtype dt, int64_t n) { pn_store_run(dst, src, dt, n); }
 
 /* The row as `real` values: the row itself when it already has that type,
  * else converted into buf. */

@@ -301,9 +301,9 @@ static PN_ALWAYS_INLINE void pn_sp_norm_run_dt(pn_dtype dt, const char *x, char 
     int64_t i = 0;
     for (; i + PN_SP_CB <= n; i += PN_SP_CB) {
         real v[PN_SP_CB];
-        pn_sp_load_run(v, x + i * es, dt, PN_SP_CB);
+        pn_load_run(v, x + i * es, dt, PN_SP_CB);
         for (int j = 0; j < PN_SP_CB; j++) v[j] = ((v[j] - shift) - m) * scale + bias;
-        pn_sp_store_run(y + i * es, v, dt, PN_SP_CB);
+        pn_store_run(y + i * es, v, dt, PN_SP_CB);
     }
     if (i < n) {   /* the last, partial run: dtype.h's conversions (vectors of 8 where they can) */
         real v[PN_SP_CB];
@@ -401,10 +401,10 @@ static PN_ALWAYS_INLINE void pn_sp_dx_run_dt(pn_dtype dt, const char *x, const c
     int64_t i = 0;
     for (; i + PN_SP_CB <= n; i += PN_SP_CB) {
         real xv[PN_SP_CB], dv[PN_SP_CB];
-        pn_sp_load_run(xv, x + i * es, dt, PN_SP_CB);
-        pn_sp_load_run(dv, dy + i * es, dt, PN_SP_CB);
+        pn_load_run(xv, x + i * es, dt, PN_SP_CB);
+        pn_load_run(dv, dy + i * es, dt, PN_SP_CB);
         for (int j = 0; j < PN_SP_CB; j++) xv[j] = rs * ((dv[j] * w - k1) - (xv[j] - mu) * k2);
-        pn_sp_store_run(dx + i * es, xv, dt, PN_SP_CB);
+        pn_store_run(dx + i * es, xv, dt, PN_SP_CB);
     }
     if (i < n) {   /* the last, partial run: dtype.h's conversions */
         real xv[PN_SP_CB], dv[PN_SP_CB];
@@ -918,6 +918,8 @@ static inline int64_t pn_sp_nhwc_piece_rows(const pn_sp_nhwc *h, int64_t set, in
  *   kind 0: sum of x[r][c] - sh[c]
  *   kind 1: sum of ((x[r][c] - sh[c]) - mv[c])^2
  *   kind 2: sum of dy[r][c] into out[c], sum of dy[r][c] * (x[r][c] - sh[c]) into out2[c]
+ *   kind 3: kind 0's sum into out[c] and the sum of (x[r][c] - sh[c])^2 into
+ *           out2[c], in one pass
  * Blocks of PN_SP_CB channels are summed in registers, the rows split in four
  * interleaved running sums (rows 0, 1, 2, 3 mod 4) added together at the end:
  * short chains of additions, one load per value. The order of additions is
@@ -940,7 +942,7 @@ static PN_ALWAYS_INLINE void pn_sp_colsum_block(int kind, pn_dtype dt, const cha
 #define PN_SP_ROW(v, base, row)                                                                \
     real v##_c[PN_SP_CB];                                                                      \
     const real *v = (const real *)((base) + (row) * rs);                                       \
-    if (dt != PN_REAL_DTYPE) { pn_sp_load_run(v##_c, (base) + (row) * rs, dt, PN_SP_CB); v = v##_c; }
+    if (dt != PN_REAL_DTYPE) { pn_load_run(v##_c, (base) + (row) * rs, dt, PN_SP_CB); v = v##_c; }
 #define PN_SP_TERM(acc, bcc, row)                                                              \
     {                                                                                          \
         PN_SP_ROW(xv, x, row)                                                                  \
@@ -949,6 +951,12 @@ static PN_ALWAYS_INLINE void pn_sp_colsum_block(int kind, pn_dtype dt, const cha
             for (int j = 0; j < PN_SP_CB; j++) {                                               \
                 acc[j] += dv[j];                                                               \
                 bcc[j] += dv[j] * (xv[j] - s[j]);                                              \
+            }                                                                                  \
+        } else if (kind == 3) {                                                                \
+            for (int j = 0; j < PN_SP_CB; j++) {                                               \
+                const real d = xv[j] - s[j];                                                   \
+                acc[j] += d;                                                                   \
+                bcc[j] += d * d;                                                               \
             }                                                                                  \
         } else {                                                                               \
             for (int j = 0; j < PN_SP_CB; j++) {                                               \
@@ -971,7 +979,7 @@ static PN_ALWAYS_INLINE void pn_sp_colsum_block(int kind, pn_dtype dt, const cha
 #undef PN_SP_ROW
     for (int j = 0; j < PN_SP_CB; j++) {
         out[j] = (a0[j] + a1[j]) + (a2[j] + a3[j]);
-        if (kind == 2) out2[j] = (b0[j] + b1[j]) + (b2[j] + b3[j]);
+        if (kind >= 2) out2[j] = (b0[j] + b1[j]) + (b2[j] + b3[j]);
     }
 }
 
@@ -999,7 +1007,8 @@ static void pn_sp_colsum_blocks(int kind, pn_dtype dt, const char *x, const char
                                 const real *sh, const real *mv, real *out, real *out2) {
     if (kind == 0) { PN_SP_BLOCKS_DT(0) }
     else if (kind == 1) { PN_SP_BLOCKS_DT(1) }
-    else { PN_SP_BLOCKS_DT(2) }
+    else if (kind == 2) { PN_SP_BLOCKS_DT(2) }
+    else { PN_SP_BLOCKS_DT(3) }
 }
 #undef PN_SP_BLOCKS_DT
 
@@ -1077,10 +1086,30 @@ static inline double pn_sp_sum_d(const real *v, int64_t n) {
     return pn_dlanes_total(acc);
 }
 
+/* One pass for a piece's M2: with d = x - c, c a shift near the piece's
+ * mean, M2 = sum d^2 - (sum d)^2 / n. c is the mean of the group's values
+ * in the piece's first 8 rows (a rounded real; any value would do, a near
+ * one keeps the cancellation small): the piece's sum about the set's shift
+ * is then sum d + n (c - shift), in double. The one pass is kept while
+ * sum d^2 is at most PN_SP_ONEPASS times M2 (c within sqrt(PN_SP_ONEPASS - 1)
+ * standard deviations of the piece's mean), where M2 keeps all but about
+ * an ulp of the float sums of squares (measured: with the set's first value
+ * as c and a bound of 16, a float32 rstd lost 5 ulps on ordinary groups; a
+ * bound of 8 lost 5 on a channel with an outlier in its first rows; with 8
+ * rows, Gaussian data all but never take the second pass); else (c far
+ * off: outlying values in the first rows; an Inf or NaN) the piece takes
+ * two passes about the set's shift as before. Which pieces do depends on
+ * the data and the sizes only: every thread count and ISA gets the same
+ * bits. */
+#define PN_SP_ONEPASS 4.0
+#define PN_SP_SHIFT_ROWS 8
+
 /* Piece p of a set: per group g, the sum and M2 of x - shift into st[g] and
- * st[Gp + g] (two passes down the piece's rows while they are in cache; M2
- * about the piece's mean in reals, as in the NCHW engine). sh: the set's
- * shift per channel; acc, mv: C reals; buf: rpp*C reals (conversions). */
+ * st[Gp + g], while the rows are in cache: in one pass over the rows (kind
+ * 3) when every channel is in a whole block and the cancellation is mild,
+ * else in two (the second about the piece's mean in reals, as in the NCHW
+ * engine). sh: the set's shift per channel; acc, mv: C reals; buf: rpp*C
+ * reals (conversions). */
 static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set,
                                           int64_t p, const real *sh, real *acc, real *mv, real *buf,
                                           double *st) {
@@ -1089,8 +1118,50 @@ static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_
     const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
     const char *x = (const char *)a->inp + r0 * C * (int64_t)pn_dtype_size(a->dtype);
     const real cnt = (real)(nr * Cg);
+    const int blocks = nr >= 4 && C % PN_SP_CB == 0;   /* the column sums read the rows as they are */
+    /* one pass where the shift's rows are at most a quarter of the piece
+     * (C <= 1024: at C = 2048, 16 rows a piece, BatchNorm came out 4%
+     * slower than two passes) */
+    if (blocks && nr >= 4 * PN_SP_SHIFT_ROWS) {
+        /* the piece's shift per channel, pc = buf[0, C): the column sums of
+         * its first k rows (converted into buf, which holds rpp >= nr rows,
+         * when they are not reals; row 0 becomes the sums), added up per
+         * group, over their count. Vectors along C: a loop per group and
+         * row cost as much as the pass itself at BatchNorm's C = 640. */
+        real *pc = buf;
+        const int64_t k = nr < PN_SP_SHIFT_ROWS ? nr : PN_SP_SHIFT_ROWS;
+        const real *rows = (const real *)x;
+        if (a->dtype != PN_REAL_DTYPE) {
+            pn_load_row(buf, x, a->dtype, k * C);
+            rows = buf;
+        }
+        for (int64_t c = 0; c < C; c++) pc[c] = rows[c];
+        for (int64_t r = 1; r < k; r++)
+            for (int64_t c = 0; c < C; c++) pc[c] += rows[r * C + c];
+        if (Cg > 1)
+            for (int64_t g = 0; g < G; g++) {
+                real t = 0;
+                for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) t += pc[c];
+                for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) pc[c] = t;
+            }
+        const real inv = (real)1 / (real)(k * Cg);
+        for (int64_t c = 0; c < C; c++) pc[c] *= inv;
+        /* acc: the sums of d, mv: of d^2 */
+        pn_sp_colsum_blocks(3, a->dtype, x, NULL, nr, C, pc, NULL, acc, mv);
+        int ok = 1;
+        const double n = (double)(nr * Cg);
+        for (int64_t g = 0; g < G; g++) {
+            const double s1 = Cg == 1 ? (double)acc[g] : pn_sp_sum_d(acc + g * Cg, Cg);
+            const double s2 = Cg == 1 ? (double)mv[g] : pn_sp_sum_d(mv + g * Cg, Cg);
+            const double M2 = s2 - s1 * s1 / n;
+            st[g] = s1 + n * ((double)pc[g * Cg] - (double)sh[g * Cg]);
+            st[Gp + g] = M2;
+            ok &= M2 * PN_SP_ONEPASS >= s2 && s2 < INFINITY && st[g] == st[g];   /* false for NaN */
+        }
+        if (ok) return;
+    }
     /* buf converts the rows once for both passes when they need it */
-    const int conv = a->dtype != PN_REAL_DTYPE && !(nr >= 4 && C % PN_SP_CB == 0);
+    const int conv = a->dtype != PN_REAL_DTYPE && !blocks;
     if (conv) {
         pn_load_row(buf, x, a->dtype, nr * C);
         x = (const char *)buf;
@@ -1139,15 +1210,15 @@ static PN_ALWAYS_INLINE void pn_sp_nhwc_norm_dt(pn_dtype dt, const char *x, char
         }
         for (int64_t c = 0; c < cw; c += PN_SP_CB) {
             real xv[PN_SP_CB], yv[PN_SP_CB];
-            pn_sp_load_run(xv, xr + c * es, dt, PN_SP_CB);
+            pn_load_run(xv, xr + c * es, dt, PN_SP_CB);
             for (int j = 0; j < PN_SP_CB; j++) yv[j] = ((xv[j] - sh[c + j]) - mm[c + j]) * sc[c + j] + b[c + j];
-            pn_sp_store_run(yr + c * es, yv, dt, PN_SP_CB);
+            pn_store_run(yr + c * es, yv, dt, PN_SP_CB);
         }
         for (int64_t c = cw; c < C; c++) {
             real xv, yv;
-            pn_sp_load_run(&xv, xr + c * es, dt, 1);
+            pn_load_run(&xv, xr + c * es, dt, 1);
             yv = ((xv - sh[c]) - mm[c]) * sc[c] + b[c];
-            pn_sp_store_run(yr + c * es, &yv, dt, 1);
+            pn_store_run(yr + c * es, &yv, dt, 1);
         }
     }
 }

@@ -12,7 +12,9 @@
  *   - forward: each piece gets its own sum and M2 = sum((x - mean)^2) in two
  *     passes while it sits in cache (the values shifted first by one element
  *     of their set, as layernorm.c does, so that a mean of 1e4 with a std of
- *     1e-2 keeps its digits). Short runs of values are summed in the compute
+ *     1e-2 keeps its digits); NHWC pieces of 32 rows or more take both sums
+ *     in one pass about a shift near the piece's mean where the cancellation
+ *     in M2 is mild (spatial.c, PN_SP_ONEPASS). Short runs of values are summed in the compute
  *     type, and every longer sum of such partial sums (a piece's rows or
  *     channels, a set's pieces) runs in double, in lanes or compensated, so
  *     that the saved mean is the set's exact mean rounded, within an ulp or
@@ -184,77 +186,9 @@ static inline pn_status pn_run_spatial_backward(const pn_spatial_kernel table[3]
  * of channels): two cache lines of reals. */
 #define PN_SP_CB ((int)(128 / sizeof(real)))
 
-/* n values of dtype dt at src as reals, for the engines' short runs of values
- * (n a small constant, dt a constant where it is called): always inlined, so
- * that the conversion stays in registers next to the arithmetic that uses it
- * (dtype.h's pn_load_row is a call of its own there). The same bits as
- * pn_load_row: bfloat16 is the top half of a float32, and F16C's conversion
- * of binary16 is exact, as dtype.h's software one. */
-static PN_ALWAYS_INLINE void pn_sp_load_run(real *dst, const char *src, pn_dtype dt, int n) {
-    if (dt == PN_REAL_DTYPE) {
-        memcpy(dst, src, (size_t)n * sizeof(real));
-    } else if (dt == PN_FLOAT32 || dt == PN_FLOAT64) {
-        for (int i = 0; i < n; i++) dst[i] = dt == PN_FLOAT32 ? (real)((const float *)src)[i] : (real)((const double *)src)[i];
-    } else if (dt == PN_BFLOAT16) {
-        const uint16_t *s = (const uint16_t *)src;
-        for (int i = 0; i < n; i++) dst[i] = (real)pn_bits_to_float((uint32_t)s[i] << 16);
-    } else {
-        const uint16_t *s = (const uint16_t *)src;
-        int i = 0;
-#if defined(__F16C__)
-#if defined(__AVX512F__)
-        /* one store per vector the arithmetic loads: two 8-wide stores read
-         * back by one 16-wide load stall store forwarding */
-        if (sizeof(real) == sizeof(float))
-            for (; i + 16 <= n; i += 16)
-                _mm512_storeu_ps((float *)dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i))));
-#endif
-        for (; i + 8 <= n; i += 8) {
-            const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i)));
-            if (sizeof(real) == sizeof(float)) {
-                _mm256_storeu_ps((float *)dst + i, v);
-            } else {
-                float f[8];
-                _mm256_storeu_ps(f, v);
-                for (int j = 0; j < 8; j++) dst[i + j] = (real)f[j];
-            }
-        }
-#endif
-        for (; i < n; i++) dst[i] = (real)pn_half_to_float(s[i]);
-    }
-}
-
-/* The reverse: n reals rounded to dtype dt at dst, as pn_store_row rounds
- * them (bfloat16 and binary16 to nearest even; F16C where there is F16C, the
- * bits of dtype.h's software rounding). */
-static PN_ALWAYS_INLINE void pn_sp_store_run(char *dst, const real *src, pn_dtype dt, int n) {
-    if (dt == PN_REAL_DTYPE) {
-        memcpy(dst, src, (size_t)n * sizeof(real));
-    } else if (dt == PN_FLOAT32 || dt == PN_FLOAT64) {
-        for (int i = 0; i < n; i++) {
-            if (dt == PN_FLOAT32) ((float *)dst)[i] = (float)src[i];
-            else ((double *)dst)[i] = (double)src[i];
-        }
-    } else if (dt == PN_BFLOAT16) {
-        uint16_t *d = (uint16_t *)dst;
-        for (int i = 0; i < n; i++) d[i] = pn_float_to_bf16((float)src[i]);
-    } else {
-        uint16_t *d = (uint16_t *)dst;
-        int i = 0;
-#if defined(__F16C__)
-        if (sizeof(real) == sizeof(float)) {
-            const float *f = (const float *)src;
-#if defined(__AVX512F__)
-            for (; i + 16 <= n; i += 16)
-                _mm256_storeu_si256((__m256i *)(d + i), _mm512_cvtps_ph(_mm512_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT));
-#endif
-            for (; i + 8 <= n; i += 8)
-                _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(f + i), _MM_FROUND_TO_NEAREST_INT));
-        }
-#endif
-        for (; i < n; i++) d[i] = pn_float_to_half((float)src[i]);
-    }
-}
+/* The engines convert such runs with dtype.h's pn_load_run and pn_store_run
+ * (n a small constant, dt a constant where they are called): always inlined,
+ * the conversion stays in registers next to the arithmetic that uses it. */
 
 /* The NCHW engine's sets. Rows r = n*C + c of S values, at x + r*S. A set is `count` rows: first(set),
  * first + step, ... (GroupNorm: the C/G consecutive rows of (n, g), step 1;

@@ -432,6 +432,40 @@ def test_hostile_values(op, layout):
     check_accuracy(f"hostile {op} {layout} dx", from_layout(dx, layout), xt.grad.numpy(), rdx, F32)
 
 
+@pytest.mark.parametrize("loc,scale", [(0.0, 1.0), (1e4, 1e-2)], ids=["N(0,1)", "N(1e4,1e-2)"])
+@pytest.mark.parametrize("offset", [0.0, 3.5, 50.0])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("op", ["group", "batch"])
+def test_shift_far_from_the_mean(op, layout, offset, loc, scale):
+    """The statistics are taken about a shift, the first value of each set
+    (GroupNorm: of a group in a sample; BatchNorm: of a channel). Where that
+    value lies `offset` standard deviations from the set's mean, the variance
+    (one pass while the shift is near, a second pass about the mean when it
+    is far) keeps float32's accuracy: saved rstd within 4 ulps of the float64
+    value, y within 2e-6 of its largest magnitude."""
+    shape = (4, 256, 16, 16)
+    x = make_x(shape, F64, seed_for("far-shift", op, layout, offset, loc), loc=loc, scale=scale)
+    N, C = shape[:2]
+    G = 32 if op == "group" else C
+    if op == "group":
+        x[:, ::C // G, 0, 0] = loc + offset * scale   # each group's first value in each sample
+    else:
+        x[0, :, 0, 0] = loc + offset * scale          # each channel's first value
+    x = x.astype(F32)
+    if op == "group":
+        y, _, rstd = pynorm.group_norm_forward(to_layout(x, layout), G, layout=layout)
+        ry, _, rrstd = RS.group_norm_ref(x, G)
+    else:
+        y, _, rstd = pynorm.batch_norm_forward(to_layout(x, layout), None, None, training=True, layout=layout)
+        ry, _, rrstd = RS.batch_norm_train_ref(x)[:3]
+    rrstd = np.asarray(rrstd, F64).ravel()
+    ulps = np.abs(np.asarray(rstd, F64).ravel() - rrstd) / np.spacing(rrstd.astype(F32)).astype(F64)
+    assert ulps.max() <= 4, f"{op} {layout} offset {offset}: saved rstd {ulps.max():.2f} ulps from float64's"
+    scale = max(1.0, float(np.abs(ry).max()))   # the outlier's y is about `offset`
+    err = RS.max_abs_err(from_layout(y, layout), ry)
+    assert err <= 2e-6 * scale, f"{op} {layout} offset {offset}: y error {err:.3g} at |y| up to {scale:.3g}"
+
+
 @pytest.mark.parametrize("scale", [1e-15, 1e15])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_huge_and_tiny_magnitudes(scale, layout):
