@@ -322,6 +322,23 @@ def test_extension_instance_norm_running_stats_gives_the_python_paths_bits(ext, 
                     f"{DNAME[dtype]} stats {stats_dtype} step {step}: {what} differs from the Python path")
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_instance_norm_modules_with_running_stats_take_the_extension(use_ext, monkeypatch, training):
+    """pnt.InstanceNorm2d(track_running_stats=True) goes through _ext.instance_norm
+    (the Python path is made to fail), with the bits of the direct call."""
+    from pynorm.torch import _modules
+
+    def python_path(*args, **kwargs):
+        raise AssertionError("the module took the Python path")
+    mod, twin = (_instance_norm_with_stats(torch.float32, 0.1, training, 80) for _ in range(2))
+    x = rand((3, 6, 4, 5), torch.float32, 81)
+    want = _ext.instance_norm(twin, x)
+    monkeypatch.setattr(_modules.F, "instance_norm", python_path)
+    got = mod(x)
+    assert torch.equal(got, want)
+    assert torch.equal(mod.running_mean, twin.running_mean) and torch.equal(mod.running_var, twin.running_var)
+
+
 def test_extension_instance_norm_leaves_what_it_cannot_do_to_the_other_paths(use_ext):
     x = rand((2, 6, 3, 3), torch.float32, 60)
     assert _ext.instance_norm(pnt.InstanceNorm2d(6), x) is None                  # no running statistics
@@ -370,7 +387,14 @@ def test_extension_instance_norm_compiles_with_its_running_stats(use_ext, traini
     assert any(any(want in t for t in g) for g in graphs), graphs
 
 
-@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm2d_train", "BatchNorm2d_eval"])
+ONE_CALL_MODULES = {
+    **{n: STRAIGHT_MODULES[n] for n in ("LayerNorm", "RMSNorm", "GroupNorm", "BatchNorm2d_train", "BatchNorm2d_eval")},
+    "InstanceNorm2d_stats_train": lambda dt: nn.InstanceNorm2d(6, affine=True, track_running_stats=True).to(dt),
+    "InstanceNorm2d_stats_eval": lambda dt: nn.InstanceNorm2d(6, affine=True, track_running_stats=True).to(dt).eval(),
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_CALL_MODULES))
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "fwd_bwd"])
 def test_extension_inductor_code_is_one_call_per_graph(use_ext, name, grad):
     """Inductor's code around the operators: each graph (inference; forward and
@@ -380,9 +404,9 @@ def test_extension_inductor_code_is_one_call_per_graph(use_ext, name, grad):
     the module's num_batches_tracked += 1, as torch's compiled module does."""
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
-    mod = _swap_one(STRAIGHT_MODULES[name](torch.float32))
+    mod = _swap_one(ONE_CALL_MODULES[name](torch.float32))
     perturb_params(mod, 22)
-    x = rand((4, 6, 3, 3) if name.startswith(("Group", "Batch")) else (1, 24), torch.float32, 23)
+    x = rand((4, 6, 3, 3) if name.startswith(("Group", "Batch", "Instance")) else (1, 24), torch.float32, 23)
     compiled = torch.compile(mod, fullgraph=True)
 
     def run():

@@ -183,6 +183,10 @@ class _InstanceNormMixin:
             y = _fast.group_norm(self, input, input.shape[1])
             if y is not None:
                 return y
+        else:
+            y = _ext.instance_norm(self, input)      # running statistics: the extension's operators
+            if y is not None:
+                return y
         return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                                self.training or not self.track_running_stats,
                                self.momentum if self.momentum is not None else 0.0, self.eps)
