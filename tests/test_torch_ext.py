@@ -247,6 +247,31 @@ def test_extension_torch_compile_inductor(use_ext):
     assert torch.equal(xi.grad, xe.grad)
 
 
+def _compiled_steps_match_eager(eager, compiled_mod, backend, shape, seed):
+    """Three training steps of eager and of torch.compile(compiled_mod, fullgraph=True)
+    on the same data: outputs, gradients and buffers bit-equal at each step. Returns
+    the compiled graphs' node targets (one set per graph)."""
+    graphs = []
+
+    def spy(gm, inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes})
+        return torch._dynamo.lookup_backend(backend)(gm, inputs)
+    compiled = torch.compile(compiled_mod, fullgraph=True, backend=spy)
+    for step in range(3):
+        x, dy = rand(shape, torch.float32, seed + step), rand(shape, torch.float32, seed + 10 + step)
+        results = []
+        for mod, fn in ((eager, eager), (compiled_mod, compiled)):
+            mod.zero_grad()
+            xi = x.clone().requires_grad_(True)
+            y = fn(xi)
+            y.backward(dy)
+            results.append([y.detach(), xi.grad, *(p.grad for p in mod.parameters()),
+                            *(b.clone() for b in mod.buffers())])
+        for i, (a, b) in enumerate(zip(*results)):
+            assert torch.equal(a, b), f"step {step}: compiled result {i} differs from eager"
+    return graphs
+
+
 @pytest.mark.parametrize("make", [lambda: nn.BatchNorm2d(8), lambda: nn.BatchNorm2d(8, momentum=None),
                                   lambda: nn.BatchNorm2d(8).eval()], ids=["momentum", "cumulative", "eval"])
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
@@ -260,25 +285,7 @@ def test_extension_batch_norm_compiles_with_its_running_stats(use_ext, make, bac
     eager, compiled_mod = _swap_one(base), _swap_one(base)
     compiled_mod.load_state_dict(eager.state_dict())
     compiled_mod.train(base.training)
-    graphs = []
-
-    def spy(gm, inputs):
-        graphs.append({str(n.target) for n in gm.graph.nodes})
-        return torch._dynamo.lookup_backend(backend)(gm, inputs)
-    compiled = torch.compile(compiled_mod, fullgraph=True, backend=spy)
-    for step in range(3):
-        x = rand((4, 8, 3, 3), torch.float32, 17 + step)
-        dy = rand((4, 8, 3, 3), torch.float32, 27 + step)
-        results = []
-        for mod, fn in ((eager, eager), (compiled_mod, compiled)):
-            mod.zero_grad()
-            xi = x.clone().requires_grad_(True)
-            y = fn(xi)
-            y.backward(dy)
-            results.append([y.detach(), xi.grad, *(p.grad for p in mod.parameters()),
-                            *(b.clone() for b in mod.buffers())])
-        for i, (a, b) in enumerate(zip(*results)):
-            assert torch.equal(a, b), f"step {step}: compiled result {i} differs from eager"
+    graphs = _compiled_steps_match_eager(eager, compiled_mod, backend, (4, 8, 3, 3), 17)
     assert any(any("pynorm_ext.batch_norm" in t for t in g) for g in graphs), graphs
 
 
@@ -364,25 +371,7 @@ def test_extension_instance_norm_compiles_with_its_running_stats(use_ext, traini
     statistics are eager's bits, step after step."""
     torch._dynamo.reset()
     eager, compiled_mod = (_instance_norm_with_stats(torch.float32, 0.1, training, 70) for _ in range(2))
-    graphs = []
-
-    def spy(gm, inputs):
-        graphs.append({str(n.target) for n in gm.graph.nodes})
-        return torch._dynamo.lookup_backend(backend)(gm, inputs)
-    compiled = torch.compile(lambda x: _ext.instance_norm(compiled_mod, x), fullgraph=True, backend=spy)
-    for step in range(3):
-        x = rand((4, 6, 3, 3), torch.float32, 71 + step)
-        dy = rand((4, 6, 3, 3), torch.float32, 81 + step)
-        results = []
-        for mod, fn in ((eager, lambda x: _ext.instance_norm(eager, x)), (compiled_mod, compiled)):
-            mod.zero_grad()
-            xi = x.clone().requires_grad_(True)
-            y = fn(xi)
-            y.backward(dy)
-            results.append([y.detach(), xi.grad, *(p.grad for p in mod.parameters()),
-                            *(b.clone() for b in mod.buffers())])
-        for i, (a, b) in enumerate(zip(*results)):
-            assert torch.equal(a, b), f"step {step}: compiled result {i} differs from eager"
+    graphs = _compiled_steps_match_eager(eager, compiled_mod, backend, (4, 6, 3, 3), 71)
     want = "pynorm_ext.instance_norm" if training else "pynorm_ext.batch_norm"
     assert any(any(want in t for t in g) for g in graphs), graphs
 
