@@ -16,7 +16,14 @@ typedef PN_REAL real;
  * written: weight and bias as `real` (ones and zeros when absent, so the inner
  * loops need no branches), the weight with the call's weight_offset added
  * (in `real`: float32 for half-precision weights, never in their own dtype),
- * and `nbuf` row buffers of C reals per thread. */
+ * and `nbuf` row buffers of C reals per thread.
+ *
+ * A forward (pn_work_init_lean) leaves w NULL for ones and b NULL for zeros
+ * (the epilogue then multiplies by nothing and adds a constant 0, the same
+ * bits), and takes memory only for what it must convert or fold: on one row
+ * the fills and the malloc were a large part of a call (LayerNorm (1, 4096)
+ * float32 without weight and bias wrote 32 KiB of ones and zeros, a fifth
+ * of the call). */
 typedef struct {
     const real *w, *b;
     real *rows;
@@ -25,7 +32,7 @@ typedef struct {
     void *mem;
 } pn_work;
 
-static inline pn_status pn_work_init(pn_work *wk, const pn_token_args *a, int nbuf) {
+static inline pn_status pn_work_init_as(pn_work *wk, const pn_token_args *a, int nbuf, int fill) {
     const int64_t C = a->C, rows = a->B * a->T;
     const int64_t stride = (C + 15) & ~(int64_t)15;
     int nt = pn_threads();
@@ -33,13 +40,16 @@ static inline pn_status pn_work_init(pn_work *wk, const pn_token_args *a, int nb
     wk->stride = stride;
     wk->nbuf = nbuf;
     wk->nthreads = nt;
-    /* [w | b | nt * nbuf row buffers] */
-    size_t n = (size_t)stride * (2 + (size_t)nt * (size_t)nbuf);
-    real *mem = (real *)malloc(n * sizeof(real));
-    if (!mem) return PN_ERR_ALLOC;
-    real *w = mem, *b = mem + stride;
-    if (!a->weight) for (int64_t i = 0; i < C; i++) w[i] = 1;
-    if (!a->bias) for (int64_t i = 0; i < C; i++) b[i] = 0;
+    /* rows of reals that w and b need: their own storage unless given as reals (and, for w, no offset) */
+    const int own_w = a->weight ? a->wdtype != PN_REAL_DTYPE || a->weight_offset != 0 : fill;
+    const int own_b = a->bias ? a->wdtype != PN_REAL_DTYPE : fill;
+    /* [w | b | nt * nbuf row buffers], the parts that are needed */
+    size_t n = (size_t)stride * ((size_t)own_w + (size_t)own_b + (size_t)nt * (size_t)nbuf);
+    real *mem = NULL;
+    if (n && !(mem = (real *)malloc(n * sizeof(real)))) return PN_ERR_ALLOC;
+    real *w = own_w ? mem : NULL, *b = own_b ? mem + (own_w ? stride : 0) : NULL;
+    if (!a->weight && w) for (int64_t i = 0; i < C; i++) w[i] = 1;
+    if (!a->bias && b) for (int64_t i = 0; i < C; i++) b[i] = 0;
     wk->w = a->weight ? pn_row_as_real(a->weight, a->wdtype, w, C) : w;
     if (a->weight_offset != 0) {   /* a weight is given (checked) */
         const real off = (real)a->weight_offset;
@@ -48,14 +58,25 @@ static inline pn_status pn_work_init(pn_work *wk, const pn_token_args *a, int nb
         wk->w = w;
     }
     wk->b = a->bias ? pn_row_as_real(a->bias, a->wdtype, b, C) : b;
-    wk->rows = mem + 2 * stride;
+    wk->rows = mem ? mem + ((size_t)own_w + (size_t)own_b) * (size_t)stride : NULL;
     wk->mem = mem;
     return PN_OK;
 }
 
+/* w and b always set (ones and zeros when absent). */
+static inline pn_status pn_work_init(pn_work *wk, const pn_token_args *a, int nbuf) {
+    return pn_work_init_as(wk, a, nbuf, 1);
+}
+
+/* w NULL for ones, b NULL for zeros when absent (the forward's epilogue). */
+static inline pn_status pn_work_init_lean(pn_work *wk, const pn_token_args *a, int nbuf) {
+    return pn_work_init_as(wk, a, nbuf, 0);
+}
+
 /* Row buffer k of the calling thread. */
 static inline real *pn_work_row(const pn_work *wk, int k) {
-    return wk->rows + ((int64_t)pn_thread_id() * wk->nbuf + k) * wk->stride;
+    const int64_t t = wk->nthreads > 1 ? pn_thread_id() : 0;   /* one thread: no lookup */
+    return wk->rows + (t * wk->nbuf + k) * wk->stride;
 }
 
 static inline void pn_work_free(pn_work *wk) { free(wk->mem); }
@@ -309,7 +330,7 @@ static inline pn_status pn_forward_call(const pn_token_args *a, int fused, int b
     pn_work wk;
     /* row buffers: 0 for a half precision row as floats (pn_keep_row, the
      * two-pass or double sums), 1 for the whole row's y of a quantized output */
-    pn_status st = pn_work_init(&wk, a, a->q ? 2 : a->dtype == PN_REAL_DTYPE ? 0 : 1);
+    pn_status st = pn_work_init_lean(&wk, a, a->q ? 2 : a->dtype == PN_REAL_DTYPE ? 0 : 1);
     if (st) return st;
     /* y computed in place in the output when it holds reals and is not streamed */
     const pn_fwd_call c = {a, &wk, pn_ahead_rows(a, fused ? 4 : 2, stream), a->eps, 1 / (double)C,
