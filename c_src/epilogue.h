@@ -10,21 +10,25 @@
  *                   LlamaRMSNorm: `weight * hidden.to(dtype)`), then y as above,
  *                   rounded again when stored. For float32/float64 data,
  *                   rounding to the dtype changes nothing: both modes agree.
- * RMSNorm has no bias (b NULL); LayerNorm always adds one (zeros when
- * absent), so its bits do not depend on whether a bias was given. The
+ * RMSNorm has no bias; LayerNorm always adds one (zeros when absent), so
+ * its bits do not depend on whether a bias was given: without a weight the
+ * loops leave out the product by 1 (exact), and without a bias they add a
+ * constant 0 (which, unlike leaving it out, turns -0 into +0 as adding a
+ * row of zeros does), so no row of ones or zeros is written per call. The
  * quantized output (pn_quantize_row) takes the row's y from here. Included by
  * kernel.h. */
 #ifndef PYNORM_EPILOGUE_H
 #define PYNORM_EPILOGUE_H
 
 typedef struct {
-    const real *w, *b;      /* w' (offset added) and b, C values each; b NULL: none */
+    const real *w, *b;      /* w' (offset added) and b, C values each; NULL: ones, zeros */
+    int bias;               /* a bias is added (LayerNorm), b or zeros */
     pn_dtype dt;            /* the data's dtype */
     int llama;              /* PN_ROUND_LLAMA on data narrower than `real` */
 } pn_epilogue;
 
 static inline pn_epilogue pn_epilogue_init(const pn_token_args *a, const pn_work *wk, int bias) {
-    pn_epilogue e = {wk->w, bias ? wk->b : NULL, a->dtype, a->llama && a->dtype != PN_REAL_DTYPE};
+    pn_epilogue e = {wk->w, bias ? wk->b : NULL, bias, a->dtype, a->llama && a->dtype != PN_REAL_DTYPE};
     return e;
 }
 
@@ -38,16 +42,31 @@ static inline void pn_round_to_dtype(real *v, pn_dtype dt, int64_t n) {
     }
 }
 
+/* y[i] = XHAT * w'[i] + b[i] for i in [0, n) (columns i0 + i), XHAT an
+ * expression of i, in the loop for the weight and bias the call has: no
+ * weight multiplies by nothing (x * 1 is x), no bias of LayerNorm adds 0. */
+#define PN_EPILOGUE_WB(e, y, i0, n, XHAT)                                                \
+    do {                                                                                 \
+        const real *w_ = (e)->w ? (e)->w + (i0) : NULL;                                  \
+        const real *b_ = (e)->b ? (e)->b + (i0) : NULL;                                  \
+        if (w_ && b_)                                                                    \
+            for (int64_t i = 0; i < (n); i++) (y)[i] = (XHAT) * w_[i] + b_[i];           \
+        else if (w_ && (e)->bias)                                                        \
+            for (int64_t i = 0; i < (n); i++) (y)[i] = (XHAT) * w_[i] + (real)0;         \
+        else if (w_)                                                                     \
+            for (int64_t i = 0; i < (n); i++) (y)[i] = (XHAT) * w_[i];                   \
+        else if (b_)                                                                     \
+            for (int64_t i = 0; i < (n); i++) (y)[i] = (XHAT) + b_[i];                   \
+        else if ((e)->bias)                                                              \
+            for (int64_t i = 0; i < (n); i++) (y)[i] = (XHAT) + (real)0;                 \
+        else                                                                             \
+            for (int64_t i = 0; i < (n); i++) (y)[i] = (XHAT);                           \
+    } while (0)
+
 /* y[0..n) holds xhat of columns [i0, i0 + n): make it y. */
 static PN_ALWAYS_INLINE void pn_epilogue_apply(const pn_epilogue *e, real *y, int64_t i0, int64_t n) {
-    const real *w = e->w + i0;
     if (e->llama) pn_round_to_dtype(y, e->dt, n);
-    if (e->b) {
-        const real *b = e->b + i0;
-        for (int64_t i = 0; i < n; i++) y[i] = y[i] * w[i] + b[i];
-    } else {
-        for (int64_t i = 0; i < n; i++) y[i] = y[i] * w[i];
-    }
+    PN_EPILOGUE_WB(e, y, i0, n, y[i]);
 }
 
 /* y[i] for i in [0, n) (columns i0 + i) from XHAT, an expression of i giving
@@ -59,15 +78,11 @@ static PN_ALWAYS_INLINE void pn_epilogue_apply(const pn_epilogue *e, real *y, in
     do {                                                                                 \
         const pn_epilogue *e_ = (e);                                                     \
         real *y_ = (y);                                                                  \
-        const real *w_ = e_->w + (i0);                                                   \
         if (e_->llama) {                                                                 \
             for (int64_t i = 0; i < (n); i++) y_[i] = (XHAT);                            \
             pn_epilogue_apply(e_, y_, (i0), (n));                                        \
-        } else if (e_->b) {                                                              \
-            const real *b_ = e_->b + (i0);                                               \
-            for (int64_t i = 0; i < (n); i++) y_[i] = (XHAT) * w_[i] + b_[i];            \
         } else {                                                                         \
-            for (int64_t i = 0; i < (n); i++) y_[i] = (XHAT) * w_[i];                    \
+            PN_EPILOGUE_WB(e_, y_, i0, n, XHAT);                                         \
         }                                                                                \
     } while (0)
 

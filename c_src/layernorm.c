@@ -127,10 +127,22 @@ static void layernorm_backward_sums(const void *xs, const void *dys, pn_dtype dt
  * not wanted) and dx (NULL: not wanted), which may overwrite x or dy: each
  * value of x and dy is read before dx's value at the same place is written.
  * The mean is hi + lo (lo = 0 in the plain backward: the same bits as x -
- * mean); mg, mgx are mean(g) and mean(g * xhat). */
+ * mean); mg, mgx are mean(g) and mean(g * xhat). The first row of a chunk
+ * (`first`) starts dw and db from 0 instead of their values (0 + v as on a
+ * zeroed sum: -0 becomes +0), so no pass zeroes them first. */
 static void layernorm_backward_piece(real *dx, real *dw, real *db, const real *x, const real *dy, const real *w,
-                                     real hi, real lo, real rs, real mg, real mgx, int64_t n) {
+                                     real hi, real lo, real rs, real mg, real mgx, int64_t n, int first) {
     if (dw && dx) {   /* one loop, x and dy loaded once (1.05-1.24x in cache); simd although dx may be x or dy */
+        if (first) {
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) {
+                const real d = dy[i], xhat = ((x[i] - hi) - lo) * rs;
+                dw[i] = (real)0 + d * xhat;
+                db[i] = (real)0 + d;
+                dx[i] = rs * ((d * w[i] - mg) - xhat * mgx);
+            }
+            return;
+        }
 #pragma omp simd
         for (int64_t i = 0; i < n; i++) {
             const real d = dy[i], xhat = ((x[i] - hi) - lo) * rs;
@@ -140,7 +152,12 @@ static void layernorm_backward_piece(real *dx, real *dw, real *db, const real *x
         }
         return;
     }
-    if (dw)
+    if (dw && first)
+        for (int64_t i = 0; i < n; i++) {
+            dw[i] = (real)0 + dy[i] * (((x[i] - hi) - lo) * rs);
+            db[i] = (real)0 + dy[i];
+        }
+    else if (dw)
         for (int64_t i = 0; i < n; i++) {
             dw[i] += dy[i] * (((x[i] - hi) - lo) * rs);
             db[i] += dy[i];
@@ -156,14 +173,15 @@ static void layernorm_backward_piece(real *dx, real *dw, real *db, const real *x
  * once: dw and db are loaded and stored once per group instead of once per row
  * (at C = 256 their traffic was a quarter of the backward's time). Each row's
  * terms are added to dw and db in row order, as layernorm_backward_piece does
- * row by row: the same bits. dx[k] may overwrite x[k] or dy[k] (the same row). */
+ * row by row: the same bits. dx[k] may overwrite x[k] or dy[k] (the same row).
+ * A group that starts a chunk (`first`) starts the sums from 0. */
 #define PN_BWD_GROUP 4
 static void layernorm_backward_piece_group(real *const dx[PN_BWD_GROUP], real *dw, real *db,
                                            const real *const x[PN_BWD_GROUP],
                                            const real *const dy[PN_BWD_GROUP], const real *w,
                                            const real hi[PN_BWD_GROUP], const real lo[PN_BWD_GROUP],
                                            const real rs[PN_BWD_GROUP], const real mg[PN_BWD_GROUP],
-                                           const real mgx[PN_BWD_GROUP], int64_t n) {
+                                           const real mgx[PN_BWD_GROUP], int64_t n, int first) {
     real *dx0 = dx[0], *dx1 = dx[1], *dx2 = dx[2], *dx3 = dx[3];
     const real *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
     const real *d0 = dy[0], *d1 = dy[1], *d2 = dy[2], *d3 = dy[3];
@@ -171,7 +189,7 @@ static void layernorm_backward_piece_group(real *const dx[PN_BWD_GROUP], real *d
 #pragma omp simd
     for (int64_t i = 0; i < n; i++) {
         const real wi = w[i];
-        real sw = dw[i], sb = db[i], d, xhat;
+        real sw = first ? (real)0 : dw[i], sb = first ? (real)0 : db[i], d, xhat;
         d = d0[i], xhat = ((x0[i] - hi[0]) - lo0) * rs[0];
         sw += d * xhat, sb += d;
         dx0[i] = rs[0] * ((d * wi - mg[0]) - xhat * mgx[0]);
@@ -203,8 +221,10 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
     const int stream = rows * C * (int64_t)es >= pn_stream_min_bytes();
     const int64_t pstride = 2 * ((C + 15) & ~(int64_t)15);   /* dw partial, then db partial */
     real *part = params ? pn_scratch_reals(a->scratch) : NULL;
+    const int direct = pn_direct_params(a, nchunks);
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, 0);   /* rows are read in their dtype: no row buffers */
+    /* rows are read in their dtype: no row buffers; w only (ones when absent) */
+    pn_status st = pn_work_init_as(&wk, a, 0, PN_FILL_W);
     if (st) return st;
     const real *w = wk.w;
     const real *mean = (const real *)a->mean, *rstd = (const real *)a->rstd;
@@ -212,11 +232,13 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
     const pn_ahead ahead = pn_ahead_rows(a, 3, stream);
     const double inv_total = sh ? 1.0 / (double)sh->C_total : 0;
 
-    /* Chunks of consecutive rows; each chunk's dw/db partial is its own. */
+    /* Chunks of consecutive rows; each chunk's dw/db partial is its own (or,
+     * direct, the gradients themselves), started by the chunk's first row. */
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t c = 0; c < nchunks; c++) {
         real *dw = params ? part + c * pstride : NULL, *db = params ? dw + pstride / 2 : NULL;
-        if (params) for (int64_t i = 0; i < pstride; i++) dw[i] = 0;
+        if (direct && a->dweight) dw = (real *)a->dweight;
+        if (direct && a->dbias) db = (real *)a->dbias;
         const int64_t r1 = (c + 1) * per < rows ? (c + 1) * per : rows;
         for (int64_t r = c * per; r < r1;) {
             /* a group of rows when dx and dw/db are wanted, else one row */
@@ -257,10 +279,11 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
                     dx[k] = a->dinp ? pn_dx_piece(a, r + k, i0, piece[k], stream) : NULL;
                 }
                 if (g == PN_BWD_GROUP)
-                    layernorm_backward_piece_group(dx, dw + i0, db + i0, x, dy, w + i0, hi, lo, rs, mg, mgx, n);
+                    layernorm_backward_piece_group(dx, dw + i0, db + i0, x, dy, w + i0, hi, lo, rs, mg, mgx, n,
+                                                   r == c * per);
                 else
                     layernorm_backward_piece(dx[0], dw ? dw + i0 : NULL, db ? db + i0 : NULL, x[0], dy[0],
-                                             w + i0, hi[0], lo[0], rs[0], mg[0], mgx[0], n);
+                                             w + i0, hi[0], lo[0], rs[0], mg[0], mgx[0], n, r == c * per);
                 for (int k = 0; k < g; k++)
                     if (dx[k]) pn_finish_dx_piece(a, r + k, i0, dx[k], n, tmp, stream);
                 pn_prefetch_share(&next, i0, n);
@@ -269,8 +292,10 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
         }
     }
     if (stream) pn_stream_fence();
-    if (a->dweight) pn_reduce_chunks(a->dweight, a->wdtype, a->accumulate, part, nchunks, pstride, C, wk.nthreads);
-    if (a->dbias) pn_reduce_chunks(a->dbias, a->wdtype, a->accumulate, part + pstride / 2, nchunks, pstride, C, wk.nthreads);
+    if (a->dweight && !direct)
+        pn_reduce_chunks(a->dweight, a->wdtype, a->accumulate, part, nchunks, pstride, C, wk.nthreads);
+    if (a->dbias && !direct)
+        pn_reduce_chunks(a->dbias, a->wdtype, a->accumulate, part + pstride / 2, nchunks, pstride, C, wk.nthreads);
     pn_work_free(&wk);
     return PN_OK;
 }

@@ -63,9 +63,19 @@ static real rmsnorm_backward_sum(const void *xs, const void *dys, pn_dtype dt, c
 /* n values of a row's backward: the weight gradient (dw: NULL when not
  * wanted) and dx (NULL: not wanted), which may overwrite x or dy: each value
  * of x and dy is read before dx's value at the same place is written; mgx is
- * mean(g * xhat). */
+ * mean(g * xhat). The first row of a chunk (`first`) starts dw from 0 (0 + v
+ * as on a zeroed sum), so no pass zeroes it first. */
 static void rmsnorm_backward_piece(real *dx, real *dw, const real *x, const real *dy, const real *w,
-                                   real rs, real mgx, int64_t n) {
+                                   real rs, real mgx, int64_t n, int first) {
+    if (dw && dx && first) {
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            const real d = dy[i], xhat = x[i] * rs;
+            dw[i] = (real)0 + d * xhat;
+            dx[i] = rs * (d * w[i] - xhat * mgx);
+        }
+        return;
+    }
     if (dw && dx) {   /* one loop, x and dy loaded once; simd although dx may be x or dy */
 #pragma omp simd
         for (int64_t i = 0; i < n; i++) {
@@ -75,7 +85,9 @@ static void rmsnorm_backward_piece(real *dx, real *dw, const real *x, const real
         }
         return;
     }
-    if (dw)
+    if (dw && first)
+        for (int64_t i = 0; i < n; i++) dw[i] = (real)0 + dy[i] * (x[i] * rs);
+    else if (dw)
         for (int64_t i = 0; i < n; i++) dw[i] += dy[i] * (x[i] * rs);
     if (dx)
         for (int64_t i = 0; i < n; i++) dx[i] = rs * (dy[i] * w[i] - (x[i] * rs) * mgx);
@@ -93,8 +105,10 @@ pn_status PN_KERNEL(rmsnorm_backward_rows)(const pn_token_args *a, const pn_shar
     const int stream = rows * C * (int64_t)es >= pn_stream_min_bytes();
     const int64_t pstride = (C + 15) & ~(int64_t)15;
     real *part = params ? pn_scratch_reals(a->scratch) : NULL;
+    const int direct = pn_direct_params(a, nchunks);
     pn_work wk;
-    pn_status st = pn_work_init(&wk, a, 0);   /* rows are read in their dtype: no row buffers */
+    /* rows are read in their dtype: no row buffers; w only (ones when absent) */
+    pn_status st = pn_work_init_as(&wk, a, 0, PN_FILL_W);
     if (st) return st;
     const real *w = wk.w;
     const real *rstd = (const real *)a->rstd;
@@ -102,11 +116,11 @@ pn_status PN_KERNEL(rmsnorm_backward_rows)(const pn_token_args *a, const pn_shar
     const pn_ahead ahead = pn_ahead_rows(a, 3, stream);
     const double inv_total = sh ? 1.0 / (double)sh->C_total : 0;
 
-    /* Chunks of consecutive rows; each chunk's dw partial is its own. */
+    /* Chunks of consecutive rows; each chunk's dw partial is its own (or,
+     * direct, the gradient itself), started by the chunk's first row. */
 #pragma omp parallel for schedule(static) num_threads(wk.nthreads) if (wk.nthreads > 1)
     for (int64_t c = 0; c < nchunks; c++) {
-        real *dw = params ? part + c * pstride : NULL;
-        if (params) for (int64_t i = 0; i < pstride; i++) dw[i] = 0;
+        real *dw = params ? direct ? (real *)a->dweight : part + c * pstride : NULL;
         const int64_t r1 = (c + 1) * per < rows ? (c + 1) * per : rows;
         for (int64_t r = c * per; r < r1; r++) {
             const char *xs = (const char *)pn_row(a->inp, a->s.inp, r, a->T, es);
@@ -127,14 +141,14 @@ pn_status PN_KERNEL(rmsnorm_backward_rows)(const pn_token_args *a, const pn_shar
                 const real *x = pn_row_as_real(xs + i0 * (int64_t)es, a->dtype, xp, n);
                 const real *dy = pn_row_as_real(dys + i0 * (int64_t)es, a->dtype, dyp, n);
                 real *dx = a->dinp ? pn_dx_piece(a, r, i0, piece, stream) : NULL;
-                rmsnorm_backward_piece(dx, dw ? dw + i0 : NULL, x, dy, w + i0, rs, mgx, n);
+                rmsnorm_backward_piece(dx, dw ? dw + i0 : NULL, x, dy, w + i0, rs, mgx, n, r == c * per);
                 if (dx) pn_finish_dx_piece(a, r, i0, dx, n, tmp, stream);
                 pn_prefetch_share(&next, i0, n);
             }
         }
     }
     if (stream) pn_stream_fence();
-    if (params) pn_reduce_chunks(a->dweight, a->wdtype, a->accumulate, part, nchunks, pstride, C, wk.nthreads);
+    if (params && !direct) pn_reduce_chunks(a->dweight, a->wdtype, a->accumulate, part, nchunks, pstride, C, wk.nthreads);
     pn_work_free(&wk);
     return PN_OK;
 }
