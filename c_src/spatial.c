@@ -593,9 +593,21 @@ pn_status PN_KERNEL(sp_nchw_forward)(const pn_spatial_args *a, const pn_sp_sets 
  * the call waiting on a preempted thread's block: measured 0.6-0.8x torch
  * (which splits the work statically) at 2 threads, equal at 1.
  * NCHW: the block's rows of S values, one channel each. NHWC: the channel of
- * value i is i % C; mean, scale and bias are laid out over C + PN_SP_PIECE
- * values (repeated every C), so that a block is one loop from the channel of
- * its first value, whatever C is. */
+ * value i is i % C; mean, scale and bias are repeated over a period of whole
+ * multiples of C (pn_sp_eval_period), a block's values walked in runs of it. */
+/* NHWC: mean, scale and bias repeat every C values over R values, and a
+ * block is walked in runs of R from the channel of its first value. Rows of
+ * reals: R = C + PN_SP_PIECE, one loop a block (runs never wrap). Rows
+ * converted through buf (PN_SP_PIECE reals): R = C * ceil(512 / C), at least
+ * 512 values so that short C still gives long loops, so that 3 R reals stay
+ * in L1 beside buf (over C + PN_SP_PIECE values, 50 KiB at C = 64, they did
+ * not: bfloat16 1.05-1.17x, 1 thread; float32 lost 3-9% with the short
+ * period, so it keeps the long one). */
+static inline int64_t pn_sp_eval_period(int64_t C, pn_dtype dt) {
+    if (dt == PN_REAL_DTYPE) return C + PN_SP_PIECE;
+    return C >= 512 ? C : C * pn_sp_cdiv(512, C);
+}
+
 static inline void pn_sp_eval_block(const pn_spatial_args *a, int64_t i0, int64_t i1, const real *mu,
                                     const real *sc, const real *b, real *buf) {
     const size_t es = pn_dtype_size(a->dtype);
@@ -604,9 +616,16 @@ static inline void pn_sp_eval_block(const pn_spatial_args *a, int64_t i0, int64_
     void *dst = (char *)a->out + i0 * (int64_t)es;
     real *y = a->dtype == PN_REAL_DTYPE ? (real *)dst : buf;   /* buf: x is read before y is written */
     if (a->layout == PN_NHWC) {
-        const int64_t c0 = i0 % C;
-        const real *m = mu + c0, *s = sc + c0, *bb = b + c0;
-        for (int64_t i = 0; i < n; i++) y[i] = (x[i] - m[i]) * s[i] + bb[i];
+        const int64_t R = pn_sp_eval_period(C, a->dtype);
+        int64_t c0 = i0 % C, k = 0;
+        while (k < n) {   /* runs of the period from channel c0, then from 0 (reals: one run) */
+            const int64_t len = R - c0 < n - k ? R - c0 : n - k;
+            const real *m = mu + c0, *s = sc + c0, *bb = b + c0, *xr = x + k;
+            real *yr = y + k;
+            for (int64_t i = 0; i < len; i++) yr[i] = (xr[i] - m[i]) * s[i] + bb[i];
+            k += len;
+            c0 = 0;
+        }
     } else {
         int64_t r = i0 / S, k = 0, j0 = i0 % S;
         while (k < n) {
@@ -626,7 +645,7 @@ static inline void pn_sp_eval_block(const pn_spatial_args *a, int64_t i0, int64_
 pn_status PN_KERNEL(sp_eval_forward)(const pn_spatial_args *a) {
     const int64_t C = a->C, total = a->N * C * a->S;
     const int nhwc = a->layout == PN_NHWC;
-    const int64_t plen = nhwc ? C + PN_SP_PIECE : C;   /* mean, scale, bias: repeated in NHWC */
+    const int64_t plen = nhwc ? pn_sp_eval_period(C, a->dtype) : C;   /* mean, scale, bias: repeated in NHWC */
     const int nt = pn_sp_threads(total);
     pn_sp_mem mem;
     pn_status st = pn_sp_alloc(&mem, pn_sp_pad(C) + 3 * pn_sp_pad(plen) + nt * pn_sp_pad(PN_SP_PIECE));
@@ -988,23 +1007,23 @@ static PN_ALWAYS_INLINE void pn_sp_colsum_block(int kind, pn_dtype dt, const cha
  * registers, not into a buffer first (a piece's buffer of reals overflowed
  * L1, and was written once and read twice). */
 static PN_ALWAYS_INLINE void pn_sp_colsum_blocks_k(int kind, pn_dtype dt, const char *x, const char *dy, int64_t nr,
-                                                   int64_t C, const real *sh, const real *mv, real *out,
-                                                   real *out2) {
+                                                   int64_t C, int64_t c0, int64_t c1, const real *sh,
+                                                   const real *mv, real *out, real *out2) {
     const int64_t es = (int64_t)pn_dtype_size(dt);
-    for (int64_t c = 0; c + PN_SP_CB <= C; c += PN_SP_CB)
+    for (int64_t c = c0; c + PN_SP_CB <= c1; c += PN_SP_CB)
         pn_sp_colsum_block(kind, dt, x + c * es, dy ? dy + c * es : NULL, nr, C, sh + c, mv ? mv + c : NULL,
                            out + c, out2 ? out2 + c : NULL);
 }
 
 #define PN_SP_BLOCKS_DT(kind)                                                                  \
     switch (dt) {                                                                              \
-    case PN_FLOAT32: pn_sp_colsum_blocks_k(kind, PN_FLOAT32, x, dy, nr, C, sh, mv, out, out2); break; \
-    case PN_FLOAT64: pn_sp_colsum_blocks_k(kind, PN_FLOAT64, x, dy, nr, C, sh, mv, out, out2); break; \
-    case PN_BFLOAT16: pn_sp_colsum_blocks_k(kind, PN_BFLOAT16, x, dy, nr, C, sh, mv, out, out2); break; \
-    case PN_FLOAT16: pn_sp_colsum_blocks_k(kind, PN_FLOAT16, x, dy, nr, C, sh, mv, out, out2); break; \
+    case PN_FLOAT32: pn_sp_colsum_blocks_k(kind, PN_FLOAT32, x, dy, nr, C, c0, c1, sh, mv, out, out2); break; \
+    case PN_FLOAT64: pn_sp_colsum_blocks_k(kind, PN_FLOAT64, x, dy, nr, C, c0, c1, sh, mv, out, out2); break; \
+    case PN_BFLOAT16: pn_sp_colsum_blocks_k(kind, PN_BFLOAT16, x, dy, nr, C, c0, c1, sh, mv, out, out2); break; \
+    case PN_FLOAT16: pn_sp_colsum_blocks_k(kind, PN_FLOAT16, x, dy, nr, C, c0, c1, sh, mv, out, out2); break; \
     }
 static void pn_sp_colsum_blocks(int kind, pn_dtype dt, const char *x, const char *dy, int64_t nr, int64_t C,
-                                const real *sh, const real *mv, real *out, real *out2) {
+                                int64_t c0, int64_t c1, const real *sh, const real *mv, real *out, real *out2) {
     if (kind == 0) { PN_SP_BLOCKS_DT(0) }
     else if (kind == 1) { PN_SP_BLOCKS_DT(1) }
     else if (kind == 2) { PN_SP_BLOCKS_DT(2) }
@@ -1045,7 +1064,7 @@ static inline void pn_sp_colsum_reals(int kind, const real *x, const real *dy, i
         return;
     }
     const int64_t c = C - C % PN_SP_CB;
-    pn_sp_colsum_blocks(kind, PN_REAL_DTYPE, (const char *)x, (const char *)dy, nr, C, sh, mv, out, out2);
+    pn_sp_colsum_blocks(kind, PN_REAL_DTYPE, (const char *)x, (const char *)dy, nr, C, 0, C, sh, mv, out, out2);
     if (c < C)
         pn_sp_colsum_tail(kind, x + c, dy ? dy + c : NULL, nr, C, (int)(C - c), sh + c, mv ? mv + c : NULL,
                           out + c, out2 ? out2 + c : NULL);
@@ -1058,7 +1077,7 @@ static inline void pn_sp_colsum_reals(int kind, const real *x, const real *dy, i
 static inline void pn_sp_colsum(int kind, pn_dtype dt, const void *x, const void *dy, int64_t nr, int64_t C,
                                 const real *sh, const real *mv, real *out, real *out2, real *xb, real *dyb) {
     if (nr >= 4 && C % PN_SP_CB == 0) {
-        pn_sp_colsum_blocks(kind, dt, (const char *)x, (const char *)dy, nr, C, sh, mv, out, out2);
+        pn_sp_colsum_blocks(kind, dt, (const char *)x, (const char *)dy, nr, C, 0, C, sh, mv, out, out2);
         return;
     }
     const real *xr = pn_row_as_real(x, dt, xb, nr * C);
@@ -1088,21 +1107,28 @@ static inline double pn_sp_sum_d(const real *v, int64_t n) {
 
 /* One pass for a piece's M2: with d = x - c, c a shift near the piece's
  * mean, M2 = sum d^2 - (sum d)^2 / n. c is the mean of the group's values
- * in the piece's first 8 rows (a rounded real; any value would do, a near
- * one keeps the cancellation small): the piece's sum about the set's shift
- * is then sum d + n (c - shift), in double. The one pass is kept while
- * sum d^2 is at most PN_SP_ONEPASS times M2 (c within sqrt(PN_SP_ONEPASS - 1)
- * standard deviations of the piece's mean), where M2 keeps all but about
- * an ulp of the float sums of squares (measured: with the set's first value
- * as c and a bound of 16, a float32 rstd lost 5 ulps on ordinary groups; a
- * bound of 8 lost 5 on a channel with an outlier in its first rows; with 8
- * rows, Gaussian data all but never take the second pass); else (c far
- * off: outlying values in the first rows; an Inf or NaN) the piece takes
- * two passes about the set's shift as before. Which pieces do depends on
- * the data and the sizes only: every thread count and ISA gets the same
- * bits. */
+ * in the piece's first k rows, k = min(8, nr / 4) (a rounded real; any
+ * value would do, a near one keeps the cancellation small): the piece's sum
+ * about the set's shift is then sum d + n (c - shift), in double. A group's
+ * one pass is kept while sum d^2 is at most PN_SP_ONEPASS times M2 (c within
+ * sqrt(PN_SP_ONEPASS - 1) standard deviations of the piece's mean), where M2
+ * keeps all but about an ulp of the float sums of squares (measured: with
+ * the set's first value as c and a bound of 16, a float32 rstd lost 5 ulps
+ * on ordinary groups; a bound of 8 lost 5 on a channel with an outlier in
+ * its first rows); else (c far off: outlying values in the first rows; an
+ * Inf or NaN) the blocks of PN_SP_CB channels that hold the group take two
+ * passes about the set's shift as before, the piece's other blocks keep
+ * their one pass. Deciding per block, not per piece, lets short pieces (C >
+ * 1024: 16-25 rows) take one pass: their shift comes from 4-6 rows, and a
+ * channel of Gaussian data then misses the bound about once in 2000, once a
+ * piece at C = 2048, which would send every piece back to two passes. Below
+ * 4 shift rows (pieces under 16 rows) a block of 32 channels misses it too
+ * often. Which groups take two passes depends on the data and the sizes
+ * only (each channel's column sums are the same whichever blocks are
+ * summed together): every thread count and ISA gets the same bits. */
 #define PN_SP_ONEPASS 4.0
 #define PN_SP_SHIFT_ROWS 8
+#define PN_SP_SHIFT_MIN 4
 
 /* Piece p of a set: per group g, the sum and M2 of x - shift into st[g] and
  * st[Gp + g], while the rows are in cache: in one pass over the rows (kind
@@ -1119,17 +1145,15 @@ static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_
     const char *x = (const char *)a->inp + r0 * C * (int64_t)pn_dtype_size(a->dtype);
     const real cnt = (real)(nr * Cg);
     const int blocks = nr >= 4 && C % PN_SP_CB == 0;   /* the column sums read the rows as they are */
-    /* one pass where the shift's rows are at most a quarter of the piece
-     * (C <= 1024: at C = 2048, 16 rows a piece, BatchNorm came out 4%
-     * slower than two passes) */
-    if (blocks && nr >= 4 * PN_SP_SHIFT_ROWS) {
+    /* one pass where the shift's rows are at most a quarter of the piece */
+    const int64_t k = nr / 4 < PN_SP_SHIFT_ROWS ? nr / 4 : PN_SP_SHIFT_ROWS;
+    if (blocks && k >= PN_SP_SHIFT_MIN) {
         /* the piece's shift per channel, pc = buf[0, C): the column sums of
          * its first k rows (converted into buf, which holds rpp >= nr rows,
          * when they are not reals; row 0 becomes the sums), added up per
          * group, over their count. Vectors along C: a loop per group and
          * row cost as much as the pass itself at BatchNorm's C = 640. */
         real *pc = buf;
-        const int64_t k = nr < PN_SP_SHIFT_ROWS ? nr : PN_SP_SHIFT_ROWS;
         const real *rows = (const real *)x;
         if (a->dtype != PN_REAL_DTYPE) {
             pn_load_row(buf, x, a->dtype, k * C);
@@ -1147,8 +1171,8 @@ static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_
         const real inv = (real)1 / (real)(k * Cg);
         for (int64_t c = 0; c < C; c++) pc[c] *= inv;
         /* acc: the sums of d, mv: of d^2 */
-        pn_sp_colsum_blocks(3, a->dtype, x, NULL, nr, C, pc, NULL, acc, mv);
-        int ok = 1;
+        pn_sp_colsum_blocks(3, a->dtype, x, NULL, nr, C, 0, C, pc, NULL, acc, mv);
+        int64_t nbad = 0;
         const double n = (double)(nr * Cg);
         for (int64_t g = 0; g < G; g++) {
             const double s1 = Cg == 1 ? (double)acc[g] : pn_sp_sum_d(acc + g * Cg, Cg);
@@ -1156,9 +1180,38 @@ static inline void pn_sp_nhwc_piece_stats(const pn_spatial_args *a, const pn_sp_
             const double M2 = s2 - s1 * s1 / n;
             st[g] = s1 + n * ((double)pc[g * Cg] - (double)sh[g * Cg]);
             st[Gp + g] = M2;
-            ok &= M2 * PN_SP_ONEPASS >= s2 && s2 < INFINITY && st[g] == st[g];   /* false for NaN */
+            if (!(M2 * PN_SP_ONEPASS >= s2 && s2 < INFINITY && st[g] == st[g])) {   /* true for NaN */
+                st[Gp + g] = -1;   /* marks the group for the two passes below */
+                nbad++;
+            }
         }
-        if (ok) return;
+        if (!nbad) return;
+        /* the groups that missed the bound: their blocks' sums about sh,
+         * each block once (a block may hold several such groups), the
+         * groups' means, then the sums of squares about them */
+        for (int kind = 0; kind < 2; kind++) {
+            int64_t done = 0;   /* channels [0, done) summed */
+            for (int64_t g = 0; g < G; g++) {
+                if (st[Gp + g] >= 0) continue;
+                const int64_t c0 = (g * Cg) / PN_SP_CB * PN_SP_CB;
+                const int64_t c1 = pn_sp_cdiv((g + 1) * Cg, PN_SP_CB) * PN_SP_CB;
+                if (c1 > done)
+                    pn_sp_colsum_blocks(kind, a->dtype, x, NULL, nr, C, c0 > done ? c0 : done, c1, sh, mv, acc,
+                                        NULL);
+                done = c1;
+            }
+            for (int64_t g = 0; g < G; g++) {
+                if (st[Gp + g] >= 0) continue;
+                if (kind == 1) {
+                    st[Gp + g] = Cg == 1 ? (double)acc[g] : pn_sp_sum_d(acc + g * Cg, Cg);
+                    continue;
+                }
+                st[g] = Cg == 1 ? (double)acc[g] : pn_sp_sum_d(acc + g * Cg, Cg);
+                const real m = Cg == 1 ? acc[g] / cnt : (real)st[g] / cnt;
+                for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) mv[c] = m;
+            }
+        }
+        return;
     }
     /* buf converts the rows once for both passes when they need it */
     const int conv = a->dtype != PN_REAL_DTYPE && !blocks;

@@ -12,9 +12,10 @@
  *   - forward: each piece gets its own sum and M2 = sum((x - mean)^2) in two
  *     passes while it sits in cache (the values shifted first by one element
  *     of their set, as layernorm.c does, so that a mean of 1e4 with a std of
- *     1e-2 keeps its digits); NHWC pieces of 32 rows or more take both sums
- *     in one pass about a shift near the piece's mean where the cancellation
- *     in M2 is mild (spatial.c, PN_SP_ONEPASS). Short runs of values are summed in the compute
+ *     1e-2 keeps its digits); NHWC pieces of 16 rows or more take both sums
+ *     in one pass about a shift near the piece's mean, decided per block of
+ *     PN_SP_CB channels, where the cancellation in M2 is mild (spatial.c,
+ *     PN_SP_ONEPASS). Short runs of values are summed in the compute
  *     type, and every longer sum of such partial sums (a piece's rows or
  *     channels, a set's pieces) runs in double, in lanes or compensated, so
  *     that the saved mean is the set's exact mean rounded, within an ulp or

@@ -253,6 +253,7 @@ typedef struct {
 static const sp_cfg_t sp_cfgs[] = {
     {1, 1, 1, 1},    {2, 6, 5, 3},     {3, 32, 49, 8},  {2, 64, 17, 64}, /* InstanceNorm */
     {4, 16, 256, 4}, {7, 10, 1, 5},    {2, 8, 1031, 2}, {5, 48, 64, 16},
+    {2, 1280, 40, 32}, /* NHWC pieces of 25 rows and fewer */
 };
 
 /* One spatial case: the hash of all outputs (status included), 0 when a call
