@@ -50,7 +50,7 @@ static void *reg(int r) { return arena + (size_t)r * REGION; }
 typedef struct {
     int op;
     int64_t B, T, C;
-    pn_dtype dt;
+    pn_dtype dt, wdt;   /* data and weight/bias dtypes */
     pn_strides s;
     void *p[R_N];
     size_t scratch_bytes;
@@ -63,7 +63,7 @@ static call_t base(int op, pn_dtype dt)
     memset(&c, 0, sizeof c);
     c.op = op;
     c.B = 2; c.T = 2; c.C = 4;
-    c.dt = dt;
+    c.dt = c.wdt = dt;
     for (i = 0; i < R_N; i++) c.p[i] = reg(i);
     c.scratch_bytes = REGION;
     return c;
@@ -76,21 +76,21 @@ static pn_status run(const call_t *c)
     switch (c->op) {
     case OP_LN_FWD:
         return pn_layernorm_forward(p[R_OUT], p[R_MEAN], p[R_RSTD], p[R_INP], p[R_W], p[R_B], c->B, c->T, c->C,
-                                    1e-5, c->dt, c->dt, s);
+                                    1e-5, c->dt, c->wdt, s);
     case OP_LN_ADD:
         return pn_add_layernorm_forward(p[R_OUT], p[R_H], p[R_MEAN], p[R_RSTD], p[R_INP], p[R_RES], p[R_W], p[R_B],
-                                        c->B, c->T, c->C, 1e-5, c->dt, c->dt, s);
+                                        c->B, c->T, c->C, 1e-5, c->dt, c->wdt, s);
     case OP_LN_BWD:
         return pn_layernorm_backward(p[R_DINP], p[R_DW], p[R_DB], p[R_SCRATCH], c->scratch_bytes, p[R_DOUT],
-                                     p[R_INP], p[R_W], p[R_MEAN], p[R_RSTD], c->B, c->T, c->C, 0, c->dt, c->dt, s);
+                                     p[R_INP], p[R_W], p[R_MEAN], p[R_RSTD], c->B, c->T, c->C, 0, c->dt, c->wdt, s);
     case OP_RMS_FWD:
-        return pn_rmsnorm_forward(p[R_OUT], p[R_RSTD], p[R_INP], p[R_W], c->B, c->T, c->C, 1e-5, c->dt, c->dt, s);
+        return pn_rmsnorm_forward(p[R_OUT], p[R_RSTD], p[R_INP], p[R_W], c->B, c->T, c->C, 1e-5, c->dt, c->wdt, s);
     case OP_RMS_ADD:
         return pn_add_rmsnorm_forward(p[R_OUT], p[R_H], p[R_RSTD], p[R_INP], p[R_RES], p[R_W], c->B, c->T, c->C,
-                                      1e-5, c->dt, c->dt, s);
+                                      1e-5, c->dt, c->wdt, s);
     default:
         return pn_rmsnorm_backward(p[R_DINP], p[R_DW], p[R_SCRATCH], c->scratch_bytes, p[R_DOUT], p[R_INP],
-                                   p[R_W], p[R_RSTD], c->B, c->T, c->C, 0, c->dt, c->dt, s);
+                                   p[R_W], p[R_RSTD], c->B, c->T, c->C, 0, c->dt, c->wdt, s);
     }
 }
 
@@ -267,10 +267,13 @@ static int overcommit_always(void)
 
 static void test_alloc(void)
 {
-    /* C = 2^40: 4 TiB rows, the kernels' working memory (C reals per row
-     * buffer) and the backward scratch are terabytes. The row pointers are
-     * far apart addresses that are never touched: the call must fail at its
-     * allocation, before reading or writing any row. */
+    /* C = 2^40: terabyte rows, the kernels' working memory and the backward
+     * scratch are terabytes. The row pointers are far apart addresses that are
+     * never touched: the call must fail at its allocation, before reading or
+     * writing any row. A forward of float32 rows with float32 (or no) parameters
+     * takes no working memory at all, so the forwards run on float64 rows with a
+     * float32 weight, which they convert to float64 first (8 TiB); the backwards
+     * on float32 rows (ones for the absent weight, partial sums). */
     const int64_t C = (int64_t)1 << 40;
     unsigned char *lo = (unsigned char *)((uintptr_t)1 << 44);
     int op;
@@ -289,15 +292,16 @@ static void test_alloc(void)
         memset(&c, 0, sizeof c);
         c.op = op;
         c.B = 1; c.T = 1; c.C = C;
-        c.dt = PN_FLOAT32;
-        /* rows: 4 TiB apart; statistics and parameters NULL (optional) */
+        c.dt = is_bwd(op) ? PN_FLOAT32 : PN_FLOAT64;
+        c.wdt = PN_FLOAT32;
+        /* rows 8 TiB apart (as far apart as the largest needs); statistics optional */
         c.p[R_INP] = lo;
         c.p[R_RES] = lo + ((uint64_t)1 << 43);
         c.p[R_OUT] = lo + ((uint64_t)2 << 43);
         c.p[R_H] = lo + ((uint64_t)3 << 43);
         c.p[R_DOUT] = lo + ((uint64_t)1 << 43);
         c.p[R_DINP] = lo + ((uint64_t)2 << 43);
-        c.p[R_W] = NULL;
+        c.p[R_W] = is_bwd(op) ? NULL : lo + ((uint64_t)5 << 43);   /* 4 TiB of float32, past h */
         if (is_bwd(op)) {
             /* the saved statistics are required: one float each, real memory */
             c.p[R_RSTD] = reg(R_RSTD);
@@ -310,8 +314,8 @@ static void test_alloc(void)
             st = run(&c);
             untouched = memcmp(arena, arena_copy, sizeof arena) == 0;
             tu_check(st == PN_ERR_ALLOC && untouched,
-                     "%s C=2^40 f32 (terabytes of working memory): %s (want PN_ERR_ALLOC), nothing written=%d",
-                     op_names[op], status_name(st), untouched);
+                     "%s C=2^40 %s (terabytes of working memory): %s (want PN_ERR_ALLOC), nothing written=%d",
+                     op_names[op], tu_dtype_name(c.dt), status_name(st), untouched);
             if (!is_bwd(op)) break;
             /* backward, second round: dweight too, through a library-allocated scratch */
             c.p[R_DINP] = NULL;
