@@ -39,14 +39,19 @@ def check_status(status, *what):
     failure: a name built on every successful call is measurable per-call cost."""
     if status == lib.PN_OK:
         return
-    message = f"{''.join(what)}: {ffi.string(lib.pn_status_string(status)).decode()}"
+    raise status_error(status)(f"{''.join(what)}: {ffi.string(lib.pn_status_string(status)).decode()}")
+
+
+def status_error(status):
+    """The exception class of a failed pn_status (docs/errors.md); the CUDA library's
+    codes are the same numbers."""
     if status == lib.PN_ERR_ALLOC:
-        raise MemoryError(message)
-    if status in (lib.PN_ERR_DTYPE,):
-        raise TypeError(message)
-    if status in (lib.PN_ERR_SCRATCH,):
-        raise PynormError(message)
-    raise ValueError(message)
+        return MemoryError
+    if status == lib.PN_ERR_DTYPE:
+        return TypeError
+    if status == lib.PN_ERR_SCRATCH:
+        return PynormError
+    return ValueError
 
 
 def ptr(a):

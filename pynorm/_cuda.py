@@ -24,8 +24,8 @@ import threading
 import ml_dtypes
 import numpy as np
 
-from ._arrays import (COPY, IN, INOUT, NEW, OUT, REPEAT, PynormError, check_eps, check_options, gradient_outs,
-                      param_dtype, row_pair, shares_memory, split_rows, split_rows3)
+from ._arrays import (COPY, IN, INOUT, NEW, OUT, REPEAT, check_eps, check_options, gradient_outs, param_dtype,
+                      row_pair, status_error, shares_memory, split_rows, split_rows3)
 
 __all__ = ["is_cuda_array", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
            "layer_norm_forward", "layer_norm_backward", "rms_norm_forward", "rms_norm_backward",
@@ -627,14 +627,7 @@ def _check_status(ffi, lib, status, what):
     message = f"{what}: {ffi.string(lib.pn_cuda_status_string(status)).decode()}"
     if status == 100:
         raise RuntimeError(f"{message}: {ffi.string(lib.pn_cuda_last_error_string()).decode()}")
-    # the same exceptions as the CPU library's codes (docs/errors.md)
-    if status == 3:
-        raise TypeError(message)
-    if status == 7:
-        raise PynormError(message)
-    if status == 8:
-        raise MemoryError(message)
-    raise ValueError(message)
+    raise status_error(status)(message)      # the CPU library's codes and exceptions
 
 
 class _Call:
