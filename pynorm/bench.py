@@ -621,16 +621,30 @@ def benchmark_cases(quick, llm="few"):
     return cases
 
 
+# A row whose calls are slow (torch's composite RMSNorm at 4096x4096, a whole
+# transformer block: 0.1-0.7 s a pair) stops adding timed pairs once it has spent
+# ROW_BUDGET_S seconds on them, and warms up with one pair, never timing fewer than
+# MIN_REPEATS pairs (or the K of --repeats K, when fewer): the medians of such rows
+# are steady after five, and the whole table takes a minute less.
+ROW_BUDGET_S = 1.5
+MIN_REPEATS = 5
+
+
 def time_pair(baseline_fn, pynorm_fn, warmup, repeats):
-    """Median seconds of each, calls alternating so that noise hits both."""
+    """Median seconds of each, calls alternating so that noise hits both (the
+    number of pairs: see ROW_BUDGET_S)."""
     for _ in range(warmup):
+        t0 = time.perf_counter()
         baseline_fn()
         pynorm_fn()
+        if time.perf_counter() - t0 > ROW_BUDGET_S / MIN_REPEATS:
+            break
     times_base, times_pn = [], []
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for _ in range(repeats):
+        spent = 0.0
+        for i in range(repeats):
             t0 = time.perf_counter()
             baseline_fn()
             t1 = time.perf_counter()
@@ -638,6 +652,9 @@ def time_pair(baseline_fn, pynorm_fn, warmup, repeats):
             t2 = time.perf_counter()
             times_base.append(t1 - t0)
             times_pn.append(t2 - t1)
+            spent += t2 - t0
+            if i + 1 >= MIN_REPEATS and spent > ROW_BUDGET_S:
+                break
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -893,7 +910,8 @@ def parse_args(argv):
     p.add_argument("--threads", type=parse_threads, default=[2, 1], metavar="N[,N]",
                    help="thread counts to run each row at (default 2,1)")
     p.add_argument("--repeats", type=positive_int, default=None, metavar="K",
-                   help="timed calls per row, median reported (default 15, 5 with --quick)")
+                   help="timed calls per row, median reported (default 15, 5 with --quick; "
+                        f"fewer, at least {MIN_REPEATS}, where they take over {ROW_BUDGET_S:g} s)")
     p.add_argument("--json", metavar="OUT.json", help="write all rows and machine info")
     p.add_argument("--plot", metavar="OUT.png", help="bar chart of speedups (needs matplotlib)")
     p.add_argument("--baseline", choices=["auto", "torch", "numpy"], default="auto",
@@ -1017,7 +1035,9 @@ def main(argv=None):
         notes.append("The torch suite (pynorm.torch modules, transformer blocks) needs torch: skipped.")
     if "token" in args.suites:
         notes.append(CALL_NOTE)
-    notes.append(f"Times are medians of {repeats} calls after {warmup} warm-up call(s), "
+    notes.append(f"Times are medians of {repeats} calls after {warmup} warm-up call(s) (a row of slow "
+                 f"calls stops at {ROW_BUDGET_S:g} s of timed calls, after at least {MIN_REPEATS}, and "
+                 f"warms up with one), "
                  f"{baseline} and pynorm alternating; speedup = {baseline} ms / pynorm ms.")
     warning = busy_warning(other_share)
     if warning:
