@@ -35,6 +35,10 @@ ALL_DTYPES = (F32, F16, BF16, F64)
 
 COPY_PROBE_BYTES = 256 * 2**20
 COPY_PROBE_REPEATS = 5
+# A probe (0.3-1 s, most of it the first touch of 512 MiB) is reused for the rows
+# that follow at the same thread count within PROBE_MAX_AGE_S: the bandwidth
+# drifts over minutes, and a probe before every row took a fifth of the table's time.
+PROBE_MAX_AGE_S = 10.0
 
 EXIT_OK, EXIT_SELFCHECK_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -116,8 +120,9 @@ def make_inputs(shape, dtype, seed=0):
     rng = np.random.default_rng(seed)
     C = shape[-1]
 
-    def arr(shape_, scale=1.0, offset=0.0):
-        return (rng.standard_normal(shape_) * scale + offset).astype(dtype)
+    def arr(shape_, scale=1.0, offset=0.0):   # float32 draws (float64 for float64): twice as fast
+        a = rng.standard_normal(shape_, dtype=np.float64 if dtype == F64 else np.float32)
+        return (a * scale + offset).astype(dtype)
 
     return dict(x=arr(shape, 2.0, 0.5), res=arr(shape), dy=arr(shape),
                 w=arr((C,), 0.1, 1.0), b=arr((C,), 0.1))
@@ -505,9 +510,9 @@ BYTE_MODEL = (
     "y and h (4N); fwd+bwd reads x and writes y, then reads dy and x and writes dx (5N); "
     "RMSNorm+quant reads x and writes one byte of q per value (1.5N for bfloat16). "
     "Weights, biases, statistics and partial sums are not counted. % copy = that GB/s "
-    "over the copy bandwidth pynorm.copy_bandwidth measured just before the row, at the "
-    "same thread count (STREAM Copy: bytes read + bytes written, {mib} MiB buffers, best "
-    "of {rep}): this machine's bandwidth drifts between phases over minutes, and the probe "
+    "over the copy bandwidth pynorm.copy_bandwidth measured next to the row (at most "
+    "{age:g} s before it), at the same thread count (STREAM Copy: bytes read + bytes "
+    "written, {mib} MiB buffers, best of {rep}): this machine's bandwidth drifts between phases over minutes, and the probe "
     "next to a row sees the same phase. % peak = the same GB/s over the highest probe of "
     "the run at that thread count (before the rows, after them or next to any row): the "
     "stricter figure. The probe's ordinary stores also read each destination line "
@@ -684,13 +689,22 @@ class Progress:
             self.stream.flush()
 
 
-def copy_probe():
-    """The copy probe at the current thread count (0.2-0.3 s). Taken before and
-    after the rows and, except with --quick, just before each row: this
-    machine's bandwidth drifts over minutes (from one phase to another of a
-    shared host), and a row is best compared with the probe taken in the same
-    phase."""
-    return pynorm.copy_bandwidth(nbytes=COPY_PROBE_BYTES, repeats=COPY_PROBE_REPEATS)
+_last_probe = {}   # thread count -> (time.monotonic() of the probe, GB/s)
+
+
+def copy_probe(max_age=PROBE_MAX_AGE_S):
+    """The copy probe at the current thread count. Taken before and after the
+    rows and, except with --quick, next to each row (at most max_age seconds
+    before it): this machine's bandwidth drifts over minutes (from one phase to
+    another of a shared host), and a row is best compared with the probe taken
+    in the same phase."""
+    n = pynorm.get_num_threads()
+    last = _last_probe.get(n)
+    if last is not None and time.monotonic() - last[0] < max_age:
+        return last[1]
+    gbps = pynorm.copy_bandwidth(nbytes=COPY_PROBE_BYTES, repeats=COPY_PROBE_REPEATS)
+    _last_probe[n] = (time.monotonic(), gbps)
+    return gbps
 
 
 def measure_copy_bandwidth(thread_counts, torch_mod, progress):
@@ -698,7 +712,7 @@ def measure_copy_bandwidth(thread_counts, torch_mod, progress):
     for n in thread_counts:
         progress.show(f"copy bandwidth, {n} thread(s) ...")
         set_threads(n, torch_mod)
-        bw[n] = copy_probe()
+        bw[n] = copy_probe(max_age=0.0)
     return bw
 
 
@@ -1020,7 +1034,8 @@ def main(argv=None):
     info = machine_info(torch_mod, copy_bw, copy_start, copy_end)
     info["other_processes_cpu_share"] = other_share
     info["torch_malloc"] = malloc_mode
-    notes = [BYTE_MODEL.format(mib=COPY_PROBE_BYTES // 2**20, rep=COPY_PROBE_REPEATS)]
+    notes = [BYTE_MODEL.format(mib=COPY_PROBE_BYTES // 2**20, rep=COPY_PROBE_REPEATS,
+                               age=PROBE_MAX_AGE_S)]
     if baseline == "torch":
         notes += ["* " + TORCH_OUT_NOTE, TORCH_FUSED_NOTE, MALLOC_NOTES[malloc_mode]]
     else:
