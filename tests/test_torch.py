@@ -567,15 +567,6 @@ def test_broadcast_residual_rows():
     torch.testing.assert_close(y, F.rms_norm(x + r, (16,)), rtol=1e-5, atol=1e-6)
 
 
-def test_empty_rows():
-    m = pnt.LayerNorm(8)
-    x = torch.empty((0, 8), requires_grad=True)
-    y = m(x)
-    assert y.shape == (0, 8)
-    y.sum().backward()
-    assert torch.equal(m.weight.grad, torch.zeros(8)) and torch.equal(m.bias.grad, torch.zeros(8))
-
-
 # --------------------------------------------------------------------------------------
 # fused residual ops
 
@@ -897,6 +888,44 @@ def _swap_one(mod):
     box = nn.Sequential(copy.deepcopy(mod))
     pnt.replace_norms(box)
     return box[0]
+
+
+def empty_batch_matches_torch(name):
+    """An empty batch (torch's own module samples have one): an empty output and
+    input gradient, zero parameter gradients, running statistics as they were
+    (num_batches_tracked still counts the call in training), as torch.nn gives
+    where it takes the batch (its InstanceNorm raises IndexError on one)."""
+    base = STRAIGHT_MODULES[name](torch.float32)
+    perturb_params(base, 5)
+    twin = _swap_one(base)
+    before = {k: v.clone() for k, v in twin.state_dict().items()}
+    x = _straight_input(name, torch.float32, 6)[:0]
+    results = []
+    for mod in (twin, base):
+        xi = x.clone().requires_grad_(True)
+        try:
+            y = mod(xi)
+        except IndexError:
+            assert mod is base and name.startswith("InstanceNorm"), f"{name}: the twin raised on an empty batch"
+            break
+        y.sum().backward()
+        results.append((y.detach(), xi.grad, [p.grad for p in mod.parameters()], mod.state_dict()))
+    y, dx, grads, state = results[0]
+    assert y.shape == x.shape and y.dtype == x.dtype and dx.shape == x.shape
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g)), f"{name}: parameter gradient of an empty batch {g}"
+    for key, value in state.items():
+        counted = before[key] + (1 if key.endswith("num_batches_tracked") and twin.training else 0)
+        assert torch.equal(value, counted), f"{name}: {key} after an empty batch: {value}, before {before[key]}"
+    if len(results) == 2:
+        _, _, torch_grads, torch_state = results[1]
+        assert all(torch.equal(a, b) for a, b in zip(grads, torch_grads))
+        assert all(torch.equal(a, b) for a, b in zip(state.values(), torch_state.values()))
+
+
+@pytest.mark.parametrize("name", list(STRAIGHT_MODULES))
+def test_empty_batch(name):
+    empty_batch_matches_torch(name)
 
 
 @pytest.mark.parametrize("case", ["plain", "no_bias", "no_affine", "parametrized", "functional_call"])

@@ -21,7 +21,8 @@ from torch.library import opcheck
 
 import pynorm.torch as pnt
 from pynorm.torch import _ext
-from test_torch import DNAME, DTYPES, STRAIGHT_MODULES, _straight_run, _swap_one, perturb_params, rand
+from test_torch import (DNAME, DTYPES, STRAIGHT_MODULES, _straight_run, _swap_one, empty_batch_matches_torch,
+                        perturb_params, rand)
 
 EXT_MODULES = [n for n in STRAIGHT_MODULES
                if n.startswith(("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "BatchNorm"))]
@@ -96,6 +97,11 @@ def test_extension_gives_the_python_paths_bits(ext, monkeypatch, name, dtype, gr
     for i, (a, b) in enumerate(zip(python, extension)):
         assert a.dtype == b.dtype and torch.equal(a, b), \
             f"{name} {DNAME[dtype]}: result {i} differs between the extension and the Python path"
+
+
+@pytest.mark.parametrize("name", EXT_MODULES)
+def test_extension_empty_batch(use_ext, name):
+    empty_batch_matches_torch(name)
 
 
 @pytest.mark.parametrize("case", ["sliced", "param_f64", "large", "weight_grad_only", "rms_eps_none_f64"])

@@ -240,7 +240,7 @@ def _batch_norm_fwd_impl(x, weight, bias, running_mean, running_var, num_batches
     if not training and (running_mean is None or running_var is None):
         raise ValueError(f"pynorm.torch.{what}: eval mode (training=False) needs running_mean "
                          "and running_var")
-    if training and N * S <= 1:
+    if training and N * S == 1:       # torch's rule; an empty batch returns an empty output
         raise ValueError(f"pynorm.torch.{what}: expected more than 1 value per channel when training, "
                          f"got input of shape {tuple(x.shape)}")
     rdtype = (running_mean if running_mean is not None else running_var)

@@ -407,7 +407,7 @@ std::tuple<Tensor, Tensor> bn_fwd_impl(const Tensor &x_, const OptTensor &w, con
         count = nbt->item<int64_t>();
         momentum = 0.0;
     }
-    TORCH_CHECK_VALUE(!training || sz.N * sz.S > 1, "pynorm.torch batch_norm: expected more than 1 value per "
+    TORCH_CHECK_VALUE(!training || sz.N * sz.S != 1, "pynorm.torch batch_norm: expected more than 1 value per "
                       "channel when training, got input of size ", x.sizes());
     Tensor y = out_like(x);
     Stats st = stats_out(x, sz.C, stats);
