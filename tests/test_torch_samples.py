@@ -42,10 +42,17 @@ def _close(got, ref, dtype, what, slack=1.0):
         assert err <= TOL[dtype] * slack * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
 
 
-def _grads(out, tensors, seed):
-    leaves = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
-    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
-    return torch.autograd.grad(out, leaves, dy, allow_unused=True)
+def _same_gradients(got, got_inputs, ref, ref_inputs, dtype, what, seed):
+    """The gradients of got and ref (for one random dy) with respect to the tensors
+    of their inputs that require grad."""
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(ref.dtype)
+    grads = [torch.autograd.grad(out, [t for t in ins if isinstance(t, torch.Tensor) and t.requires_grad], dy,
+                                 allow_unused=True)
+             for out, ins in ((got, got_inputs), (ref, ref_inputs))]
+    for g, r in zip(*grads):
+        assert (g is None) == (r is None), what + ": a gradient missing"
+        if g is not None:
+            _close(g, r, dtype, what + " (gradient)", slack=10)
 
 
 # torch's samples take gradients in float32 and float64
@@ -80,12 +87,8 @@ def test_function_samples(name, dtype, grad):
             if isinstance(a, torch.Tensor) and not a.requires_grad:   # running statistics, updated alike
                 _close(a, b, dtype, what + " (running statistics)", slack=10)
         if grad and ref.numel():
-            ref_grads = _grads(ref, ref_args + list(ref_kwargs.values()), k)
-            got_grads = _grads(got, args + list(kwargs.values()), k)
-            for g, r in zip(got_grads, ref_grads):
-                assert (g is None) == (r is None), what + ": a gradient missing"
-                if g is not None:
-                    _close(g, r, dtype, what + " (gradient)", slack=10)
+            _same_gradients(got, args + list(kwargs.values()), ref, ref_args + list(ref_kwargs.values()),
+                            dtype, what, k)
         ran += 1
     assert ran, f"no sample of {name} ran"
 
@@ -118,11 +121,7 @@ def test_module_samples(name, dtype, training):
         for (key, a), b in zip(mod.state_dict().items(), ref_mod.state_dict().values()):
             _close(a, b, dtype, f"{what} ({key})", slack=10)
         if ref.numel() and ref.requires_grad:
-            got_grads = _grads(got, inputs + list(mod.parameters()), k)
-            ref_grads = _grads(ref, ref_in + list(ref_mod.parameters()), k)
-            for g, r in zip(got_grads, ref_grads):
-                assert (g is None) == (r is None), what + ": a gradient missing"
-                if g is not None:
-                    _close(g, r, dtype, what + " (gradient)", slack=10)
+            _same_gradients(got, inputs + list(mod.parameters()), ref, ref_in + list(ref_mod.parameters()),
+                            dtype, what, k)
         ran += 1
     assert ran, f"no sample of {name} ran"
