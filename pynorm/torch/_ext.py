@@ -193,6 +193,7 @@ def batch_norm(m, x, training, momentum, nbt):
         return None
     momentum = 0.0 if momentum is None else momentum
     if torch.compiler.is_compiling():
+        prepare_inductor()
         return ops.batch_norm(x, w, b, rm, rv, training, momentum, nbt, m.eps)
     if torch._C._are_functorch_transforms_active():
         return None
@@ -219,7 +220,9 @@ def instance_norm(m, x):
     use_input_stats = m.training or not m.track_running_stats
     momentum = 0.0 if m.momentum is None else m.momentum
     compiling = torch.compiler.is_compiling()
-    if not compiling and torch._C._are_functorch_transforms_active():
+    if compiling:
+        prepare_inductor()
+    elif torch._C._are_functorch_transforms_active():
         return None
     if not use_input_stats:
         if rm is None or rv is None:
@@ -230,6 +233,65 @@ def instance_norm(m, x):
     if compiling:
         return ops.instance_norm(x, w, b, rm, rv, momentum, m.eps)
     return eager_instance_norm(x, w, b, rm, rv, momentum, m.eps)
+
+
+# ---- Inductor: the operators' calls in its generated Python ------------------------------------
+# Inductor's Python wrapper calls an operator it does not lower as
+# `torch.ops.pynorm_ext.<op>.default(...)`: four attribute lookups and
+# OpOverload.__call__'s Python frame (about 1 us per call at one row, a visible share of
+# a compiled one-row norm) before the operator's C++ entry point (OpOverload._op). The
+# wrapper's custom-codegen table (keyed by the operator's name) lets the modules' graphs
+# bind each operator's _op once, at the generated module's top, and call that instead:
+# the same operator, arguments, dispatch and results. Inductor's private API: anything
+# unexpected there leaves its default code (the OpOverload call).
+_OP_NAMES = ("layer_norm", "layer_norm_fwd", "layer_norm_bwd", "rms_norm", "rms_norm_fwd", "rms_norm_bwd",
+             "group_norm", "group_norm_fwd", "group_norm_bwd", "batch_norm", "batch_norm_fwd",
+             "batch_norm_bwd", "instance_norm", "instance_norm_fwd")
+_inductor_registered = False
+
+
+def _python_codegen(op):
+    """The wrapper codegen of pynorm_ext::op: `bufN = pynorm_ext_<op>(args)`, the name bound
+    in the module's header to the operator's _op (Inductor's default for other wrappers)."""
+    alias = f"pynorm_ext_{op}"
+    binding = f"{alias} = torch.ops.{NAMESPACE}.{op}.default._op"
+
+    def codegen(node, writeline):
+        from torch._inductor.codegen.wrapper import ExternKernelAllocLine, PythonWrapperCodegen
+        wrapper = getattr(writeline, "__self__", None)
+        if type(wrapper) is not PythonWrapperCodegen or not hasattr(wrapper, "header"):
+            wrapper.writeline(ExternKernelAllocLine(wrapper, node))
+            return
+        if binding not in wrapper.header.getvalue():
+            wrapper.header.writeline(binding)
+        args = ", ".join([*node.codegen_args(), *node.codegen_kwargs()])
+        writeline(f"{node.get_name()} = {alias}({args})")
+        # no assert_size_stride per output (0.3-0.8 us each; torch's own compiled norm has
+        # none): the CPU kernels return what the Meta kernels describe, dense tensors of
+        # the shapes and dtypes they compute (test_extension_opcheck compares the two)
+        for out in getattr(node, "outputs", None) or ():
+            if hasattr(out, "skip_size_stride_alignment_checks"):
+                out.skip_size_stride_alignment_checks = True
+    return codegen
+
+
+@torch.compiler.assume_constant_result
+def prepare_inductor():
+    """Registers, once, the operators' codegen with Inductor (see above). The modules
+    call it when torch.compile traces them (it runs at trace time, not in the graph);
+    True always."""
+    global _inductor_registered
+    if not _inductor_registered:
+        _inductor_registered = True
+        try:
+            from torch._inductor.codegen.custom_extern_kernel_codegen import (
+                CUSTOM_EXTERN_KERNEL_CODEGEN, CustomCodegen)
+            for op in _OP_NAMES:
+                CUSTOM_EXTERN_KERNEL_CODEGEN.setdefault(f"torch.ops.{NAMESPACE}.{op}.default",
+                                                        CustomCodegen(python=_python_codegen(op)))
+        except Exception:           # another torch: Inductor's default code
+            pass
+    return True
 
 
 def _warn_once(message):

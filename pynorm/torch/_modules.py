@@ -105,6 +105,7 @@ class LayerNorm(_TokenOptions, torch.nn.LayerNorm):
         if default and ops is not None and input.is_cpu and _last_axis_is(input, self.normalized_shape):
             # the C++ extension's operator: the whole call in C++ (see _ext)
             if _is_compiling():
+                _ext.prepare_inductor()
                 return ops.layer_norm(input, self.weight, self.bias, self.eps)
             if not _functorch_active():
                 w, b = _weight_bias(self)
@@ -136,6 +137,7 @@ class RMSNorm(_TokenOptions, torch.nn.RMSNorm):
             if eps is None:
                 eps = _EPS64 if x.dtype is _F64 else _EPS32
             if _is_compiling():
+                _ext.prepare_inductor()
                 return ops.rms_norm(x, self.weight, eps)
             if not _functorch_active():
                 w = self._parameters.get("weight", _MISSING)
@@ -154,6 +156,7 @@ class GroupNorm(torch.nn.GroupNorm):
         ops = _ext.ops
         if ops is not None and input.is_cpu and input.is_contiguous():
             if _is_compiling():
+                _ext.prepare_inductor()
                 return ops.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
             if not _functorch_active():
                 w, b = _weight_bias(self)
@@ -176,6 +179,7 @@ class _InstanceNormMixin:
             if ops is not None and input.is_cpu and input.is_contiguous():
                 C = input.shape[1]
                 if _is_compiling():
+                    _ext.prepare_inductor()
                     return ops.group_norm(input, C, self.weight, self.bias, self.eps)
                 if not _functorch_active():
                     w, b = _weight_bias(self)
