@@ -21,7 +21,8 @@ from torch.library import opcheck
 
 import pynorm.torch as pnt
 from pynorm.torch import _ext
-from test_torch import DNAME, DTYPES, STRAIGHT_MODULES, _straight_run, _swap_one, perturb_params, rand
+from test_torch import (DNAME, DTYPES, STRAIGHT_MODULES, _straight_input, _straight_run, _swap_one,
+                        perturb_params, rand)
 
 EXT_MODULES = [n for n in STRAIGHT_MODULES
                if n.startswith(("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "BatchNorm"))]
@@ -450,6 +451,44 @@ def test_extension_state_dict_and_torch_results(use_ext):
         base.eval(), twin.eval()
         x = rand((3, 6, 4, 4), torch.float32, 21)
         torch.testing.assert_close(twin(x), base(x), rtol=1e-5, atol=1e-5)
+
+
+NODE_MODULES = {n: STRAIGHT_MODULES[n] for n in ("LayerNorm", "LayerNorm_no_bias", "LayerNorm_no_affine", "RMSNorm",
+                                                 "GroupNorm", "InstanceNorm2d", "BatchNorm2d_train")}
+NODE_MODULES["InstanceNorm2d_tracked"] = lambda dt: nn.InstanceNorm2d(6, affine=True, track_running_stats=True).to(dt)
+
+
+@pytest.mark.parametrize("name", list(NODE_MODULES))
+def test_extension_backward_node_keeps_autograd_rules(use_ext, name):
+    """The operators record their backward as torch's own operators do, one autograd
+    Node per call (pynorm_ext::<Norm>Backward), and it keeps autograd's rules: a second
+    backward through a freed graph raises, an in-place change to a saved input raises,
+    gradients not asked for are not computed (autograd.grad on x alone gives the same
+    dx and leaves the parameters' .grad unset), and forward-mode AD is refused rather
+    than its tangent dropped."""
+    import torch.autograd.forward_ad as fwAD
+    mod = _swap_one(NODE_MODULES[name](torch.float64)).train()
+    perturb_params(mod, 31)
+    x = _straight_input(name, torch.float64, 32).requires_grad_(True)
+    y = mod(x)
+    assert y.grad_fn.name().startswith("pynorm_ext::") and y.grad_fn.name().endswith("Backward"), y.grad_fn.name()
+    dy = rand(y.shape, torch.float64, 33)
+    y.backward(dy)
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward(dy)
+    (dx,) = torch.autograd.grad(mod(x), x, dy)
+    torch.testing.assert_close(dx, x.grad, rtol=0, atol=0)
+    mod.zero_grad(set_to_none=True)
+    torch.autograd.grad(mod(x), x, dy)
+    assert all(p.grad is None for p in mod.parameters()), name
+    xin = x * 1
+    y = mod(xin)
+    xin.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            mod(fwAD.make_dual(x.detach(), torch.ones_like(x)))
 
 
 def test_extension_double_backward_raises(use_ext):
