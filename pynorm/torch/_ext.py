@@ -176,6 +176,19 @@ def _activate(ns):
     eager_rms_norm = None if ns is None else ns.rms_norm.default._op
 
 
+_MISSING = object()
+
+
+def module_entries(m, table, a, b):
+    """m.<a>, m.<b> read from the module's table ("_parameters" or "_buffers") where they
+    are: nn.Module.__getattr__ costs about 1 us per attribute (loaded machine), a
+    visible share of a one-row norm, and BatchNorm reads four. One not in the table (a
+    parametrization's property, a plain attribute) is read as an attribute."""
+    d = getattr(m, table)
+    va, vb = d.get(a, _MISSING), d.get(b, _MISSING)
+    return (getattr(m, a) if va is _MISSING else va), (getattr(m, b) if vb is _MISSING else vb)
+
+
 def batch_norm(m, x, training, momentum, nbt):
     """A BatchNorm module's forward after its bookkeeping (as _BatchNormMixin.forward:
     training = batch statistics, momentum a float, nbt the num_batches_tracked tensor
@@ -185,8 +198,8 @@ def batch_norm(m, x, training, momentum, nbt):
     if ops is None or not x.is_cpu or not x.is_contiguous() or x.dim() < 2:
         return None
     track = not m.training or m.track_running_stats
-    rm, rv = (m.running_mean, m.running_var) if track else (None, None)
-    w, b = m.weight, m.bias
+    rm, rv = module_entries(m, "_buffers", "running_mean", "running_var") if track else (None, None)
+    w, b = module_entries(m, "_parameters", "weight", "bias")
     rdt = rm.dtype if rm is not None else (rv.dtype if rv is not None else x.dtype)
     if ((rdt is not x.dtype and rdt is not torch.float32) or (rv is not None and rv.dtype is not rdt)
             or (w is None and b is not None)):
@@ -208,10 +221,10 @@ def instance_norm(m, x):
     None when that does not apply (not loaded, no running statistics, not an
     NCHW-contiguous CPU tensor, running statistics the kernels cannot use in place,
     functorch transforms): then the other paths run."""
-    rm, rv = m.running_mean, m.running_var
+    rm, rv = module_entries(m, "_buffers", "running_mean", "running_var")
     if ops is None or (rm is None and rv is None) or not x.is_cpu or not x.is_contiguous() or x.dim() < 2:
         return None
-    w, b = m.weight, m.bias
+    w, b = module_entries(m, "_parameters", "weight", "bias")
     rdt = rm.dtype if rm is not None else rv.dtype
     if ((rdt is not x.dtype and rdt is not torch.float32) or (rv is not None and rv.dtype is not rdt)
             or (rm is not None and not rm.is_contiguous()) or (rv is not None and not rv.is_contiguous())

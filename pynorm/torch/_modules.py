@@ -215,13 +215,16 @@ class _BatchNormMixin:
         self._check_input_dim(input)
         momentum = self.momentum
         nbt = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if momentum is None:                   # cumulative moving average
-                nbt = self.num_batches_tracked
+        if self.training and self.track_running_stats:
+            nbt = _ext.module_entries(self, "_buffers", "num_batches_tracked", "num_batches_tracked")[0]
+            if nbt is not None:
+                nbt.add_(1)
+            if momentum is not None:               # else the cumulative moving average
+                nbt = None
         if momentum is None and nbt is None:
             momentum = 0.0
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        rm, rv = _ext.module_entries(self, "_buffers", "running_mean", "running_var")
+        bn_training = self.training or (rm is None and rv is None)
         y = _ext.batch_norm(self, input, bn_training, momentum, nbt)
         if y is None:
             y = _fast.batch_norm(self, input, bn_training, momentum, nbt)
