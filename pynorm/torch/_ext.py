@@ -271,7 +271,8 @@ def _python_codegen(op):
 
     def codegen(node, writeline):
         from torch._inductor.codegen.wrapper import ExternKernelAllocLine, PythonWrapperCodegen
-        wrapper = getattr(writeline, "__self__", None)
+        from torch._inductor.virtualized import V
+        wrapper = V.graph.wrapper_code
         if type(wrapper) is not PythonWrapperCodegen or not hasattr(wrapper, "header"):
             wrapper.writeline(ExternKernelAllocLine(wrapper, node))
             return
