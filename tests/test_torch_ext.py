@@ -21,8 +21,8 @@ from torch.library import opcheck
 
 import pynorm.torch as pnt
 from pynorm.torch import _ext
-from test_torch import (DNAME, DTYPES, STRAIGHT_MODULES, _straight_run, _swap_one, empty_batch_matches_torch,
-                        perturb_params, rand)
+from test_torch import (DNAME, DTYPES, STRAIGHT_MODULES, _straight_input, _straight_run, _swap_one,
+                        empty_batch_matches_torch, perturb_params, rand)
 
 EXT_MODULES = [n for n in STRAIGHT_MODULES
                if n.startswith(("LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm", "BatchNorm"))]
@@ -396,7 +396,11 @@ def test_extension_inductor_code_is_one_call_per_graph(use_ext, name, grad):
     backward) calls one pynorm_ext operator on its inputs as they come, with no copy,
     clone or extra allocation (the Meta kernels' outputs are laid out as the CPU
     kernels', so Inductor needs no restriding). Only BatchNorm's training graph adds
-    the module's num_batches_tracked += 1, as torch's compiled module does."""
+    the module's num_batches_tracked += 1, as torch's compiled module does. The call
+    goes to the operator's C++ entry bound once at the module's top (not through
+    torch.ops.pynorm_ext.<op>.default's Python frames), with no assert_size_stride on
+    its outputs (the graph's inputs keep theirs)."""
+    from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
     torch._dynamo.reset()
     mod = _swap_one(ONE_CALL_MODULES[name](torch.float32))
@@ -410,13 +414,18 @@ def test_extension_inductor_code_is_one_call_per_graph(use_ext, name, grad):
         else:
             with torch.no_grad():
                 compiled(x)
-    _, codes = run_and_get_code(run)
+    with inductor_config.patch(force_disable_caches=True):     # this code, not a cached graph's
+        _, codes = run_and_get_code(run)
     assert len(codes) == (2 if grad else 1), f"{name}: {len(codes)} graphs"
     for code in codes:
         body = code[code.index("def call(self, args):"):]
         body = body[:body.index("runner = Runner(")]
-        calls = [line.strip() for line in body.splitlines() if " = torch.ops." in line]
-        assert len(calls) == 1 and "torch.ops.pynorm_ext." in calls[0], f"{name}: {calls}"
+        calls = [line.strip() for line in body.splitlines() if " = torch.ops." in line or " = pynorm_ext_" in line]
+        assert len(calls) == 1, f"{name}: {calls}"
+        op = calls[0].split(" = pynorm_ext_", 1)[-1].split("(")[0]
+        assert f"\npynorm_ext_{op} = torch.ops.pynorm_ext.{op}.default._op\n" in code, f"{name}: {calls}"
+        asserted = [line.strip() for line in body.splitlines() if "assert_size_stride(buf" in line]
+        assert not asserted, f"{name}: {asserted}"
         for forbidden in ("empty_strided", "clone", "as_strided", "reinterpret_tensor", "aten."):
             assert forbidden not in body, f"{name}: {forbidden} in the compiled graph:\n{body}"
         kernels = [line.strip() for line in body.splitlines() if line.strip().startswith("cpp_fused")]
@@ -447,6 +456,44 @@ def test_extension_state_dict_and_torch_results(use_ext):
         base.eval(), twin.eval()
         x = rand((3, 6, 4, 4), torch.float32, 21)
         torch.testing.assert_close(twin(x), base(x), rtol=1e-5, atol=1e-5)
+
+
+NODE_MODULES = {n: STRAIGHT_MODULES[n] for n in ("LayerNorm", "LayerNorm_no_bias", "LayerNorm_no_affine", "RMSNorm",
+                                                 "GroupNorm", "InstanceNorm2d", "BatchNorm2d_train")}
+NODE_MODULES["InstanceNorm2d_tracked"] = lambda dt: nn.InstanceNorm2d(6, affine=True, track_running_stats=True).to(dt)
+
+
+@pytest.mark.parametrize("name", list(NODE_MODULES))
+def test_extension_backward_node_keeps_autograd_rules(use_ext, name):
+    """The operators record their backward as torch's own operators do, one autograd
+    Node per call (pynorm_ext::<Norm>Backward), and it keeps autograd's rules: a second
+    backward through a freed graph raises, an in-place change to a saved input raises,
+    gradients not asked for are not computed (autograd.grad on x alone gives the same
+    dx and leaves the parameters' .grad unset), and forward-mode AD is refused rather
+    than its tangent dropped."""
+    import torch.autograd.forward_ad as fwAD
+    mod = _swap_one(NODE_MODULES[name](torch.float64)).train()
+    perturb_params(mod, 31)
+    x = _straight_input(name, torch.float64, 32).requires_grad_(True)
+    y = mod(x)
+    assert y.grad_fn.name().startswith("pynorm_ext::") and y.grad_fn.name().endswith("Backward"), y.grad_fn.name()
+    dy = rand(y.shape, torch.float64, 33)
+    y.backward(dy)
+    with pytest.raises(RuntimeError, match="second time"):
+        y.backward(dy)
+    (dx,) = torch.autograd.grad(mod(x), x, dy)
+    torch.testing.assert_close(dx, x.grad, rtol=0, atol=0)
+    mod.zero_grad(set_to_none=True)
+    torch.autograd.grad(mod(x), x, dy)
+    assert all(p.grad is None for p in mod.parameters()), name
+    xin = x * 1
+    y = mod(xin)
+    xin.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward(dy)
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            mod(fwAD.make_dual(x.detach(), torch.ones_like(x)))
 
 
 def test_extension_double_backward_raises(use_ext):

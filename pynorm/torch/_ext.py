@@ -176,6 +176,19 @@ def _activate(ns):
     eager_rms_norm = None if ns is None else ns.rms_norm.default._op
 
 
+_MISSING = object()
+
+
+def module_entries(m, table, a, b):
+    """m.<a>, m.<b> read from the module's table ("_parameters" or "_buffers") where they
+    are: nn.Module.__getattr__ costs about 1 us per attribute (loaded machine), a
+    visible share of a one-row norm, and BatchNorm reads four. One not in the table (a
+    parametrization's property, a plain attribute) is read as an attribute."""
+    d = getattr(m, table)
+    va, vb = d.get(a, _MISSING), d.get(b, _MISSING)
+    return (getattr(m, a) if va is _MISSING else va), (getattr(m, b) if vb is _MISSING else vb)
+
+
 def batch_norm(m, x, training, momentum, nbt):
     """A BatchNorm module's forward after its bookkeeping (as _BatchNormMixin.forward:
     training = batch statistics, momentum a float, nbt the num_batches_tracked tensor
@@ -185,14 +198,15 @@ def batch_norm(m, x, training, momentum, nbt):
     if ops is None or not x.is_cpu or not x.is_contiguous() or x.dim() < 2:
         return None
     track = not m.training or m.track_running_stats
-    rm, rv = (m.running_mean, m.running_var) if track else (None, None)
-    w, b = m.weight, m.bias
+    rm, rv = module_entries(m, "_buffers", "running_mean", "running_var") if track else (None, None)
+    w, b = module_entries(m, "_parameters", "weight", "bias")
     rdt = rm.dtype if rm is not None else (rv.dtype if rv is not None else x.dtype)
     if ((rdt is not x.dtype and rdt is not torch.float32) or (rv is not None and rv.dtype is not rdt)
             or (w is None and b is not None)):
         return None
     momentum = 0.0 if momentum is None else momentum
     if torch.compiler.is_compiling():
+        prepare_inductor()
         return ops.batch_norm(x, w, b, rm, rv, training, momentum, nbt, m.eps)
     if torch._C._are_functorch_transforms_active():
         return None
@@ -207,10 +221,10 @@ def instance_norm(m, x):
     None when that does not apply (not loaded, no running statistics, not an
     NCHW-contiguous CPU tensor, running statistics the kernels cannot use in place,
     functorch transforms): then the other paths run."""
-    rm, rv = m.running_mean, m.running_var
+    rm, rv = module_entries(m, "_buffers", "running_mean", "running_var")
     if ops is None or (rm is None and rv is None) or not x.is_cpu or not x.is_contiguous() or x.dim() < 2:
         return None
-    w, b = m.weight, m.bias
+    w, b = module_entries(m, "_parameters", "weight", "bias")
     rdt = rm.dtype if rm is not None else rv.dtype
     if ((rdt is not x.dtype and rdt is not torch.float32) or (rv is not None and rv.dtype is not rdt)
             or (rm is not None and not rm.is_contiguous()) or (rv is not None and not rv.is_contiguous())
@@ -219,7 +233,9 @@ def instance_norm(m, x):
     use_input_stats = m.training or not m.track_running_stats
     momentum = 0.0 if m.momentum is None else m.momentum
     compiling = torch.compiler.is_compiling()
-    if not compiling and torch._C._are_functorch_transforms_active():
+    if compiling:
+        prepare_inductor()
+    elif torch._C._are_functorch_transforms_active():
         return None
     if not use_input_stats:
         if rm is None or rv is None:
@@ -230,6 +246,66 @@ def instance_norm(m, x):
     if compiling:
         return ops.instance_norm(x, w, b, rm, rv, momentum, m.eps)
     return eager_instance_norm(x, w, b, rm, rv, momentum, m.eps)
+
+
+# ---- Inductor: the operators' calls in its generated Python ------------------------------------
+# Inductor's Python wrapper calls an operator it does not lower as
+# `torch.ops.pynorm_ext.<op>.default(...)`: four attribute lookups and
+# OpOverload.__call__'s Python frame (about 1 us per call at one row, a visible share of
+# a compiled one-row norm) before the operator's C++ entry point (OpOverload._op). The
+# wrapper's custom-codegen table (keyed by the operator's name) lets the modules' graphs
+# bind each operator's _op once, at the generated module's top, and call that instead:
+# the same operator, arguments, dispatch and results. Inductor's private API: anything
+# unexpected there leaves its default code (the OpOverload call).
+_OP_NAMES = ("layer_norm", "layer_norm_fwd", "layer_norm_bwd", "rms_norm", "rms_norm_fwd", "rms_norm_bwd",
+             "group_norm", "group_norm_fwd", "group_norm_bwd", "batch_norm", "batch_norm_fwd",
+             "batch_norm_bwd", "instance_norm", "instance_norm_fwd")
+_inductor_registered = False
+
+
+def _python_codegen(op):
+    """The wrapper codegen of pynorm_ext::op: `bufN = pynorm_ext_<op>(args)`, the name bound
+    in the module's header to the operator's _op (Inductor's default for other wrappers)."""
+    alias = f"pynorm_ext_{op}"
+    binding = f"{alias} = torch.ops.{NAMESPACE}.{op}.default._op"
+
+    def codegen(node, writeline):
+        from torch._inductor.codegen.wrapper import ExternKernelAllocLine, PythonWrapperCodegen
+        from torch._inductor.virtualized import V
+        wrapper = V.graph.wrapper_code
+        if type(wrapper) is not PythonWrapperCodegen or not hasattr(wrapper, "header"):
+            wrapper.writeline(ExternKernelAllocLine(wrapper, node))
+            return
+        if binding not in wrapper.header.getvalue():
+            wrapper.header.writeline(binding)
+        args = ", ".join([*node.codegen_args(), *node.codegen_kwargs()])
+        writeline(f"{node.get_name()} = {alias}({args})")
+        # no assert_size_stride per output (0.3-0.8 us each; torch's own compiled norm has
+        # none): the CPU kernels return what the Meta kernels describe, dense tensors of
+        # the shapes and dtypes they compute (test_extension_opcheck compares the two)
+        for out in getattr(node, "outputs", None) or ():
+            if hasattr(out, "skip_size_stride_alignment_checks"):
+                out.skip_size_stride_alignment_checks = True
+    return codegen
+
+
+@torch.compiler.assume_constant_result
+def prepare_inductor():
+    """Registers, once, the operators' codegen with Inductor (see above). The modules
+    call it when torch.compile traces them (it runs at trace time, not in the graph);
+    True always."""
+    global _inductor_registered
+    if not _inductor_registered:
+        _inductor_registered = True
+        try:
+            from torch._inductor.codegen.custom_extern_kernel_codegen import (
+                CUSTOM_EXTERN_KERNEL_CODEGEN, CustomCodegen)
+            for op in _OP_NAMES:
+                CUSTOM_EXTERN_KERNEL_CODEGEN.setdefault(f"torch.ops.{NAMESPACE}.{op}.default",
+                                                        CustomCodegen(python=_python_codegen(op)))
+        except Exception:           # another torch: Inductor's default code
+            pass
+    return True
 
 
 def _warn_once(message):

@@ -105,6 +105,7 @@ class LayerNorm(_TokenOptions, torch.nn.LayerNorm):
         if default and ops is not None and input.is_cpu and _last_axis_is(input, self.normalized_shape):
             # the C++ extension's operator: the whole call in C++ (see _ext)
             if _is_compiling():
+                _ext.prepare_inductor()
                 return ops.layer_norm(input, self.weight, self.bias, self.eps)
             if not _functorch_active():
                 w, b = _weight_bias(self)
@@ -136,6 +137,7 @@ class RMSNorm(_TokenOptions, torch.nn.RMSNorm):
             if eps is None:
                 eps = _EPS64 if x.dtype is _F64 else _EPS32
             if _is_compiling():
+                _ext.prepare_inductor()
                 return ops.rms_norm(x, self.weight, eps)
             if not _functorch_active():
                 w = self._parameters.get("weight", _MISSING)
@@ -154,6 +156,7 @@ class GroupNorm(torch.nn.GroupNorm):
         ops = _ext.ops
         if ops is not None and input.is_cpu and input.is_contiguous():
             if _is_compiling():
+                _ext.prepare_inductor()
                 return ops.group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
             if not _functorch_active():
                 w, b = _weight_bias(self)
@@ -176,6 +179,7 @@ class _InstanceNormMixin:
             if ops is not None and input.is_cpu and input.is_contiguous():
                 C = input.shape[1]
                 if _is_compiling():
+                    _ext.prepare_inductor()
                     return ops.group_norm(input, C, self.weight, self.bias, self.eps)
                 if not _functorch_active():
                     w, b = _weight_bias(self)
@@ -211,13 +215,16 @@ class _BatchNormMixin:
         self._check_input_dim(input)
         momentum = self.momentum
         nbt = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if momentum is None:                   # cumulative moving average
-                nbt = self.num_batches_tracked
+        if self.training and self.track_running_stats:
+            nbt = _ext.module_entries(self, "_buffers", "num_batches_tracked", "num_batches_tracked")[0]
+            if nbt is not None:
+                nbt.add_(1)
+            if momentum is not None:               # else the cumulative moving average
+                nbt = None
         if momentum is None and nbt is None:
             momentum = 0.0
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        rm, rv = _ext.module_entries(self, "_buffers", "running_mean", "running_var")
+        bn_training = self.training or (rm is None and rv is None)
         y = _ext.batch_norm(self, input, bn_training, momentum, nbt)
         if y is None:
             y = _fast.batch_norm(self, input, bn_training, momentum, nbt)

@@ -21,7 +21,8 @@
 //              _fwd returns (y, st), st 2 x N*C; the backward is group_norm_bwd with G = C
 //
 // Every operator has a CPU and a Meta kernel (fake tensors and torch.compile use the
-// Meta ones); layer_norm, rms_norm, group_norm and batch_norm have a C++ autograd kernel. Token
+// Meta ones); layer_norm, rms_norm, group_norm, batch_norm and instance_norm have an Autograd kernel
+// that records a backward Node (below). Token
 // norms: rows are the last axis (C = x.size(-1)); group_norm: (N, C, *spatial) read as
 // NCHW-contiguous; weight and bias hold C values.
 //
@@ -31,13 +32,19 @@
 // not depend on where the library lies.
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
+#include <ATen/FuncTorchTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <array>
 #include <atomic>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -660,17 +667,6 @@ auto below_autograd(const c10::TypedOperatorHandle<Sig> &op, const Args &...args
 
 Tensor or_undefined(const OptTensor &t) { return t.has_value() ? *t : Tensor(); }
 
-// Whether the backward must compute the gradient of forward argument i. The node's
-// edges are its tensor arguments only (an absent optional has none): edge[i] is
-// that argument's edge index, or -1.
-bool needed(AutogradContext *ctx, int64_t edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
-
-// The (x, weight?, bias?) mask of a node whose tensor arguments are x, weight, bias
-// (w and b: whether the optional ones were given).
-std::array<bool, 3> xwb_mask(AutogradContext *ctx, bool has_w, bool has_b) {
-    return {ctx->needs_input_grad(0), needed(ctx, has_w ? 1 : -1), needed(ctx, has_b ? (has_w ? 2 : 1) : -1)};
-}
-
 // First-order only, as the Python path: with create_graph=True the gradients are
 // returned through this node, whose backward raises (a double backward must not treat
 // them as constants).
@@ -691,137 +687,166 @@ variable_list first_order(variable_list grads, const Tensor &dy, const Tensor &x
     return grads;
 }
 
-struct LayerNormFn : public torch::autograd::Function<LayerNormFn> {
-    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptTensor &w, const OptTensor &b,
-                          double eps) {
-        auto [y, st] = below_autograd(PYNORM_OP("layer_norm_fwd", layer_norm_fwd_cpu), x, w, b, eps);
-        // b is saved only to know, in the backward, whether it has an edge
-        ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
-        return y;
+// The backward nodes. Each is a plain autograd Node, as torch's own operators record
+// (not torch::autograd::Function<T>, whose generic apply costs about 2 us more per
+// forward at one row: the per-input VariableInfo, _wrap_outputs, the context's
+// maps). Its edges are the forward's x, weight, bias (RMSNorm: x, weight), an absent
+// one an invalid edge; it keeps x, the weight and the statistics as SavedVariables
+// (an in-place change to them before the backward raises, as for torch's norms).
+struct NormBackward : public torch::autograd::Node {
+    torch::autograd::SavedVariable x_, w_, st_;
+    const char *name_ = "";
+
+    void release_variables() override {
+        x_.reset_data();
+        w_.reset_data();
+        st_.reset_data();
     }
-    static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        auto s = ctx->get_saved_variables();
-        auto [dx, dw, db] = below_autograd(PYNORM_OP("layer_norm_bwd", layer_norm_bwd_cpu), grads[0], s[0], s[1],
-                                           s[2], xwb_mask(ctx, s[1].defined(), s[3].defined()));
-        return first_order({dx, dw, db, Tensor()}, grads[0], s[0], s[1]);
+    std::string name() const override { return name_; }
+    std::array<bool, 3> mask() const {
+        return {task_should_compute_output(0), num_outputs() > 1 && task_should_compute_output(1),
+                num_outputs() > 2 && task_should_compute_output(2)};
     }
 };
 
-struct RMSNormFn : public torch::autograd::Function<RMSNormFn> {
-    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptTensor &w, double eps) {
-        auto [y, rstd] = below_autograd(PYNORM_OP("rms_norm_fwd", rms_norm_fwd_cpu), x, w, eps);
-        ctx->save_for_backward({x, or_undefined(w), rstd});
-        return y;
-    }
-    static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        auto s = ctx->get_saved_variables();
-        std::array<bool, 2> mask{ctx->needs_input_grad(0), s[1].defined() && ctx->needs_input_grad(1)};
-        auto [dx, dw] = below_autograd(PYNORM_OP("rms_norm_bwd", rms_norm_bwd_cpu), grads[0], s[0], s[1], s[2], mask);
-        return first_order({dx, dw, Tensor()}, grads[0], s[0], s[1]);
+struct LayerNormBackward : public NormBackward {
+    variable_list apply(variable_list &&grads) override {
+        if (!grads[0].defined()) return variable_list(num_outputs());     // a zero gradient
+        Tensor x = x_.unpack(), w = w_.unpack(), st = st_.unpack();
+        auto [dx, dw, db] = below_autograd(PYNORM_OP("layer_norm_bwd", layer_norm_bwd_cpu), grads[0], x,
+                                           OptTensor(w), st, mask());
+        return first_order({dx, dw, db}, grads[0], x, w);
     }
 };
 
-struct GroupNormFn : public torch::autograd::Function<GroupNormFn> {
-    static Tensor forward(AutogradContext *ctx, const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b,
-                          double eps) {
-        auto [y, st] = below_autograd(PYNORM_OP("group_norm_fwd", group_norm_fwd_cpu), x, G, w, b, eps);
-        ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
-        ctx->saved_data["G"] = G;
-        return y;
-    }
-    static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        auto s = ctx->get_saved_variables();
-        int64_t G = ctx->saved_data["G"].toInt();
-        auto [dx, dw, db] = below_autograd(PYNORM_OP("group_norm_bwd", group_norm_bwd_cpu), grads[0], s[0], G, s[1],
-                                           s[2], xwb_mask(ctx, s[1].defined(), s[3].defined()));
-        return first_order({dx, Tensor(), dw, db, Tensor()}, grads[0], s[0], s[1]);
+struct RMSNormBackward : public NormBackward {
+    variable_list apply(variable_list &&grads) override {
+        if (!grads[0].defined()) return variable_list(num_outputs());     // a zero gradient
+        Tensor x = x_.unpack(), w = w_.unpack(), st = st_.unpack();
+        auto m = mask();
+        auto [dx, dw] = below_autograd(PYNORM_OP("rms_norm_bwd", rms_norm_bwd_cpu), grads[0], x, OptTensor(w), st,
+                                       std::array<bool, 2>{m[0], m[1]});
+        return first_order({dx, dw}, grads[0], x, w);
     }
 };
 
-struct BatchNormFn : public torch::autograd::Function<BatchNormFn> {
-    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptTensor &w, const OptTensor &b,
-                          const OptTensor &rm, const OptTensor &rv, bool training, double momentum,
-                          const OptTensor &nbt, double eps) {
-        auto [y, st] = below_autograd(PYNORM_OP("batch_norm_fwd", batch_norm_fwd_cpu), x, w, b, rm, rv, training,
-                                      momentum, nbt, eps);
-        ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
-        ctx->saved_data["training"] = training;
-        return y;
-    }
-    static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        auto s = ctx->get_saved_variables();
-        bool training = ctx->saved_data["training"].toBool();
-        auto [dx, dw, db] = below_autograd(PYNORM_OP("batch_norm_bwd", batch_norm_bwd_cpu), grads[0], s[0], s[1],
-                                           s[2], training, xwb_mask(ctx, s[1].defined(), s[3].defined()));
-        auto none = Tensor();
-        return first_order({dx, dw, db, none, none, none, none, none, none}, grads[0], s[0], s[1]);
+// GroupNorm's, and InstanceNorm's with G = C
+struct GroupNormBackward : public NormBackward {
+    int64_t G = 1;
+    variable_list apply(variable_list &&grads) override {
+        if (!grads[0].defined()) return variable_list(num_outputs());     // a zero gradient
+        Tensor x = x_.unpack(), w = w_.unpack(), st = st_.unpack();
+        auto [dx, dw, db] = below_autograd(PYNORM_OP("group_norm_bwd", group_norm_bwd_cpu), grads[0], x, G,
+                                           OptTensor(w), st, mask());
+        return first_order({dx, dw, db}, grads[0], x, w);
     }
 };
 
-// The backward is GroupNorm's with one group per channel.
-struct InstanceNormFn : public torch::autograd::Function<InstanceNormFn> {
-    static Tensor forward(AutogradContext *ctx, const Tensor &x, const OptTensor &w, const OptTensor &b,
-                          const OptTensor &rm, const OptTensor &rv, double momentum, double eps) {
-        auto [y, st] = below_autograd(PYNORM_OP("instance_norm_fwd", instance_norm_fwd_cpu), x, w, b, rm, rv,
-                                      momentum, eps);
-        ctx->save_for_backward({x, or_undefined(w), st, or_undefined(b)});
-        return y;
-    }
-    static variable_list backward(AutogradContext *ctx, variable_list grads) {
-        auto s = ctx->get_saved_variables();
-        auto [dx, dw, db] = below_autograd(PYNORM_OP("group_norm_bwd", group_norm_bwd_cpu), grads[0], s[0],
-                                           s[0].size(1), s[1], s[2], xwb_mask(ctx, s[1].defined(), s[3].defined()));
-        auto none = Tensor();
-        return first_order({dx, dw, db, none, none, none, none}, grads[0], s[0], s[1]);
+struct BatchNormBackward : public NormBackward {
+    bool training = true;
+    variable_list apply(variable_list &&grads) override {
+        if (!grads[0].defined()) return variable_list(num_outputs());     // a zero gradient
+        Tensor x = x_.unpack(), w = w_.unpack(), st = st_.unpack();
+        auto [dx, dw, db] = below_autograd(PYNORM_OP("batch_norm_bwd", batch_norm_bwd_cpu), grads[0], x,
+                                           OptTensor(w), st, training, mask());
+        return first_order({dx, dw, db}, grads[0], x, w);
     }
 };
+
+// Forward-mode AD has no formula here: refused, as torch::autograd::Function refuses
+// it, rather than a tangent silently dropped.
+void check_no_forward_grad(const Tensor &x, const OptTensor &w, const OptTensor &b, const char *op) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!x._fw_grad(0).defined() && !torch::autograd::isFwGradDefined(w) &&
+                                    !torch::autograd::isFwGradDefined(b),
+                                "pynorm.torch ", op, ": forward-mode AD is not supported");
+}
+
+// Records y's history: node N (its extra fields set by the caller) with x, w, b as
+// edges (b absent: two edges, RMSNorm's), saving x, w and the statistics st.
+template <class N>
+c10::intrusive_ptr<N> record(const char *name, const Tensor &y, const Tensor &x, const OptTensor &w,
+                             const OptTensor *b, const Tensor &st) {
+    if (const auto &functorch_tls = at::functorch::functorchTLSAccessor())
+        functorch_tls->checkSupportsCppAutogradFunction();   // as torch::autograd::Function
+    auto node = c10::make_intrusive<N>();
+    node->name_ = name;
+    Tensor wt = or_undefined(w);
+    node->set_next_edges(b ? torch::autograd::collect_next_edges(x, wt, or_undefined(*b))
+                           : torch::autograd::collect_next_edges(x, wt));
+    node->x_ = torch::autograd::SavedVariable(x, false);
+    node->w_ = torch::autograd::SavedVariable(wt, false);
+    node->st_ = torch::autograd::SavedVariable(st, false);
+    torch::autograd::set_history(y, node);
+    return node;
+}
 
 // The Autograd kernels: a node only when a gradient is wanted, else straight below.
 Tensor layer_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, double eps) {
-    if (wants_grad(x, w, b)) {
-        check_bias_grad(w, b, "layer_norm");
-        return LayerNormFn::apply(x, w, b, eps);
-    }
-    return below_autograd(PYNORM_OP("layer_norm", layer_norm_cpu), x, w, b, eps);
+    check_no_forward_grad(x, w, b, "layer_norm");
+    if (!wants_grad(x, w, b)) return below_autograd(PYNORM_OP("layer_norm", layer_norm_cpu), x, w, b, eps);
+    check_bias_grad(w, b, "layer_norm");
+    auto [y, st] = below_autograd(PYNORM_OP("layer_norm_fwd", layer_norm_fwd_cpu), x, w, b, eps);
+    record<LayerNormBackward>("pynorm_ext::LayerNormBackward", y, x, w, &b, st);
+    return y;
 }
 
 Tensor rms_norm_autograd(const Tensor &x, const OptTensor &w, double eps) {
-    if (wants_grad(x, w, OptTensor())) return RMSNormFn::apply(x, w, eps);
-    return below_autograd(PYNORM_OP("rms_norm", rms_norm_cpu), x, w, eps);
+    check_no_forward_grad(x, w, OptTensor(), "rms_norm");
+    if (!wants_grad(x, w, OptTensor())) return below_autograd(PYNORM_OP("rms_norm", rms_norm_cpu), x, w, eps);
+    auto [y, rstd] = below_autograd(PYNORM_OP("rms_norm_fwd", rms_norm_fwd_cpu), x, w, eps);
+    record<RMSNormBackward>("pynorm_ext::RMSNormBackward", y, x, w, nullptr, rstd);
+    return y;
 }
 
 Tensor group_norm_autograd(const Tensor &x, int64_t G, const OptTensor &w, const OptTensor &b, double eps) {
-    if (wants_grad(x, w, b)) {
-        check_bias_grad(w, b, "group_norm");
-        return GroupNormFn::apply(x, G, w, b, eps);
-    }
-    return below_autograd(PYNORM_OP("group_norm", group_norm_cpu), x, G, w, b, eps);
+    check_no_forward_grad(x, w, b, "group_norm");
+    if (!wants_grad(x, w, b)) return below_autograd(PYNORM_OP("group_norm", group_norm_cpu), x, G, w, b, eps);
+    check_bias_grad(w, b, "group_norm");
+    auto [y, st] = below_autograd(PYNORM_OP("group_norm_fwd", group_norm_fwd_cpu), x, G, w, b, eps);
+    record<GroupNormBackward>("pynorm_ext::GroupNormBackward", y, x, w, &b, st)->G = G;
+    return y;
 }
 
 // Below autograd the ADInplaceOrView kernel is skipped too: the running statistics'
 // version counters are bumped here, as an in-place torch operator's are.
+void bump_running(const OptTensor &rm, const OptTensor &rv) {
+    for (const OptTensor *r : {&rm, &rv})
+        if (r->has_value() && (*r)->defined()) torch::autograd::impl::bump_version(**r);
+}
+
 Tensor batch_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, const OptTensor &rm,
                            const OptTensor &rv, bool training, double momentum, const OptTensor &nbt, double eps) {
-    bool grad = wants_grad(x, w, b);
-    if (grad) check_bias_grad(w, b, "batch_norm");
-    Tensor y = grad ? BatchNormFn::apply(x, w, b, rm, rv, training, momentum, nbt, eps)
-                    : below_autograd(PYNORM_OP("batch_norm", batch_norm_cpu), x, w, b, rm, rv, training, momentum,
-                                     nbt, eps);
-    if (training)
-        for (const OptTensor *r : {&rm, &rv})
-            if (r->has_value() && (*r)->defined()) torch::autograd::impl::bump_version(**r);
+    check_no_forward_grad(x, w, b, "batch_norm");
+    Tensor y;
+    if (wants_grad(x, w, b)) {
+        check_bias_grad(w, b, "batch_norm");
+        Tensor st;
+        std::tie(y, st) = below_autograd(PYNORM_OP("batch_norm_fwd", batch_norm_fwd_cpu), x, w, b, rm, rv, training,
+                                         momentum, nbt, eps);
+        record<BatchNormBackward>("pynorm_ext::BatchNormBackward", y, x, w, &b, st)->training = training;
+    } else {
+        y = below_autograd(PYNORM_OP("batch_norm", batch_norm_cpu), x, w, b, rm, rv, training, momentum, nbt, eps);
+    }
+    if (training) bump_running(rm, rv);
     return y;
 }
 
-// As batch_norm's: the running statistics' version counters bumped here.
+// As batch_norm's: the running statistics' version counters bumped here; the backward
+// is GroupNorm's with one group per channel.
 Tensor instance_norm_autograd(const Tensor &x, const OptTensor &w, const OptTensor &b, const OptTensor &rm,
                               const OptTensor &rv, double momentum, double eps) {
-    bool grad = wants_grad(x, w, b);
-    if (grad) check_bias_grad(w, b, "instance_norm");
-    Tensor y = grad ? InstanceNormFn::apply(x, w, b, rm, rv, momentum, eps)
-                    : below_autograd(PYNORM_OP("instance_norm", instance_norm_cpu), x, w, b, rm, rv, momentum, eps);
-    for (const OptTensor *r : {&rm, &rv})
-        if (r->has_value() && (*r)->defined()) torch::autograd::impl::bump_version(**r);
+    check_no_forward_grad(x, w, b, "instance_norm");
+    Tensor y;
+    if (wants_grad(x, w, b)) {
+        check_bias_grad(w, b, "instance_norm");
+        Tensor st;
+        std::tie(y, st) = below_autograd(PYNORM_OP("instance_norm_fwd", instance_norm_fwd_cpu), x, w, b, rm, rv,
+                                         momentum, eps);
+        record<GroupNormBackward>("pynorm_ext::InstanceNormBackward", y, x, w, &b, st)->G = x.size(1);
+    } else {
+        y = below_autograd(PYNORM_OP("instance_norm", instance_norm_cpu), x, w, b, rm, rv, momentum, eps);
+    }
+    bump_running(rm, rv);
     return y;
 }
 
