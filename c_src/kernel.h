@@ -413,6 +413,10 @@ typedef struct { real shift, m, rstd; } pn_row_stats;
 #define PN_Y_PIECE static void
 #endif
 typedef void (*pn_y_piece)(real *y, const real *x, const pn_row_stats *s, const pn_epilogue *e, int64_t i0, int64_t n);
+/* The same from a bfloat16 x, widened in the loop (a shift in registers): no
+ * pass that widens the piece into a buffer and reads it back. */
+typedef void (*pn_y_piece_bf16)(real *y, const uint16_t *x, const pn_row_stats *s, const pn_epilogue *e, int64_t i0,
+                                int64_t n);
 
 /* Row r's y, in pieces: each piece's x (converted from the row's dtype, or
  * the kept floats), y_piece's values in the output itself, or rounded when
@@ -420,7 +424,7 @@ typedef void (*pn_y_piece)(real *y, const real *x, const pn_row_stats *s, const 
  * row: its groups' amax first); each piece prefetches the same share of the
  * next rows. */
 static PN_ALWAYS_INLINE void pn_fwd_output(const pn_fwd_call *c, int64_t r, const pn_fwd_in *in,
-                                          const pn_row_stats *s, pn_y_piece y_piece) {
+                                          const pn_row_stats *s, pn_y_piece y_piece, pn_y_piece_bf16 y_bf16) {
     const pn_token_args *a = c->a;
     const int64_t C = a->C, es = (int64_t)pn_dtype_size(a->dtype);
     real *qrow = a->q ? pn_work_row(c->wk, 1) : NULL;
@@ -429,19 +433,25 @@ static PN_ALWAYS_INLINE void pn_fwd_output(const pn_fwd_call *c, int64_t r, cons
     const int64_t wes = (int64_t)pn_dtype_size(a->wdtype);
     for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
         const int64_t n = pn_piece_len(C, i0);
-        real piece[PN_PIECE], tmp[PN_PIECE], xp[PN_PIECE];
-        const real *x = in->kept ? in->buf + i0 : pn_row_as_real(in->src + i0 * es, a->dtype, xp, n);
+        real piece[PN_PIECE], tmp[PN_PIECE], xp[PN_PIECE], wp[PN_PIECE], bp[PN_PIECE];
         real *y = qrow ? qrow + i0 : c->in_place ? (real *)out.dst + i0 : piece;
+        const pn_epilogue *e = &c->ep;
+        pn_epilogue eg;
+        int64_t j0 = i0;   /* the column of the piece in e's weight and bias */
         if (wh || bh) {   /* the piece's weight and bias as given: converted here, from column 0 of them */
-            real wp[PN_PIECE], bp[PN_PIECE];
-            pn_epilogue e = c->ep;
+            eg = c->ep;
             if (wh) pn_load_row(wp, (const char *)wh + i0 * wes, a->wdtype, n);
             if (bh) pn_load_row(bp, (const char *)bh + i0 * wes, a->wdtype, n);
-            e.w = wh ? wp : NULL;
-            e.b = bh ? bp : NULL;
-            y_piece(y, x, s, &e, 0, n);
+            eg.w = wh ? wp : NULL;
+            eg.b = bh ? bp : NULL;
+            e = &eg;
+            j0 = 0;
+        }
+        if (!in->kept && a->dtype == PN_BFLOAT16 && sizeof(real) == sizeof(float)) {
+            y_bf16(y, (const uint16_t *)(const void *)in->src + i0, s, e, j0, n);
         } else {
-            y_piece(y, x, s, &c->ep, i0, n);
+            const real *x = in->kept ? in->buf + i0 : pn_row_as_real(in->src + i0 * es, a->dtype, xp, n);
+            y_piece(y, x, s, e, j0, n);
         }
         if (qrow) pn_prefetch_share(&out.next, i0, n);
         else pn_put_piece(&out, i0, y, n, tmp, c->in_place);
