@@ -419,7 +419,9 @@ typedef void (*pn_y_piece_bf16)(real *y, const uint16_t *x, const pn_row_stats *
                                 int64_t n);
 
 /* Row r's y, in pieces: each piece's x (converted from the row's dtype, or
- * the kept floats), y_piece's values in the output itself, or rounded when
+ * the kept floats; a bfloat16 row is read by y_bf16 as it is), the weight
+ * and bias (their share converted where pn_params_as_given), y_piece's
+ * values in the output itself, or rounded when
  * written, or in the quantized output's row buffer (then quantized as a whole
  * row: its groups' amax first); each piece prefetches the same share of the
  * next rows. */
