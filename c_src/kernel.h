@@ -145,6 +145,13 @@ static inline const void *pn_residual_row(const pn_token_args *a, int64_t r, rea
     char *hrow = (char *)pn_row(a->h, a->s.h, r, a->T, es);
     for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
         const int64_t n = C - i0 < PN_PIECE ? C - i0 : PN_PIECE, off = i0 * (int64_t)es;
+        if (a->dtype == PN_BFLOAT16 && sizeof(real) == sizeof(float)) {   /* widened in the loop, as the y pass */
+            const uint16_t *xb = (const uint16_t *)(const void *)(xrow + off);
+            const uint16_t *rb = (const uint16_t *)(const void *)(rrow + off);
+            for (int64_t i = 0; i < n; i++) xp[i] = (real)pn_bf16_to_float(xb[i]) + (real)pn_bf16_to_float(rb[i]);
+            pn_store_row(hrow + off, xp, a->dtype, n);
+            continue;
+        }
         const real *x = pn_row_as_real(xrow + off, a->dtype, xp, n);
         const real *res = pn_row_as_real(rrow + off, a->dtype, rp, n);
         if (a->dtype == PN_REAL_DTYPE) {
