@@ -81,6 +81,12 @@ PN_Y_PIECE layernorm_y(real *y, const real *x, const pn_row_stats *s, const pn_e
     PN_EPILOGUE_LOOP(e, y, i0, n, ((x[i] - shift) - m) * rstd);
 }
 
+PN_Y_PIECE layernorm_y_bf16(real *y, const uint16_t *x, const pn_row_stats *s, const pn_epilogue *e, int64_t i0,
+                            int64_t n) {
+    const real shift = s->shift, m = s->m, rstd = s->rstd;
+    PN_EPILOGUE_LOOP(e, y, i0, n, (((real)pn_bf16_to_float(x[i]) - shift) - m) * rstd);
+}
+
 /* Row r of a forward, plain or fused: the statistics of x (or h), then y
  * piece by piece (kernel.h: reading, the residual, the epilogue, the store). */
 static void layernorm_forward_row(const pn_fwd_call *c, int64_t r) {
@@ -88,7 +94,7 @@ static void layernorm_forward_row(const pn_fwd_call *c, int64_t r) {
     const pn_fwd_in in = pn_fwd_input(c, r);
     pn_row_stats s;
     s.rstd = layernorm_row_stats(in.row, in.dt, a->C, c->inv_C, c->eps, in.buf, &s.shift, &s.m);
-    pn_fwd_output(c, r, &in, &s, layernorm_y);
+    pn_fwd_output(c, r, &in, &s, layernorm_y, layernorm_y_bf16);
     if (a->mean) ((real *)a->mean)[r] = s.shift + s.m;
     if (a->rstd) ((real *)a->rstd)[r] = s.rstd;
 }

@@ -31,13 +31,19 @@ PN_Y_PIECE rmsnorm_y(real *y, const real *x, const pn_row_stats *s, const pn_epi
     PN_EPILOGUE_LOOP(e, y, i0, n, x[i] * rstd);
 }
 
+PN_Y_PIECE rmsnorm_y_bf16(real *y, const uint16_t *x, const pn_row_stats *s, const pn_epilogue *e, int64_t i0,
+                          int64_t n) {
+    const real rstd = s->rstd;
+    PN_EPILOGUE_LOOP(e, y, i0, n, (real)pn_bf16_to_float(x[i]) * rstd);
+}
+
 /* Row r of a forward, plain or fused: rstd of x (or h), then y piece by
  * piece (kernel.h: reading, the residual, the epilogue, the store). */
 static void rmsnorm_forward_row(const pn_fwd_call *c, int64_t r) {
     const pn_token_args *a = c->a;
     const pn_fwd_in in = pn_fwd_input(c, r);
     const pn_row_stats s = {0, 0, rmsnorm_rstd(in.row, in.dt, a->C, c->inv_C, c->eps, in.buf)};
-    pn_fwd_output(c, r, &in, &s, rmsnorm_y);
+    pn_fwd_output(c, r, &in, &s, rmsnorm_y, rmsnorm_y_bf16);
     if (a->rstd) ((real *)a->rstd)[r] = s.rstd;
 }
 

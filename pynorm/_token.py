@@ -24,8 +24,10 @@ _F32 = np.dtype(np.float32)
 # dense NumPy arrays, weight/bias dense of shape (C,), a float eps - with the fewest
 # steps: one dtype lookup, checks on attributes only, and ffi.from_buffer, which also
 # refuses what the C library cannot address as a dense buffer (a non-C-contiguous
-# array; with require_writable, a read-only out=). Anything else, and every bad
-# argument, goes to _forward, which checks it and raises the error naming it.
+# array; with require_writable, a read-only out=). The fused ops take it too, for
+# out=None (their checked path was 5-7x the plain forward's time per call).
+# Anything else, and every bad argument, goes to _forward, which checks it and
+# raises the error naming it.
 
 _NDARRAY = np.ndarray
 _NULL = ffi.NULL
@@ -37,56 +39,67 @@ _NOT_DENSE = (ValueError, TypeError, BufferError)     # what from_buffer raises 
 # x's dtype -> (pn_dtype, the default eps: float64's machine epsilon for float64, else
 # float32's - check_eps(None, dtype) -, statistics dtype)
 _FAST_DTYPE = {dt: (code, check_eps(None, dt), stats_dtype(dt)) for dt, code in PN_DTYPE.items()}
+# the C functions, looked up once (an attribute of the library object is a lookup per call)
+_LN_FORWARD, _RMS_FORWARD = lib.pn_layernorm_forward, lib.pn_rmsnorm_forward
+_ADD_LN_FORWARD, _ADD_RMS_FORWARD = lib.pn_add_layernorm_forward, lib.pn_add_rmsnorm_forward
 
 
-def _fast_forward(op, x, weight, bias, eps, out, want_stats):
-    """The forward of _forward for the common call (x an ndarray, no residual):
-    (y, mean, rstd), or None where _forward must take the call. The default options
-    only (weight_offset 0, rounding "once"); out may be x itself (in place)."""
+def _fast_forward(op, x, residual, weight, bias, eps, out, want_stats):
+    """The forward of _forward for the common call (x an ndarray; residual None, or for
+    the fused ops an ndarray of x's shape and dtype with out=None): (y, h, mean, rstd),
+    or None where _forward must take the call. The default options only (weight_offset
+    0, rounding "once"); out may be x itself (in place)."""
     xdt = x.dtype
     facts = _FAST_DTYPE.get(xdt)
     shape = x.shape
     if facts is None or not shape:
         return None
     C = shape[-1]
-    rows = x.size // C if C else 0
+    if not C:
+        return None
+    rows = x.size // C
     if not rows:
         return None
     if eps is None:
         eps = facts[1]
     elif type(eps) is not float or not 0.0 <= eps < _INF:      # NaN fails both
         return None
-    wdt = None
+    code = facts[0]
+    wcode = code
     try:
         xp = _FROM_BUFFER(x)
         if weight is None:
             wp = _NULL
+            if bias is None:
+                wcode = _PN_F32
         else:
-            if type(weight) is not _NDARRAY or weight.shape != shape[-1:]:
+            wdt = weight.dtype if type(weight) is _NDARRAY else None
+            if wdt is not xdt and wdt != xdt:                  # dtypes compared by identity first: cheaper
+                if wdt != _F32:
+                    return None
+                wcode = _PN_F32
+            if weight.shape != shape[-1:]:
                 return None
-            wdt = weight.dtype
             wp = _FROM_BUFFER(weight)
         if bias is None:
             bp = _NULL
         else:
-            if type(bias) is not _NDARRAY or bias.shape != shape[-1:]:
+            bdt = bias.dtype if type(bias) is _NDARRAY else None
+            if weight is None:
+                if bdt is not xdt and bdt != xdt:
+                    if bdt != _F32:
+                        return None
+                    wcode = _PN_F32
+            elif bdt is not wdt and bdt != wdt:
                 return None
-            if wdt is None:
-                wdt = bias.dtype
-            elif bias.dtype is not wdt and bias.dtype != wdt:
+            if bias.shape != shape[-1:]:
                 return None
             bp = _FROM_BUFFER(bias)
-        if wdt is xdt:                               # dtypes compared by identity first: cheaper
-            wcode = facts[0]
-        elif wdt is None or wdt is _F32 or wdt == _F32:
-            wcode = _PN_F32
-        elif wdt == xdt:
-            wcode = facts[0]
-        else:
-            return None
         if out is None:
-            y = (_NP_EMPTY(shape, xdt) if x.nbytes < CACHED_ALLOC_MIN else empty(shape, xdt))
+            y = _NP_EMPTY(shape, xdt) if x.nbytes < CACHED_ALLOC_MIN else empty(shape, xdt)
             yp = _FROM_BUFFER(y)
+        elif residual is not None:
+            return None
         else:
             if type(out) is not _NDARRAY or out.shape != shape or (out.dtype is not xdt and out.dtype != xdt):
                 return None
@@ -100,23 +113,37 @@ def _fast_forward(op, x, weight, bias, eps, out, want_stats):
                     (bias is not None and bp < end and yp < bp + len(bp))):
                 return None
             y = out
+        if residual is not None:
+            if (type(residual) is not _NDARRAY or residual.shape != shape or
+                    (residual.dtype is not xdt and residual.dtype != xdt)):
+                return None
+            rp = _FROM_BUFFER(residual)
+            h = _NP_EMPTY(shape, xdt) if x.nbytes < CACHED_ALLOC_MIN else empty(shape, xdt)
+            hp = _FROM_BUFFER(h)
+        else:
+            h = None
     except _NOT_DENSE:
         return None
     mean = rstd = None
-    mp = rp = _NULL
+    mp = sp = _NULL
     if want_stats:
         rstd = _NP_EMPTY(shape[:-1], facts[2])
-        rp = _FROM_BUFFER(rstd)
-    if op == "layer":
-        if want_stats:
+        sp = _FROM_BUFFER(rstd)
+        if op == "layer":
             mean = _NP_EMPTY(shape[:-1], facts[2])
             mp = _FROM_BUFFER(mean)
-        status = lib.pn_layernorm_forward(yp, mp, rp, xp, wp, bp, 1, rows, C, eps, facts[0], wcode, _NULL)
+    if h is None:
+        if op == "layer":
+            status = _LN_FORWARD(yp, mp, sp, xp, wp, bp, 1, rows, C, eps, code, wcode, _NULL)
+        else:
+            status = _RMS_FORWARD(yp, sp, xp, wp, 1, rows, C, eps, code, wcode, _NULL)
+    elif op == "layer":
+        status = _ADD_LN_FORWARD(yp, hp, mp, sp, xp, rp, wp, bp, 1, rows, C, eps, code, wcode, _NULL)
     else:
-        status = lib.pn_rmsnorm_forward(yp, rp, xp, wp, 1, rows, C, eps, facts[0], wcode, _NULL)
+        status = _ADD_RMS_FORWARD(yp, hp, sp, xp, rp, wp, 1, rows, C, eps, code, wcode, _NULL)
     if status:
-        check_status(status, op, "_norm")
-    return y, mean, rstd
+        check_status(status, "" if h is None else "add_", op, "_norm")
+    return y, h, mean, rstd
 
 
 def _check_same(a, name, x):
@@ -287,7 +314,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, *, weight_offset=0.0, roundi
     """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * (weight_offset + weight) + bias."""
     if type(x) is _NDARRAY:
         if weight_offset == 0.0 and rounding == "once":
-            r = _fast_forward("layer", x, weight, bias, eps, out, False)
+            r = _fast_forward("layer", x, None, weight, bias, eps, out, False)
             if r is not None:
                 return r[0]
     elif _cuda.is_cuda_array(x):
@@ -300,7 +327,7 @@ def rms_norm(x, weight=None, eps=None, *, weight_offset=0.0, rounding="once", ou
     eps=None: the machine epsilon of float32 (of float64 for float64 x)."""
     if type(x) is _NDARRAY:
         if weight_offset == 0.0 and rounding == "once":
-            r = _fast_forward("rms", x, weight, None, eps, out, False)
+            r = _fast_forward("rms", x, None, weight, None, eps, out, False)
             if r is not None:
                 return r[0]
     elif _cuda.is_cuda_array(x):
@@ -317,6 +344,10 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, *, weight_offs
                                     rounding=rounding, out=out)
     if residual is None:
         raise TypeError("residual must be an array, got None")
+    if type(x) is _NDARRAY and weight_offset == 0.0 and rounding == "once" and out is None:
+        r = _fast_forward("layer", x, residual, weight, bias, eps, None, False)
+        if r is not None:
+            return r[0], r[1]
     y, h, _, _ = _forward("layer", x, residual, weight, bias, eps, out, False, weight_offset, rounding)
     return y, h
 
@@ -330,6 +361,10 @@ def add_rms_norm(x, residual, weight=None, eps=None, *, weight_offset=0.0, round
                                   out=out)
     if residual is None:
         raise TypeError("residual must be an array, got None")
+    if type(x) is _NDARRAY and weight_offset == 0.0 and rounding == "once" and out is None:
+        r = _fast_forward("rms", x, residual, weight, None, eps, None, False)
+        if r is not None:
+            return r[0], r[1]
     y, h, _, _ = _forward("rms", x, residual, weight, None, eps, out, False, weight_offset, rounding)
     return y, h
 
@@ -338,9 +373,9 @@ def layer_norm_forward(x, weight=None, bias=None, eps=1e-5, *, weight_offset=0.0
     """LayerNorm saving its statistics for the backward: returns (y, mean, rstd)."""
     if type(x) is _NDARRAY:
         if weight_offset == 0.0 and rounding == "once":
-            r = _fast_forward("layer", x, weight, bias, eps, None, True)
+            r = _fast_forward("layer", x, None, weight, bias, eps, None, True)
             if r is not None:
-                return r
+                return r[0], r[2], r[3]
     elif _cuda.is_cuda_array(x):
         return _cuda.layer_norm_forward(x, weight, bias, eps, weight_offset=weight_offset, rounding=rounding)
     y, _, mean, rstd = _forward("layer", x, None, weight, bias, eps, None, True, weight_offset, rounding)
@@ -361,9 +396,9 @@ def rms_norm_forward(x, weight=None, eps=None, *, weight_offset=0.0, rounding="o
     """RMSNorm saving its statistics for the backward: returns (y, rstd)."""
     if type(x) is _NDARRAY:
         if weight_offset == 0.0 and rounding == "once":
-            r = _fast_forward("rms", x, weight, None, eps, None, True)
+            r = _fast_forward("rms", x, None, weight, None, eps, None, True)
             if r is not None:
-                return r[0], r[2]
+                return r[0], r[3]
     elif _cuda.is_cuda_array(x):
         return _cuda.rms_norm_forward(x, weight, eps, weight_offset=weight_offset, rounding=rounding)
     y, _, _, rstd = _forward("rms", x, None, weight, None, eps, None, True, weight_offset, rounding)

@@ -575,6 +575,32 @@ def test_fused_h_is_the_rounded_sum_bitwise(op, dtype):
     assert_bitwise_equal(h, from_torch(to_torch(x) + to_torch(residual)), f"{op} h vs torch's x + residual")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+@pytest.mark.parametrize("params", ["none", "w", "b", "wb"])
+def test_fused_per_call_path_equals_checked_path(op, dtype, params):
+    """The fused ops' call with out=None (the per-call path: attribute checks only)
+    gives the bits of the same call with out=(y_out, h_out) (every check, the row
+    layout), for weight and bias absent, given alone or together, in x's dtype or
+    float32, on one row and on several."""
+    if params == "b" and not is_ln(op):
+        pytest.skip("RMSNorm has no bias")
+    fn = getattr(pynorm, op)
+    for wdtype in _wdtypes(dtype):
+        for shape in [(1, 4096), (2, 4096), (3, 5, 77)]:
+            rng = np.random.default_rng(seed_for("fusedcall", op, dname(dtype), params, dname(wdtype), shape))
+            x, res = randn(rng, shape, dtype), randn(rng, shape, dtype)
+            w = randn(rng, shape[-1:], wdtype) if "w" in params else None
+            b = randn(rng, shape[-1:], wdtype) if "b" in params else None
+            args = (x, res, w, b) if is_ln(op) else (x, res, w)
+            y, h = fn(*args)
+            outs = (np.full_like(x, 7), np.full_like(x, 7))
+            fn(*args, out=outs)
+            what = f"{op} {dname(dtype)} weight {dname(wdtype)} {params} {shape}"
+            assert_bitwise_equal(y, outs[0], f"{what}: y of out=None vs out=")
+            assert_bitwise_equal(h, outs[1], f"{what}: h of out=None vs out=")
+
+
 def ml_max(dtype):
     import ml_dtypes
 
