@@ -502,7 +502,7 @@ def fold_test_sets(dtype, n, rng):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", HALF, ids=dname)
-@pytest.mark.parametrize("op", ["group", "batch"])
+@pytest.mark.parametrize("op", ["group", "batch", "batch_eval"])
 def test_folded_output_bound(op, dtype, layout):
     """Half-precision y is computed as x * a + (b - mean * a), a = rstd * w
     (one multiply and one add a value), in the sets where |mean| * rstd <=
@@ -511,7 +511,9 @@ def test_folded_output_bound(op, dtype, layout):
     that), which the bound keeps under 2^-15 |w|. Sets just inside the bound,
     just past it and far past it: every value of y within half an ulp of the
     float64 value plus 2^-15 of the parameters' magnitude (with a bound 16
-    times larger, folded sets past 256 broke that by up to 6x)."""
+    times larger, folded sets past 256 broke that by up to 6x). BatchNorm in
+    eval mode folds its channels by the same rule, here with the batch's own
+    statistics as running statistics."""
     rng = np.random.default_rng(seed_for("fold-bound", op, dname(dtype), layout))
     nsets, N, S = 8, 2, 256
     if op == "group":   # 8 groups of 4 channels; set k of each sample from fold_test_sets
@@ -530,9 +532,14 @@ def test_folded_output_bound(op, dtype, layout):
     if op == "group":
         y = pynorm.group_norm_forward(to_layout(x, layout), nsets, w, b, layout=layout)[0]
         ry, mean, rstd = RS.group_norm_ref(x, nsets, w, b)
-    else:
+    elif op == "batch":
         y = pynorm.batch_norm_forward(to_layout(x, layout), None, None, w, b, training=True, layout=layout)[0]
         ry, mean, rstd = RS.batch_norm_train_ref(x, w, b)[:3]
+    else:
+        _, rm, _, rv = RS.batch_norm_train_ref(x)
+        rm, rv = rm.astype(F32), rv.astype(F32)
+        y = pynorm.batch_norm_forward(to_layout(x, layout), rm, rv, w, b, training=False, layout=layout)[0]
+        ry, mean, rstd = RS.batch_norm_eval_ref(x, rm, rv, w, b)
     ratio = np.abs(np.asarray(mean, F64)) * np.asarray(rstd, F64)
     assert ratio.min() < FOLD_BOUND / 2 and ratio.max() > 8 * FOLD_BOUND, f"set ratios {np.sort(ratio.ravel())}"
     assert ((ratio > 0.9 * FOLD_BOUND) & (ratio <= FOLD_BOUND)).any(), f"none just inside: {np.sort(ratio.ravel())}"
