@@ -560,10 +560,7 @@ static inline void pn_sp_nchw_norm_rows(const pn_spatial_args *a, const pn_sp_se
         pn_sp_nchw_coefs(o, set, c, &sh, &mm, &sc, &bias);
         const real *xr = x + (r - r0) * S;
         real *yr = y + (r - r0) * S;
-        if (sh == 0 && mm == 0)   /* folded: the same bits */
-            for (int64_t i = 0; i < S; i++) yr[i] = xr[i] * sc + bias;
-        else
-            for (int64_t i = 0; i < S; i++) yr[i] = ((xr[i] - sh) - mm) * sc + bias;
+        for (int64_t i = 0; i < S; i++) yr[i] = ((xr[i] - sh) - mm) * sc + bias;
         pn_sp_next_row(ss, a->C, &set, &c, &j);
     }
     if (y == buf) pn_write_row(dst, y, a->dtype, n, stream, tmp);
