@@ -147,6 +147,33 @@ static inline real pn_sp_finish(const pn_spatial_args *a, int64_t k, real shift,
     return rstd;
 }
 
+/* The output pass's two forms. y = ((x - shift) - m) * a + b, with
+ * a = rstd * w[c] rounded and mean = shift + m (shift: a value of the set,
+ * exact), keeps the digits of data whose mean is far from zero in standard
+ * deviations; y = x * a + beta, beta = b - mean * a (in double, rounded
+ * once), is one multiply and one add a value. With u the unit roundoff of
+ * the compute type, the folded form's error exceeds the other's by at most
+ * u (2 |mean| |a| + |b|) = u |w| 2 |mean| rstd + u |b| (x * a rounds
+ * |x| |a| <= (|x - mean| + |mean|) |a|, beta rounds |b| + |mean| |a|).
+ * Half-precision outputs (compute type float, u = 2^-24) fold the sets where
+ * |mean| * rstd <= PN_SP_FOLD = 256: the excess is then at most 2^-15 |w|,
+ * 1/16 of float16's rounding of a value of |w| (one standard deviation of
+ * y; u = 2^-11) and 1/64 of bfloat16's (2^-9), so that the stored value is
+ * the current form's but where the float lies that close to a rounding
+ * boundary, and then one ulp away. The decision depends on the set's
+ * statistics alone (NaN and Inf take the first form), so every thread count
+ * and instruction set folds the same sets; folded values are written as
+ * ((x - 0) - 0) * a + beta where a loop computes both forms, which is
+ * x * a + beta bit for bit. float32 and float64 outputs keep the first form
+ * (their own rounding is u: a fold would show). */
+#define PN_SP_FOLD 256.0
+static inline int pn_sp_fold(const pn_spatial_args *a, double mean, real rstd) {
+    return (a->dtype == PN_BFLOAT16 || a->dtype == PN_FLOAT16) && fabs(mean) * (double)rstd <= PN_SP_FOLD;
+}
+
+/* beta of the folded form for bias b and scale sc. */
+static inline real pn_sp_beta(real b, double mean, real sc) { return (real)((double)b - mean * (double)sc); }
+
 /* Outputs are streamed (non-temporal stores, see kernel.h) when the call is
  * large and the blocks written at a time are long: a short block would leave
  * partial cache lines to the write-combining buffers, far slower than
@@ -288,7 +315,9 @@ static inline void pn_sp_nchw_piece_stats(const pn_spatial_args *a, const pn_sp_
 
 /* y = ((x - shift) - m) * scale + bias for n values of dtype dt, rounded once
  * and not streamed: half-precision values in runs of PN_SP_CB converted in
- * registers (y may be x itself: a run is read before it is written). */
+ * registers (y may be x itself: a run is read before it is written). With
+ * shift and m zero (a folded set, pn_sp_fold) the loop is x * scale + bias,
+ * the same bits in fewer operations. */
 static PN_ALWAYS_INLINE void pn_sp_norm_run_dt(pn_dtype dt, const char *x, char *y, int64_t n, real shift, real m,
                                                real scale, real bias) {
     if (dt == PN_REAL_DTYPE) {
@@ -299,6 +328,14 @@ static PN_ALWAYS_INLINE void pn_sp_norm_run_dt(pn_dtype dt, const char *x, char 
     }
     const int64_t es = (int64_t)pn_dtype_size(dt);
     int64_t i = 0;
+    if (shift == 0 && m == 0) {
+        for (; i + PN_SP_CB <= n; i += PN_SP_CB) {
+            real v[PN_SP_CB];
+            pn_load_run(v, x + i * es, dt, PN_SP_CB);
+            for (int j = 0; j < PN_SP_CB; j++) v[j] = v[j] * scale + bias;
+            pn_store_run(y + i * es, v, dt, PN_SP_CB);
+        }
+    }
     for (; i + PN_SP_CB <= n; i += PN_SP_CB) {
         real v[PN_SP_CB];
         pn_load_run(v, x + i * es, dt, PN_SP_CB);
@@ -446,10 +483,20 @@ static inline void pn_sp_nchw_dx(const pn_spatial_args *a, int64_t r, int64_t i0
 
 /* ---- NCHW forward ----------------------------------------------------------- */
 
-/* Statistics of one set from its pieces' (mean, M2), then its rstd. */
+/* The NCHW forward's per-set vectors: the statistics' shift, the mean of
+ * x - shift, rstd, and whether the set is folded (pn_sp_fold: 1 or 0) with
+ * its mean in double; w and b per channel. */
+typedef struct {
+    real *shift, *m, *rs, *fold;
+    double *mean;
+    const real *w, *b;
+} pn_sp_nchw_out;
+
+/* Statistics of one set from its pieces' (mean, M2), then its rstd and
+ * whether it folds. */
 static inline void pn_sp_nchw_set_stats(const pn_spatial_args *a, const pn_sp_sets *ss,
                                         const pn_sp_nchw_pieces *q, int64_t set, const double *pst,
-                                        const real *shift, real *m_out, real *rs_out) {
+                                        const pn_sp_nchw_out *o) {
     const int64_t total = ss->count * a->S;
     double m, var;
     if (q->rp > 1)   /* segments of rp pieces, the last one short */
@@ -458,31 +505,49 @@ static inline void pn_sp_nchw_set_stats(const pn_spatial_args *a, const pn_sp_se
     else             /* pieces of rpp segments, the last one short */
         pn_sp_merge(pst + set * q->np * 2, q->np, 2, q->np, q->rpp * q->seg, total - q->rpp * q->seg * (q->np - 1),
                     &m, &var);
-    m_out[set] = (real)m;
-    rs_out[set] = pn_sp_finish(a, set, shift[set], m, var, total);
+    o->m[set] = (real)m;
+    o->rs[set] = pn_sp_finish(a, set, o->shift[set], m, var, total);
+    o->mean[set] = (double)o->shift[set] + m;
+    o->fold[set] = (real)pn_sp_fold(a, o->mean[set], o->rs[set]);
 }
 
-/* y of row r, sub-row k (rp sub-rows per row), with its set's statistics. */
-static inline void pn_sp_nchw_norm_unit(const pn_spatial_args *a, int64_t r, int64_t k, real shift, real m,
-                                        real rs, const real *w, const real *b, int stream, real *buf, real *tmp) {
-    const int64_t c = r % a->C;
+/* The output pass's coefficients of a row of channel c in a set:
+ * y = ((x - *sh) - *mm) * *sc + *bias, with *sh = *mm = 0 in a folded set. */
+static inline void pn_sp_nchw_coefs(const pn_sp_nchw_out *o, int64_t set, int64_t c, real *sh, real *mm, real *sc,
+                                    real *bias) {
+    *sc = o->rs[set] * o->w[c];
+    if (o->fold[set] != 0) {
+        *sh = *mm = 0;
+        *bias = pn_sp_beta(o->b[c], o->mean[set], *sc);
+    } else {
+        *sh = o->shift[set];
+        *mm = o->m[set];
+        *bias = o->b[c];
+    }
+}
+
+/* y of row r (set `set`), sub-row k (rp sub-rows per row). */
+static inline void pn_sp_nchw_norm_unit(const pn_spatial_args *a, const pn_sp_nchw_out *o, int64_t set, int64_t r,
+                                        int64_t k, int stream, real *buf, real *tmp) {
     const int64_t i0 = k * PN_SP_PIECE, i1 = i0 + PN_SP_PIECE < a->S ? i0 + PN_SP_PIECE : a->S;
-    pn_sp_nchw_norm(a, r, i0, i1, shift, m, rs * w[c], b[c], stream, buf, tmp);
+    real sh, mm, sc, bias;
+    pn_sp_nchw_coefs(o, set, r % a->C, &sh, &mm, &sc, &bias);
+    pn_sp_nchw_norm(a, r, i0, i1, sh, mm, sc, bias, stream, buf, tmp);
 }
 
 /* y for the consecutive whole rows r0..r1-1 ((r1 - r0) * S <= PN_SP_PIECE),
  * each with its set's statistics, as pn_sp_nchw_norm computes them; the rows
  * are one contiguous block, written (or streamed) at once. */
 static inline void pn_sp_nchw_norm_rows(const pn_spatial_args *a, const pn_sp_sets *ss, int64_t r0, int64_t r1,
-                                        const real *shift, const real *m, const real *rs, const real *w,
-                                        const real *b, int stream, real *buf, real *tmp) {
+                                        const pn_sp_nchw_out *o, int stream, real *buf, real *tmp) {
     const int64_t S = a->S, n = (r1 - r0) * S, es = (int64_t)pn_dtype_size(a->dtype), off = r0 * S * es;
     int64_t set = pn_sp_set_of(ss, r0), c = r0 % a->C, j = ss->step == 1 ? r0 % ss->count : 0;
+    real sh, mm, sc, bias;
     if (!stream && S >= PN_SP_SHORT_MAX) {   /* row by row, straight from x to y */
         for (int64_t r = r0; r < r1; r++) {
-            const int64_t o = off + (r - r0) * S * es;
-            pn_sp_norm_run(a->dtype, (const char *)a->inp + o, (char *)a->out + o, S, shift[set], m[set],
-                           rs[set] * w[c], b[c]);
+            const int64_t o2 = off + (r - r0) * S * es;
+            pn_sp_nchw_coefs(o, set, c, &sh, &mm, &sc, &bias);
+            pn_sp_norm_run(a->dtype, (const char *)a->inp + o2, (char *)a->out + o2, S, sh, mm, sc, bias);
             pn_sp_next_row(ss, a->C, &set, &c, &j);
         }
         return;
@@ -492,10 +557,10 @@ static inline void pn_sp_nchw_norm_rows(const pn_spatial_args *a, const pn_sp_se
     void *dst = (char *)a->out + off;
     real *y = (a->dtype == PN_REAL_DTYPE && !stream) ? (real *)dst : buf;
     for (int64_t r = r0; r < r1; r++) {
-        const real sh = shift[set], mm = m[set], scale = rs[set] * w[c], bias = b[c];
+        pn_sp_nchw_coefs(o, set, c, &sh, &mm, &sc, &bias);
         const real *xr = x + (r - r0) * S;
         real *yr = y + (r - r0) * S;
-        for (int64_t i = 0; i < S; i++) yr[i] = ((xr[i] - sh) - mm) * scale + bias;
+        for (int64_t i = 0; i < S; i++) yr[i] = ((xr[i] - sh) - mm) * sc + bias;
         pn_sp_next_row(ss, a->C, &set, &c, &j);
     }
     if (y == buf) pn_write_row(dst, y, a->dtype, n, stream, tmp);
@@ -514,12 +579,14 @@ pn_status PN_KERNEL(sp_nchw_forward)(const pn_spatial_args *a, const pn_sp_sets 
     const int nt = pn_sp_threads(a->N * C * S);
     pn_sp_mem mem;
     const int64_t per_thread = 2 * pn_sp_pad(PN_SP_PIECE);
-    pn_status st = pn_sp_alloc(&mem, 2 * pn_sp_pad(C) + 3 * pn_sp_pad(nsets) + pn_sp_pad(pn_sp_dreals(nsets * q.np * 2)) +
-                                         nt * per_thread);
+    pn_status st = pn_sp_alloc(&mem, 2 * pn_sp_pad(C) + 4 * pn_sp_pad(nsets) + pn_sp_pad(pn_sp_dreals(nsets)) +
+                                         pn_sp_pad(pn_sp_dreals(nsets * q.np * 2)) + nt * per_thread);
     if (st) return st;
     real *w = pn_sp_take(&mem, C), *b = pn_sp_take(&mem, C);
     real *shift = pn_sp_take(&mem, nsets), *m = pn_sp_take(&mem, nsets), *rs = pn_sp_take(&mem, nsets);
-    double *pst = pn_sp_take_d(&mem, nsets * q.np * 2);
+    real *fold = pn_sp_take(&mem, nsets);
+    double *mean = pn_sp_take_d(&mem, nsets), *pst = pn_sp_take_d(&mem, nsets * q.np * 2);
+    const pn_sp_nchw_out o = {shift, m, rs, fold, mean, w, b};
     real *bufs = pn_sp_take(&mem, nt * per_thread);
     pn_sp_params(a, w, b);
     /* each set's shift: its first value */
@@ -538,18 +605,17 @@ pn_status PN_KERNEL(sp_nchw_forward)(const pn_spatial_args *a, const pn_sp_sets 
             for (int64_t set = 0; set < nsets; set++) {
                 for (int64_t p = 0; p < q.np; p++)
                     pn_sp_nchw_piece_stats(a, ss, &q, set, p, shift[set], buf, pst + (set * q.np + p) * 2);
-                pn_sp_nchw_set_stats(a, ss, &q, set, pst, shift, m, rs);
+                pn_sp_nchw_set_stats(a, ss, &q, set, pst, &o);
                 const int64_t first = pn_sp_first(ss, set);
                 if (bpr && ss->step == 1) {   /* GroupNorm, short rows: the set's rows are consecutive */
                     for (int64_t r = first; r < first + ss->count; r += bpr) {
                         const int64_t r1 = r + bpr < first + ss->count ? r + bpr : first + ss->count;
-                        pn_sp_nchw_norm_rows(a, ss, r, r1, shift, m, rs, w, b, stream_blk, buf, tmp);
+                        pn_sp_nchw_norm_rows(a, ss, r, r1, &o, stream_blk, buf, tmp);
                     }
                 } else {
                     for (int64_t u = 0; u < units; u++) {
                         const int64_t j = pn_sp_unit_row(u, rp), k = pn_sp_unit_sub(u, rp);
-                        pn_sp_nchw_norm_unit(a, first + j * ss->step, k, shift[set], m[set], rs[set], w, b, stream, buf,
-                                             tmp);
+                        pn_sp_nchw_norm_unit(a, &o, set, first + j * ss->step, k, stream, buf, tmp);
                     }
                 }
             }
@@ -559,20 +625,19 @@ pn_status PN_KERNEL(sp_nchw_forward)(const pn_spatial_args *a, const pn_sp_sets 
                 pn_sp_nchw_piece_stats(a, ss, &q, t / q.np, t % q.np, shift[t / q.np], buf, pst + t * 2);
 #pragma omp for schedule(static)
             for (int64_t set = 0; set < nsets; set++)
-                pn_sp_nchw_set_stats(a, ss, &q, set, pst, shift, m, rs);
+                pn_sp_nchw_set_stats(a, ss, &q, set, pst, &o);
             /* rows in memory order: blocks of short rows, or sub-rows of long ones */
             if (bpr) {
                 const int64_t nblk = pn_sp_cdiv(rows, bpr);
 #pragma omp for schedule(dynamic, 4)
                 for (int64_t k = 0; k < nblk; k++)
-                    pn_sp_nchw_norm_rows(a, ss, k * bpr, (k + 1) * bpr < rows ? (k + 1) * bpr : rows, shift, m, rs,
-                                         w, b, stream_blk, buf, tmp);
+                    pn_sp_nchw_norm_rows(a, ss, k * bpr, (k + 1) * bpr < rows ? (k + 1) * bpr : rows, &o, stream_blk,
+                                         buf, tmp);
             } else {
 #pragma omp for schedule(dynamic, uchunk)
                 for (int64_t t = 0; t < rows * rp; t++) {
                     const int64_t r = pn_sp_unit_row(t, rp), set = pn_sp_set_of(ss, r);
-                    pn_sp_nchw_norm_unit(a, r, pn_sp_unit_sub(t, rp), shift[set], m[set], rs[set], w, b, stream, buf,
-                                         tmp);
+                    pn_sp_nchw_norm_unit(a, &o, set, r, pn_sp_unit_sub(t, rp), stream, buf, tmp);
                 }
             }
         }
@@ -583,7 +648,8 @@ pn_status PN_KERNEL(sp_nchw_forward)(const pn_spatial_args *a, const pn_sp_sets 
 }
 
 /* ==== BatchNorm eval forward ==================================================
- * With the running statistics y = (x - mean[c]) * (rstd[c] * w[c]) + b[c]:
+ * With the running statistics y = (x - mean[c]) * (rstd[c] * w[c]) + b[c]
+ * (half-precision outputs: folded where pn_sp_fold allows, as in training):
  * one elementwise pass (the engines above, which take each set's statistics
  * from x, are for training). Each thread
  * takes one contiguous share of the flat array and walks it in blocks of
@@ -608,10 +674,70 @@ static inline int64_t pn_sp_eval_period(int64_t C, pn_dtype dt) {
     return C >= 512 ? C : C * pn_sp_cdiv(512, C);
 }
 
+/* NHWC, half precision: y = (x - m[i]) * s[i] + bb[i] for n values of dtype
+ * dt (x * s[i] + bb[i] when every m is zero, the same bits), in runs of
+ * PN_SP_CB converted, computed and rounded in registers, as
+ * pn_sp_norm_run_dt does rows: a block converted into a buffer first and
+ * stored from it after ran at 0.66-0.80x torch's eval kernel (float16,
+ * bfloat16, 1 thread). */
+static PN_ALWAYS_INLINE void pn_sp_eval_run_dt(pn_dtype dt, const char *x, char *y, int64_t n, const real *m,
+                                               const real *s, const real *bb, int folded) {
+    const int64_t es = (int64_t)pn_dtype_size(dt);
+    int64_t i = 0;
+    if (folded) {
+        for (; i + PN_SP_CB <= n; i += PN_SP_CB) {
+            real v[PN_SP_CB];
+            pn_load_run(v, x + i * es, dt, PN_SP_CB);
+            for (int j = 0; j < PN_SP_CB; j++) v[j] = v[j] * s[i + j] + bb[i + j];
+            pn_store_run(y + i * es, v, dt, PN_SP_CB);
+        }
+    }
+    for (; i + PN_SP_CB <= n; i += PN_SP_CB) {
+        real v[PN_SP_CB];
+        pn_load_run(v, x + i * es, dt, PN_SP_CB);
+        for (int j = 0; j < PN_SP_CB; j++) v[j] = (v[j] - m[i + j]) * s[i + j] + bb[i + j];
+        pn_store_run(y + i * es, v, dt, PN_SP_CB);
+    }
+    if (i < n) {   /* the last, partial run */
+        real v[PN_SP_CB];
+        const int k = (int)(n - i);
+        pn_load_row(v, x + i * es, dt, k);
+        for (int j = 0; j < k; j++) v[j] = (v[j] - m[i + j]) * s[i + j] + bb[i + j];
+        pn_store_row(y + i * es, v, dt, k);
+    }
+}
+
+static void pn_sp_eval_run(pn_dtype dt, const char *x, char *y, int64_t n, const real *m, const real *s,
+                           const real *bb, int folded) {
+    if (dt == PN_BFLOAT16) pn_sp_eval_run_dt(PN_BFLOAT16, x, y, n, m, s, bb, folded);
+    else pn_sp_eval_run_dt(PN_FLOAT16, x, y, n, m, s, bb, folded);
+}
+
 static inline void pn_sp_eval_block(const pn_spatial_args *a, int64_t i0, int64_t i1, const real *mu,
-                                    const real *sc, const real *b, real *buf) {
+                                    const real *sc, const real *b, int folded, real *buf) {
     const size_t es = pn_dtype_size(a->dtype);
     const int64_t n = i1 - i0, C = a->C, S = a->S;
+    if (a->dtype == PN_BFLOAT16 || a->dtype == PN_FLOAT16) {   /* in registers, straight from x to y */
+        const char *x = (const char *)a->inp + i0 * (int64_t)es;
+        char *y = (char *)a->out + i0 * (int64_t)es;
+        int64_t k = 0;
+        if (a->layout == PN_NHWC) {
+            const int64_t R = pn_sp_eval_period(C, a->dtype);
+            for (int64_t c0 = i0 % C; k < n; c0 = 0) {   /* as below */
+                const int64_t len = R - c0 < n - k ? R - c0 : n - k;
+                pn_sp_eval_run(a->dtype, x + k * (int64_t)es, y + k * (int64_t)es, len, mu + c0, sc + c0, b + c0,
+                               folded);
+                k += len;
+            }
+        } else {   /* (x - m) * s + b is ((x - m) - 0) * s + b */
+            for (int64_t r = i0 / S, j0 = i0 % S; k < n; j0 = 0, r++) {
+                const int64_t len = S - j0 < n - k ? S - j0 : n - k, c = r % C;
+                pn_sp_norm_run(a->dtype, x + k * (int64_t)es, y + k * (int64_t)es, len, mu[c], 0, sc[c], b[c]);
+                k += len;
+            }
+        }
+        return;
+    }
     const real *x = pn_row_as_real((const char *)a->inp + i0 * (int64_t)es, a->dtype, buf, n);
     void *dst = (char *)a->out + i0 * (int64_t)es;
     real *y = a->dtype == PN_REAL_DTYPE ? (real *)dst : buf;   /* buf: x is read before y is written */
@@ -622,7 +748,10 @@ static inline void pn_sp_eval_block(const pn_spatial_args *a, int64_t i0, int64_
             const int64_t len = R - c0 < n - k ? R - c0 : n - k;
             const real *m = mu + c0, *s = sc + c0, *bb = b + c0, *xr = x + k;
             real *yr = y + k;
-            for (int64_t i = 0; i < len; i++) yr[i] = (xr[i] - m[i]) * s[i] + bb[i];
+            if (folded)   /* every mean zero: the same bits */
+                for (int64_t i = 0; i < len; i++) yr[i] = xr[i] * s[i] + bb[i];
+            else
+                for (int64_t i = 0; i < len; i++) yr[i] = (xr[i] - m[i]) * s[i] + bb[i];
             k += len;
             c0 = 0;
         }
@@ -633,7 +762,10 @@ static inline void pn_sp_eval_block(const pn_spatial_args *a, int64_t i0, int64_
             const real m = mu[c], s = sc[c], bb = b[c];
             const real *xr = x + k;
             real *yr = y + k;
-            for (int64_t i = 0; i < len; i++) yr[i] = (xr[i] - m) * s + bb;
+            if (m == 0)   /* a folded channel: the same bits */
+                for (int64_t i = 0; i < len; i++) yr[i] = xr[i] * s + bb;
+            else
+                for (int64_t i = 0; i < len; i++) yr[i] = (xr[i] - m) * s + bb;
             k += len;
             j0 = 0;
             r++;
@@ -653,12 +785,21 @@ pn_status PN_KERNEL(sp_eval_forward)(const pn_spatial_args *a) {
     real *w = pn_sp_take(&mem, C), *mu = pn_sp_take(&mem, plen), *sc = pn_sp_take(&mem, plen);
     real *b = pn_sp_take(&mem, plen), *bufs = pn_sp_take(&mem, nt * pn_sp_pad(PN_SP_PIECE));
     pn_sp_params(a, w, b);
+    int folded = 1;   /* every channel folded */
     for (int64_t c = 0; c < C; c++) {
         const real rs = (real)(1.0 / sqrt((double)pn_sp_value(a->running_var, a->rdtype, c) + a->eps));
         mu[c] = pn_sp_value(a->running_mean, a->rdtype, c);
         sc[c] = rs * w[c];
         if (a->mean) ((real *)a->mean)[c] = mu[c];
         if (a->rstd) ((real *)a->rstd)[c] = rs;
+        /* half-precision y of a channel with |mean| * rstd <= PN_SP_FOLD: x * sc + beta (as the
+         * training forward folds a set), written as (x - 0) * sc + beta where channels are mixed */
+        if (pn_sp_fold(a, (double)mu[c], rs)) {
+            b[c] = pn_sp_beta(b[c], (double)mu[c], sc[c]);
+            mu[c] = 0;
+        } else {
+            folded = 0;
+        }
     }
     for (int64_t c = C; c < plen; c++) {
         mu[c] = mu[c - C];
@@ -675,7 +816,7 @@ pn_status PN_KERNEL(sp_eval_forward)(const pn_spatial_args *a) {
         for (int p = 0; p < nt; p++) {   /* share p: one per thread */
             const int64_t e0 = runs * p / nt * 64, e1 = p + 1 == nt ? total : runs * (p + 1) / nt * 64;
             for (int64_t i = e0; i < e1; i += PN_SP_PIECE)
-                pn_sp_eval_block(a, i, i + PN_SP_PIECE < e1 ? i + PN_SP_PIECE : e1, mu, sc, b, buf);
+                pn_sp_eval_block(a, i, i + PN_SP_PIECE < e1 ? i + PN_SP_PIECE : e1, mu, sc, b, folded, buf);
         }
     }
     pn_sp_release(&mem);
@@ -1247,10 +1388,15 @@ static inline int64_t pn_sp_nhwc_block_rows(int64_t C) { return C >= PN_SP_PIECE
 
 /* y for nr rows of C values of dtype dt (not streamed): runs of PN_SP_CB
  * channels converted in registers, computed and rounded back, row by row (y
- * may be x itself: a run is read before it is written). The channels past
- * the last whole run one at a time. */
+ * may be x itself: a run is read before it is written). When every channel
+ * of the set takes the folded form (see pn_sp_fold) the whole runs are
+ * computed as x * sc + b; otherwise, and for the channels past the last
+ * whole run, as ((x - sh) - mm) * sc + b, which is the same for a folded
+ * channel (sh and mm zero). One loop body per case: a test per run made GCC
+ * keep each run's results on the stack (f16: 5-9% slower than before). */
 static PN_ALWAYS_INLINE void pn_sp_nhwc_norm_dt(pn_dtype dt, const char *x, char *y, int64_t nr, int64_t C,
-                                                const real *sh, const real *mm, const real *sc, const real *b) {
+                                                const real *sh, const real *mm, const real *sc, const real *b,
+                                                int folded) {
     const int64_t es = (int64_t)pn_dtype_size(dt), cw = C - C % PN_SP_CB;
     for (int64_t r = 0; r < nr; r++) {
         const char *xr = x + r * C * es;
@@ -1261,11 +1407,20 @@ static PN_ALWAYS_INLINE void pn_sp_nhwc_norm_dt(pn_dtype dt, const char *x, char
             for (int64_t c = 0; c < C; c++) ys[c] = ((xs[c] - sh[c]) - mm[c]) * sc[c] + b[c];
             continue;
         }
-        for (int64_t c = 0; c < cw; c += PN_SP_CB) {
-            real xv[PN_SP_CB], yv[PN_SP_CB];
-            pn_load_run(xv, xr + c * es, dt, PN_SP_CB);
-            for (int j = 0; j < PN_SP_CB; j++) yv[j] = ((xv[j] - sh[c + j]) - mm[c + j]) * sc[c + j] + b[c + j];
-            pn_store_run(yr + c * es, yv, dt, PN_SP_CB);
+        if (folded) {
+            for (int64_t c = 0; c < cw; c += PN_SP_CB) {
+                real xv[PN_SP_CB], yv[PN_SP_CB];
+                pn_load_run(xv, xr + c * es, dt, PN_SP_CB);
+                for (int j = 0; j < PN_SP_CB; j++) yv[j] = xv[j] * sc[c + j] + b[c + j];
+                pn_store_run(yr + c * es, yv, dt, PN_SP_CB);
+            }
+        } else {
+            for (int64_t c = 0; c < cw; c += PN_SP_CB) {
+                real xv[PN_SP_CB], yv[PN_SP_CB];
+                pn_load_run(xv, xr + c * es, dt, PN_SP_CB);
+                for (int j = 0; j < PN_SP_CB; j++) yv[j] = ((xv[j] - sh[c + j]) - mm[c + j]) * sc[c + j] + b[c + j];
+                pn_store_run(yr + c * es, yv, dt, PN_SP_CB);
+            }
         }
         for (int64_t c = cw; c < C; c++) {
             real xv, yv;
@@ -1277,27 +1432,29 @@ static PN_ALWAYS_INLINE void pn_sp_nhwc_norm_dt(pn_dtype dt, const char *x, char
 }
 
 static void pn_sp_nhwc_norm_rows(pn_dtype dt, const char *x, char *y, int64_t nr, int64_t C, const real *sh,
-                                 const real *mm, const real *sc, const real *b) {
+                                 const real *mm, const real *sc, const real *b, int folded) {
     switch (dt) {
-    case PN_FLOAT32: pn_sp_nhwc_norm_dt(PN_FLOAT32, x, y, nr, C, sh, mm, sc, b); break;
-    case PN_FLOAT64: pn_sp_nhwc_norm_dt(PN_FLOAT64, x, y, nr, C, sh, mm, sc, b); break;
-    case PN_BFLOAT16: pn_sp_nhwc_norm_dt(PN_BFLOAT16, x, y, nr, C, sh, mm, sc, b); break;
-    case PN_FLOAT16: pn_sp_nhwc_norm_dt(PN_FLOAT16, x, y, nr, C, sh, mm, sc, b); break;
+    case PN_FLOAT32: pn_sp_nhwc_norm_dt(PN_FLOAT32, x, y, nr, C, sh, mm, sc, b, folded); break;
+    case PN_FLOAT64: pn_sp_nhwc_norm_dt(PN_FLOAT64, x, y, nr, C, sh, mm, sc, b, folded); break;
+    case PN_BFLOAT16: pn_sp_nhwc_norm_dt(PN_BFLOAT16, x, y, nr, C, sh, mm, sc, b, folded); break;
+    case PN_FLOAT16: pn_sp_nhwc_norm_dt(PN_FLOAT16, x, y, nr, C, sh, mm, sc, b, folded); break;
     }
 }
 
-/* y for piece p's rows: ((x - sh[c]) - mm[c]) * sc[c] + b[c], rounded once;
- * streamed in contiguous blocks of rows computed in buf (tmp: the rounded
- * block), else written run by run. buf, tmp: rpp*C reals. */
+/* y for piece p's rows: ((x - sh[c]) - mm[c]) * sc[c] + b[c] (x * sc[c] +
+ * b[c] in runs of folded channels, the same bits), rounded once; streamed in
+ * contiguous blocks of rows computed in buf (tmp: the rounded block), else
+ * written run by run. buf, tmp: rpp*C reals; folded: every channel is
+ * folded (sh, mm zero). */
 static inline void pn_sp_nhwc_norm(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t p,
                                    const real *sh, const real *mm, const real *sc, const real *b,
-                                   int stream, real *buf, real *tmp) {
+                                   int folded, int stream, real *buf, real *tmp) {
     const int64_t C = a->C, es = (int64_t)pn_dtype_size(a->dtype), br = pn_sp_nhwc_block_rows(C);
     int64_t r0;
     const int64_t nr = pn_sp_nhwc_piece_rows(h, set, p, &r0);
     if (!stream) {
         pn_sp_nhwc_norm_rows(a->dtype, (const char *)a->inp + r0 * C * es, (char *)a->out + r0 * C * es, nr, C, sh,
-                             mm, sc, b);
+                             mm, sc, b, folded);
         return;
     }
     for (int64_t q0 = 0; q0 < nr; q0 += br) {
@@ -1312,6 +1469,13 @@ static inline void pn_sp_nhwc_norm(const pn_spatial_args *a, const pn_sp_nhwc *h
     }
 }
 
+/* Whether every channel of the output pass takes the folded form (sh, mm zero). */
+static inline int pn_sp_nhwc_all_folded(int64_t C, const real *sh, const real *mm) {
+    int all = 1;
+    for (int64_t c = 0; c < C; c++) all &= sh[c] == 0 && mm[c] == 0;
+    return all;
+}
+
 /* A set's shift per channel: the first value of each group in the set. */
 static inline void pn_sp_nhwc_shift(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, real *sh) {
     const int64_t C = a->C;
@@ -1324,11 +1488,12 @@ static inline void pn_sp_nhwc_shift(const pn_spatial_args *a, const pn_sp_nhwc *
 /* Statistics of groups g0..g1-1 (at most PN_SP_GB) of a set: their pieces'
  * (sum, M2) merged in order as pn_sp_merge merges (mean, M2), one group per
  * lane (the pieces' counts are the same for every group); then the saved
- * statistics and the group's channels of mm (mean of x - shift) and sc
- * (rstd * w). */
+ * statistics and the output pass's vectors for the group's channels: sc
+ * (rstd * w), and ns, mm, bb: the shift, the mean of x - shift and b, or, in
+ * a folded group (pn_sp_fold), 0, 0 and beta. */
 static inline void pn_sp_nhwc_merge(const pn_spatial_args *a, const pn_sp_nhwc *h, int64_t set, int64_t g0,
-                                    int64_t g1, const double *pst, const real *sh, const real *w, real *mm,
-                                    real *sc) {
+                                    int64_t g1, const double *pst, const real *sh, const real *w, const real *b,
+                                    real *ns, real *mm, real *sc, real *bb) {
     const int64_t Cg = h->Cg, Gp = pn_sp_pad(h->G), np = h->np, ng = g1 - g0;
     const int64_t total = h->rows * Cg, full = h->rpp * Cg, tail = total - full * (np - 1);
     const double *st0 = pst + set * np * 2 * Gp + g0;   /* piece p's sums at st0 + p * 2 * Gp */
@@ -1348,10 +1513,15 @@ static inline void pn_sp_nhwc_merge(const pn_spatial_args *a, const pn_sp_nhwc *
     }
     for (int64_t j = 0; j < ng; j++) {
         const int64_t g = g0 + j;
-        const real rs = pn_sp_finish(a, set * h->G + g, sh[g * Cg], m[j], M2[j] / (double)total, total);
+        const real shift = sh[g * Cg];
+        const real rs = pn_sp_finish(a, set * h->G + g, shift, m[j], M2[j] / (double)total, total);
+        const double mean = (double)shift + m[j];
+        const int fold = pn_sp_fold(a, mean, rs);
         for (int64_t c = g * Cg; c < (g + 1) * Cg; c++) {
-            mm[c] = (real)m[j];
             sc[c] = rs * w[c];
+            ns[c] = fold ? 0 : shift;
+            mm[c] = fold ? 0 : (real)m[j];
+            bb[c] = fold ? pn_sp_beta(b[c], mean, sc[c]) : b[c];
         }
     }
 }
@@ -1367,22 +1537,25 @@ pn_status PN_KERNEL(sp_nhwc_forward)(const pn_spatial_args *a) {
     const int local = ns >= 4 * (int64_t)nt;
     const int64_t lchunk = pn_sp_local_chunk(ns, nt), pchunk = pn_sp_local_chunk(ns * h.np, nt);
     const int64_t Gp = pn_sp_pad(G), nblk = pn_sp_cdiv(G, PN_SP_GB);
-    /* the vectors sh (shift), mm (mean of x - shift), sc (rstd * w): per
-     * thread (set-local), or per set */
-    const int64_t nvec = local ? nt : ns;
+    /* the vectors sh (the statistics' shift) and the output pass's nsh
+     * (shift), mm (mean of x - shift), sc (rstd * w) and bb (bias): per
+     * thread (set-local), or per set with a flag each (all folded) */
+    const int64_t nvec = local ? nt : ns, nv = 5;
     const int64_t bufn = pn_sp_pad(h.rpp * C);
     const int64_t per_thread = 2 * Cp + 2 * bufn;
     pn_sp_mem mem;
-    /* [w | b | sh, mm, sc per set or thread | piece stats | per thread: acc, mv, buf, tmp] */
-    pn_status st = pn_sp_alloc(&mem, 2 * Cp + 3 * nvec * Cp + pn_sp_dreals(ns * np * 2 * Gp) + nt * per_thread);
+    /* [w | b | sh, nsh, mm, sc, bb per set or thread | flags | piece stats | per thread: acc, mv, buf, tmp] */
+    pn_status st = pn_sp_alloc(&mem, 2 * Cp + nv * nvec * Cp + pn_sp_pad(ns) + pn_sp_dreals(ns * np * 2 * Gp) +
+                                         nt * per_thread);
     if (st) return st;
     real *w = pn_sp_take(&mem, C), *b = pn_sp_take(&mem, C);
-    real *shv = pn_sp_take(&mem, nvec * Cp), *mmv = pn_sp_take(&mem, nvec * Cp), *scv = pn_sp_take(&mem, nvec * Cp);
+    real *vecs = pn_sp_take(&mem, nv * nvec * Cp);   /* vector k of slot i at vecs + (i * nv + k) * Cp */
+    real *allf = pn_sp_take(&mem, ns);
     double *pst = pn_sp_take_d(&mem, ns * np * 2 * Gp);
     real *bufs = pn_sp_take(&mem, nt * per_thread);
     pn_sp_params(a, w, b);
     if (!local) {
-        for (int64_t set = 0; set < ns; set++) pn_sp_nhwc_shift(a, &h, set, shv + set * Cp);
+        for (int64_t set = 0; set < ns; set++) pn_sp_nhwc_shift(a, &h, set, vecs + set * nv * Cp);
     }
 
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -1390,7 +1563,7 @@ pn_status PN_KERNEL(sp_nhwc_forward)(const pn_spatial_args *a) {
         const int tid = pn_thread_id();
         real *acc = bufs + tid * per_thread, *mv = acc + Cp, *buf = mv + Cp, *tmp = buf + bufn;
         if (local) {
-            real *sh = shv + tid * Cp, *mm = mmv + tid * Cp, *sc = scv + tid * Cp;
+            real *sh = vecs + tid * nv * Cp, *nsh = sh + Cp, *mm = nsh + Cp, *sc = mm + Cp, *bb = sc + Cp;
 #pragma omp for schedule(dynamic, lchunk)
             for (int64_t set = 0; set < ns; set++) {
                 pn_sp_nhwc_shift(a, &h, set, sh);
@@ -1398,24 +1571,34 @@ pn_status PN_KERNEL(sp_nhwc_forward)(const pn_spatial_args *a) {
                     pn_sp_nhwc_piece_stats(a, &h, set, p, sh, acc, mv, buf, pst + (set * np + p) * 2 * Gp);
                 }
                 for (int64_t g = 0; g < G; g += PN_SP_GB)
-                    pn_sp_nhwc_merge(a, &h, set, g, g + PN_SP_GB < G ? g + PN_SP_GB : G, pst, sh, w, mm, sc);
-                for (int64_t p = 0; p < np; p++) pn_sp_nhwc_norm(a, &h, set, p, sh, mm, sc, b, stream, buf, tmp);
+                    pn_sp_nhwc_merge(a, &h, set, g, g + PN_SP_GB < G ? g + PN_SP_GB : G, pst, sh, w, b, nsh, mm, sc,
+                                     bb);
+                const int folded = pn_sp_nhwc_all_folded(C, nsh, mm);
+                for (int64_t p = 0; p < np; p++)
+                    pn_sp_nhwc_norm(a, &h, set, p, nsh, mm, sc, bb, folded, stream, buf, tmp);
             }
         } else {
 #pragma omp for schedule(dynamic, pchunk)
             for (int64_t t = 0; t < ns * np; t++) {
-                pn_sp_nhwc_piece_stats(a, &h, t / np, t % np, shv + (t / np) * Cp, acc, mv, buf, pst + t * 2 * Gp);
+                pn_sp_nhwc_piece_stats(a, &h, t / np, t % np, vecs + (t / np) * nv * Cp, acc, mv, buf,
+                                       pst + t * 2 * Gp);
             }
 #pragma omp for schedule(static)
             for (int64_t t = 0; t < ns * nblk; t++) {
                 const int64_t set = t / nblk, g0 = (t % nblk) * PN_SP_GB, g1 = g0 + PN_SP_GB < G ? g0 + PN_SP_GB : G;
-                pn_sp_nhwc_merge(a, &h, set, g0, g1, pst, shv + set * Cp, w, mmv + set * Cp, scv + set * Cp);
+                real *sh = vecs + set * nv * Cp;
+                pn_sp_nhwc_merge(a, &h, set, g0, g1, pst, sh, w, b, sh + Cp, sh + 2 * Cp, sh + 3 * Cp, sh + 4 * Cp);
+            }
+#pragma omp for schedule(static)
+            for (int64_t set = 0; set < ns; set++) {
+                real *sh = vecs + set * nv * Cp;
+                allf[set] = (real)pn_sp_nhwc_all_folded(C, sh + Cp, sh + 2 * Cp);
             }
 #pragma omp for schedule(dynamic, 1)
             for (int64_t t = 0; t < ns * np; t++) {
-                const int64_t set = t / np;
-                pn_sp_nhwc_norm(a, &h, set, t % np, shv + set * Cp, mmv + set * Cp, scv + set * Cp, b, stream,
-                                buf, tmp);
+                const real *sh = vecs + (t / np) * nv * Cp;
+                pn_sp_nhwc_norm(a, &h, t / np, t % np, sh + Cp, sh + 2 * Cp, sh + 3 * Cp, sh + 4 * Cp,
+                                allf[t / np] != 0, stream, buf, tmp);
             }
         }
     }

@@ -22,7 +22,12 @@
  *     two, however the set is cut. A set's pieces are merged in order: the
  *     mean from the total of their sums, then M2 with Chan's formula in
  *     double;
- *   - backward: the sums of dy and dy * (x - mean) per piece, added in order.
+ *   - backward: the sums of dy and dy * (x - mean) per piece, added in order;
+ *   - output: y = ((x - shift) - m) * (rstd * w) + b (mean = shift + m), or,
+ *     for half-precision outputs of sets with |mean| * rstd <= 256, the
+ *     folded x * (rstd * w) + beta, one multiply and one add a value, whose
+ *     extra float error that bound keeps under 1/16 of the output's rounding
+ *     (spatial.c, PN_SP_FOLD).
  * So results are bit-identical for every thread count and instruction set.
  * A thread takes whole sets when there are enough of them ("set-local": the
  * statistics pass leaves the set in cache for the pass that writes y or dx);

@@ -470,6 +470,91 @@ def test_shift_far_from_the_mean(shape, layout, op, offset, loc, scale):
     assert err <= 2e-6 * scale, f"{op} {layout} offset {offset}: y error {err:.3g} at |y| up to {scale:.3g}"
 
 
+FOLD_BOUND = 256.0   # spatial.c's PN_SP_FOLD: |mean| * rstd of the sets whose half-precision y is folded
+
+
+def fold_test_sets(dtype, n, rng):
+    """Sets of n values in `dtype` whose |mean| * rstd lies on both sides of
+    FOLD_BOUND and far past it: N(loc, 1) rounded to the dtype (which
+    quantizes them near its precision; loc found on a grid for the sets just
+    inside and just past the bound), and a constant row with one value in 128
+    an ulp lower (std 0.09 ulps: |mean| * rstd 2900 in bfloat16, 23000 in
+    float16)."""
+    def ratio(v):
+        v = v.astype(F64)
+        return abs(v.mean()) / np.sqrt(v.var() + 1e-5)
+
+    def near(lo, hi):   # N(loc, 1) in dtype with a ratio in (lo, hi]
+        z = rng.standard_normal(n)
+        for loc in np.linspace(0.5 * lo, 2 * hi, 2000):
+            v = (loc + z).astype(dtype)
+            if lo < ratio(v) <= hi:
+                return v
+        raise AssertionError(f"no set with |mean| * rstd in ({lo}, {hi}]")
+
+    top = 255.0 if dtype == BF16 else 2047.0   # the largest integer with an ulp of 1
+    skew = np.full(n, top)
+    skew[::128] = top - 1
+    sets = [(loc + rng.standard_normal(n)).astype(dtype) for loc in (0.5, 100.0, 1000.0)]
+    return sets + [near(0.9 * FOLD_BOUND, FOLD_BOUND), near(FOLD_BOUND, 1.1 * FOLD_BOUND),
+                   near(1.5 * FOLD_BOUND, 3 * FOLD_BOUND), near(8 * FOLD_BOUND, 32 * FOLD_BOUND), skew.astype(dtype)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF, ids=dname)
+@pytest.mark.parametrize("op", ["group", "batch", "batch_eval"])
+def test_folded_output_bound(op, dtype, layout):
+    """Half-precision y is computed as x * a + (b - mean * a), a = rstd * w
+    (one multiply and one add a value), in the sets where |mean| * rstd <=
+    FOLD_BOUND, and as ((x - shift) - m) * a + b in the others: the folded
+    form's float32 error grows with |mean| * rstd (by at most 2^-24 |w| twice
+    that), which the bound keeps under 2^-15 |w|. Sets just inside the bound,
+    just past it and far past it: every value of y within half an ulp of the
+    float64 value plus 2^-15 of the parameters' magnitude (with a bound 16
+    times larger, folded sets past 256 broke that by up to 6x). BatchNorm in
+    eval mode folds its channels by the same rule, here with the batch's own
+    statistics as running statistics."""
+    rng = np.random.default_rng(seed_for("fold-bound", op, dname(dtype), layout))
+    nsets, N, S = 8, 2, 256
+    if op == "group":   # 8 groups of 4 channels; set k of each sample from fold_test_sets
+        C = 4 * nsets
+        x = np.empty((N, C, S), dtype)
+        for n in range(N):
+            for k, v in enumerate(fold_test_sets(dtype, 4 * S, rng)):
+                x[n, 4 * k:4 * k + 4] = rng.permutation(v).reshape(4, S)
+    else:               # a channel per set
+        C = nsets
+        x = np.empty((N, C, S), dtype)
+        for k, v in enumerate(fold_test_sets(dtype, N * S, rng)):
+            x[:, k] = rng.permutation(v).reshape(N, S)
+    x = x.reshape(N, C, 16, 16)
+    w, b = make_params(C, dtype, "wb", seed_for("fold-bound-params", op))
+    if op == "group":
+        y = pynorm.group_norm_forward(to_layout(x, layout), nsets, w, b, layout=layout)[0]
+        ry, mean, rstd = RS.group_norm_ref(x, nsets, w, b)
+    elif op == "batch":
+        y = pynorm.batch_norm_forward(to_layout(x, layout), None, None, w, b, training=True, layout=layout)[0]
+        ry, mean, rstd = RS.batch_norm_train_ref(x, w, b)[:3]
+    else:
+        _, rm, _, rv = RS.batch_norm_train_ref(x)
+        rm, rv = rm.astype(F32), rv.astype(F32)
+        y = pynorm.batch_norm_forward(to_layout(x, layout), rm, rv, w, b, training=False, layout=layout)[0]
+        ry, mean, rstd = RS.batch_norm_eval_ref(x, rm, rv, w, b)
+    ratio = np.abs(np.asarray(mean, F64)) * np.asarray(rstd, F64)
+    assert ratio.min() < FOLD_BOUND / 2 and ratio.max() > 8 * FOLD_BOUND, f"set ratios {np.sort(ratio.ravel())}"
+    assert ((ratio > 0.9 * FOLD_BOUND) & (ratio <= FOLD_BOUND)).any(), f"none just inside: {np.sort(ratio.ravel())}"
+    assert ((ratio > FOLD_BOUND) & (ratio <= 1.1 * FOLD_BOUND)).any(), f"none just past: {np.sort(ratio.ravel())}"
+    got = from_layout(y, layout).astype(F64)
+    bits = 8 if dtype == BF16 else 11   # significand bits: an ulp of v is 2^(24 - bits) float32 ulps
+    half_ulp = 0.5 * np.spacing(np.abs(ry).astype(F32)).astype(F64) * 2.0 ** (24 - bits)
+    budget = 2.0 ** -15 * max(np.abs(w.astype(F64)).max(), np.abs(b.astype(F64)).max())
+    excess = np.abs(got - ry) - half_ulp
+    k = np.unravel_index(int(np.argmax(excess)), excess.shape)
+    set_ratio = ratio[k[0], k[1] // 4] if op == "group" else ratio[k[1]]
+    assert excess[k] <= budget, (f"{op} {layout}: y[{k}] = {got[k]!r}, float64 {ry[k]!r}: {excess[k]:.3g} past half "
+                                 f"an ulp (budget {budget:.3g}); its set's |mean| * rstd {set_ratio:.4g}")
+
+
 @pytest.mark.parametrize("scale", [1e-15, 1e15])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_huge_and_tiny_magnitudes(scale, layout):
