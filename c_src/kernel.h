@@ -493,15 +493,29 @@ static inline void pn_reduce_block(void *dparam, pn_dtype wdtype, int accumulate
     pn_store_row(dst, v, wdtype, n);
 }
 
-static inline void pn_reduce_chunks(void *dparam, pn_dtype wdtype, int accumulate,
-                                    const real *part, int64_t nchunks, int64_t pstride,
+/* dweight and dbias (either may be NULL) from their chunks' partials (dbias's
+ * at part + boff), in one parallel region: blocks 0..nblk-1 are dweight's,
+ * nblk..2*nblk-1 dbias's. A region that loses a thread to other load waits
+ * milliseconds, and LayerNorm's backward had three where torch's has two. */
+static inline void pn_reduce_param_block(void *dweight, void *dbias, pn_dtype wdtype, int accumulate,
+                                         const real *part, int64_t boff, int64_t nchunks, int64_t pstride,
+                                         int64_t C, int64_t nblk, int64_t k) {
+    if (k < nblk) pn_reduce_block(dweight, wdtype, accumulate, part, nchunks, pstride, C, k);
+    else pn_reduce_block(dbias, wdtype, accumulate, part + boff, nchunks, pstride, C, k - nblk);
+}
+
+static inline void pn_reduce_chunks(void *dweight, void *dbias, pn_dtype wdtype, int accumulate,
+                                    const real *part, int64_t boff, int64_t nchunks, int64_t pstride,
                                     int64_t C, int nthreads) {
     const int64_t nblk = (C + PN_REDUCE_BLK - 1) / PN_REDUCE_BLK;
-    if (nthreads > 1) {
+    const int64_t first = dweight ? 0 : nblk, end = dbias ? 2 * nblk : nblk;
+    if (nthreads > 1 && end - first > 1) {
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-        for (int64_t k = 0; k < nblk; k++) pn_reduce_block(dparam, wdtype, accumulate, part, nchunks, pstride, C, k);
+        for (int64_t k = first; k < end; k++)
+            pn_reduce_param_block(dweight, dbias, wdtype, accumulate, part, boff, nchunks, pstride, C, nblk, k);
     } else {
-        for (int64_t k = 0; k < nblk; k++) pn_reduce_block(dparam, wdtype, accumulate, part, nchunks, pstride, C, k);
+        for (int64_t k = first; k < end; k++)
+            pn_reduce_param_block(dweight, dbias, wdtype, accumulate, part, boff, nchunks, pstride, C, nblk, k);
     }
 }
 

@@ -298,10 +298,9 @@ pn_status PN_KERNEL(layernorm_backward_rows)(const pn_token_args *a, const pn_sh
         }
     }
     if (stream) pn_stream_fence();
-    if (a->dweight && !direct)
-        pn_reduce_chunks(a->dweight, a->wdtype, a->accumulate, part, nchunks, pstride, C, wk.nthreads);
-    if (a->dbias && !direct)
-        pn_reduce_chunks(a->dbias, a->wdtype, a->accumulate, part + pstride / 2, nchunks, pstride, C, wk.nthreads);
+    if ((a->dweight || a->dbias) && !direct)
+        pn_reduce_chunks(a->dweight, a->dbias, a->wdtype, a->accumulate, part, pstride / 2, nchunks, pstride, C,
+                         wk.nthreads);
     pn_work_free(&wk);
     return PN_OK;
 }

@@ -154,7 +154,8 @@ pn_status PN_KERNEL(rmsnorm_backward_rows)(const pn_token_args *a, const pn_shar
         }
     }
     if (stream) pn_stream_fence();
-    if (params && !direct) pn_reduce_chunks(a->dweight, a->wdtype, a->accumulate, part, nchunks, pstride, C, wk.nthreads);
+    if (params && !direct)
+        pn_reduce_chunks(a->dweight, NULL, a->wdtype, a->accumulate, part, 0, nchunks, pstride, C, wk.nthreads);
     pn_work_free(&wk);
     return PN_OK;
 }
