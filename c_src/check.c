@@ -59,8 +59,15 @@ typedef struct {
 } pn_view3;
 
 /* Byte range [lo, hi) a view covers; 0 when its extent overflows. */
-static int view_extent(const pn_view3 *w, uintptr_t *lo, uintptr_t *hi) {
+static inline int view_extent(const pn_view3 *w, uintptr_t *lo, uintptr_t *hi) {
     const pn_view *v = &w->v;
+    if (v->nb == 1 && v->nt == 1 && w->nh == 1) {   /* one row (every view of a one-row call): [ptr, ptr + C) */
+        int64_t bytes;
+        if (v->C < 0 || !mul_ok(v->C, (int64_t)v->esize, &bytes)) return 0;
+        *lo = (uintptr_t)v->ptr;
+        *hi = (uintptr_t)v->ptr + (uintptr_t)bytes;
+        return 1;
+    }
     const int64_t n[3] = {v->nb, v->nt, w->nh}, s[3] = {v->s.b, v->s.t, w->sh};
     int64_t span_lo = 0, span_hi = 0, e = (int64_t)v->esize, bytes_lo, bytes_hi;
     for (int k = 0; k < 3; k++) {

@@ -39,9 +39,9 @@ static void layernorm_stats_two_pass(const real *x, int64_t C, real *shift, real
  * little cancellation. Taken only when the mean of d is within a std of zero
  * (at most a bit lost) and the float squares neither overflowed nor
  * underflowed; other rows (outliers first, NaN, Inf, extreme magnitudes) go
- * the two-pass way. The row is read in its own dtype (src, dt): a half
- * precision row is converted block by block as the sums go (simd.h), and
- * into buf (C reals) only for the two-pass way. */
+ * the two-pass way. The row is read in its own dtype (src, dt): bfloat16
+ * widened in the sum loop, float16 converted block by block as the sums go
+ * (simd.h), and into buf (C reals) only for the two-pass way. */
 static void layernorm_stats(const void *src, pn_dtype dt, int64_t C, double inv_C, real *buf,
                             real *shift, real *m, double *ss) {
     real head[16] = {0};   /* (every value set by the conversion; GCC cannot tell) */

@@ -17,8 +17,8 @@
 /* 1/sqrt(mean(x^2) + eps): squares in the compute type, again in double where
  * a float square may have overflowed or lost its bits (sums beyond 1e36 or
  * below 1e-20, NaN and Inf among them). The row is read in its own dtype
- * (src, dt: half precision converted block by block, simd.h), and converted
- * into buf (C reals) only for the sum in double. */
+ * (src, dt: bfloat16 widened in the loop, float16 converted block by block,
+ * simd.h), and converted into buf (C reals) only for the sum in double. */
 static real rmsnorm_rstd(const void *src, pn_dtype dt, int64_t C, double inv_C, double eps, real *buf) {
     double ss = pn_sumsq_folded_row(src, dt, C);
     if (sizeof(real) < sizeof(double) && !(ss >= 1e-20 && ss <= 1e36)) ss = pn_sumsq(pn_row_as_real(src, dt, buf, C), C);

@@ -101,7 +101,7 @@ static inline double pn_dlanes_total(double *t) {
 }
 
 /* Rows in another dtype than `real` (half precision) are summed straight
- * from their own storage: each block of PN_BLOCK_VECS * PN_LANES values is
+ * from their own storage (bfloat16 widened in the loop, below); each block of PN_BLOCK_VECS * PN_LANES values is
  * converted into a buffer on the stack (4 KiB of float, in L1) and summed
  * from there. The lanes, blocks and flushes are those of the converted row,
  * so the sums have the bits they have on a converted row, while the row
@@ -114,27 +114,65 @@ static inline const real *pn_block_as_real(const void *src, pn_dtype dt, int64_t
     return pn_row_as_real((const char *)src + i * (int64_t)pn_dtype_size(dt), dt, blk, n);
 }
 
+/* The moments' lanes over a row whose value k is X(k): blocks of PN_BLOCK
+ * values, then the tail, in the order described above. The same additions
+ * whatever X reads: a row of reals, a converted block, or bfloat16 widened in
+ * the loop (exact), so every reader gives the same bits. */
+#define PN_MOMENTS_BLOCK(X, base, a1, a2, shift)                                                          \
+    for (int v = 0; v < PN_BLOCK_VECS; v++)                                                                \
+        for (int j = 0; j < PN_LANES; j++) { real d = X((base) + v * PN_LANES + j) - (shift); (a1)[j] += d; (a2)[j] += d * d; }
+#define PN_MOMENTS_TAIL(X, base, m, a1, a2, shift)                                                         \
+    do {                                                                                                    \
+        int64_t k = 0;                                                                                      \
+        for (; k + PN_LANES <= (m); k += PN_LANES)                                                          \
+            for (int j = 0; j < PN_LANES; j++) { real d = X((base) + k + j) - (shift); (a1)[j] += d; (a2)[j] += d * d; } \
+        for (int j = 0; k + j < (m); j++) { real d = X((base) + k + j) - (shift); (a1)[j] += d; (a2)[j] += d * d; } \
+    } while (0)
+
+/* A bfloat16 row is widened in the loop (a shift of each value in
+ * registers), as the forward's y pieces read it: no pass that writes the
+ * block into blk and reads it back. */
+static inline void pn_moments_shifted_bf16(const uint16_t *xb, int64_t n, real shift, double *sum, double *sumsq) {
+    real a1[PN_LANES] = {0}, a2[PN_LANES] = {0};
+    double t1[PN_DLANES] = {0}, t2[PN_DLANES] = {0};
+#define PN_XB(k) ((real)pn_bf16_to_float(xb[k]))
+    int64_t i = 0;
+    for (; i + PN_BLOCK <= n; i += PN_BLOCK) {
+        PN_MOMENTS_BLOCK(PN_XB, i, a1, a2, shift);
+        pn_flush_lanes(t1, a1);
+        pn_flush_lanes(t2, a2);
+    }
+    if (i < n) PN_MOMENTS_TAIL(PN_XB, i, n - i, a1, a2, shift);
+#undef PN_XB
+    pn_flush_lanes(t1, a1);
+    pn_flush_lanes(t2, a2);
+    *sum = pn_dlanes_total(t1);
+    *sumsq = pn_dlanes_total(t2);
+}
+
 /* pn_moments_shifted on row src of dtype dt */
 static inline void pn_moments_shifted_row(const void *src, pn_dtype dt, int64_t n, real shift,
                                           double *sum, double *sumsq) {
+    if (dt == PN_BFLOAT16 && sizeof(real) == sizeof(float)) {
+        pn_moments_shifted_bf16((const uint16_t *)src, n, shift, sum, sumsq);
+        return;
+    }
     real a1[PN_LANES] = {0}, a2[PN_LANES] = {0}, blk[PN_BLOCK];
     double t1[PN_DLANES] = {0}, t2[PN_DLANES] = {0};
+    const real *x;
+#define PN_XR(k) (x[k])
     int64_t i = 0;
     for (; i + PN_BLOCK <= n; i += PN_BLOCK) {
-        const real *x = pn_block_as_real(src, dt, i, PN_BLOCK, blk);
-        for (int v = 0; v < PN_BLOCK_VECS; v++)
-            for (int j = 0; j < PN_LANES; j++) { real d = x[v * PN_LANES + j] - shift; a1[j] += d; a2[j] += d * d; }
+        x = pn_block_as_real(src, dt, i, PN_BLOCK, blk);
+        PN_MOMENTS_BLOCK(PN_XR, 0, a1, a2, shift);
         pn_flush_lanes(t1, a1);
         pn_flush_lanes(t2, a2);
     }
     if (i < n) {
-        const int64_t m = n - i;
-        const real *x = pn_block_as_real(src, dt, i, m, blk);
-        int64_t k = 0;
-        for (; k + PN_LANES <= m; k += PN_LANES)
-            for (int j = 0; j < PN_LANES; j++) { real d = x[k + j] - shift; a1[j] += d; a2[j] += d * d; }
-        for (int j = 0; k + j < m; j++) { real d = x[k + j] - shift; a1[j] += d; a2[j] += d * d; }
+        x = pn_block_as_real(src, dt, i, n - i, blk);
+        PN_MOMENTS_TAIL(PN_XR, 0, n - i, a1, a2, shift);
     }
+#undef PN_XR
     pn_flush_lanes(t1, a1);
     pn_flush_lanes(t2, a2);
     *sum = pn_dlanes_total(t1);
@@ -149,24 +187,50 @@ static inline void pn_moments_shifted(const real *x, int64_t n, real shift, doub
  * into double lanes; no conversions, and twice the values per vector of
  * pn_sumsq. Float squares overflow above 1.8e19 and lose bits below 1e-19,
  * so a caller checks the sum's range and falls back to pn_sumsq. */
-static inline double pn_sumsq_folded_row(const void *src, pn_dtype dt, int64_t n) {
-    real a[PN_LANES] = {0}, blk[PN_BLOCK];
+#define PN_SUMSQ_BLOCK(X, base, a)                                                                         \
+    for (int v = 0; v < PN_BLOCK_VECS; v++)                                                                \
+        for (int j = 0; j < PN_LANES; j++) { real d = X((base) + v * PN_LANES + j); (a)[j] += d * d; }
+#define PN_SUMSQ_TAIL(X, base, m, a)                                                                       \
+    do {                                                                                                    \
+        int64_t k = 0;                                                                                      \
+        for (; k + PN_LANES <= (m); k += PN_LANES)                                                          \
+            for (int j = 0; j < PN_LANES; j++) { real d = X((base) + k + j); (a)[j] += d * d; }             \
+        for (int j = 0; k + j < (m); j++) { real d = X((base) + k + j); (a)[j] += d * d; }                   \
+    } while (0)
+
+/* bfloat16 widened in the loop, as in pn_moments_shifted_bf16 */
+static inline double pn_sumsq_folded_bf16(const uint16_t *xb, int64_t n) {
+    real a[PN_LANES] = {0};
     double t[PN_DLANES] = {0};
+#define PN_XB(k) ((real)pn_bf16_to_float(xb[k]))
     int64_t i = 0;
     for (; i + PN_BLOCK <= n; i += PN_BLOCK) {
-        const real *x = pn_block_as_real(src, dt, i, PN_BLOCK, blk);
-        for (int v = 0; v < PN_BLOCK_VECS; v++)
-            for (int j = 0; j < PN_LANES; j++) { real d = x[v * PN_LANES + j]; a[j] += d * d; }
+        PN_SUMSQ_BLOCK(PN_XB, i, a);
+        pn_flush_lanes(t, a);
+    }
+    if (i < n) PN_SUMSQ_TAIL(PN_XB, i, n - i, a);
+#undef PN_XB
+    pn_flush_lanes(t, a);
+    return pn_dlanes_total(t);
+}
+
+static inline double pn_sumsq_folded_row(const void *src, pn_dtype dt, int64_t n) {
+    if (dt == PN_BFLOAT16 && sizeof(real) == sizeof(float)) return pn_sumsq_folded_bf16((const uint16_t *)src, n);
+    real a[PN_LANES] = {0}, blk[PN_BLOCK];
+    double t[PN_DLANES] = {0};
+    const real *x;
+#define PN_XR(k) (x[k])
+    int64_t i = 0;
+    for (; i + PN_BLOCK <= n; i += PN_BLOCK) {
+        x = pn_block_as_real(src, dt, i, PN_BLOCK, blk);
+        PN_SUMSQ_BLOCK(PN_XR, 0, a);
         pn_flush_lanes(t, a);
     }
     if (i < n) {
-        const int64_t m = n - i;
-        const real *x = pn_block_as_real(src, dt, i, m, blk);
-        int64_t k = 0;
-        for (; k + PN_LANES <= m; k += PN_LANES)
-            for (int j = 0; j < PN_LANES; j++) { real d = x[k + j]; a[j] += d * d; }
-        for (int j = 0; k + j < m; j++) { real d = x[k + j]; a[j] += d * d; }
+        x = pn_block_as_real(src, dt, i, n - i, blk);
+        PN_SUMSQ_TAIL(PN_XR, 0, n - i, a);
     }
+#undef PN_XR
     pn_flush_lanes(t, a);
     return pn_dlanes_total(t);
 }

@@ -585,6 +585,34 @@ static int quick_skip(int ci, int si, int di)
     return Cs[ci] >= 768 && tu_quick_skip(ci + si, di, NELEM(dtypes));
 }
 
+/* A one-row call (B = T = 1) checks its views the same as any other: every
+ * overlap of an output with an input or another output is PN_ERR_ALIAS, y
+ * over x in place is allowed, and an untouched neighbour is not an overlap. */
+static void run_one_row_checks(int64_t C)
+{
+    float *mem = calloc((size_t)(4 * C + 8), sizeof(float));
+    float *x = mem, *w = mem + C, *b = mem + 2 * C, *y = mem + 3 * C, *st = mem + 4 * C;
+    struct { const char *what; float *out, *mean, *rstd; pn_status want; } cases[] = {
+        {"y, mean, rstd apart", y, st + 4, st + 6, PN_OK},
+        {"y over x (in place)", x, st + 4, st + 6, PN_OK},
+        {"y = x + 1", x + 1, st + 4, st + 6, PN_ERR_ALIAS},
+        {"y's last element is w[0]", w - C + 1, st + 4, st + 6, PN_ERR_ALIAS},
+        {"y over b", b, st + 4, st + 6, PN_ERR_ALIAS},
+        {"mean inside y", y, y + C - 1, st + 6, PN_ERR_ALIAS},
+        {"rstd inside x", y, st + 4, x + C / 2, PN_ERR_ALIAS},
+        {"mean == rstd", y, st + 4, st + 4, PN_ERR_ALIAS},
+        {"y ends where mean starts", y, y + C, st + 6, PN_OK},
+    };
+    for (int i = 0; i < (int)(sizeof cases / sizeof cases[0]); i++) {
+        for (int64_t j = 0; j < C; j++) { x[j] = (float)j; w[j] = 1; }
+        pn_status st_ = pn_layernorm_forward(cases[i].out, cases[i].mean, cases[i].rstd, x, w, b, 1, 1, C, 1e-5,
+                                             PN_FLOAT32, PN_FLOAT32, NULL);
+        tu_check(st_ == cases[i].want, "one-row check C=%lld, %s: status %d, want %d", (long long)C,
+                 cases[i].what, (int)st_, (int)cases[i].want);
+    }
+    free(mem);
+}
+
 int main(void)
 {
     int ci, si, di, wm, mode;
@@ -630,6 +658,8 @@ int main(void)
         run_nonfinite((pn_dtype)di, 4097);
     }
     tok_run_inplace_grid(0);
+    run_one_row_checks(1);
+    run_one_row_checks(64);
 
     /* many rows: several backward chunks of partial sums, threads over rows */
     for (si = 0; si < NELEM(many); si++)
