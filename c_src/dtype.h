@@ -124,7 +124,8 @@ static PN_ALWAYS_INLINE void pn_load_run(real *dst, const void *src, pn_dtype dt
  * time on (no AVX512_BF16 instruction is assumed): GCC's vector code for the
  * scalar loop shifted and packed each vector separately (0.2 ns a value on
  * AVX-512); here 32 values take 11 AVX-512 instructions, the top halves of
- * two vectors picked by one word shuffle. */
+ * two vectors picked by one word shuffle; the NaN select runs only for a
+ * pair of vectors that holds a NaN (one compare of the pair finds it). */
 static PN_ALWAYS_INLINE int64_t pn_floats_to_bf16_simd(uint16_t *d, const float *f, int64_t n) {
     int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
