@@ -648,6 +648,45 @@ def test_batch_norm_saved_mean_accurate(shape, dtype, dist):
         check_saved_mean(f"batch_norm {sname(shape)} {dname(dtype)} {layout}", mean, ref, dtype)
 
 
+def _bf16_round_reference(f):
+    """float32 -> bfloat16 bits: round half to even on the dropped 16 bits
+    (overflow carries into Inf); a NaN keeps the top half of its payload, quieted."""
+    u = f.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) & 0xFFFF
+    quiet = (u >> 16) | 0x40
+    return np.where((u & 0x7FFFFFFF) > 0x7F800000, quiet, rounded).astype(np.uint16)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bfloat16_output_rounding(layout):
+    """The output is rounded to bfloat16 as the reference rounding does, bit for
+    bit, in every run of channels: ties both ways, values that round up into the
+    next binade or to Inf, subnormals, and NaNs with payloads next to finite
+    values (a run with a NaN and a run without take different code). Here y is
+    the float32 bias itself: x is zero and the weight zero."""
+    edge = np.array([0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x3FFFFFFF, 0x7F7FFFFF, 0x7F7F8000,
+                     0x7F7F7FFF, 0x00008000, 0x00018000, 0x007FFFFF, 0x80000001, 0xBF808000, 0x7F800000,
+                     0xFF800000, 0x7F800001, 0xFFC0FFFF, 0x7FBFFFFF], np.uint32)
+    rng = np.random.default_rng(seed_for("bf16 rounding", layout))
+    C = 256   # whole runs of channels, and a tail, at every vector width
+    bits = rng.integers(0, 2**32, C, dtype=np.uint64).astype(np.uint32)
+    bits[:: 7][: edge.size] = edge            # spread over the runs
+    bits[200:232] = rng.integers(0x3F000000, 0x40000000, 32).astype(np.uint32)   # a run without NaN
+    bits[(bits & 0x7FFFFFFF) == 0] = 0x3F800000   # -0 + 0 is +0: not a rounding case
+    b = bits.view(F32)
+    w = np.zeros(C, F32)
+    x = to_layout(np.zeros((2, C, 3, 1), BF16), layout)
+    y = np.asarray(pynorm.group_norm(x, 8, w, b, layout=layout))
+    got = y.view(np.uint16)
+    got = (got if layout == "NHWC" else got.transpose(0, 2, 3, 1)).reshape(2, 3, C)
+    want = _bf16_round_reference(b)
+    for n in range(2):
+        for s in range(3):
+            bad = np.nonzero(got[n, s] != want)[0]
+            assert bad.size == 0, (f"channel {bad[0]}: float32 bits {bits[bad[0]]:#010x} rounded to "
+                                   f"{got[n, s][bad[0]]:#06x}, expected {want[bad[0]]:#06x}")
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=dname)
 def test_nan_inf_propagate_as_torch(dtype, layout):
