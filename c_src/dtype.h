@@ -232,4 +232,12 @@ static inline const real *pn_row_as_real(const void *src, pn_dtype dt, real *buf
     return buf;
 }
 
+/* Whether a loop reads rows of dt widened in place (pn_bf16_to_float per value,
+ * a shift in registers, exact) rather than through pn_row_as_real's buffer:
+ * bfloat16 rows in the float build. The token norms' statistics, residual add
+ * and y pieces take that path, with the buffer's bits. */
+static inline int pn_widen_in_loop(pn_dtype dt) {
+    return dt == PN_BFLOAT16 && sizeof(real) == sizeof(float);
+}
+
 #endif /* PYNORM_DTYPE_H */

@@ -133,7 +133,8 @@ static inline int pn_keep_row(pn_dtype dt) { return PN_KEEP_F16_ROW && dt == PN_
 
 /* h = x + residual for row r of a fused forward, rounded to the dtype and
  * written to a->h, in pieces of PN_PIECE values (x and the residual of a
- * piece converted into xp and rp, PN_PIECE reals each). Returns h's row:
+ * piece converted into xp and rp, PN_PIECE reals each, or widened in the
+ * loop, pn_widen_in_loop). Returns h's row:
  * the norm reads h as stored, in its dtype, from there (in L1 or L2 now).
  * h may be x's or the residual's row: each piece is read before it is
  * written. */
@@ -145,22 +146,22 @@ static inline const void *pn_residual_row(const pn_token_args *a, int64_t r, rea
     char *hrow = (char *)pn_row(a->h, a->s.h, r, a->T, es);
     for (int64_t i0 = 0; i0 < C; i0 += PN_PIECE) {
         const int64_t n = C - i0 < PN_PIECE ? C - i0 : PN_PIECE, off = i0 * (int64_t)es;
-        if (a->dtype == PN_BFLOAT16 && sizeof(real) == sizeof(float)) {   /* widened in the loop, as the y pass */
+        if (a->dtype == PN_REAL_DTYPE) {
+            const real *x = (const real *)(xrow + off), *res = (const real *)(rrow + off);
+            real *h = (real *)(hrow + off);
+            for (int64_t i = 0; i < n; i++) h[i] = x[i] + res[i];
+            continue;
+        }
+        if (pn_widen_in_loop(a->dtype)) {
             const uint16_t *xb = (const uint16_t *)(const void *)(xrow + off);
             const uint16_t *rb = (const uint16_t *)(const void *)(rrow + off);
             for (int64_t i = 0; i < n; i++) xp[i] = (real)pn_bf16_to_float(xb[i]) + (real)pn_bf16_to_float(rb[i]);
-            pn_store_row(hrow + off, xp, a->dtype, n);
-            continue;
-        }
-        const real *x = pn_row_as_real(xrow + off, a->dtype, xp, n);
-        const real *res = pn_row_as_real(rrow + off, a->dtype, rp, n);
-        if (a->dtype == PN_REAL_DTYPE) {
-            real *h = (real *)(hrow + off);
-            for (int64_t i = 0; i < n; i++) h[i] = x[i] + res[i];
         } else {
+            const real *x = pn_row_as_real(xrow + off, a->dtype, xp, n);
+            const real *res = pn_row_as_real(rrow + off, a->dtype, rp, n);
             for (int64_t i = 0; i < n; i++) xp[i] = x[i] + res[i];
-            pn_store_row(hrow + off, xp, a->dtype, n);
         }
+        pn_store_row(hrow + off, xp, a->dtype, n);
     }
     return hrow;
 }
@@ -456,7 +457,7 @@ static PN_ALWAYS_INLINE void pn_fwd_output(const pn_fwd_call *c, int64_t r, cons
             e = &eg;
             j0 = 0;
         }
-        if (!in->kept && a->dtype == PN_BFLOAT16 && sizeof(real) == sizeof(float)) {
+        if (!in->kept && pn_widen_in_loop(a->dtype)) {
             y_bf16(y, (const uint16_t *)(const void *)in->src + i0, s, e, j0, n);
         } else {
             const real *x = in->kept ? in->buf + i0 : pn_row_as_real(in->src + i0 * es, a->dtype, xp, n);

@@ -153,7 +153,7 @@ static inline void pn_moments_shifted_bf16(const uint16_t *xb, int64_t n, real s
 /* pn_moments_shifted on row src of dtype dt */
 static inline void pn_moments_shifted_row(const void *src, pn_dtype dt, int64_t n, real shift,
                                           double *sum, double *sumsq) {
-    if (dt == PN_BFLOAT16 && sizeof(real) == sizeof(float)) {
+    if (pn_widen_in_loop(dt)) {
         pn_moments_shifted_bf16((const uint16_t *)src, n, shift, sum, sumsq);
         return;
     }
@@ -215,7 +215,7 @@ static inline double pn_sumsq_folded_bf16(const uint16_t *xb, int64_t n) {
 }
 
 static inline double pn_sumsq_folded_row(const void *src, pn_dtype dt, int64_t n) {
-    if (dt == PN_BFLOAT16 && sizeof(real) == sizeof(float)) return pn_sumsq_folded_bf16((const uint16_t *)src, n);
+    if (pn_widen_in_loop(dt)) return pn_sumsq_folded_bf16((const uint16_t *)src, n);
     real a[PN_LANES] = {0}, blk[PN_BLOCK];
     double t[PN_DLANES] = {0};
     const real *x;
